@@ -1,0 +1,267 @@
+"""Speed and memory of softprompt vs HF PEFT prompt tuning, measured in one run.
+
+Same base model (the embedded SmolLM2-135M-Instruct), same data (RAFT twitter_complaints),
+same prompt length, batch size and precision (fp32) for both sides:
+
+* training tokens/s: N optimizer steps on the 50 training tweets.  PEFT runs the usual
+  causal-LM recipe (virtual tokens + template + label words, loss masked to the label
+  tokens, full logits); softprompt runs its own training step.  Tokens counted are the
+  same for both: the hard template tokens of each example plus its gold label tokens.
+* rank-classification throughput over RAFT test tweets: PEFT scores each (example, label)
+  sequence in full; softprompt runs each context once on the cached prompt key/values
+  and scores the labels from the cache.
+* peak memory of that evaluation: each side runs in its own fresh process; the peak
+  resident set (VmHWM, reset through /proc/self/clear_refs just before scoring) minus the
+  resident set before scoring, i.e. the memory the evaluation itself adds to the loaded model.
+
+    python benchmarks/bench_speed.py [--eval-limit 640] [--train-steps 12] [--threads 2]
+
+Prints a table (and --json writes the numbers).  The test examples scored are the first
+``--eval-limit`` of the 3,399 labelled test tweets.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+TEMPLATE_HARD = "Tweet: {text}\nIs this tweet a complaint? Answer:"
+
+
+def rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def hwm_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def setup(threads: int):
+    from softprompt import load_model, load_task
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model, tok = load_model()
+    data = load_task("twitter_complaints")
+    return model, tok, data
+
+
+def example_ids(tok, ex, verbalizer):
+    """Template ids (PEFT's BOS is its first virtual token) and gold label ids.
+
+    Both sides count the same tokens per example: these plus one for the BOS."""
+    text = TEMPLATE_HARD.format(text=ex.fields["text"].strip())
+    return tok(text, add_special_tokens=False).input_ids, tok(verbalizer[ex.label], add_special_tokens=False).input_ids
+
+
+# ----------------------------------------------------------------------------- PEFT side
+def start_prompt(model, tok, n_tokens: int) -> torch.Tensor:
+    """The same initial soft tokens for both sides (sampled vocabulary, seed 0)."""
+    from softprompt.prompts import init_embeddings
+
+    return init_embeddings(model, tok, n_tokens, "vocab", seed=0)
+
+
+def peft_model(model, tok, n_tokens: int):
+    """PEFT prompt tuning whose virtual tokens are [BOS embedding, our initial soft tokens],
+    so its sequences are token for token the ones softprompt runs: BOS, soft, template."""
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    cfg = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=n_tokens + 1)
+    pm = get_peft_model(model, cfg)
+    bos = model.get_input_embeddings().weight[tok.bos_token_id].detach()
+    with torch.no_grad():
+        pm.prompt_encoder.default.embedding.weight.copy_(torch.cat([bos[None], start_prompt(model, tok, n_tokens)]))
+    return pm
+
+
+def peft_batch(tok, seqs, label_lens):
+    width = max(len(s) for s in seqs)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((len(seqs), width), pad)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100)
+    for i, (s, n) in enumerate(zip(seqs, label_lens)):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+        labels[i, len(s) - n : len(s)] = torch.tensor(s[len(s) - n :])
+    return ids, mask, labels
+
+
+def peft_train(model, tok, task, examples, steps, batch_size, n_tokens, lr):
+    pm = peft_model(model, tok, n_tokens)
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
+    tokens, t0 = 0, None
+    for step in range(steps + 2):
+        if step == 2:
+            t0, tokens = time.perf_counter(), 0  # two warm-up steps
+        batch = [examples[(step * batch_size + i) % len(examples)] for i in range(batch_size)]
+        seqs, lens = [], []
+        for ex in batch:
+            ids, lab = example_ids(tok, ex, task.verbalizer)
+            seqs.append(ids + lab)
+            lens.append(len(lab))
+            tokens += 1 + len(ids) + len(lab)
+        ids, mask, labels = peft_batch(tok, seqs, lens)
+        loss = pm(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return tokens / (time.perf_counter() - t0)
+
+
+def peft_eval(model, tok, task, examples, batch_size, n_tokens):
+    pm = peft_model(model, tok, n_tokens)
+    pm.eval()
+    labels = list(task.verbalizer)
+    lab_ids = [tok(task.verbalizer[l], add_special_tokens=False).input_ids for l in labels]
+    preds = []
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i : i + batch_size]
+            seqs, lens = [], []
+            for ex in chunk:
+                ids, _ = example_ids(tok, ex, task.verbalizer)
+                for lab in lab_ids:
+                    seqs.append(ids + lab)
+                    lens.append(len(lab))
+            ids, mask, _ = peft_batch(tok, seqs, lens)
+            logp = pm(input_ids=ids, attention_mask=mask).logits.log_softmax(-1)
+            logp = logp[:, n_tokens + 1 :]  # PEFT prepends the virtual tokens to the outputs too
+            scores = []
+            for r, (s, n) in enumerate(zip(seqs, lens)):
+                pos = torch.arange(len(s) - n - 1, len(s) - 1)
+                scores.append(logp[r, pos, torch.tensor(s[len(s) - n :])].sum())
+            scores = torch.stack(scores).view(len(chunk), len(labels))
+            preds += [labels[j] for j in scores.argmax(-1).tolist()]
+    return preds
+
+
+# ----------------------------------------------------------------------------- our side
+def our_task(task, n_tokens):
+    from softprompt import Task
+
+    return Task(name=task.name, kind="classification", template=f"{{soft:{n_tokens}}} " + TEMPLATE_HARD,
+                verbalizer=task.verbalizer)
+
+
+def ours_train(model, tok, task, examples, steps, batch_size, n_tokens, lr):
+    from softprompt.bank import PromptBank
+    from softprompt.train import batch_loss
+
+    t = our_task(task, n_tokens)
+    param = torch.nn.Parameter(start_prompt(model, tok, n_tokens))
+    bank = PromptBank(model, tok)
+    entry = bank.add(t.name, t.template, param, verbalizer=t.verbalizer)
+    opt = torch.optim.AdamW([param], lr=lr)
+    tokens, t0 = 0, None
+    for step in range(steps + 2):
+        if step == 2:
+            t0, tokens = time.perf_counter(), 0
+        batch = [examples[(step * batch_size + i) % len(examples)] for i in range(batch_size)]
+        for ex in batch:
+            ids, lab = example_ids(tok, ex, task.verbalizer)
+            tokens += 1 + len(ids) + len(lab)
+        loss, _ = batch_loss(bank, entry, batch, "lm")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return tokens / (time.perf_counter() - t0)
+
+
+def ours_eval(model, tok, task, examples, batch_size, n_tokens):
+    from softprompt.bank import PromptBank
+    from softprompt.scoring import classify
+
+    t = our_task(task, n_tokens)
+    bank = PromptBank(model, tok)
+    bank.add(t.name, t.template, start_prompt(model, tok, n_tokens), verbalizer=t.verbalizer)
+    return classify(bank, t.name, examples, batch_size=batch_size).predictions
+
+
+# ----------------------------------------------------------------------------- driver
+def child(args) -> dict:
+    """One side's eval (throughput + peak memory) or training, in this fresh process."""
+    model, tok, data = setup(args.threads)
+    task = data.task
+    if args.child.endswith("train"):
+        fn = peft_train if args.child.startswith("peft") else ours_train
+        tps = fn(model, tok, task, data["train"], args.train_steps, args.batch_size, args.n_tokens, 0.03)
+        return {"train_tokens_per_s": tps}
+    fn = peft_eval if args.child.startswith("peft") else ours_eval
+    examples = data["test"][: args.eval_limit]
+    fn(model, tok, task, examples[: args.batch_size], args.batch_size, args.n_tokens)  # warm-up
+    before = rss_kib()
+    reset_peak()
+    t0 = time.perf_counter()
+    preds = fn(model, tok, task, examples, args.batch_size, args.n_tokens)
+    wall = time.perf_counter() - t0
+    return {
+        "examples_per_s": len(examples) / wall, "eval_s": wall,
+        "peak_eval_mib": (hwm_kib() - before) / 1024, "preds": preds,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--eval-limit", type=int, default=640)
+    p.add_argument("--train-steps", type=int, default=12)
+    p.add_argument("--batch-size", type=int, default=8, help="training batch size")
+    p.add_argument("--eval-batch-size", type=int, default=32)
+    p.add_argument("--n-tokens", type=int, default=20)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        if not args.child.endswith("train"):
+            args.batch_size = args.eval_batch_size
+        print(json.dumps(child(args)))
+        return
+
+    def run(part: str) -> dict:
+        cmd = [sys.executable, __file__, "--child", part] + [
+            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("child", "json") and v is not None
+        ]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    res = {part: run(part) for part in ("ours-train", "peft-train", "ours-eval", "peft-eval")}
+    agree = sum(a == b for a, b in zip(res["ours-eval"]["preds"], res["peft-eval"]["preds"])) / args.eval_limit
+    rows = [
+        ("training tokens/s", res["ours-train"]["train_tokens_per_s"], res["peft-train"]["train_tokens_per_s"]),
+        ("rank-classification examples/s", res["ours-eval"]["examples_per_s"], res["peft-eval"]["examples_per_s"]),
+        ("peak eval memory above model (MiB)", res["ours-eval"]["peak_eval_mib"], res["peft-eval"]["peak_eval_mib"]),
+    ]
+    print(f"machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, threads {args.threads}; "
+          f"{args.n_tokens} soft tokens, train batch {args.batch_size}, eval batch {args.eval_batch_size}, fp32")
+    print(f"{'metric':40s} {'softprompt':>12s} {'HF PEFT':>12s} {'ratio':>8s}")
+    for name, ours, peft in rows:
+        print(f"{name:40s} {ours:12.1f} {peft:12.1f} {ours / peft:8.2f}x")
+    print(f"eval: first {args.eval_limit} RAFT test tweets; the two sides' predictions agree on {agree:.1%} "
+          "(the same prompt on both sides: a check that both score the same thing)")
+    if args.json:
+        for part in res.values():
+            part.pop("preds", None)
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "results": res}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""softprompt: adapt frozen language models with soft prompts, and measure when a soft
+prompt beats a hand-written one.
+
+The public API, re-exported::
+
+    model, tokenizer = load_model()                      # the embedded SmolLM2-135M-Instruct
+    data = load_task("twitter_complaints")              # built-in task over ../shared/data
+    result = train_prompt(model, tokenizer, data.task, data["train"])
+    result.prompt.save("complaints.safetensors")
+    bank = PromptBank(model, tokenizer); bank.add_prompt(result.prompt, "complaints")
+    classify(bank, "complaints", data["test"]).metrics
+"""
+from .bank import PromptBank
+from .models import DEFAULT_MODEL, ModelNotAvailableError, freeze, list_models, load_model
+from .prompts import ModelIdentity, PromptFileError, PromptMismatchError, SoftPrompt, init_embeddings
+from .scoring import classification_metrics, classify, generate, qa_metrics
+from .tasks import DataError, Example, Task, TaskData, from_hf_dataset, list_tasks, load_examples, load_task
+from .templates import Template, TemplateError
+from .train import TrainConfig, TrainResult, train_prompt
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MODEL", "DataError", "Example", "ModelIdentity", "ModelNotAvailableError", "PromptBank",
+    "PromptFileError", "PromptMismatchError", "SoftPrompt", "Task", "TaskData", "Template", "TemplateError",
+    "TrainConfig", "TrainResult", "classification_metrics", "classify", "freeze", "from_hf_dataset",
+    "generate", "init_embeddings", "list_models", "list_tasks", "load_examples", "load_model", "load_task",
+    "qa_metrics", "train_prompt",
+]

@@ -1,0 +1,228 @@
+"""PromptBank: many prompts for one frozen model, selected per example by an index.
+
+Every batch carries, per example, the index of the bank entry (task prompt) it uses.
+Training one prompt, ensembles, evaluation and serving many tasks at once are then the
+same code path with different indices.
+
+An entry is a template plus its soft-token embeddings (and, for classification, its
+verbalizer).  The template's example-independent head (BOS, leading soft tokens,
+instruction text: see ``templates.py``) is turned into per-layer key/values once per
+entry and gathered per example, so a 20-token prompt costs nothing per query at
+inference.  While an entry's embeddings require grad (training) its key/values are
+recomputed on every call, once per entry rather than once per example.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .prompts import ModelIdentity, SoftPrompt
+from .templates import Template, encode_text
+
+
+@dataclass
+class BankEntry:
+    name: str
+    template: Template
+    soft: torch.Tensor  # [n_soft, hidden]; may require grad
+    verbalizer: dict[str, str] | None = None
+    kind: str = "classification"
+    prefix_ids: list[int] = field(default_factory=list)  # rendered head, soft tokens as negative ids
+    label_ids: list[list[int]] = field(default_factory=list)  # verbalizer words as token ids
+    method: str = "prompt_tuning"
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.verbalizer or {})
+
+    def trainable(self) -> bool:
+        return self.soft.requires_grad
+
+
+@dataclass
+class PrefixKV:
+    """Per-layer key/values of the gathered prefixes, right-padded to a common length."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # each [B, kv_heads, P, head_dim]
+    mask: torch.Tensor  # [B, P] long, 1 = real prefix token
+    lengths: torch.Tensor  # [B] number of real prefix tokens
+
+
+class PromptBank:
+    """An ordered set of entries for one frozen model and tokenizer."""
+
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.identity = ModelIdentity.of(model)
+        self.entries: list[BankEntry] = []
+        self._index: dict[str, int] = {}
+        self._kv_cache: dict[int, tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]] = {}
+
+    # ------------------------------------------------------------------ entries
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def index(self, name: str) -> int:
+        try:
+            return self._index[name]
+        except KeyError:
+            raise KeyError(f"no prompt named {name!r}; the bank has {sorted(self._index)}") from None
+
+    def add(
+        self,
+        name: str,
+        template: str | Template,
+        soft: torch.Tensor | None = None,
+        *,
+        verbalizer: dict[str, str] | None = None,
+        kind: str = "classification",
+        method: str = "prompt_tuning",
+    ) -> int:
+        """Add (or replace, by name) an entry; returns its index."""
+        template = template if isinstance(template, Template) else Template(template)
+        hidden = self.identity.hidden_size
+        if soft is None:
+            soft = torch.zeros(template.n_soft, hidden)
+        if soft.ndim != 2 or soft.shape[1] != hidden:
+            raise ValueError(f"prompt {name!r}: embeddings of shape {tuple(soft.shape)} do not fit hidden size {hidden}")
+        if soft.shape[0] != template.n_soft:
+            raise ValueError(
+                f"prompt {name!r}: template {template.text!r} has {template.n_soft} soft tokens "
+                f"but the prompt has {soft.shape[0]}"
+            )
+        if kind == "classification":
+            if not verbalizer:
+                raise ValueError(f"prompt {name!r}: a classification prompt needs a verbalizer (label -> words)")
+            label_ids = [encode_text(self.tokenizer, w) for w in verbalizer.values()]
+            for lab, ids in zip(verbalizer, label_ids):
+                if not ids:
+                    raise ValueError(f"prompt {name!r}: verbalizer word for label {lab!r} has no tokens")
+        else:
+            label_ids = []
+        entry = BankEntry(
+            name=name, template=template, soft=soft, verbalizer=dict(verbalizer) if verbalizer else None,
+            kind=kind, prefix_ids=template.prefix_ids(self.tokenizer), label_ids=label_ids, method=method,
+        )
+        if name in self._index:
+            i = self._index[name]
+            self.entries[i] = entry
+        else:
+            i = len(self.entries)
+            self.entries.append(entry)
+            self._index[name] = i
+        self._kv_cache.pop(i, None)
+        return i
+
+    def add_prompt(self, prompt: SoftPrompt, name: str | None = None) -> int:
+        """Add a saved artifact after checking it was trained for this bank's model."""
+        prompt.identity.check(self.identity, what=f"prompt {name or prompt.task!r}")
+        return self.add(
+            name or prompt.task, prompt.template, prompt.embeddings.to(self._device(), self._dtype()),
+            verbalizer=prompt.verbalizer, kind=prompt.kind, method=prompt.method,
+        )
+
+    def suffix_ids(self, i: int, fields: dict[str, str]) -> list[int]:
+        return self.entries[i].template.suffix_ids(self.tokenizer, fields)
+
+    def _device(self):
+        return self.model.get_input_embeddings().weight.device
+
+    def _dtype(self):
+        return self.model.get_input_embeddings().weight.dtype
+
+    # ------------------------------------------------------------------ embeddings
+    def embed(self, ids: torch.Tensor, entry_of_row: torch.Tensor) -> torch.Tensor:
+        """Embed right-padded ids [B, T]; negative ids take row k of their entry's soft prompt."""
+        emb_layer = self.model.get_input_embeddings()
+        base = emb_layer(ids.clamp(min=0))
+        soft_pos = ids < 0
+        if not bool(soft_pos.any()):
+            return base
+        out = base
+        for e in entry_of_row.unique().tolist():
+            rows = entry_of_row == e
+            sel = soft_pos & rows[:, None]
+            if not bool(sel.any()):
+                continue
+            soft = self.entries[e].soft.to(base.dtype)
+            k = (-ids - 1).clamp(min=0, max=soft.shape[0] - 1)
+            vals = soft[k]  # [B, T, d]
+            out = torch.where(sel[..., None], vals, out)
+        return out
+
+    # ------------------------------------------------------------------ prefix KV
+    def prefix_kv(self, entry_idx: torch.Tensor) -> PrefixKV:
+        """Key/values of each example's prefix, computed once per entry and gathered per row."""
+        uniq = entry_idx.unique().tolist()
+        per_entry: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        todo = []
+        for e in uniq:
+            cached = self._kv_cache.get(e)
+            if cached is not None and cached[0] == id(self.entries[e].soft) and not self.entries[e].trainable():
+                per_entry[e] = cached[1]
+            else:
+                todo.append(e)
+        if todo:
+            for e, kv in zip(todo, self._compute_prefix_kv(todo)):
+                per_entry[e] = kv
+                if not self.entries[e].trainable():
+                    self._kv_cache[e] = (id(self.entries[e].soft), kv)
+        lengths_u = {e: len(self.entries[e].prefix_ids) for e in uniq}
+        p_max = max(lengths_u.values())
+        n_layers = len(next(iter(per_entry.values())))
+        pos = {e: j for j, e in enumerate(uniq)}
+        gather = torch.tensor([pos[e] for e in entry_idx.tolist()], device=entry_idx.device)
+        layers = []
+        for layer in range(n_layers):
+            ks, vs = [], []
+            for e in uniq:
+                k, v = per_entry[e][layer]
+                pad = p_max - k.shape[-2]
+                if pad:
+                    k = torch.nn.functional.pad(k, (0, 0, 0, pad))
+                    v = torch.nn.functional.pad(v, (0, 0, 0, pad))
+                ks.append(k)
+                vs.append(v)
+            k_all = torch.stack(ks).index_select(0, gather.to(ks[0].device))
+            v_all = torch.stack(vs).index_select(0, gather.to(vs[0].device))
+            layers.append((k_all, v_all))
+        lengths = torch.tensor([lengths_u[e] for e in entry_idx.tolist()], device=entry_idx.device)
+        mask = (torch.arange(p_max, device=entry_idx.device)[None, :] < lengths[:, None]).long()
+        return PrefixKV(layers=layers, mask=mask, lengths=lengths)
+
+    def _compute_prefix_kv(self, entries: list[int]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Run the heads of ``entries`` through the frozen model in one right-padded batch."""
+        from .conditioning import cache_layers, pad_right
+
+        device = self._device()
+        ids, mask = pad_right([self.entries[e].prefix_ids for e in entries], device=device)
+        rows = torch.tensor(entries, device=device)
+        embeds = self.embed(ids, rows)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        grad = any(self.entries[e].trainable() for e in entries)
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            out = self.model.base_model(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True
+            )
+        keep = mask.bool()[:, None, :, None]
+        result: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in entries]
+        for k, v in cache_layers(out.past_key_values):
+            # zero the padded slots: their values are never attended to, but a NaN there
+            # (a fully masked row) would still poison the weighted sum.
+            k = torch.where(keep, k, torch.zeros((), dtype=k.dtype, device=k.device))
+            v = torch.where(keep, v, torch.zeros((), dtype=v.dtype, device=v.device))
+            for j, e in enumerate(entries):
+                n = len(self.entries[e].prefix_ids)
+                result[j].append((k[j, :, :n], v[j, :, :n]))
+        return result
+
+    # ------------------------------------------------------------------ removal
+    def remove(self, name: str) -> None:
+        """Remove the entry ``name``; later entries move down one index (their cached
+        key/values move with them).  Callers must not hold indices across a removal."""
+        i = self.index(name)
+        del self.entries[i]
+        self._index = {e.name: j for j, e in enumerate(self.entries)}
+        self._kv_cache = {(k - 1 if k > i else k): v for k, v in self._kv_cache.items() if k != i}

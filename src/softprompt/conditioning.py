@@ -1,0 +1,197 @@
+"""How a prompt reaches the frozen model, and how continuations are scored from it.
+
+One forward pass per batch runs each example's *suffix* (its fields and the rest of the
+template) on top of its prompt's prefix key/values (``bank.py``).  Continuations (label
+words, generation targets, generated tokens) are then scored from that context's cache,
+so an example's context is run once however many labels it has, and the LM head is
+applied only at the positions a score or a loss needs.
+
+Padding is on the right everywhere, with explicit position ids and attention masks, so an
+example's numbers do not depend on its batch-mates: no query row is ever fully masked and
+padded key slots are masked out (and zeroed, so a NaN can never leak through).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .bank import PromptBank
+
+
+def pad_right(seqs: list[list[int]], *, pad: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad id lists into [B, T] ids and a [B, T] long mask."""
+    width = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) per layer of a transformers Cache, across 5.x versions."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return [(cache.key_cache[i], cache.value_cache[i]) for i in range(len(cache.key_cache))]  # pragma: no cover
+
+
+def make_cache(layers: list[tuple[torch.Tensor, torch.Tensor]]):
+    """A DynamicCache holding the given per-layer key/values (built through the public update API)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(layers):
+        cache.update(k, v, i)
+    return cache
+
+
+@dataclass
+class Context:
+    """The result of running a batch's prefixes and suffixes: everything needed to score
+    or generate continuations."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per-layer KV [B, kvh, P+S, hd]
+    mask: torch.Tensor  # [B, P+S]
+    next_pos: torch.Tensor  # [B] position id of the first continuation token
+    last_hidden: torch.Tensor  # [B, d] final hidden state at each example's last real token
+    entry_idx: torch.Tensor  # [B]
+
+    def select(self, rows: torch.Tensor) -> "Context":
+        return Context(
+            layers=[(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.layers],
+            mask=self.mask.index_select(0, rows),
+            next_pos=self.next_pos.index_select(0, rows),
+            last_hidden=self.last_hidden.index_select(0, rows),
+            entry_idx=self.entry_idx.index_select(0, rows),
+        )
+
+
+def run_context(bank: PromptBank, entry_idx: torch.Tensor, suffixes: list[list[int]]) -> Context:
+    """Run each example's suffix on top of its entry's prefix key/values."""
+    model = bank.model
+    device = bank._device()
+    entry_idx = entry_idx.to(device)
+    prefix = bank.prefix_kv(entry_idx)
+    ids, smask = pad_right(suffixes, device=device)
+    if ids.shape[1] == 0:
+        raise ValueError("every example rendered to an empty suffix; does the template name an input field?")
+    slen = smask.sum(-1)
+    if bool((slen + prefix.lengths == 0).any()):
+        raise ValueError("an example rendered to no tokens at all (empty prompt and empty input)")
+    embeds = bank.embed(ids, entry_idx)
+    positions = prefix.lengths[:, None] + torch.arange(ids.shape[1], device=device)[None, :]
+    mask = torch.cat([prefix.mask, smask], dim=1)
+    out = model.base_model(
+        inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+        past_key_values=make_cache(prefix.layers), use_cache=True,
+    )
+    hidden = out.last_hidden_state
+    last = (slen - 1).clamp(min=0)
+    last_hidden = hidden[torch.arange(hidden.shape[0], device=device), last]
+    return Context(
+        layers=cache_layers(out.past_key_values), mask=mask, next_pos=prefix.lengths + slen,
+        last_hidden=last_hidden, entry_idx=entry_idx,
+    )
+
+
+def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Apply the LM head to selected hidden states only (never to the whole sequence)."""
+    return model.get_output_embeddings()(hidden).float()
+
+
+def continuation_logprobs(bank: PromptBank, ctx: Context, rows: list[int], conts: list[list[int]]) -> torch.Tensor:
+    """Sum of log-probs of each continuation ``conts[i]`` after context row ``rows[i]``.
+
+    The first token of every continuation is scored from the context's last hidden state;
+    longer continuations run their remaining tokens in one extra pass on top of a gathered
+    copy of the context cache.  Returns a [len(rows)] float tensor (differentiable when the
+    context is).
+    """
+    model = bank.model
+    device = ctx.last_hidden.device
+    if any(len(c) == 0 for c in conts):
+        raise ValueError("a continuation (label word or target) rendered to no tokens")
+    rows_t = torch.tensor(rows, device=device)
+    uniq, inv = rows_t.unique(return_inverse=True)
+    first_lp = F.log_softmax(lm_logits(model, ctx.last_hidden.index_select(0, uniq)), dim=-1)
+    first_tok = torch.tensor([c[0] for c in conts], device=device)
+    total = first_lp[inv, first_tok]
+    multi = [i for i, c in enumerate(conts) if len(c) > 1]
+    if not multi:
+        return total
+    sub = ctx.select(rows_t[multi])
+    inputs = [conts[i][:-1] for i in multi]
+    targets = [conts[i][1:] for i in multi]
+    ids, cmask = pad_right(inputs, device=device)
+    tgt, _ = pad_right(targets, device=device)
+    positions = sub.next_pos[:, None] + torch.arange(ids.shape[1], device=device)[None, :]
+    out = model.base_model(
+        input_ids=ids, attention_mask=torch.cat([sub.mask, cmask], dim=1), position_ids=positions,
+        past_key_values=make_cache(sub.layers), use_cache=False,
+    )
+    sel = cmask.bool()
+    lp = F.log_softmax(lm_logits(model, out.last_hidden_state[sel]), dim=-1)
+    tok_lp = lp.gather(-1, tgt[sel][:, None]).squeeze(-1)
+    row_of = torch.arange(len(multi), device=device)[:, None].expand_as(sel)[sel]
+    extra = torch.zeros(len(multi), device=device, dtype=tok_lp.dtype).index_add(0, row_of, tok_lp)
+    return total.index_add(0, torch.tensor(multi, device=device), extra)
+
+
+def label_logprobs(bank: PromptBank, ctx: Context) -> list[torch.Tensor]:
+    """Per example, the log-prob of each of its entry's label words: a list of [n_labels] tensors
+    (entries in one batch may have different label sets)."""
+    rows, conts, owner = [], [], []
+    for b, e in enumerate(ctx.entry_idx.tolist()):
+        for ids in bank.entries[e].label_ids:
+            rows.append(b)
+            conts.append(ids)
+            owner.append(b)
+    scores = continuation_logprobs(bank, ctx, rows, conts)
+    out: list[list[torch.Tensor]] = [[] for _ in range(ctx.entry_idx.shape[0])]
+    for s, b in zip(scores.unbind(0), owner):
+        out[b].append(s)
+    return [torch.stack(x) for x in out]
+
+
+@torch.no_grad()
+def greedy_generate(
+    bank: PromptBank, ctx: Context, *, max_new_tokens: int = 32, stop_ids: set[int] | None = None
+) -> list[list[int]]:
+    """Greedy decoding from each context row; stops at EOS (or any of ``stop_ids``) per row."""
+    model = bank.model
+    device = ctx.last_hidden.device
+    eos = bank.tokenizer.eos_token_id
+    stops = set(stop_ids or ())
+    if eos is not None:
+        stops.add(eos)
+    n = ctx.last_hidden.shape[0]
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    outs: list[list[int]] = [[] for _ in range(n)]
+    cache = make_cache(ctx.layers)
+    mask = ctx.mask
+    pos = ctx.next_pos.clone()
+    logits = lm_logits(model, ctx.last_hidden)
+    for _ in range(max_new_tokens):
+        nxt = logits.argmax(-1)
+        for i in range(n):
+            if not done[i]:
+                t = int(nxt[i])
+                if t in stops:
+                    done[i] = True
+                else:
+                    outs[i].append(t)
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=device)], dim=1)
+        out = model.base_model(
+            input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
+            past_key_values=cache, use_cache=True,
+        )
+        cache = out.past_key_values
+        pos = pos + 1
+        logits = lm_logits(model, out.last_hidden_state[:, -1])
+    return outs

@@ -1,0 +1,256 @@
+"""The soft-prompt artifact: a [n_tokens, hidden] float32 tensor plus the metadata needed
+to use it safely (which base model, which template and verbalizer, how it was trained).
+
+It is stored as a single safetensors file: the tensor under ``"prompt"`` and the metadata
+as JSON in the safetensors header, so there is no pickle anywhere and the size on disk is
+``n_tokens * hidden * 4`` bytes plus a small header.  Writes are atomic (temporary file in
+the same folder, then ``os.replace``) so a crash never leaves half a prompt behind.
+
+A prompt only means something for the base model it was trained on, so the artifact
+records that model's identity (name, hidden size, vocabulary size and a fingerprint of
+its input-embedding matrix) and refuses to load onto another one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT_VERSION = 1
+INIT_METHODS = ("random", "vocab", "text", "labels")
+
+
+class PromptMismatchError(ValueError):
+    """A prompt trained for one base model was used with another."""
+
+
+class PromptFileError(ValueError):
+    """A file that is not a readable softprompt artifact."""
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a prompt needs to know about its base model to refuse the wrong one."""
+
+    name: str
+    hidden_size: int
+    vocab_size: int
+    embedding_fingerprint: str
+
+    @classmethod
+    def of(cls, model) -> "ModelIdentity":
+        cached = getattr(model, "_softprompt_identity", None)
+        if cached is not None:
+            return cached
+        emb = model.get_input_embeddings().weight.detach()
+        ident = cls(
+            name=str(getattr(model, "softprompt_name", None) or model.config._name_or_path or type(model).__name__),
+            hidden_size=int(emb.shape[1]),
+            vocab_size=int(emb.shape[0]),
+            embedding_fingerprint=embedding_fingerprint(emb),
+        )
+        try:
+            object.__setattr__(model, "_softprompt_identity", ident)
+        except Exception:  # pragma: no cover - exotic module types
+            pass
+        return ident
+
+    def check(self, other: "ModelIdentity", what: str = "this prompt") -> None:
+        """Raise PromptMismatchError naming both models unless they are the same model."""
+        if (self.hidden_size, self.vocab_size, self.embedding_fingerprint) != (
+            other.hidden_size, other.vocab_size, other.embedding_fingerprint,
+        ):
+            raise PromptMismatchError(
+                f"{what} was trained for base model {self.name!r} (hidden {self.hidden_size}, vocab "
+                f"{self.vocab_size}, embeddings {self.embedding_fingerprint[:12]}) but the loaded model is "
+                f"{other.name!r} (hidden {other.hidden_size}, vocab {other.vocab_size}, embeddings "
+                f"{other.embedding_fingerprint[:12]}). Load {self.name!r} or retrain the prompt for {other.name!r}."
+            )
+
+
+def embedding_fingerprint(weight: torch.Tensor) -> str:
+    """A short hash of the embedding matrix (fp32 bytes), robust to dtype of the copy in memory."""
+    w = weight.detach().to("cpu", torch.float32).contiguous()
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str(tuple(w.shape)).encode())
+    h.update(w.numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class SoftPrompt:
+    """A trained (or freshly initialised) soft prompt and everything needed to reuse it."""
+
+    embeddings: torch.Tensor  # [n_tokens, hidden], float32
+    identity: ModelIdentity
+    template: str = "{soft:0}"
+    verbalizer: dict[str, str] | None = None
+    task: str = ""
+    kind: str = "classification"
+    method: str = "prompt_tuning"
+    init: str = "random"
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.verbalizer or {})
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensor payload (the file adds a small JSON header)."""
+        return self.embeddings.numel() * 4
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "base_model": asdict(self.identity),
+            "n_tokens": self.n_tokens,
+            "hidden_size": self.hidden_size,
+            "template": self.template,
+            "verbalizer": self.verbalizer,
+            "task": self.task,
+            "kind": self.kind,
+            "method": self.method,
+            "init": self.init,
+            "training": self.training,
+            "metrics": self.metrics,
+        }
+
+    def save(self, path: str | os.PathLike) -> int:
+        """Write atomically; returns the file size in bytes."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensor = self.embeddings.detach().to("cpu", torch.float32).contiguous()
+        # no sort_keys: the verbalizer's key order is the label order
+        meta = {"softprompt": json.dumps(self.metadata(), default=_json_default)}
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file({"prompt": tensor}, tmp, metadata=meta)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path.stat().st_size
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model=None) -> "SoftPrompt":
+        """Read an artifact; with ``model`` given, refuse it unless it was trained for that model."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no prompt file at {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                if "prompt" not in f.keys():
+                    raise PromptFileError(f"{path} is a safetensors file but holds no 'prompt' tensor")
+                tensor = f.get_tensor("prompt")
+        except PromptFileError:
+            raise
+        except Exception as e:
+            raise PromptFileError(f"{path} is not a softprompt safetensors file ({e})") from e
+        if "softprompt" not in header:
+            raise PromptFileError(f"{path} has no softprompt metadata; was it written by softprompt?")
+        meta = json.loads(header["softprompt"])
+        version = meta.get("format_version")
+        if version != FORMAT_VERSION:
+            raise PromptFileError(f"{path} has format version {version}; this softprompt reads {FORMAT_VERSION}")
+        prompt = cls(
+            embeddings=tensor.to(torch.float32),
+            identity=ModelIdentity(**meta["base_model"]),
+            template=meta["template"],
+            verbalizer=meta.get("verbalizer"),
+            task=meta.get("task", ""),
+            kind=meta.get("kind", "classification"),
+            method=meta.get("method", "prompt_tuning"),
+            init=meta.get("init", ""),
+            training=meta.get("training", {}),
+            metrics=meta.get("metrics", {}),
+        )
+        if model is not None:
+            prompt.identity.check(ModelIdentity.of(model), what=f"prompt {path}")
+        return prompt
+
+
+def _json_default(obj):
+    if isinstance(obj, (torch.Tensor,)):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+# ----------------------------------------------------------------------------- init
+def init_embeddings(
+    model,
+    tokenizer,
+    n_tokens: int,
+    method: str = "random",
+    *,
+    text: str | None = None,
+    label_words: list[str] | None = None,
+    seed: int = 0,
+    vocab_top: int = 5000,
+) -> torch.Tensor:
+    """Initial values for ``n_tokens`` soft tokens (Lester et al. 2021, section 3).
+
+    * ``random``: uniform in [-0.5, 0.5], as in the paper.
+    * ``vocab``: embeddings of tokens sampled from the ``vocab_top`` lowest ids (BPE ids are
+      roughly ordered by frequency, the paper samples the 5,000 most common tokens).
+    * ``text``: embeddings of the tokens of ``text``, cycled to fill the length.
+    * ``labels``: embeddings of the label words (mean over each word's pieces), then sampled
+      vocabulary for the remaining tokens.
+    """
+    emb = model.get_input_embeddings().weight.detach().to(torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    if method == "random":
+        return torch.rand(n_tokens, emb.shape[1], generator=gen) - 0.5
+    specials = set(getattr(tokenizer, "all_special_ids", []) or [])
+    pool = torch.tensor([i for i in range(min(vocab_top, emb.shape[0])) if i not in specials])
+
+    def sampled(n: int) -> torch.Tensor:
+        idx = pool[torch.randint(len(pool), (n,), generator=gen)]
+        return emb[idx].clone()
+
+    if method == "vocab":
+        return sampled(n_tokens)
+    if method == "text":
+        if not text:
+            raise ValueError("init 'text' needs init_text, e.g. 'Classify whether the tweet is a complaint'")
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        if not ids:
+            raise ValueError(f"init text {text!r} has no tokens")
+        reps = (n_tokens + len(ids) - 1) // len(ids)
+        return emb[torch.tensor((ids * reps)[:n_tokens])].clone()
+    if method == "labels":
+        if not label_words:
+            raise ValueError("init 'labels' needs the verbalizer's label words")
+        rows = []
+        for w in label_words:
+            ids = tokenizer(w, add_special_tokens=False).input_ids
+            rows.append(emb[torch.tensor(ids)].mean(0))
+        rows = rows[:n_tokens]
+        out = torch.stack(rows)
+        if len(rows) < n_tokens:
+            out = torch.cat([out, sampled(n_tokens - len(rows))])
+        return out.clone()
+    raise ValueError(f"unknown init method {method!r}; choose one of {', '.join(INIT_METHODS)}")

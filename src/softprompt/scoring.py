@@ -1,0 +1,176 @@
+"""Evaluation: rank classification, greedy generation, and their metrics.
+
+Rank classification scores every label word as a continuation of the example's context
+(sum of the label tokens' log-probs) and picks the best; the context is run once per
+example and each label is scored from its cached key/values (``conditioning.py``).
+
+Examples are batched in order of length, so batches carry little padding, and results are
+put back in the caller's order.
+"""
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .bank import PromptBank
+from .conditioning import greedy_generate, label_logprobs, run_context
+
+
+def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first, so memory peaks early)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@dataclass
+class Classification:
+    labels: list[str]
+    predictions: list[str]
+    probabilities: torch.Tensor  # [N, n_labels], softmax over the label scores
+    scores: torch.Tensor  # [N, n_labels], summed label log-probs
+    metrics: dict = field(default_factory=dict)
+
+
+def _entries_for(bank: PromptBank, entry: int | str | list[int], n: int) -> list[int]:
+    if isinstance(entry, str):
+        return [bank.index(entry)] * n
+    if isinstance(entry, int):
+        return [entry] * n
+    if len(entry) != n:
+        raise ValueError(f"{len(entry)} entry indices for {n} examples")
+    return list(entry)
+
+
+@torch.no_grad()
+def classify(
+    bank: PromptBank,
+    entry: int | str | list[int],
+    examples,
+    *,
+    batch_size: int = 32,
+    progress: bool | str = False,
+) -> Classification:
+    """Label each example with its entry's verbalizer; metrics are filled when examples carry labels."""
+    entries = _entries_for(bank, entry, len(examples))
+    label_sets = {tuple(bank.entries[e].labels) for e in entries}
+    if len(label_sets) != 1:
+        raise ValueError("classify() needs entries that share one label set; score mixed tasks per task")
+    labels = list(next(iter(label_sets)))
+    suffixes = [bank.suffix_ids(e, ex.fields) for e, ex in zip(entries, examples)]
+    scores = torch.empty(len(examples), len(labels))
+    batches = length_sorted_batches([len(s) for s in suffixes], batch_size)
+    desc = progress if isinstance(progress, str) else "scoring"
+    for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
+        ctx = run_context(bank, torch.tensor([entries[i] for i in idx]), [suffixes[i] for i in idx])
+        for i, s in zip(idx, label_logprobs(bank, ctx)):
+            scores[i] = s.float().cpu()
+    probs = scores.softmax(-1)
+    preds = [labels[j] for j in scores.argmax(-1).tolist()]
+    result = Classification(labels=labels, predictions=preds, probabilities=probs, scores=scores)
+    gold = [ex.label for ex in examples]
+    if all(g is not None for g in gold):
+        result.metrics = classification_metrics(gold, preds, labels)
+    return result
+
+
+def classification_metrics(gold: list[str], pred: list[str], labels: list[str]) -> dict:
+    """Accuracy, macro-F1 (mean of per-label F1, zero where a label is never right) and the
+    confusion matrix (rows gold, columns predicted, in ``labels`` order)."""
+    unknown = sorted(set(gold) - set(labels))
+    if unknown:
+        raise ValueError(f"gold labels {unknown} are not in the verbalizer {labels}")
+    pos = {lab: i for i, lab in enumerate(labels)}
+    conf = [[0] * len(labels) for _ in labels]
+    for g, p in zip(gold, pred):
+        conf[pos[g]][pos[p]] += 1
+    f1s = []
+    for i in range(len(labels)):
+        tp = conf[i][i]
+        fp = sum(conf[r][i] for r in range(len(labels))) - tp
+        fn = sum(conf[i]) - tp
+        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    n = max(len(gold), 1)
+    return {
+        "accuracy": sum(g == p for g, p in zip(gold, pred)) / n,
+        "macro_f1": sum(f1s) / len(f1s),
+        "per_label_f1": dict(zip(labels, f1s)),
+        "confusion": conf,
+        "labels": labels,
+        "n": len(gold),
+    }
+
+
+# ----------------------------------------------------------------------------- generation
+@dataclass
+class Generation:
+    texts: list[str]
+    metrics: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def generate(
+    bank: PromptBank,
+    entry: int | str | list[int],
+    examples,
+    *,
+    max_new_tokens: int = 24,
+    batch_size: int = 16,
+    stop_at_newline: bool = True,
+    progress: bool | str = False,
+) -> Generation:
+    """Greedy answers; exact match and token F1 (SQuAD normalisation) when gold answers are present."""
+    entries = _entries_for(bank, entry, len(examples))
+    tok = bank.tokenizer
+    stop = set()
+    if stop_at_newline:
+        stop |= {i for i in (tok.convert_tokens_to_ids(t) for t in ("\n", "Ċ", "ĊĊ")) if isinstance(i, int) and i != tok.unk_token_id}
+    suffixes = [bank.suffix_ids(e, ex.fields) for e, ex in zip(entries, examples)]
+    texts: list[str] = [""] * len(examples)
+    batches = length_sorted_batches([len(s) for s in suffixes], batch_size)
+    desc = progress if isinstance(progress, str) else "generating"
+    for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
+        ctx = run_context(bank, torch.tensor([entries[i] for i in idx]), [suffixes[i] for i in idx])
+        for i, ids in zip(idx, greedy_generate(bank, ctx, max_new_tokens=max_new_tokens, stop_ids=stop)):
+            texts[i] = tok.decode(ids, skip_special_tokens=True).strip()
+    result = Generation(texts=texts)
+    golds = [ex.answers or ((ex.target,) if ex.target is not None else ()) for ex in examples]
+    if all(golds):
+        result.metrics = qa_metrics(texts, golds)
+    return result
+
+
+def normalize_answer(s: str) -> str:
+    """SQuAD v1.1 normalisation: lower case, no punctuation, no articles, single spaces."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def exact_match(pred: str, gold: str) -> float:
+    return float(normalize_answer(pred) == normalize_answer(gold))
+
+
+def token_f1(pred: str, gold: str) -> float:
+    p, g = normalize_answer(pred).split(), normalize_answer(gold).split()
+    common = Counter(p) & Counter(g)
+    same = sum(common.values())
+    if not p or not g:
+        return float(p == g)
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(p), same / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def qa_metrics(preds: list[str], golds: list[tuple[str, ...]]) -> dict:
+    """Mean over examples of the best EM and F1 against any gold answer."""
+    em = [max(exact_match(p, g) for g in gs) for p, gs in zip(preds, golds)]
+    f1 = [max(token_f1(p, g) for g in gs) for p, gs in zip(preds, golds)]
+    n = max(len(preds), 1)
+    return {"exact_match": sum(em) / n, "f1": sum(f1) / n, "n": len(preds)}

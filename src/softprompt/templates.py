@@ -1,0 +1,207 @@
+"""Templates: hard text, input fields and soft-token slots, rendered to token ids.
+
+A template such as ``"{soft:20} Tweet: {text}\\nIs this a complaint? Answer:"`` mixes
+three kinds of segment: soft slots (``{soft:N}``, N trainable vectors), input fields
+(``{name}``) and literal text (``{{`` and ``}}`` are literal braces).
+
+Rendering produces plain token-id lists in which a *negative* id ``-(k + 1)`` stands for
+soft token ``k`` of the prompt.  Keeping soft tokens inside the id list (rather than a
+separate position list) lets the same collate, padding and batching code serve hard
+prompts, soft prompts and hybrids alike.
+
+The template is split in two at its first input field:
+
+* the **prefix** (BOS, leading soft tokens, the instruction text) does not depend on the
+  example, so its key/values are computed once per prompt and shared by every example
+  (``bank.py``);
+* the **suffix** (the fields and everything after them) is run per example.
+
+Each literal and each field is tokenised on its own, so the prefix is the same token
+sequence for every example.  A literal's trailing spaces are moved onto the following
+field value ("Tweet: " + "hi" -> "Tweet:" + " hi"), which is how BPE tokenisers expect a
+word after a space.  Special tokens are added explicitly (BOS first, when the tokenizer
+has one) because tokenizers disagree across versions about adding them by default.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+_TOKEN = re.compile(r"\{\{|\}\}|\{soft:(\d+)\}|\{([A-Za-z_][A-Za-z0-9_]*)\}|\{|\}")
+
+
+class TemplateError(ValueError):
+    """A template string that cannot be parsed or rendered."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    kind: str  # "text" | "field" | "soft"
+    value: str | int  # the text, the field name, or the number of soft tokens
+
+
+def soft_id(k: int) -> int:
+    """The placeholder id of soft token ``k`` inside a rendered id list."""
+    return -(k + 1)
+
+
+def parse(template: str) -> tuple[Segment, ...]:
+    """Split a template string into segments, merging adjacent literal text."""
+    segments: list[Segment] = []
+    pos = 0
+
+    def add_text(text: str) -> None:
+        if not text:
+            return
+        if segments and segments[-1].kind == "text":
+            segments[-1] = Segment("text", segments[-1].value + text)  # type: ignore[operator]
+        else:
+            segments.append(Segment("text", text))
+
+    for m in _TOKEN.finditer(template):
+        add_text(template[pos : m.start()])
+        pos = m.end()
+        tok = m.group(0)
+        if tok == "{{":
+            add_text("{")
+        elif tok == "}}":
+            add_text("}")
+        elif m.group(1) is not None:
+            n = int(m.group(1))
+            if n <= 0:
+                raise TemplateError(f"{template!r}: a soft slot needs at least one token, got {{soft:{n}}}")
+            segments.append(Segment("soft", n))
+        elif m.group(2) is not None:
+            segments.append(Segment("field", m.group(2)))
+        else:
+            raise TemplateError(
+                f"{template!r}: stray {tok!r} at character {m.start()}; write {{{{ or }}}} for a literal brace, "
+                "{soft:N} for N soft tokens, {name} for an input field"
+            )
+    add_text(template[pos:])
+    return tuple(segments)
+
+
+class Template:
+    """A parsed template bound to nothing; rendering takes the tokenizer explicitly."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.segments = parse(text)
+        self.fields = tuple(dict.fromkeys(s.value for s in self.segments if s.kind == "field"))  # type: ignore[misc]
+        self.n_soft = sum(s.value for s in self.segments if s.kind == "soft")  # type: ignore[misc]
+
+    def __repr__(self) -> str:
+        return f"Template({self.text!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Template) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+    @property
+    def first_field(self) -> int:
+        """Index of the first field segment (len(segments) when there is none)."""
+        for i, s in enumerate(self.segments):
+            if s.kind == "field":
+                return i
+        return len(self.segments)
+
+    def prefix_ids(self, tokenizer, *, add_bos: bool = True) -> list[int]:
+        """Ids of the example-independent head: BOS, soft tokens and text before the first field."""
+        ids: list[int] = []
+        if add_bos and tokenizer.bos_token_id is not None:
+            ids.append(tokenizer.bos_token_id)
+        soft_k = 0
+        head = self.segments[: self.first_field]
+        for i, seg in enumerate(head):
+            if seg.kind == "soft":
+                ids.extend(soft_id(soft_k + j) for j in range(seg.value))  # type: ignore[arg-type]
+                soft_k += seg.value  # type: ignore[operator]
+            else:
+                text = seg.value
+                if i == len(head) - 1 and self.first_field < len(self.segments):
+                    text = text.rstrip(" ")  # the space travels with the field
+                ids.extend(_encode(tokenizer, text))  # type: ignore[arg-type]
+        return ids
+
+    def suffix_ids(self, tokenizer, fields: dict[str, str]) -> list[int]:
+        """Ids of the example-dependent tail: fields and everything after the first one."""
+        ids: list[int] = []
+        soft_k = sum(s.value for s in self.segments[: self.first_field] if s.kind == "soft")  # type: ignore[misc]
+        segs = self.segments
+        for i in range(self.first_field, len(segs)):
+            seg = segs[i]
+            if seg.kind == "soft":
+                ids.extend(soft_id(soft_k + j) for j in range(seg.value))  # type: ignore[arg-type]
+                soft_k += seg.value  # type: ignore[operator]
+            elif seg.kind == "field":
+                try:
+                    value = str(fields[seg.value]).strip()  # type: ignore[index]
+                except KeyError:
+                    raise TemplateError(
+                        f"template {self.text!r} needs field {seg.value!r}; the example has {sorted(fields)}"
+                    ) from None
+                prev = segs[i - 1] if i > 0 else None
+                if prev is not None and prev.kind == "text" and prev.value.endswith(" "):  # type: ignore[union-attr]
+                    value = " " + value
+                ids.extend(_encode(tokenizer, value))
+            else:
+                text = seg.value
+                nxt = segs[i + 1] if i + 1 < len(segs) else None
+                if nxt is not None and nxt.kind == "field":
+                    text = text.rstrip(" ")  # type: ignore[union-attr]
+                ids.extend(_encode(tokenizer, text))  # type: ignore[arg-type]
+        return ids
+
+    def render_text(self, fields: dict[str, str], soft_marker: str = "<soft>") -> str:
+        """A human-readable rendering, soft tokens shown as markers (for logs and reports)."""
+        out = []
+        for seg in self.segments:
+            if seg.kind == "soft":
+                out.append(soft_marker * seg.value)  # type: ignore[operator]
+            elif seg.kind == "field":
+                out.append(str(fields.get(seg.value, "{" + seg.value + "}")))  # type: ignore[arg-type]
+            else:
+                out.append(seg.value)  # type: ignore[arg-type]
+        return "".join(out)
+
+    def without_soft(self) -> "Template":
+        """The same template with every soft slot removed (the hard-prompt counterpart)."""
+        out = []
+        for seg in self.segments:
+            if seg.kind == "soft":
+                continue
+            if seg.kind == "field":
+                out.append("{" + seg.value + "}")  # type: ignore[operator]
+            else:
+                out.append(seg.value.replace("{", "{{").replace("}", "}}"))  # type: ignore[union-attr]
+        return Template("".join(out).lstrip(" "))
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    if not text:
+        return []
+    return list(_cached_encode(tokenizer, text)) if _hashable(tokenizer) else tokenizer(
+        text, add_special_tokens=False
+    ).input_ids
+
+
+def _hashable(obj) -> bool:
+    try:
+        hash(obj)
+        return True
+    except TypeError:
+        return False
+
+
+@lru_cache(maxsize=65536)
+def _cached_encode(tokenizer, text: str) -> tuple[int, ...]:
+    return tuple(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Tokenise plain text without special tokens (verbalizer words, targets)."""
+    return _encode(tokenizer, text)

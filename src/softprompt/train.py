@@ -1,0 +1,352 @@
+"""Training a soft prompt against a frozen model.
+
+The loop is plain PyTorch on top of ``accelerate`` (device placement, mixed precision,
+``backward``), readable top to bottom:
+
+    for step, batch in plan[start:]:
+        loss = loss_fn(batch); backward; clip; optimizer.step()
+        every `eval_every` steps: validate, keep the best prompt, maybe stop early
+        every `checkpoint_every` steps: write a checkpoint atomically
+
+Determinism is what makes ``resume`` exact: the whole batch plan is a function of the
+seed, the frozen model has no dropout, and a checkpoint holds the prompt, the optimizer
+state, the best prompt so far and the history.  A run killed with SIGKILL and resumed
+ends with the same prompt as an uninterrupted run.  Checkpoints are single safetensors
+files (tensors + JSON header, no pickle) written with ``os.replace``.
+
+Only the prompt is trainable; the loss is computed only on target tokens (label words or
+the answer), and the LM head only at those positions (``conditioning.py``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .bank import PromptBank
+from .conditioning import continuation_logprobs, label_logprobs, run_context
+from .prompts import ModelIdentity, SoftPrompt, init_embeddings
+from .scoring import classify, generate
+from .tasks import Task
+from .templates import Template, encode_text
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one prompt-training run (all plain data, saved with the prompt)."""
+
+    init: str = "labels"  # random | vocab | text | labels
+    init_text: str | None = None
+    epochs: int = 20
+    max_steps: int | None = None
+    batch_size: int = 8
+    lr: float = 0.3
+    optimizer: str = "adamw"  # adamw | adafactor
+    weight_decay: float = 1e-5
+    warmup_steps: int = 10
+    schedule: str = "linear"  # linear | cosine | constant (after warmup)
+    grad_clip: float = 1.0
+    loss: str = "rank"  # rank: cross-entropy over the label scores; lm: -log p(gold label words)
+    eval_every: int = 0  # steps between validations; 0 = once per epoch
+    patience: int | None = None  # validations without improvement before stopping
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = at each validation
+    eval_batch_size: int = 32
+    max_new_tokens: int = 24
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    prompt: SoftPrompt
+    history: list[dict] = field(default_factory=list)
+    best_step: int = 0
+    steps: int = 0
+    wall_time_s: float = 0.0
+    tokens_per_s: float = 0.0
+    stopped_early: bool = False
+
+
+def batch_plan(n: int, batch_size: int, epochs: int, seed: int) -> list[tuple[int, list[int]]]:
+    """(epoch, example indices) for every step: a fixed function of the seed, so resume is exact."""
+    plan = []
+    for epoch in range(epochs):
+        order = list(range(n))
+        random.Random(seed * 100003 + epoch).shuffle(order)
+        for i in range(0, n, batch_size):
+            plan.append((epoch, order[i : i + batch_size]))
+    return plan
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Learning rate for 0-based ``step``: linear warmup, then linear/cosine decay or constant."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    span = max(total - cfg.warmup_steps, 1)
+    frac = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * frac))
+    return cfg.lr * (1 - frac)
+
+
+def make_optimizer(params, cfg: TrainConfig):
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(
+            params, lr=cfg.lr, weight_decay=cfg.weight_decay, scale_parameter=False, relative_step=False,
+            warmup_init=False,
+        )
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use adamw or adafactor")
+
+
+def initial_prompt(model, tokenizer, task: Task, cfg: TrainConfig) -> torch.Tensor:
+    n = Template(task.template).n_soft
+    if n == 0:
+        raise ValueError(
+            f"template {task.template!r} has no soft tokens to train; add e.g. '{{soft:20}}' to it"
+        )
+    words = list(task.verbalizer.values()) if task.verbalizer else None
+    text = cfg.init_text or task.instruction or None
+    return init_embeddings(model, tokenizer, n, cfg.init, text=text, label_words=words, seed=cfg.seed)
+
+
+# ----------------------------------------------------------------------------- loss
+def batch_loss(bank: PromptBank, entry: int, examples, loss: str = "rank") -> tuple[torch.Tensor, int]:
+    """Mean loss over ``examples`` and the number of tokens run (for throughput)."""
+    e = bank.entries[entry]
+    suffixes = [bank.suffix_ids(entry, ex.fields) for ex in examples]
+    ctx = run_context(bank, torch.full((len(examples),), entry), suffixes)
+    n_tokens = sum(len(s) for s in suffixes)
+    if e.kind == "classification":
+        scores = torch.stack(label_logprobs(bank, ctx))  # [B, n_labels]
+        gold = torch.tensor([e.labels.index(ex.label) for ex in examples], device=scores.device)
+        n_tokens += sum(len(ids) - 1 for ids in e.label_ids) * len(examples)
+        if loss == "rank":
+            return F.cross_entropy(scores, gold), n_tokens
+        return -scores.gather(1, gold[:, None]).mean(), n_tokens
+    eos = bank.tokenizer.eos_token_id
+    targets = [encode_text(bank.tokenizer, " " + ex.target.strip()) + ([eos] if eos is not None else []) for ex in examples]
+    lp = continuation_logprobs(bank, ctx, list(range(len(examples))), targets)
+    n_tokens += sum(len(t) for t in targets)
+    return -(lp / torch.tensor([len(t) for t in targets], device=lp.device)).mean(), n_tokens
+
+
+def validate(bank: PromptBank, entry: int, examples, cfg: TrainConfig) -> dict:
+    """Validation metrics, plus a ``score`` tuple where larger is better (for model selection)."""
+    e = bank.entries[entry]
+    if e.kind == "classification":
+        res = classify(bank, entry, examples, batch_size=cfg.eval_batch_size)
+        gold = torch.tensor([res.labels.index(ex.label) for ex in examples])
+        nll = float(F.cross_entropy(res.scores, gold))
+        m = {"accuracy": res.metrics["accuracy"], "macro_f1": res.metrics["macro_f1"], "loss": nll}
+        m["score"] = (m["accuracy"], m["macro_f1"], -nll)
+        return m
+    res = generate(bank, entry, examples, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
+    m = dict(res.metrics)
+    m["score"] = (m["f1"], m["exact_match"])
+    return m
+
+
+# ----------------------------------------------------------------------------- checkpoints
+CHECKPOINT = "checkpoint.safetensors"
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
+                  metadata={"state": json.dumps(meta)})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: Path, *, prompt, best, optimizer, meta: dict) -> None:
+    """Prompt, best prompt and optimizer state as tensors; everything else as JSON."""
+    tensors = {"prompt": prompt, "best": best}
+    sd = optimizer.state_dict()
+    opt_meta: dict[str, Any] = {"param_groups": sd["param_groups"], "state": {}}
+    for pid, st in sd["state"].items():
+        opt_meta["state"][str(pid)] = {}
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"opt.{pid}.{k}"] = v
+                opt_meta["state"][str(pid)][k] = {"tensor": f"opt.{pid}.{k}"}
+            else:
+                opt_meta["state"][str(pid)][k] = {"value": v}
+    _atomic_save(tensors, {**meta, "optimizer": opt_meta}, path)
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["state"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return tensors, meta
+
+
+def optimizer_state(tensors: dict[str, torch.Tensor], opt_meta: dict) -> dict:
+    state = {}
+    for pid, st in opt_meta["state"].items():
+        state[int(pid)] = {k: tensors[v["tensor"]] if "tensor" in v else v["value"] for k, v in st.items()}
+    return {"state": state, "param_groups": opt_meta["param_groups"]}
+
+
+# ----------------------------------------------------------------------------- loop
+def train_prompt(
+    model,
+    tokenizer,
+    task: Task,
+    train_examples,
+    valid_examples=None,
+    config: TrainConfig | None = None,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    init: torch.Tensor | None = None,
+) -> TrainResult:
+    """Train the soft tokens of ``task.template`` on ``train_examples``; the model stays frozen.
+
+    With ``valid_examples`` the best prompt by validation score is kept (and early stopping
+    applies); without, the last prompt is returned.  With ``out_dir`` checkpoints and the
+    final ``prompt.safetensors`` are written there, and ``resume=True`` continues from the
+    last checkpoint.
+    """
+    from accelerate import Accelerator
+
+    cfg = config or TrainConfig()
+    if not train_examples:
+        raise ValueError("no training examples")
+    task.check(train_examples, source="training examples")
+    if valid_examples:
+        task.check(valid_examples, source="validation examples")
+    if any(p.requires_grad for p in model.parameters()):
+        raise ValueError("the base model must be frozen (no parameter may require grad); use softprompt.models.freeze")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    torch.manual_seed(cfg.seed)
+    start_vals = init if init is not None else initial_prompt(model, tokenizer, task, cfg)
+    weight = model.get_input_embeddings().weight
+    param = torch.nn.Parameter(start_vals.detach().clone().to(weight.device, torch.float32))
+    optimizer = accelerator.prepare(make_optimizer([param], cfg))
+    bank = PromptBank(model, tokenizer)
+    entry = bank.add(task.name, task.template, param, verbalizer=task.verbalizer, kind=task.kind)
+
+    plan = batch_plan(len(train_examples), cfg.batch_size, cfg.epochs, cfg.seed)
+    if cfg.max_steps is not None:
+        plan = plan[: cfg.max_steps]
+    total = len(plan)
+    steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
+    eval_every = cfg.eval_every or steps_per_epoch
+    ckpt_every = cfg.checkpoint_every or eval_every
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+
+    start, history, best_score, best_step, bad_evals = 0, [], None, 0, 0
+    best = param.detach().clone()
+    elapsed, tokens_seen = 0.0, 0
+    if resume and out is not None and (out / CHECKPOINT).exists():
+        tensors, meta = load_checkpoint(out / CHECKPOINT)
+        if meta["config"] != json.loads(json.dumps(cfg.to_dict())):
+            raise ValueError(f"{out / CHECKPOINT} was written with a different config; start a new out_dir or drop --resume")
+        with torch.no_grad():
+            param.copy_(tensors["prompt"])
+        best = tensors["best"].clone()
+        optimizer.load_state_dict(optimizer_state(tensors, meta["optimizer"]))
+        start, history = meta["step"], meta["history"]
+        best_score = tuple(meta["best_score"]) if meta["best_score"] is not None else None
+        best_step, bad_evals = meta["best_step"], meta["bad_evals"]
+        elapsed, tokens_seen = meta["elapsed"], meta["tokens_seen"]
+
+    def checkpoint(step: int) -> None:
+        if out is None:
+            return
+        save_checkpoint(out / CHECKPOINT, prompt=param, best=best, optimizer=optimizer, meta={
+            "step": step, "history": history, "best_score": best_score, "best_step": best_step,
+            "bad_evals": bad_evals, "elapsed": elapsed, "tokens_seen": tokens_seen, "config": cfg.to_dict(),
+        })
+
+    bar = tqdm(total=total, initial=start, desc=f"training {task.name}", disable=not progress, unit="step")
+    stopped_early = False
+    t0 = time.perf_counter() - elapsed
+    running = None
+    for step in range(start, total):
+        epoch, idx = plan[step]
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step, total, cfg)
+        loss, n_tok = batch_loss(bank, entry, [train_examples[i] for i in idx], cfg.loss)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        if cfg.grad_clip:
+            accelerator.clip_grad_norm_([param], cfg.grad_clip)
+        optimizer.step()
+        tokens_seen += n_tok
+        elapsed = time.perf_counter() - t0
+        loss_value = float(loss.detach())
+        running = loss_value if running is None else 0.9 * running + 0.1 * loss_value
+        record = {"step": step + 1, "epoch": epoch, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"]}
+        done = step + 1 == total
+        if valid_examples and ((step + 1) % eval_every == 0 or done):
+            m = validate(bank, entry, valid_examples, cfg)
+            score = m.pop("score")
+            record["valid"] = m
+            if best_score is None or tuple(score) > tuple(best_score):
+                best_score, best_step, bad_evals = list(score), step + 1, 0
+                best = param.detach().clone()
+            else:
+                bad_evals += 1
+            if cfg.patience is not None and bad_evals >= cfg.patience:
+                stopped_early = True
+        history.append(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{running:.4f}", tok_s=f"{tokens_seen / max(elapsed, 1e-9):.0f}",
+                        **({"valid": f"{record['valid'].get('accuracy', record['valid'].get('f1', 0)):.3f}"}
+                           if "valid" in record else {}))
+        if (step + 1) % ckpt_every == 0 or done or stopped_early:
+            checkpoint(step + 1)
+        if stopped_early:
+            break
+    bar.close()
+    final = best if valid_examples else param.detach().clone()
+    if not valid_examples:
+        best_step = len(history)
+    prompt = SoftPrompt(
+        embeddings=final.detach().cpu().float(),
+        identity=ModelIdentity.of(model),
+        template=task.template,
+        verbalizer=task.verbalizer,
+        task=task.name,
+        kind=task.kind,
+        init=cfg.init,
+        training={**cfg.to_dict(), "train_examples": len(train_examples), "best_step": best_step,
+                  "steps": len(history), "wall_time_s": round(elapsed, 2)},
+    )
+    result = TrainResult(
+        prompt=prompt, history=history, best_step=best_step, steps=len(history), wall_time_s=elapsed,
+        tokens_per_s=tokens_seen / max(elapsed, 1e-9), stopped_early=stopped_early,
+    )
+    if out is not None:
+        prompt.save(out / "prompt.safetensors")
+        (out / "history.json").write_text(json.dumps(history, indent=1))
+    return result

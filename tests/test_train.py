@@ -1,0 +1,110 @@
+"""Training mechanics on a tiny random model: loss falls, the model stays frozen, resume is exact."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from softprompt.prompts import SoftPrompt
+from softprompt.tasks import Example, Task
+from softprompt.testing import tiny_causal_lm, tiny_tokenizer
+from softprompt.train import CHECKPOINT, TrainConfig, batch_plan, lr_at, train_prompt
+
+POS = ["good movie", "great film", "love this movie", "amazing film", "good good", "happy great"]
+NEG = ["bad movie", "awful film", "hate this movie", "terrible film", "bad bad", "sad awful"]
+TASK = Task(name="toy", kind="classification", template="{soft:4} review : {text} label :",
+            verbalizer={"pos": " yes", "neg": " no"})
+TRAIN = [Example({"text": t}, "pos") for t in POS] + [Example({"text": t}, "neg") for t in NEG]
+
+
+def test_loss_falls_and_model_stays_frozen(tmp_path):
+    model, tok = tiny_causal_lm(), tiny_tokenizer()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(epochs=15, lr=0.1, batch_size=4, init="vocab", warmup_steps=2)
+    res = train_prompt(model, tok, TASK, TRAIN, TRAIN, cfg, out_dir=tmp_path, progress=False)
+    first, last = res.history[0]["loss"], res.history[-1]["loss"]
+    assert last < 0.5 * first, (first, last)
+    assert res.history[-1]["valid"]["accuracy"] == 1.0
+    assert all(not p.requires_grad for p in model.parameters())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()), "base weights untouched"
+    saved = SoftPrompt.load(tmp_path / "prompt.safetensors", model=model)
+    assert saved.training["best_step"] == res.best_step and saved.n_tokens == 4
+
+
+def test_generation_task_trains():
+    model, tok = tiny_causal_lm(), tiny_tokenizer()
+    task = Task(name="qa", kind="generation", template="{soft:3} question : {q} answer :")
+    exs = [Example({"q": q}, target="the world", answers=("the world",)) for q in ("who", "what", "where", "why")]
+    res = train_prompt(model, tok, task, exs, exs, TrainConfig(epochs=40, lr=0.1, batch_size=4, init="vocab", warmup_steps=2),
+                       progress=False)
+    assert res.history[-1]["loss"] < 0.5 * res.history[0]["loss"]
+    assert res.history[0]["valid"]["exact_match"] == 0.0
+    assert res.history[-1]["valid"]["f1"] >= 0.75, res.history[-1]["valid"]
+
+
+def test_refuses_unfrozen_model_and_unknown_label():
+    model, tok = tiny_causal_lm(), tiny_tokenizer()
+    with pytest.raises(ValueError, match="label"):
+        train_prompt(model, tok, TASK, [Example({"text": "good"}, "meh")], progress=False)
+    model.lm_head.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="frozen"):
+        train_prompt(model, tok, TASK, TRAIN, progress=False)
+
+
+def test_schedule_and_plan_are_deterministic():
+    cfg = TrainConfig(lr=1.0, warmup_steps=4, schedule="linear")
+    assert lr_at(0, 20, cfg) == 0.25 and lr_at(3, 20, cfg) == 1.0 and lr_at(19, 20, cfg) < 0.1
+    assert batch_plan(10, 3, 2, seed=1) == batch_plan(10, 3, 2, seed=1)
+    assert batch_plan(10, 3, 2, seed=1) != batch_plan(10, 3, 2, seed=2)
+
+
+SCRIPT = textwrap.dedent("""
+    import sys, time, torch
+    sys.path.insert(0, {src!r}); sys.path.insert(0, {tests!r})
+    from test_train import TASK, TRAIN
+    from softprompt.testing import tiny_causal_lm, tiny_tokenizer
+    from softprompt.train import TrainConfig, train_prompt
+    import softprompt.train as T
+    slow = float(sys.argv[2])
+    if slow:
+        orig = T.batch_loss
+        def batch_loss(*a, **k):
+            time.sleep(slow)
+            return orig(*a, **k)
+        T.batch_loss = batch_loss
+    cfg = TrainConfig(epochs=6, lr=0.1, batch_size=4, init="vocab", warmup_steps=2, eval_every=3, checkpoint_every=2, optimizer=sys.argv[3])
+    train_prompt(tiny_causal_lm(), tiny_tokenizer(), TASK, TRAIN, TRAIN[::2], cfg, out_dir=sys.argv[1], resume=True, progress=False)
+""")
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_sigkill_then_resume_gives_the_same_prompt(tmp_path, optimizer):
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT.format(src=str(Path(__file__).parents[1] / "src"), tests=str(Path(__file__).parent)))
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    subprocess.run([sys.executable, str(script), str(ref), "0", optimizer], check=True, env=env)
+    proc = subprocess.Popen([sys.executable, str(script), str(killed), "0.25", optimizer], env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        ck = killed / CHECKPOINT
+        if ck.exists():
+            from safetensors import safe_open
+            with safe_open(str(ck), framework="pt") as f:
+                if json.loads(f.metadata()["state"])["step"] >= 4:
+                    break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "prompt.safetensors").exists(), "the run was killed before it finished"
+    subprocess.run([sys.executable, str(script), str(killed), "0", optimizer], check=True, env=env)
+    a = SoftPrompt.load(ref / "prompt.safetensors")
+    b = SoftPrompt.load(killed / "prompt.safetensors")
+    assert torch.equal(a.embeddings, b.embeddings)
+    assert json.loads((ref / "history.json").read_text()) == json.loads((killed / "history.json").read_text())
