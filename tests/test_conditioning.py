@@ -98,3 +98,74 @@ def test_continuation_with_multi_token_target_matches_full_pass():
         n = full.shape[1] - len(target)
         ref = sum(logits[n - 1 + k, t] for k, t in enumerate(target))
         torch.testing.assert_close(lp[0], ref, atol=1e-5, rtol=0)
+
+
+def _with_prefix_entry(bank, n_prefix=3, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    kv = torch.randn(bank.kv_shape(n_prefix), generator=g)
+    bank.add("p", "review : {text} label :", kv=kv, verbalizer={"pos": " good", "neg": " not good"})
+    bank.add("pg", "question : {text} answer :", kv=kv * 0.5, kind="generation")
+    return bank
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefix_tuning_mixes_with_prompt_tuning(family):
+    bank = _with_prefix_entry(make_bank(family))
+    entries = [3, 0, 3, 1, 3, 0]
+    with torch.no_grad():
+        mixed = _scores(bank, entries, TEXTS)
+        for e, t, m in zip(entries, TEXTS, mixed):
+            (alone,) = _scores(bank, [e], [t])
+            torch.testing.assert_close(m, alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefix_generation_with_cache_equals_without(family):
+    """Greedy decoding on the KV cache gives the same tokens as re-running the whole sequence
+    (learned prefix + template + generated tokens) at every step."""
+    from softprompt.conditioning import make_cache
+
+    bank = _with_prefix_entry(make_bank(family))
+    e = bank.index("pg")
+    entry = bank.entries[e]
+    with torch.no_grad():
+        for text in ["why is my refund delayed", "good"]:
+            suffix = bank.suffix_ids(e, {"text": text})
+            ctx = run_context(bank, torch.tensor([e]), [suffix])
+            (cached,) = greedy_generate(bank, ctx, max_new_tokens=8, stop_ids=set())
+            ids = entry.prefix_ids + suffix
+            learned = [(entry.kv[l, 0][None], entry.kv[l, 1][None]) for l in range(entry.kv.shape[0])]
+            out = []
+            for _ in range(8):
+                full = torch.tensor([ids + out])
+                n = entry.n_prefix
+                h = bank.model.base_model(
+                    input_ids=full, attention_mask=torch.ones(1, n + full.shape[1], dtype=torch.long),
+                    position_ids=n + torch.arange(full.shape[1])[None], past_key_values=make_cache(learned),
+                    use_cache=False,
+                ).last_hidden_state[0, -1]
+                out.append(int(bank.model.get_output_embeddings()(h).argmax()))
+            assert cached == out
+
+
+def test_prefix_prompt_trains_and_round_trips(tmp_path):
+    from softprompt.prompts import SoftPrompt
+    from softprompt.tasks import Task
+    from softprompt.train import TrainConfig, train_prompt
+
+    model, tok = tiny_causal_lm(), tiny_tokenizer()
+    task = Task(name="toy", kind="classification", template="review : {text} label :",
+                verbalizer={"pos": " yes", "neg": " no"})
+    pos = ["good movie", "great film", "love this movie", "amazing film"]
+    neg = ["bad movie", "awful film", "hate this movie", "terrible film"]
+    exs = [Example({"text": t}, "pos") for t in pos] + [Example({"text": t}, "neg") for t in neg]
+    res = train_prompt(model, tok, task, exs, exs, TrainConfig(method="prefix", prefix_tokens=2, epochs=10, lr=0.1,
+                       batch_size=4, init="vocab", warmup_steps=2), out_dir=tmp_path, progress=False)
+    assert res.history[-1]["loss"] < res.history[0]["loss"]
+    sp = SoftPrompt.load(tmp_path / "prompt.safetensors", model=model)
+    assert sp.method == "prefix_tuning" and sp.kv.shape == PromptBank(model, tok).kv_shape(2) and sp.n_tokens == 0
+    b1, b2 = PromptBank(model, tok), PromptBank(model, tok)
+    b1.add_prompt(res.prompt, "x")
+    b2.add_prompt(sp, "x")
+    from softprompt.scoring import classify
+    assert torch.equal(classify(b1, "x", exs).scores, classify(b2, "x", exs).scores)

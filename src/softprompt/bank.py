@@ -31,13 +31,24 @@ class BankEntry:
     prefix_ids: list[int] = field(default_factory=list)  # rendered head, soft tokens as negative ids
     label_ids: list[list[int]] = field(default_factory=list)  # verbalizer words as token ids
     method: str = "prompt_tuning"
+    # prefix tuning: learned key/values at every layer, [n_layers, 2, kv_heads, n_prefix, head_dim],
+    # placed before the template's head (positions 0..n_prefix-1)
+    kv: torch.Tensor | None = None
 
     @property
     def labels(self) -> list[str]:
         return list(self.verbalizer or {})
 
+    @property
+    def n_prefix(self) -> int:
+        return 0 if self.kv is None else int(self.kv.shape[3])
+
     def trainable(self) -> bool:
-        return self.soft.requires_grad
+        return self.soft.requires_grad or (self.kv is not None and self.kv.requires_grad)
+
+    def tensors(self) -> tuple:
+        """What the cached key/values were computed from (identity check for the cache)."""
+        return (id(self.soft), id(self.kv))
 
 
 @dataclass
@@ -79,8 +90,13 @@ class PromptBank:
         verbalizer: dict[str, str] | None = None,
         kind: str = "classification",
         method: str = "prompt_tuning",
+        kv: torch.Tensor | None = None,
     ) -> int:
-        """Add (or replace, by name) an entry; returns its index."""
+        """Add (or replace, by name) an entry; returns its index.
+
+        ``soft`` fills the template's ``{soft:N}`` slots (prompt tuning, P-tuning); ``kv``
+        holds per-layer key/values [n_layers, 2, kv_heads, n_prefix, head_dim] placed before
+        everything else (prefix tuning).  Both may be given."""
         template = template if isinstance(template, Template) else Template(template)
         hidden = self.identity.hidden_size
         if soft is None:
@@ -101,9 +117,17 @@ class PromptBank:
                     raise ValueError(f"prompt {name!r}: verbalizer word for label {lab!r} has no tokens")
         else:
             label_ids = []
+        if kv is not None:
+            want = self.kv_shape(None)
+            if kv.ndim != 5 or tuple(kv.shape[:3]) != want[:3] or kv.shape[4] != want[4]:
+                raise ValueError(
+                    f"prompt {name!r}: prefix key/values of shape {tuple(kv.shape)} do not fit this model "
+                    f"(expected [{want[0]}, 2, {want[2]}, n_prefix, {want[4]}])"
+                )
+            method = "prefix_tuning" if method == "prompt_tuning" else method
         entry = BankEntry(
             name=name, template=template, soft=soft, verbalizer=dict(verbalizer) if verbalizer else None,
-            kind=kind, prefix_ids=template.prefix_ids(self.tokenizer), label_ids=label_ids, method=method,
+            kind=kind, prefix_ids=template.prefix_ids(self.tokenizer), label_ids=label_ids, method=method, kv=kv,
         )
         if name in self._index:
             i = self._index[name]
@@ -118,10 +142,21 @@ class PromptBank:
     def add_prompt(self, prompt: SoftPrompt, name: str | None = None) -> int:
         """Add a saved artifact after checking it was trained for this bank's model."""
         prompt.identity.check(self.identity, what=f"prompt {name or prompt.task!r}")
+        kv = prompt.kv.to(self._device(), self._dtype()) if prompt.kv is not None else None
         return self.add(
             name or prompt.task, prompt.template, prompt.embeddings.to(self._device(), self._dtype()),
-            verbalizer=prompt.verbalizer, kind=prompt.kind, method=prompt.method,
+            verbalizer=prompt.verbalizer, kind=prompt.kind, method=prompt.method, kv=kv,
         )
+
+    def kv_shape(self, n_prefix: int | None) -> tuple:
+        """Shape of a prefix-tuning tensor for this model: [n_layers, 2, kv_heads, n_prefix, head_dim]."""
+        cfg = self.model.config
+        cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+        heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+        return (layers, 2, kv_heads, n_prefix, head_dim)
 
     def suffix_ids(self, i: int, fields: dict[str, str]) -> list[int]:
         return self.entries[i].template.suffix_ids(self.tokenizer, fields)
@@ -160,7 +195,7 @@ class PromptBank:
         todo = []
         for e in uniq:
             cached = self._kv_cache.get(e)
-            if cached is not None and cached[0] == id(self.entries[e].soft) and not self.entries[e].trainable():
+            if cached is not None and cached[0] == self.entries[e].tensors() and not self.entries[e].trainable():
                 per_entry[e] = cached[1]
             else:
                 todo.append(e)
@@ -168,8 +203,8 @@ class PromptBank:
             for e, kv in zip(todo, self._compute_prefix_kv(todo)):
                 per_entry[e] = kv
                 if not self.entries[e].trainable():
-                    self._kv_cache[e] = (id(self.entries[e].soft), kv)
-        lengths_u = {e: len(self.entries[e].prefix_ids) for e in uniq}
+                    self._kv_cache[e] = (self.entries[e].tensors(), kv)
+        lengths_u = {e: int(per_entry[e][0][0].shape[-2]) for e in uniq}
         p_max = max(lengths_u.values())
         n_layers = len(next(iter(per_entry.values())))
         pos = {e: j for j, e in enumerate(uniq)}
@@ -193,9 +228,16 @@ class PromptBank:
         return PrefixKV(layers=layers, mask=mask, lengths=lengths)
 
     def _compute_prefix_kv(self, entries: list[int]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Run the heads of ``entries`` through the frozen model in one right-padded batch."""
+        """Run the heads of ``entries`` through the frozen model in one right-padded batch
+        (prefix-tuned entries one by one, on top of their learned key/values)."""
         from .conditioning import cache_layers, pad_right
 
+        deep = [e for e in entries if self.entries[e].kv is not None]
+        if deep:
+            flat = [e for e in entries if self.entries[e].kv is None]
+            done = dict(zip(flat, self._compute_prefix_kv(flat))) if flat else {}
+            done.update({e: self._deep_prefix_kv(e) for e in deep})
+            return [done[e] for e in entries]
         device = self._device()
         ids, mask = pad_right([self.entries[e].prefix_ids for e in entries], device=device)
         rows = torch.tensor(entries, device=device)
@@ -217,6 +259,28 @@ class PromptBank:
                 n = len(self.entries[e].prefix_ids)
                 result[j].append((k[j, :, :n], v[j, :, :n]))
         return result
+
+    def _deep_prefix_kv(self, e: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Learned key/values, then the template head run on top of them."""
+        from .conditioning import cache_layers, make_cache
+
+        entry = self.entries[e]
+        kv = entry.kv.to(self._dtype())
+        learned = [(kv[layer, 0], kv[layer, 1]) for layer in range(kv.shape[0])]
+        if not entry.prefix_ids:
+            return learned
+        device = self._device()
+        ids = torch.tensor([entry.prefix_ids], device=device)
+        embeds = self.embed(ids, torch.tensor([e], device=device))
+        n_p = entry.n_prefix
+        mask = torch.ones(1, n_p + ids.shape[1], dtype=torch.long, device=device)
+        positions = n_p + torch.arange(ids.shape[1], device=device)[None, :]
+        with torch.set_grad_enabled(entry.trainable() and torch.is_grad_enabled()):
+            out = self.model.base_model(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                past_key_values=make_cache([(k[None], v[None]) for k, v in learned]), use_cache=True,
+            )
+        return [(k[0], v[0]) for k, v in cache_layers(out.past_key_values)]
 
     # ------------------------------------------------------------------ removal
     def remove(self, name: str) -> None:

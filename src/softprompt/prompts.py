@@ -99,6 +99,8 @@ class SoftPrompt:
     init: str = "random"
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    # prefix tuning: per-layer key/values [n_layers, 2, kv_heads, n_prefix, head_dim]
+    kv: torch.Tensor | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -113,15 +115,24 @@ class SoftPrompt:
         return list(self.verbalizer or {})
 
     @property
+    def n_prefix(self) -> int:
+        return 0 if self.kv is None else int(self.kv.shape[3])
+
+    @property
+    def n_params(self) -> int:
+        return self.embeddings.numel() + (0 if self.kv is None else self.kv.numel())
+
+    @property
     def nbytes(self) -> int:
         """Bytes of the tensor payload (the file adds a small JSON header)."""
-        return self.embeddings.numel() * 4
+        return self.n_params * 4
 
     def metadata(self) -> dict[str, Any]:
         return {
             "format_version": FORMAT_VERSION,
             "base_model": asdict(self.identity),
             "n_tokens": self.n_tokens,
+            "n_prefix": self.n_prefix,
             "hidden_size": self.hidden_size,
             "template": self.template,
             "verbalizer": self.verbalizer,
@@ -137,13 +148,15 @@ class SoftPrompt:
         """Write atomically; returns the file size in bytes."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensor = self.embeddings.detach().to("cpu", torch.float32).contiguous()
+        tensors = {"prompt": self.embeddings.detach().to("cpu", torch.float32).contiguous()}
+        if self.kv is not None:
+            tensors["prefix_kv"] = self.kv.detach().to("cpu", torch.float32).contiguous()
         # no sort_keys: the verbalizer's key order is the label order
         meta = {"softprompt": json.dumps(self.metadata(), default=_json_default)}
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
-            save_file({"prompt": tensor}, tmp, metadata=meta)
+            save_file(tensors, tmp, metadata=meta)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -162,6 +175,7 @@ class SoftPrompt:
                 if "prompt" not in f.keys():
                     raise PromptFileError(f"{path} is a safetensors file but holds no 'prompt' tensor")
                 tensor = f.get_tensor("prompt")
+                kv = f.get_tensor("prefix_kv") if "prefix_kv" in f.keys() else None
         except PromptFileError:
             raise
         except Exception as e:
@@ -183,6 +197,7 @@ class SoftPrompt:
             init=meta.get("init", ""),
             training=meta.get("training", {}),
             metrics=meta.get("metrics", {}),
+            kv=kv.to(torch.float32) if kv is not None else None,
         )
         if model is not None:
             prompt.identity.check(ModelIdentity.of(model), what=f"prompt {path}")

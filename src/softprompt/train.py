@@ -47,6 +47,8 @@ from .templates import Template, encode_text
 class TrainConfig:
     """Hyper-parameters of one prompt-training run (all plain data, saved with the prompt)."""
 
+    method: str = "prompt"  # prompt: train the template's {soft:N} slots; prefix: also per-layer key/values
+    prefix_tokens: int = 10  # length of the learned key/value prefix (method "prefix")
     init: str = "labels"  # random | vocab | text | labels
     init_text: str | None = None
     epochs: int = 20
@@ -59,6 +61,7 @@ class TrainConfig:
     schedule: str = "linear"  # linear | cosine | constant (after warmup)
     grad_clip: float = 1.0
     loss: str = "rank"  # rank: cross-entropy over the label scores; lm: -log p(gold label words)
+    balance: bool = False  # weight classes by inverse training frequency (classification)
     eval_every: int = 0  # steps between validations; 0 = once per epoch
     patience: int | None = None  # validations without improvement before stopping
     checkpoint_every: int = 0  # steps between checkpoints; 0 = at each validation
@@ -129,8 +132,26 @@ def initial_prompt(model, tokenizer, task: Task, cfg: TrainConfig) -> torch.Tens
     return init_embeddings(model, tokenizer, n, cfg.init, text=text, label_words=words, seed=cfg.seed)
 
 
+def initial_prefix_kv(model, tokenizer, task: Task, cfg: TrainConfig) -> torch.Tensor:
+    """Prefix-tuning start: the key/values the frozen model computes for real token embeddings
+    chosen by ``cfg.init`` (activations of real words are a better start than noise, Li & Liang 2021)."""
+    from .conditioning import cache_layers
+
+    words = list(task.verbalizer.values()) if task.verbalizer else None
+    text = cfg.init_text or task.instruction or None
+    method = cfg.init if cfg.init != "labels" or words else "vocab"
+    emb = init_embeddings(model, tokenizer, cfg.prefix_tokens, method, text=text, label_words=words, seed=cfg.seed)
+    weight = model.get_input_embeddings().weight
+    with torch.no_grad():
+        out = model.base_model(inputs_embeds=emb[None].to(weight.device, weight.dtype), use_cache=True)
+    layers = cache_layers(out.past_key_values)
+    return torch.stack([torch.stack([k[0], v[0]]) for k, v in layers]).float()
+
+
 # ----------------------------------------------------------------------------- loss
-def batch_loss(bank: PromptBank, entry: int, examples, loss: str = "rank") -> tuple[torch.Tensor, int]:
+def batch_loss(
+    bank: PromptBank, entry: int, examples, loss: str = "rank", class_weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, int]:
     """Mean loss over ``examples`` and the number of tokens run (for throughput)."""
     e = bank.entries[entry]
     suffixes = [bank.suffix_ids(entry, ex.fields) for ex in examples]
@@ -140,9 +161,12 @@ def batch_loss(bank: PromptBank, entry: int, examples, loss: str = "rank") -> tu
         scores = torch.stack(label_logprobs(bank, ctx))  # [B, n_labels]
         gold = torch.tensor([e.labels.index(ex.label) for ex in examples], device=scores.device)
         n_tokens += sum(len(ids) - 1 for ids in e.label_ids) * len(examples)
+        w = class_weights.to(scores.device)[gold] if class_weights is not None else torch.ones_like(gold, dtype=scores.dtype)
         if loss == "rank":
-            return F.cross_entropy(scores, gold), n_tokens
-        return -scores.gather(1, gold[:, None]).mean(), n_tokens
+            per = F.cross_entropy(scores, gold, reduction="none")
+        else:
+            per = -scores.gather(1, gold[:, None]).squeeze(1)
+        return (per * w).sum() / w.sum(), n_tokens
     eos = bank.tokenizer.eos_token_id
     targets = [encode_text(bank.tokenizer, " " + ex.target.strip()) + ([eos] if eos is not None else []) for ex in examples]
     lp = continuation_logprobs(bank, ctx, list(range(len(examples))), targets)
@@ -182,9 +206,9 @@ def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> No
         raise
 
 
-def save_checkpoint(path: Path, *, prompt, best, optimizer, meta: dict) -> None:
-    """Prompt, best prompt and optimizer state as tensors; everything else as JSON."""
-    tensors = {"prompt": prompt, "best": best}
+def save_checkpoint(path: Path, *, params: dict, best: dict, optimizer, meta: dict) -> None:
+    """Trainable tensors, their best values and optimizer state as tensors; everything else as JSON."""
+    tensors = {**params, **{f"best.{k}": v for k, v in best.items()}}
     sd = optimizer.state_dict()
     opt_meta: dict[str, Any] = {"param_groups": sd["param_groups"], "state": {}}
     for pid, st in sd["state"].items():
@@ -245,13 +269,24 @@ def train_prompt(
         raise ValueError("the base model must be frozen (no parameter may require grad); use softprompt.models.freeze")
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(cfg.seed)
-    start_vals = init if init is not None else initial_prompt(model, tokenizer, task, cfg)
     weight = model.get_input_embeddings().weight
-    param = torch.nn.Parameter(start_vals.detach().clone().to(weight.device, torch.float32))
-    optimizer = accelerator.prepare(make_optimizer([param], cfg))
     bank = PromptBank(model, tokenizer)
-    entry = bank.add(task.name, task.template, param, verbalizer=task.verbalizer, kind=task.kind)
+    params: dict[str, torch.nn.Parameter] = {}
+    if Template(task.template).n_soft or cfg.method != "prefix":
+        start_vals = init if init is not None else initial_prompt(model, tokenizer, task, cfg)
+        params["prompt"] = torch.nn.Parameter(start_vals.detach().clone().to(weight.device, torch.float32))
+    if cfg.method == "prefix":
+        params["kv"] = torch.nn.Parameter(initial_prefix_kv(model, tokenizer, task, cfg).to(weight.device))
+    elif cfg.method != "prompt":
+        raise ValueError(f"unknown method {cfg.method!r}; use prompt or prefix")
+    soft = params.get("prompt", torch.zeros(0, weight.shape[1], device=weight.device))
+    optimizer = accelerator.prepare(make_optimizer(list(params.values()), cfg))
+    entry = bank.add(task.name, task.template, soft, verbalizer=task.verbalizer, kind=task.kind, kv=params.get("kv"))
 
+    class_weights = None
+    if cfg.balance and task.kind == "classification":
+        counts = torch.tensor([sum(ex.label == lab for ex in train_examples) for lab in task.labels], dtype=torch.float)
+        class_weights = counts.sum() / (len(counts) * counts.clamp(min=1))
     plan = batch_plan(len(train_examples), cfg.batch_size, cfg.epochs, cfg.seed)
     if cfg.max_steps is not None:
         plan = plan[: cfg.max_steps]
@@ -264,15 +299,16 @@ def train_prompt(
         out.mkdir(parents=True, exist_ok=True)
 
     start, history, best_score, best_step, bad_evals = 0, [], None, 0, 0
-    best = param.detach().clone()
+    best = {k: p.detach().clone() for k, p in params.items()}
     elapsed, tokens_seen = 0.0, 0
     if resume and out is not None and (out / CHECKPOINT).exists():
         tensors, meta = load_checkpoint(out / CHECKPOINT)
         if meta["config"] != json.loads(json.dumps(cfg.to_dict())):
             raise ValueError(f"{out / CHECKPOINT} was written with a different config; start a new out_dir or drop --resume")
         with torch.no_grad():
-            param.copy_(tensors["prompt"])
-        best = tensors["best"].clone()
+            for k, p in params.items():
+                p.copy_(tensors[k])
+        best = {k: tensors[f"best.{k}"].clone() for k in params}
         optimizer.load_state_dict(optimizer_state(tensors, meta["optimizer"]))
         start, history = meta["step"], meta["history"]
         best_score = tuple(meta["best_score"]) if meta["best_score"] is not None else None
@@ -282,7 +318,7 @@ def train_prompt(
     def checkpoint(step: int) -> None:
         if out is None:
             return
-        save_checkpoint(out / CHECKPOINT, prompt=param, best=best, optimizer=optimizer, meta={
+        save_checkpoint(out / CHECKPOINT, params=params, best=best, optimizer=optimizer, meta={
             "step": step, "history": history, "best_score": best_score, "best_step": best_step,
             "bad_evals": bad_evals, "elapsed": elapsed, "tokens_seen": tokens_seen, "config": cfg.to_dict(),
         })
@@ -295,11 +331,11 @@ def train_prompt(
         epoch, idx = plan[step]
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, total, cfg)
-        loss, n_tok = batch_loss(bank, entry, [train_examples[i] for i in idx], cfg.loss)
+        loss, n_tok = batch_loss(bank, entry, [train_examples[i] for i in idx], cfg.loss, class_weights)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         if cfg.grad_clip:
-            accelerator.clip_grad_norm_([param], cfg.grad_clip)
+            accelerator.clip_grad_norm_(list(params.values()), cfg.grad_clip)
         optimizer.step()
         tokens_seen += n_tok
         elapsed = time.perf_counter() - t0
@@ -313,7 +349,7 @@ def train_prompt(
             record["valid"] = m
             if best_score is None or tuple(score) > tuple(best_score):
                 best_score, best_step, bad_evals = list(score), step + 1, 0
-                best = param.detach().clone()
+                best = {k: p.detach().clone() for k, p in params.items()}
             else:
                 bad_evals += 1
             if cfg.patience is not None and bad_evals >= cfg.patience:
@@ -328,11 +364,13 @@ def train_prompt(
         if stopped_early:
             break
     bar.close()
-    final = best if valid_examples else param.detach().clone()
+    final = best if valid_examples else {k: p.detach().clone() for k, p in params.items()}
     if not valid_examples:
         best_step = len(history)
     prompt = SoftPrompt(
-        embeddings=final.detach().cpu().float(),
+        embeddings=final.get("prompt", soft).detach().cpu().float(),
+        kv=final["kv"].detach().cpu().float() if "kv" in final else None,
+        method="prefix_tuning" if "kv" in final else "prompt_tuning",
         identity=ModelIdentity.of(model),
         template=task.template,
         verbalizer=task.verbalizer,
