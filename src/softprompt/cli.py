@@ -355,6 +355,27 @@ def demo(
                   "--text 'My parcel arrived crushed and nobody answers my emails.'")
 
 
+# ----------------------------------------------------------------------------- serve
+@app.command("serve")
+def serve_cmd(
+    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    prompts: Path = typer.Option(Path("prompts"), help="Folder of prompt artifacts: <task>.safetensors, or a subfolder (ensemble)."),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8000),
+    token: Optional[str] = typer.Option(None, help="Bearer token for admin endpoints (or SOFTPROMPT_SERVE_TOKEN)."),
+    max_batch_size: int = typer.Option(32, help="Largest batch the dynamic batcher forms."),
+    max_wait_ms: float = typer.Option(5.0, help="Longest a request waits for batch-mates."),
+    protect_reads: bool = typer.Option(False, help="Require the token for every endpoint but /healthz."),
+):
+    """Serve every prompt in a folder from ONE frozen model over HTTP (FastAPI; docs at /docs)."""
+    from .serve import serve
+
+    if not prompts.is_dir():
+        _fail(f"prompt folder {prompts} does not exist; create it and put <task>.safetensors files in it")
+    serve(model=model, prompts=prompts, host=host, port=port, token=token, max_batch_size=max_batch_size,
+          max_wait_ms=max_wait_ms, protect_reads=protect_reads)
+
+
 # ----------------------------------------------------------------------------- models / tasks
 @models_app.command("list")
 def models_list():
@@ -387,6 +408,186 @@ def tasks():
     from .tasks import BUILTIN_TASKS
 
     console.print("\n".join(sorted(BUILTIN_TASKS)))
+
+
+
+
+# ----------------------------------------------------------------------------- compare / inspect
+# (hard prompts vs soft prompts: one-command report; looking inside a trained prompt)
+def _cmp_list(text: str, cast=str, what: str = "list") -> tuple:
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    try:
+        return tuple(cast(t) for t in items)
+    except ValueError:
+        _fail(f"--{what} {text!r}: expected comma-separated values, e.g. 1,5,20")
+
+
+def _cmp_sizes(text: str) -> tuple:
+    return tuple(0 if t.strip().lower() == "all" else int(t) for t in str(text).split(",") if t.strip())
+
+
+@app.command()
+def compare(
+    task: Optional[str] = typer.Option(None, help="Built-in classification task (see `softprompt tasks`)."),
+    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    out: Path = typer.Option(Path("reports/compare"), help="Report folder: report.md, report.html, PNGs, results.json."),
+    train_file: Optional[Path] = typer.Option(None, help="Your training data (.csv/.tsv/.jsonl) instead of --task."),
+    valid_file: Optional[Path] = typer.Option(None, help="Your validation data."),
+    test_file: Optional[Path] = typer.Option(None, help="Your held-out data."),
+    field: Optional[list[str]] = typer.Option(None, help="Template field = file column. Repeatable."),
+    label_column: Optional[str] = typer.Option(None, help="Column holding the class label (default 'label')."),
+    template: Optional[str] = typer.Option(None, help="Template with soft slot, e.g. '{soft:20} Text: {text}\\nLabel:'."),
+    verbalizer: Optional[list[str]] = typer.Option(None, help="LABEL=WORD, one per label. Repeatable."),
+    instruction: Optional[str] = typer.Option(None, help="Zero-shot instruction (default: the task's own)."),
+    methods: str = typer.Option("all", help="Comma list from: zero_shot,few_shot,cot,soft,length,init,hybrid,ensemble,curve,transfer (or 'all')."),
+    eval_task: Optional[str] = typer.Option(None, help="Transfer: also score the prompts on this built-in task's test split."),
+    eval_label_map: Optional[list[str]] = typer.Option(None, help="Transfer: EVAL_LABEL=PROMPT_LABEL when the label names differ. Repeatable."),
+    shots: int = typer.Option(4, help="Few-shot: demonstrations per prompt (0 skips few-shot)."),
+    sampling: str = typer.Option("balanced", help="Few-shot: balanced | random demonstration sampling."),
+    fewshot_seeds: str = typer.Option("0,1,2", help="Few-shot: sampling seeds."),
+    fewshot_orders: int = typer.Option(2, help="Few-shot: orders of the demonstrations per seed."),
+    cot_max_new_tokens: int = typer.Option(48, help="Chain-of-thought: tokens generated per answer."),
+    cot_limit: Optional[int] = typer.Option(None, help="Chain-of-thought: score only the first N test examples (generation is slow)."),
+    prompt_length: int = typer.Option(20, help="Soft tokens of the main prompt-tuning method and hybrids (the template's soft slot is resized to this)."),
+    init: str = typer.Option("labels", help="Init of the main method: random | vocab | text | labels."),
+    seeds: str = typer.Option("0,1,2", help="Seeds of the main method (the ensemble uses one prompt per seed)."),
+    sweep_seeds: str = typer.Option("0", help="Seeds of the length / init / hybrid sweeps."),
+    lengths: str = typer.Option("1,5,20,100", help="Prompt lengths of the length sweep."),
+    inits: str = typer.Option("random,vocab,text,labels", help="Inits of the init sweep."),
+    positions: str = typer.Option("prefix,between,answer", help="Hybrid positions of the soft tokens."),
+    epochs: int = typer.Option(15, help="Training epochs per prompt."),
+    min_steps: int = typer.Option(60, help="At least this many training steps (small sets get more epochs)."),
+    lr: float = typer.Option(0.03),
+    batch_size: int = typer.Option(8),
+    warmup_steps: int = typer.Option(10),
+    optimizer: str = typer.Option("adamw", help="adamw | adafactor"),
+    train_sizes: str = typer.Option("8,16,32,all", help="Learning curve: training-set sizes ('all' = the whole pool)."),
+    curve_seeds: str = typer.Option("0", help="Learning curve: seeds per size."),
+    train_limit: int = typer.Option(256, help="Training pool: a seeded sample of at most N examples (0 = all)."),
+    valid_limit: int = typer.Option(64, help="Validation examples for best-prompt selection (0 = none)."),
+    test_limit: int = typer.Option(1000, help="Test examples: a seeded sample of at most N, shared by all methods (0 = all)."),
+    limit: Optional[int] = typer.Option(None, help="Smoke runs: cap train pool, validation and test at N examples each."),
+    data_seed: int = typer.Option(0, help="Seed of the train/validation/test samples."),
+    eval_batch_size: int = typer.Option(32),
+    latency_examples: int = typer.Option(16, help="Test examples timed for latency per query."),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda when available)."),
+    fresh: bool = typer.Option(False, help="Ignore finished runs in OUT/results.json and start over."),
+    report_only: bool = typer.Option(False, help="Only re-render the report from OUT/results.json."),
+    progress: bool = typer.Option(True, help="Show the progress bar."),
+    publish: Optional[Path] = typer.Option(None, help="Also copy report.md and the PNGs (small; no HTML, JSON or prompts) here, e.g. docs/reports/raft."),
+):
+    """Run hand-written prompts (zero-shot, few-shot, chain-of-thought) and soft prompts (prompt tuning
+    at several lengths and inits, hybrids, ensembles, learning curve, transfer) on the same splits
+    with the same scorer, and write a report folder. Finished runs are kept in OUT/results.json and
+    skipped when the command is run again."""
+    from .compare import ALL_METHODS, RESULTS, CompareConfig, run_compare
+    from .report import load_results, summarize, write_report
+
+    if report_only:
+        if not (out / RESULTS).exists():
+            _fail(f"no {out / RESULTS} to render; run without --report-only first")
+        paths = write_report(load_results(out), out)
+        console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+        _cmp_publish(out, publish)
+        return
+    chosen = ALL_METHODS if methods.strip().lower() == "all" else _cmp_list(methods, what="methods")
+    cap = (lambda n: n if limit is None else (min(n, limit) if n else limit))
+    try:
+        cfg = CompareConfig(
+            methods=chosen, instruction=instruction, train_limit=cap(train_limit) or None,
+            valid_limit=cap(valid_limit) if valid_limit else 0, test_limit=cap(test_limit) or None,
+            data_seed=data_seed, shots=shots, sampling=sampling, fewshot_seeds=_cmp_list(fewshot_seeds, int, "fewshot-seeds"),
+            fewshot_orders=fewshot_orders, cot_max_new_tokens=cot_max_new_tokens, cot_limit=cot_limit,
+            prompt_length=prompt_length, init=init, seeds=_cmp_list(seeds, int, "seeds"),
+            sweep_seeds=_cmp_list(sweep_seeds, int, "sweep-seeds"), lengths=_cmp_list(lengths, int, "lengths"),
+            inits=_cmp_list(inits, what="inits"), positions=_cmp_list(positions, what="positions"), epochs=epochs,
+            min_steps=min_steps, lr=lr, batch_size=batch_size, warmup_steps=warmup_steps, optimizer=optimizer,
+            train_sizes=_cmp_sizes(train_sizes), curve_seeds=_cmp_list(curve_seeds, int, "curve-seeds"),
+            eval_task=eval_task, eval_label_map=_parse_pairs(eval_label_map, "--eval-label-map"),
+            eval_batch_size=eval_batch_size, latency_examples=latency_examples,
+        )
+    except ValueError as e:
+        _fail(str(e))
+    data = _load_task_data(task, train_file, test_file, valid_file, field, label_column, None, template, verbalizer,
+                           None, None)
+    if data.task.kind != "classification":
+        _fail(f"compare needs a classification task; {data.task.name!r} is a {data.task.kind} task")
+    eval_data = None
+    if eval_task and "transfer" in cfg.methods:
+        eval_data = _load_task_data(eval_task, None, None, None, None, None, None, None, None, None, None)
+    if fresh and (out / RESULTS).exists():
+        (out / RESULTS).replace(out / (RESULTS + ".old"))
+    import torch
+
+    m, tok = _load_model(model)
+    dev = device or ("cuda" if torch.cuda.is_available() else None)
+    if dev:
+        m.to(dev)
+    try:
+        results = run_compare(cfg, data, m, tok, out, eval_data=eval_data, model_name=model, progress=progress,
+                              log=lambda s: err.print(s))
+    except ValueError as e:
+        _fail(str(e))
+    rows = [{"method": r["name"],
+             "accuracy": f"{100 * r['accuracy']['mean']:.1f}" + (f" ± {100 * r['accuracy']['std']:.1f}" if r["accuracy"]["n"] > 1 else ""),
+             "macro-F1": f"{100 * r['macro_f1']['mean']:.1f}", "runs": r["n_done"]}
+            for r in summarize(results) if r["accuracy"] and (r["in_table"] or r["section"] == "transfer")]
+    console.print(_results_table(rows, f"{data.task.name}: test accuracy % ({results['data']['test']} examples)"))
+    console.print(f"report: {out / 'report.md'}, {out / 'report.html'}; every number: {out / RESULTS}")
+    _cmp_publish(out, publish)
+
+
+def _cmp_publish(out: Path, dest: Optional[Path]) -> None:
+    """Copy the markdown report and its PNGs (the parts small enough to commit) to ``dest``."""
+    import shutil
+
+    if dest is None:
+        return
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in [out / "report.md", *sorted(out.glob("*.png"))]:
+        shutil.copy2(f, dest / f.name)
+    console.print(f"published report.md and {len(list(out.glob('*.png')))} PNGs to {dest}")
+
+
+def _cmp_default_model(identity_name: str) -> str:
+    """The embedded alias (or local folder) a prompt was trained on, else the default model."""
+    from .models import DEFAULT_MODEL, EMBEDDED_MODELS
+
+    for alias, spec in EMBEDDED_MODELS.items():
+        if identity_name in (alias, spec.display_name):
+            return alias
+    return identity_name if Path(identity_name).is_dir() else DEFAULT_MODEL
+
+
+@app.command("inspect")
+def inspect_cmd(
+    prompt: Path = typer.Argument(..., help="A prompt .safetensors."),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP + " Default: the prompt's own base model."),
+    top_k: int = typer.Option(5, help="Nearest vocabulary tokens per soft token."),
+    json_out: bool = typer.Option(False, "--json", help="Print the full report as JSON (for machines)."),
+    init_from: Optional[Path] = typer.Option(None, help="Measure drift from this prompt file instead of the recomputed init."),
+):
+    """For each soft token: nearest vocabulary tokens by cosine, norm relative to real token
+    embeddings, and drift from the initialisation. Nearest tokens are a weak hint; see
+    docs/inspecting-prompts.md."""
+    from .inspection import format_inspection, inspect_prompt
+    from .prompts import PromptFileError, PromptMismatchError, SoftPrompt
+
+    try:
+        sp = SoftPrompt.load(prompt)
+        init = SoftPrompt.load(init_from).embeddings if init_from else None
+    except (PromptFileError, FileNotFoundError) as e:
+        _fail(str(e))
+    m, tok = _load_model(model or _cmp_default_model(sp.identity.name))
+    try:
+        report = inspect_prompt(sp, m, tok, k=top_k, init=init,
+                                init_note=f"init taken from {init_from}" if init_from else None)
+    except PromptMismatchError as e:
+        _fail(str(e))
+    if json_out:
+        sys.stdout.write(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    else:
+        sys.stdout.write(format_inspection(report) + "\n")
 
 
 def main() -> None:  # pragma: no cover

@@ -1,0 +1,84 @@
+"""Serve many tasks' soft prompts from one frozen model over HTTP.
+
+``engine.py`` (dynamic batching across tasks, independent of HTTP), ``registry.py`` (the
+prompt folder on disk), ``app.py`` (FastAPI) and :func:`serve`, which wires them together
+and runs uvicorn (``softprompt serve``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from .engine import (
+    ClassifyResult, Engine, GenerateResult, InvalidInputError, ModelMismatchError, OverloadedError,
+    PromptRejectedError, ServeError, TaskSpec, UnknownTaskError,
+)
+from .registry import Registry, validate_task_name
+
+TOKEN_ENV_VAR = "SOFTPROMPT_SERVE_TOKEN"
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(engine: Engine, **kwargs):
+    """See :func:`softprompt.serve.app.create_app` (imported lazily: FastAPI is optional)."""
+    from .app import create_app as _create_app
+
+    return _create_app(engine, **kwargs)
+
+
+def serve(
+    model: str = "smollm2-135m",
+    prompts: Path | str = Path("prompts"),
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    token: str | None = None,
+    max_batch_size: int = 32,
+    max_wait_ms: float = 5.0,
+    protect_reads: bool = False,
+    *,
+    max_queue: int = 1024,
+    max_inputs: int = 64,
+    max_input_tokens: int = 512,
+    max_new_tokens_limit: int = 256,
+    max_upload_bytes: int = 8 << 20,
+    device: str | None = None,
+    log_level: str = "info",
+) -> None:
+    """Load ``model`` once and every prompt in ``prompts``, then serve them with uvicorn.
+
+    ``token`` (or the ``SOFTPROMPT_SERVE_TOKEN`` environment variable, which keeps it out
+    of the process list) enables the admin endpoints; ``protect_reads`` puts the other
+    endpoints (except ``/healthz``) behind it too.  Blocks until the server stops."""
+    try:
+        import uvicorn
+    except ImportError as e:  # pragma: no cover
+        raise RuntimeError("serving needs the 'serve' extra: pip install 'softprompt[serve]'") from e
+    from ..models import load_model
+
+    token = token or os.environ.get(TOKEN_ENV_VAR) or None
+    if protect_reads and token is None:
+        raise ValueError(f"protect_reads needs a token (--token or ${TOKEN_ENV_VAR})")
+    lm, tokenizer = load_model(model, device=device)
+    engine = Engine(
+        lm, tokenizer, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
+        max_input_tokens=max_input_tokens, max_new_tokens_limit=max_new_tokens_limit, base_name=model,
+    )
+    registry = Registry(prompts, engine, max_upload_bytes=max_upload_bytes)
+    report = registry.sync()
+    for name, err in report["errors"].items():
+        logger.warning("prompt %r not loaded: %s", name, err)
+    loaded = report["added"] + report["replaced"]
+    print(f"softprompt serve: {model} with {len(loaded)} task(s) from {registry.root}: {', '.join(sorted(loaded)) or '(none)'}"
+          + (f"; {len(report['errors'])} rejected" if report["errors"] else ""), flush=True)
+    app = create_app(engine, registry=registry, token=token, protect_reads=protect_reads,
+                     max_inputs=max_inputs, max_upload_bytes=max_upload_bytes)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+__all__ = [
+    "ClassifyResult", "Engine", "GenerateResult", "InvalidInputError", "ModelMismatchError", "OverloadedError",
+    "PromptRejectedError", "Registry", "ServeError", "TaskSpec", "UnknownTaskError", "create_app", "serve",
+    "validate_task_name", "TOKEN_ENV_VAR",
+]

@@ -1,0 +1,195 @@
+"""`softprompt compare` end to end on a tiny random model: every method runs through the same
+scorer, results.json is written after every run, a rerun skips finished runs, and the report
+folder (markdown, self-contained HTML, PNGs) is complete."""
+import random
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from softprompt import compare as C
+from softprompt.cli import app
+from softprompt.report import PLOTS, load_results, summarize, write_report
+from softprompt.tasks import Example, Task, TaskData
+from softprompt.templates import Template
+from softprompt.testing import tiny_causal_lm, tiny_tokenizer
+
+POS = ["good", "great", "love", "amazing", "happy", "fast", "thanks"]
+NEG = ["bad", "awful", "hate", "terrible", "sad", "slow", "broken"]
+TASK = Task(name="toy", kind="classification", template="{soft:4} review : {text} label :",
+            verbalizer={"neg": " no", "pos": " yes"}, instruction="is the review good ? answer yes or no .")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def toy_data(seed=0, n_train=16, n_test=12, name="toy"):
+    rng = random.Random(seed)
+
+    def mk(n):
+        out = []
+        for i in range(n):
+            lab = "pos" if i % 2 else "neg"
+            words = POS if lab == "pos" else NEG
+            out.append(Example({"text": " ".join(rng.choice(words) for _ in range(2)) + " movie"}, lab))
+        return out
+
+    task = Task(**{**TASK.to_dict(), "name": name})
+    return TaskData(task, {"train": mk(n_train), "validation": mk(4), "test": mk(n_test)})
+
+
+def tiny_config(**kw):
+    base = {"train_limit": None, "valid_limit": 4, "test_limit": None, "shots": 2, "fewshot_seeds": (0,),
+            "fewshot_orders": 2, "cot_max_new_tokens": 3, "prompt_length": 2, "seeds": (0, 1), "lengths": (1, 2),
+            "inits": ("vocab", "labels"), "positions": ("prefix", "between", "answer"), "epochs": 1, "min_steps": 2,
+            "lr": 0.1, "batch_size": 8, "warmup_steps": 1, "train_sizes": (4, 0), "latency_examples": 2,
+            "eval_batch_size": 16, "eval_task": "toy2"}
+    base.update(kw)
+    return C.CompareConfig(**base)
+
+
+def test_templates_for_lengths_positions_and_transfer():
+    assert C.with_soft_length(TASK.template, 7) == "{soft:7} review : {text} label :"
+    assert C.with_soft_length("a {soft:2} {text} b {soft:3}", 5) == "a {soft:5} {text} b "
+    assert C.with_soft_length("{text} {{x}}", 2) == "{soft:2} {text} {{x}}"
+    hy = {p: C.hybrid_template(TASK, 3, p) for p in C.POSITIONS}
+    instr = "is the review good ? answer yes or no .\n"
+    assert hy["prefix"] == "{soft:3} " + instr + "review : {text} label :"
+    assert hy["between"] == instr + "review : {text}{soft:3} label :"
+    assert hy["answer"] == instr + "review : {text} label :{soft:3}"
+    assert all(Template(t).n_soft == 3 for t in hy.values())
+    two = Task(name="pair", kind="classification", template="{soft:2} p : {premise} h : {hypothesis} ?",
+               verbalizer={"a": " yes", "b": " no"})
+    assert C.hybrid_template(two, 1, "between", "") == "p : {premise}{soft:1} h : {hypothesis} ?"
+
+
+def test_compare_end_to_end_resume_and_report(tmp_path):
+    model, tok = tiny_causal_lm(), tiny_tokenizer()
+    cfg = tiny_config()
+    out = tmp_path / "rep"
+    comp = C.Comparison(cfg, toy_data(), model, tok, out, eval_data=toy_data(seed=1, name="toy2"), progress=False,
+                        log=lambda s: None)
+    runs, rows = comp.plan()
+    kinds = sorted({r.kind for r in runs.values()})
+    assert kinds == ["cot", "ensemble", "hard", "soft", "transfer"]
+    # the main prompt-tuning runs are shared by the length/init/curve rows, not trained twice
+    main = next(r for r in rows if r.section == "main" and r.family == C.FAMILY_PT)
+    assert len(main.runs) == 2
+    for sec, x in (("length", 2), ("init", "labels"), ("curve", 16)):
+        assert next(r for r in rows if r.section == sec and r.x == x).runs == main.runs
+    results = comp.run()
+    assert set(comp.executed) == set(runs)
+    on_disk = load_results(out)
+    assert set(on_disk["runs"]) == set(runs) and on_disk["data"]["test"] == 12
+    for rid, rec in on_disk["runs"].items():
+        assert rec["status"] == "done" and 0 <= rec["metrics"]["accuracy"] <= 1, rid
+        assert rec["latency"]["batch1_ms"] > 0 and rec["latency"]["batched_ms"] > 0
+        assert rec["tokens_added"] > 0
+        if rec["kind"] == "soft":
+            n_soft = Template(rec["template"]).n_soft
+            assert rec["trainable_params"] == n_soft * model.config.hidden_size
+            assert rec["artifact_bytes"] == (out / rec["artifact"]).stat().st_size > n_soft * 32 * 4
+            assert rec["train"]["loss"] and rec["train"]["wall_s"] > 0
+            assert not (out / rec["artifact"]).with_name("checkpoint.safetensors").exists()
+        else:
+            assert rec["kind"] != "hard" or rec["trainable_params"] == 0
+    cot = on_disk["runs"]["cot"]
+    assert cot["cot"]["n_unparseable"] == cot["metrics"]["n_unparseable"]
+    ens = on_disk["runs"][next(r for r in runs if r.startswith("ensemble"))]
+    assert set(ens["ensemble"]["variants"]) == {"mean", "vote"} and ens["ensemble"]["context_passes"] == 1
+    assert ens["trainable_params"] == 2 * 2 * model.config.hidden_size
+    # few-shot: 1 seed x 2 orders aggregated in one row
+    fs = next(r for r in summarize(results) if r["name"].startswith("few-shot"))
+    assert fs["accuracy"]["n"] == 2 and fs["accuracy"]["min"] <= fs["accuracy"]["mean"] <= fs["accuracy"]["max"]
+
+    paths = write_report(results, out)
+    md = (out / "report.md").read_text()
+    for r in summarize(results):
+        if r["in_table"]:
+            assert r["name"] in md
+    assert "| method | accuracy % | macro-F1 % | trainable params | artifact | tokens added / query |" in md
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(PLOTS) and " src='http" not in html
+    for name in PLOTS:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and name in paths
+
+    # a second call skips every finished run; changing one budget reruns only what it affects
+    comp2 = C.Comparison(cfg, toy_data(), model, tok, out, eval_data=toy_data(seed=1, name="toy2"), progress=False,
+                         log=lambda s: None)
+    comp2.run()
+    assert comp2.executed == []
+    comp3 = C.Comparison(tiny_config(cot_max_new_tokens=2), toy_data(), model, tok, out,
+                         eval_data=toy_data(seed=1, name="toy2"), progress=False, log=lambda s: None)
+    comp3.run()
+    assert comp3.executed == ["cot"]
+
+
+def test_crash_keeps_finished_runs(tmp_path, monkeypatch):
+    model, tok = tiny_causal_lm(), tiny_tokenizer()
+    cfg = tiny_config(methods=("zero_shot", "soft", "ensemble"), eval_task=None)
+    out = tmp_path / "rep"
+
+    def boom(self, run):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(C.Comparison, "_exec_ensemble", boom)
+    with pytest.raises(RuntimeError, match="killed"):
+        C.run_compare(cfg, toy_data(), model, tok, out, progress=False, log=lambda s: None)
+    saved = load_results(out)["runs"]
+    assert sorted(saved) == sorted(["zero_shot", "soft/main/len2/labels/n16/seed0", "soft/main/len2/labels/n16/seed1"])
+    monkeypatch.undo()
+    comp = C.Comparison(cfg, toy_data(), model, tok, out, progress=False, log=lambda s: None)
+    comp.run()
+    assert comp.executed == ["ensemble/2x2"]
+
+
+def test_cli_compare_report_only_and_errors(tmp_path):
+    model, tok = tiny_causal_lm(), tiny_tokenizer()
+    out = tmp_path / "rep"
+    C.run_compare(tiny_config(methods=("zero_shot", "few_shot"), eval_task=None), toy_data(), model, tok, out,
+                  progress=False, report=False, log=lambda s: None)
+    assert not (out / "report.md").exists()
+    runner = CliRunner()
+    r = runner.invoke(app, ["compare", "--out", str(out), "--report-only", "--publish", str(tmp_path / "docs")])
+    assert r.exit_code == 0, r.output
+    assert (out / "report.md").exists() and (out / "accuracy_by_method.png").exists()
+    assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == ["accuracy_by_method.png", "report.md"]
+    r = runner.invoke(app, ["compare", "--out", str(tmp_path / "none"), "--report-only"])
+    assert r.exit_code == 2
+    r = runner.invoke(app, ["compare", "--task", "demo", "--methods", "zero_shot,nonsense", "--out", str(out)])
+    assert r.exit_code == 2 and "unknown methods" in r.output
+    with pytest.raises(ValueError, match="eval_label_map"):
+        other = toy_data(name="toy3")
+        other.splits["test"] = [Example(e.fields, "maybe") for e in other["test"]]
+        other.task = Task(name="toy3", kind="classification", template=TASK.template,
+                          verbalizer={"maybe": " yes"})
+        C.Comparison(tiny_config(methods=("transfer",)), toy_data(), model, tok, out, eval_data=other,
+                     progress=False)
+
+
+def test_cli_compare_runs_on_user_files(tmp_path):
+    model, tok = tiny_causal_lm(), tiny_tokenizer()
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    data = toy_data()
+    for split in ("train", "test"):
+        rows = ["text,label"] + [f"{e.fields['text']},{e.label}" for e in data[split]]
+        (tmp_path / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "rep"
+    args = ["compare", "--model", str(folder), "--train-file", str(tmp_path / "train.csv"),
+            "--test-file", str(tmp_path / "test.csv"), "--template", "{soft:2} review : {text} label :",
+            "--verbalizer", "neg=no", "--verbalizer", "pos=yes", "--methods", "zero_shot,soft", "--seeds", "0",
+            "--epochs", "1", "--min-steps", "1", "--latency-examples", "1", "--no-progress", "--out", str(out),
+            "--publish", str(tmp_path / "docs")]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    res = load_results(out)
+    assert sorted(res["runs"]) == ["soft/main/len20/labels/n16/seed0", "zero_shot"]
+    assert res["runs"]["zero_shot"]["template"] == "review : {text} label :"
+    assert (tmp_path / "docs" / "report.md").exists() and "zero-shot instruction" in r.output
