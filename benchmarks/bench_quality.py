@@ -42,6 +42,7 @@ def main() -> None:
     p.add_argument("--train-size", type=int, default=5000)
     p.add_argument("--test-limit", type=int)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot baseline row")
     p.add_argument("--out", type=Path, help="save each seed's prompt here")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
@@ -58,13 +59,15 @@ def main() -> None:
     test = data["test"][: args.test_limit] if args.test_limit else data["test"]
     model, tok = load_model()
     bank = PromptBank(model, tok)
-    t0 = time.perf_counter()
-    hard = bank.add("zero-shot", Template(task.instruction + "\n" + Template(task.template).without_soft().text),
-                    verbalizer=task.verbalizer)
-    zs = classify(bank, hard, test, batch_size=32, progress="zero-shot").metrics
-    rows = [{"run": "zero-shot instruction", "accuracy": zs["accuracy"], "macro_f1": zs["macro_f1"],
-             "eval_s": time.perf_counter() - t0}]
-    print(f"zero-shot: acc {zs['accuracy']:.4f} macro-F1 {zs['macro_f1']:.4f}", flush=True)
+    rows = []
+    if not args.no_zero_shot:
+        t0 = time.perf_counter()
+        hard = bank.add("zero-shot", Template(task.instruction + "\n" + Template(task.template).without_soft().text),
+                        verbalizer=task.verbalizer)
+        zs = classify(bank, hard, test, batch_size=32, progress="zero-shot").metrics
+        rows.append({"run": "zero-shot instruction", "accuracy": zs["accuracy"], "macro_f1": zs["macro_f1"],
+                     "eval_s": time.perf_counter() - t0})
+        print(f"zero-shot: acc {zs['accuracy']:.4f} macro-F1 {zs['macro_f1']:.4f}", flush=True)
     for seed in [int(s) for s in args.seeds.split(",")]:
         train, valid = data["train"], None
         if args.which == "sst2":
