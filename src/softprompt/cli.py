@@ -344,7 +344,7 @@ def demo(
     zs_template = Template(f"{task.instruction}\n" + Template(task.template).without_soft().text)
     zs = bank.add("zero-shot", zs_template, verbalizer=task.verbalizer)
     rows = [_row(f"zero-shot instruction", _evaluate(bank, zs, test, task.kind, 32, "zero-shot"), {"trained params": 0, "artifact bytes": 0})]
-    cfg = TrainConfig(epochs=epochs, lr=0.03, batch_size=8, init="labels", seed=seed, warmup_steps=5)
+    cfg = TrainConfig(epochs=epochs, lr=0.1, batch_size=8, init="labels", seed=seed, warmup_steps=5)
     result = train_prompt(m, tok, task, data.splits["train"], None, cfg, out_dir=out)
     size = result.prompt.save(out / "prompt.safetensors")
     e = bank.add_prompt(result.prompt, "soft")
