@@ -169,3 +169,18 @@ def test_prefix_prompt_trains_and_round_trips(tmp_path):
     b2.add_prompt(sp, "x")
     from softprompt.scoring import classify
     assert torch.equal(classify(b1, "x", exs).scores, classify(b2, "x", exs).scores)
+
+
+def test_template_without_any_prefix_tokens():
+    """No BOS and a template that starts with its field: an empty prefix still works and
+    mixes with entries that have one."""
+    bank = make_bank("llama")
+    bank.tokenizer.bos_token = None
+    assert bank.tokenizer.bos_token_id is None
+    e = bank.add("bare", "{text} label :", verbalizer={"pos": " good", "neg": " bad"})
+    assert bank.entries[e].prefix_ids == []
+    with torch.no_grad():
+        mixed = _scores(bank, [e, 0, e], TEXTS[:3])
+        for i, ent in enumerate([e, 0, e]):
+            (alone,) = _scores(bank, [ent], [TEXTS[i]])
+            torch.testing.assert_close(mixed[i], alone, atol=1e-5, rtol=0)

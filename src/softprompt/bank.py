@@ -240,6 +240,10 @@ class PromptBank:
             return [done[e] for e in entries]
         device = self._device()
         ids, mask = pad_right([self.entries[e].prefix_ids for e in entries], device=device)
+        if ids.shape[1] == 0:  # no BOS and the template starts with a field: nothing to precompute
+            kvh, hd = self.kv_shape(0)[2], self.kv_shape(0)[4]
+            empty = torch.zeros(kvh, 0, hd, device=device, dtype=self._dtype())
+            return [[(empty, empty)] * self.kv_shape(0)[0] for _ in entries]
         rows = torch.tensor(entries, device=device)
         embeds = self.embed(ids, rows)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
