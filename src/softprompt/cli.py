@@ -153,6 +153,8 @@ def train(
     verbalizer: Optional[list[str]] = typer.Option(None, help="LABEL=WORD, one per label. Repeatable."),
     instruction: Optional[str] = typer.Option(None, help="Zero-shot instruction (baseline; also 'text' init)."),
     init: str = typer.Option("labels", help="Init: random | vocab | text | labels."),
+    method: str = typer.Option("prompt", help="prompt: train the template's {soft:N} tokens; prefix: also learned key/values at every layer (prefix tuning)."),
+    prefix_tokens: int = typer.Option(10, help="Length of the learned key/value prefix (--method prefix)."),
     epochs: int = typer.Option(20),
     max_steps: Optional[int] = typer.Option(None),
     lr: float = typer.Option(0.3, help="Peak learning rate."),
@@ -184,7 +186,7 @@ def train(
     if valid_ex and valid_limit:
         valid_ex = valid_ex[:valid_limit]
     m, tok = _load_model(model)
-    cfg = TrainConfig(init=init, epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, optimizer=optimizer,
+    cfg = TrainConfig(init=init, method=method, prefix_tokens=prefix_tokens, epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, optimizer=optimizer,
                       loss=loss, warmup_steps=warmup_steps, eval_every=eval_every, patience=patience, seed=seed,
                       eval_batch_size=eval_batch_size)
     try:
@@ -202,8 +204,11 @@ def train(
         rows.append(_row("soft prompt", metrics))
     size = result.prompt.save(out / "prompt.safetensors")
     (out / "metrics.json").write_text(json.dumps(result.prompt.metrics, indent=1))
-    console.print(f"saved {out / 'prompt.safetensors'} ({size:,} bytes: {result.prompt.n_tokens} tokens x "
-                  f"{result.prompt.hidden_size} floats); {result.steps} steps in {result.wall_time_s:.0f}s, "
+    shape = f"{result.prompt.n_tokens} tokens x {result.prompt.hidden_size} floats"
+    if result.prompt.kv is not None:
+        shape += f" + {result.prompt.n_prefix}-position key/values at every layer"
+    console.print(f"saved {out / 'prompt.safetensors'} ({size:,} bytes: {shape}, {result.prompt.n_params:,} parameters); "
+                  f"{result.steps} steps in {result.wall_time_s:.0f}s, "
                   f"{result.tokens_per_s:.0f} training tokens/s, best step {result.best_step}")
     if rows:
         console.print(_results_table(rows, f"{data.task.name}: {test_split} ({len(test_ex)} examples)"))
