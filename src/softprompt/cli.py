@@ -331,7 +331,7 @@ def predict(
 def demo(
     model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
     out: Path = typer.Option(Path("runs/demo"), help="Where the trained prompt is saved."),
-    epochs: int = typer.Option(4),
+    epochs: int = typer.Option(2, help="2 epochs at lr 0.1 measured 0.80 vs 0.47 zero-shot (2026-11-22)."),
     seed: int = typer.Option(0),
 ):
     """The quickstart: train a soft prompt on the bundled demo set (hand-written customer messages,
