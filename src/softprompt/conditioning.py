@@ -186,12 +186,16 @@ def greedy_generate(
                     outs[i].append(t)
         if bool(done.all()):
             break
-        mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=device)], dim=1)
-        out = model.base_model(
-            input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
-            past_key_values=cache, use_cache=True,
-        )
-        cache = out.past_key_values
-        pos = pos + 1
-        logits = lm_logits(model, out.last_hidden_state[:, -1])
+        logits, cache, mask, pos = decode_step(model, nxt, cache, mask, pos)
     return outs
+
+
+def decode_step(model, tokens: torch.Tensor, cache, mask: torch.Tensor, pos: torch.Tensor):
+    """Feed one token per row on top of ``cache``; returns (next-token logits, cache, mask, pos)
+    advanced by one position. Shared by ``greedy_generate`` and the serving engine."""
+    mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=mask.device)], dim=1)
+    out = model.base_model(
+        input_ids=tokens[:, None], attention_mask=mask, position_ids=pos[:, None],
+        past_key_values=cache, use_cache=True,
+    )
+    return lm_logits(model, out.last_hidden_state[:, -1]), out.past_key_values, mask, pos + 1

@@ -63,7 +63,9 @@ from typing import Any
 import torch
 
 from ..bank import PromptBank
-from ..conditioning import Context, cache_layers, label_logprobs, lm_logits, make_cache, pad_right, run_context
+from ..conditioning import (
+    Context, cache_layers, decode_step, label_logprobs, lm_logits, make_cache, pad_right, run_context,
+)
 from ..prompts import ModelIdentity, PromptMismatchError, SoftPrompt
 from ..templates import Template, TemplateError, encode_text
 from .metrics import Gauge, Metrics
@@ -899,7 +901,6 @@ class Engine:
         ``conditioning.greedy_generate``) with per-row limits, stops and streaming; an
         example is answered as soon as all its rows are finished."""
         model = self.model
-        device = ctx.last_hidden.device
         n = len(owners)
         stops = [self._stops_newline if it.stop_at_newline else self._stops_eos for it, _ in owners]
         outs: list[list[int]] = [[] for _ in range(n)]
@@ -940,14 +941,7 @@ class Engine:
                         self._finish(it, self._vote_generate(it, [outs[j] for j in rows], [finish[j] for j in rows]))
             if all(f is not None for f in finish):
                 break
-            mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=device)], dim=1)
-            out = model.base_model(
-                input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
-                past_key_values=cache, use_cache=True,
-            )
-            cache = out.past_key_values
-            pos = pos + 1
-            logits = lm_logits(model, out.last_hidden_state[:, -1])
+            logits, cache, mask, pos = decode_step(model, nxt, cache, mask, pos)
 
     def _vote_generate(self, it: _Item, outs: list[list[int]], finishes: list[str | None]) -> GenerateResult:
         spec = it.spec
