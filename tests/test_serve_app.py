@@ -4,31 +4,19 @@ import json
 import threading
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from softprompt.serve import Engine, Registry, create_app
 from softprompt.serve.testing import random_prompt
-from softprompt.testing import tiny_causal_lm, tiny_tokenizer
+from softprompt.testing import tiny_causal_lm
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 SENT = "{soft:3} review : {text} label :"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def lm():
-    return tiny_causal_lm("llama"), tiny_tokenizer()
 
 
 def populate(model, root):
@@ -261,6 +249,7 @@ json_values = st.recursive(
     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
     max_leaves=8,
 )
+
 texts = st.text(max_size=40) | st.sampled_from(["good", "  ", "", "why is my refund delayed", "a" * 300])
 tasks = st.sampled_from(["sent", "nli", "qa", "ens", "nope", "", "../sent", "sent\x00"]) | json_values
 field_objs = st.dictionaries(st.sampled_from(["text", "premise", "hypothesis", "x", ""]), texts | json_values, max_size=3)

@@ -9,7 +9,6 @@ import random
 
 import httpx
 import pytest
-import torch
 
 from softprompt.bank import PromptBank
 from softprompt.scoring import classify as ref_classify
@@ -19,18 +18,12 @@ from softprompt.serve.testing import ServerThread, random_prompt
 from softprompt.tasks import Example
 from softprompt.testing import TINY_WORDS, tiny_causal_lm, tiny_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 N_CLIENTS = 32
 N_REQUESTS = 1056  # 33 per client
 ATOL = 1e-4
 TOKEN = "concurrency-token"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def make_prompts(model):

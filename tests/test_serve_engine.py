@@ -5,7 +5,6 @@ import threading
 import time
 
 import pytest
-import torch
 
 from softprompt.bank import PromptBank
 from softprompt.scoring import classify as ref_classify
@@ -17,6 +16,8 @@ from softprompt.serve.engine import (
 from softprompt.serve.testing import random_prompt
 from softprompt.tasks import Example
 from softprompt.testing import tiny_causal_lm, tiny_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TEXTS = [
     "the movie was good", "awful service , slow flight and broken order", "great", "why is my refund delayed please help",
@@ -37,15 +38,6 @@ def prompts(model):
         "ens": [random_prompt(model, SENT, verbalizer={"pos": " good", "neg": " bad"}, seed=10 + k) for k in range(2)]
         + [random_prompt(model, "{soft:2} text {text} ?", verbalizer={"neg": " bad", "pos": " good"}, seed=12)],
     }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread (OpenMP hand-offs dominate tiny matmuls on a busy CPU)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])

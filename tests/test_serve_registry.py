@@ -11,23 +11,12 @@ from softprompt.serve.registry import (
     InvalidTaskNameError, NotSafetensorsError, Registry, UploadTooLargeError, validate_task_name,
 )
 from softprompt.serve.testing import random_prompt
-from softprompt.testing import tiny_causal_lm, tiny_tokenizer
+from softprompt.testing import tiny_causal_lm
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SENT = "{soft:3} review : {text} label :"
 VERB = {"pos": " good", "neg": " bad"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def lm():
-    return tiny_causal_lm("llama"), tiny_tokenizer()
 
 
 def sp(model, seed, template=SENT, verbalizer=VERB, kind="classification"):
