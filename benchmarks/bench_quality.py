@@ -1,12 +1,17 @@
 """Accuracy of trained soft prompts on real data, against the zero-shot hard template.
 
-    python benchmarks/bench_quality.py raft  [--seeds 0,1,2] [--method prompt|prefix] [...]
+    python benchmarks/bench_quality.py raft  [--seeds 0,1,2] [--method prompt|ptuning|prefix] [...]
     python benchmarks/bench_quality.py sst2  [--seeds 0] [--train-size 5000]
 
 raft: trained on the 50 RAFT twitter_complaints training tweets only, scored on all 3,399
 labelled test tweets.  sst2: trained on a seeded sample of at most 5,000 GLUE SST-2
 training sentences (sst2/alps_train.tsv), best prompt chosen on 200 held-out training-set
 sentences (alps_dev.tsv), scored on the 872 GLUE dev sentences (alps_test.tsv).
+--test-sample N scores a seeded subset instead (random.Random(0).sample of the test split),
+the 300-tweet subset used while exploring recipes.  --method ptuning trains the same soft
+tokens through a prompt encoder (--encoder lstm|mlp); --reparam mlp does the same for
+prefix tuning's key/values.  Both default to lr 1e-3: an Adam step on an encoder moves its
+output several times lr (see softprompt/reparam.py).
 Prints one row per seed and the mean +/- std; --json writes every number.
 """
 from __future__ import annotations
@@ -34,13 +39,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("which", choices=sorted(RECIPES))
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--method", default="prompt", choices=["prompt", "prefix"])
+    p.add_argument("--method", default="prompt", choices=["prompt", "ptuning", "prefix"])
     p.add_argument("--prefix-tokens", type=int, default=10)
+    p.add_argument("--encoder", default="lstm", choices=["lstm", "mlp"], help="prompt encoder of --method ptuning")
+    p.add_argument("--encoder-hidden", type=int, default=128)
+    p.add_argument("--reparam", default="none", choices=["none", "mlp"], help="--method prefix: key/values via an MLP")
     p.add_argument("--template", help="override the built-in template")
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--train-size", type=int, default=5000)
-    p.add_argument("--test-limit", type=int)
+    p.add_argument("--test-limit", type=int, help="score the first N test examples")
+    p.add_argument("--test-sample", type=int, help="score a seeded sample of N test examples (random.Random(0))")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot baseline row")
     p.add_argument("--out", type=Path, help="save each seed's prompt here")
@@ -55,8 +64,11 @@ def main() -> None:
     if args.method == "prefix" and not args.template:
         task.template = Template(task.template).without_soft().text
     recipe["epochs"] = args.epochs or recipe["epochs"]
-    recipe["lr"] = args.lr or recipe["lr"]
+    through_encoder = args.method == "ptuning" or args.reparam != "none"
+    recipe["lr"] = args.lr or (1e-3 if through_encoder else recipe["lr"])
     test = data["test"][: args.test_limit] if args.test_limit else data["test"]
+    if args.test_sample:
+        test = random.Random(0).sample(test, min(args.test_sample, len(test)))
     model, tok = load_model()
     bank = PromptBank(model, tok)
     rows = []
@@ -73,7 +85,8 @@ def main() -> None:
         if args.which == "sst2":
             train = random.Random(seed).sample(train, min(args.train_size, len(train)))
             valid = data["validation"][:200]
-        cfg = TrainConfig(seed=seed, init="labels", method=args.method, prefix_tokens=args.prefix_tokens, **recipe)
+        cfg = TrainConfig(seed=seed, init="labels", method=args.method, prefix_tokens=args.prefix_tokens,
+                          encoder=args.encoder, encoder_hidden=args.encoder_hidden, reparam=args.reparam, **recipe)
         res = train_prompt(model, tok, task, train, valid, cfg,
                            out_dir=(args.out / f"seed{seed}") if args.out else None)
         name = f"seed{seed}"
@@ -90,7 +103,9 @@ def main() -> None:
     acc = [r["accuracy"] for r in soft]
     f1 = [r["macro_f1"] for r in soft]
     sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0  # noqa: E731
-    print(f"\n{args.which}: {len(test)} test examples, method {args.method}, template {task.template!r}")
+    how = {"ptuning": f" ({args.encoder} encoder)", "prefix": f" (reparam {args.reparam})"}.get(args.method, "")
+    print(f"\n{args.which}: {len(test)} test examples, method {args.method}{how}, lr {recipe['lr']}, "
+          f"template {task.template!r}")
     print(f"{'run':28s} {'accuracy':>9s} {'macro-F1':>9s}")
     for r in rows:
         print(f"{r['run']:28s} {r['accuracy']:9.4f} {r['macro_f1']:9.4f}")

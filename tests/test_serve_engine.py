@@ -373,3 +373,31 @@ def test_padding_groups_keep_examples_whole_and_answers_equal(setup):
         for a, b in zip(answers[None], answers[split]):
             assert a.label == b.label
             assert_probs(a.probabilities, b.probabilities, atol=1e-5)
+
+
+def test_generation_rows_of_all_passes_decode_together(families, monkeypatch):
+    """A batch split into several prefill passes (split_padding=0) still decodes its
+    generation rows as one batch; rows that finish early leave it; every answer equals the
+    one-by-one reference."""
+    import softprompt.serve.engine as engine_mod
+
+    model, tok, ps = families
+    ref = Ref(model, tok)
+    texts = ["good", "the movie was good and the service was great but slow and broken", "why is it bad",
+             "help please thanks why what who where when how delayed flight order refund support happy sad", "bad"]
+    eng = make_engine(families, split_padding=0.0, max_wait_ms=100)
+    groups, decoded, steps = [], [], []
+    run_group, decode, step = eng._run_group, eng._decode, engine_mod.decode_step
+    monkeypatch.setattr(eng, "_run_group", lambda items: (groups.append(len(items)), run_group(items)))
+    monkeypatch.setattr(eng, "_decode", lambda ctx, owners: (decoded.append(len(owners)), decode(ctx, owners)))
+    monkeypatch.setattr(engine_mod, "decode_step", lambda m, nxt, *a: (steps.append(nxt.shape[0]), step(m, nxt, *a))[1])
+    with eng:
+        futs = [eng.submit_generate("qa", t, max_new_tokens=1 + 2 * i, stop_at_newline=False) for i, t in enumerate(texts)]
+        futs.append(eng.submit_classify("sent", [texts[0]])[0])
+        got = [f.result(30) for f in futs]
+    assert len(groups) > 1 and decoded == [len(texts)], (groups, decoded)
+    assert steps[0] == len(texts) > steps[-1] and steps == sorted(steps, reverse=True), "finished rows leave the batch"
+    for i, (t, r) in enumerate(zip(texts, got)):
+        assert r.text == ref.text(ps["qa"], {"text": t}, 1 + 2 * i, stop_at_newline=False)
+        assert len(r.token_ids) <= 1 + 2 * i
+    assert got[-1].label == ref.probs(ps["sent"], {"text": texts[0]})[1]

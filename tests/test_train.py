@@ -78,19 +78,21 @@ SCRIPT = textwrap.dedent("""
             time.sleep(slow)
             return orig(*a, **k)
         T.batch_loss = batch_loss
-    cfg = TrainConfig(epochs=6, lr=0.1, batch_size=4, init="vocab", warmup_steps=2, eval_every=3, checkpoint_every=2, optimizer=sys.argv[3])
+    method = sys.argv[4]  # ptuning: an LSTM encoder's weights and their optimizer state must resume too
+    cfg = TrainConfig(epochs=6, lr=0.1 if method == "prompt" else 0.01, batch_size=4, init="vocab", warmup_steps=2,
+                      eval_every=3, checkpoint_every=2, optimizer=sys.argv[3], method=method, encoder="lstm", encoder_hidden=16)
     train_prompt(tiny_causal_lm(), tiny_tokenizer(), TASK, TRAIN, TRAIN[::2], cfg, out_dir=sys.argv[1], resume=True, progress=False)
 """)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
-def test_sigkill_then_resume_gives_the_same_prompt(tmp_path, optimizer):
+@pytest.mark.parametrize("optimizer,method", [("adamw", "prompt"), ("adafactor", "prompt"), ("adamw", "ptuning")])
+def test_sigkill_then_resume_gives_the_same_prompt(tmp_path, optimizer, method):
     script = tmp_path / "run.py"
     script.write_text(SCRIPT.format(src=str(Path(__file__).parents[1] / "src"), tests=str(Path(__file__).parent)))
     env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    subprocess.run([sys.executable, str(script), str(ref), "0", optimizer], check=True, env=env)
-    proc = subprocess.Popen([sys.executable, str(script), str(killed), "0.25", optimizer], env=env)
+    subprocess.run([sys.executable, str(script), str(ref), "0", optimizer, method], check=True, env=env)
+    proc = subprocess.Popen([sys.executable, str(script), str(killed), "0.25", optimizer, method], env=env)
     deadline = time.time() + 120
     while time.time() < deadline:
         ck = killed / CHECKPOINT
@@ -103,7 +105,7 @@ def test_sigkill_then_resume_gives_the_same_prompt(tmp_path, optimizer):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "prompt.safetensors").exists(), "the run was killed before it finished"
-    subprocess.run([sys.executable, str(script), str(killed), "0", optimizer], check=True, env=env)
+    subprocess.run([sys.executable, str(script), str(killed), "0", optimizer, method], check=True, env=env)
     a = SoftPrompt.load(ref / "prompt.safetensors")
     b = SoftPrompt.load(killed / "prompt.safetensors")
     assert torch.equal(a.embeddings, b.embeddings)

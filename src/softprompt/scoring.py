@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from . import seq2seq
 from .bank import PromptBank
 from .conditioning import greedy_generate, label_logprobs, run_context
+from .seq2seq import is_encoder_decoder
 
 
 def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -56,6 +58,10 @@ def classify(
     progress: bool | str = False,
 ) -> Classification:
     """Label each example with its entry's verbalizer; metrics are filled when examples carry labels."""
+    if getattr(bank, "is_encoder", False):  # encoder models read classes with a head, not a verbalizer
+        from .encoder import classify as classify_encoder
+
+        return classify_encoder(bank, entry, examples, batch_size=batch_size, progress=progress)
     entries = _entries_for(bank, entry, len(examples))
     label_sets = {tuple(bank.entries[e].labels) for e in entries}
     if len(label_sets) != 1:
@@ -66,8 +72,7 @@ def classify(
     batches = length_sorted_batches([len(s) for s in suffixes], batch_size)
     desc = progress if isinstance(progress, str) else "scoring"
     for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
-        ctx = run_context(bank, torch.tensor([entries[i] for i in idx]), [suffixes[i] for i in idx])
-        for i, s in zip(idx, label_logprobs(bank, ctx)):
+        for i, s in zip(idx, _label_scores(bank, torch.tensor([entries[i] for i in idx]), [suffixes[i] for i in idx])):
             scores[i] = s.float().cpu()
     probs = scores.softmax(-1)
     preds = [labels[j] for j in scores.argmax(-1).tolist()]
@@ -76,6 +81,24 @@ def classify(
     if all(g is not None for g in gold):
         result.metrics = classification_metrics(gold, preds, labels)
     return result
+
+
+def _label_scores(bank: PromptBank, entry_idx: torch.Tensor, suffixes: list[list[int]]) -> list[torch.Tensor]:
+    """Label log-probs of a batch: decoder-only models score from the prompt's cached context
+    (``conditioning.py``), encoder-decoders (T5) as decoder targets (``seq2seq.py``)."""
+    if is_encoder_decoder(bank.model):
+        return seq2seq.label_logprobs(bank, seq2seq.encode(bank, entry_idx, suffixes))
+    return label_logprobs(bank, run_context(bank, entry_idx, suffixes))
+
+
+def _generated(bank: PromptBank, entry_idx: torch.Tensor, suffixes: list[list[int]], max_new_tokens: int,
+               stop: set[int]) -> list[list[int]]:
+    """Greedy token ids of a batch, per model family (see ``_label_scores``)."""
+    if is_encoder_decoder(bank.model):
+        enc = seq2seq.encode(bank, entry_idx, suffixes)
+        return seq2seq.greedy_generate(bank, enc, max_new_tokens=max_new_tokens, stop_ids=stop)
+    ctx = run_context(bank, entry_idx, suffixes)
+    return greedy_generate(bank, ctx, max_new_tokens=max_new_tokens, stop_ids=stop)
 
 
 def classification_metrics(gold: list[str], pred: list[str], labels: list[str]) -> dict:
@@ -134,8 +157,8 @@ def generate(
     batches = length_sorted_batches([len(s) for s in suffixes], batch_size)
     desc = progress if isinstance(progress, str) else "generating"
     for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
-        ctx = run_context(bank, torch.tensor([entries[i] for i in idx]), [suffixes[i] for i in idx])
-        for i, ids in zip(idx, greedy_generate(bank, ctx, max_new_tokens=max_new_tokens, stop_ids=stop)):
+        rows = _generated(bank, torch.tensor([entries[i] for i in idx]), [suffixes[i] for i in idx], max_new_tokens, stop)
+        for i, ids in zip(idx, rows):
             texts[i] = tok.decode(ids, skip_special_tokens=True).strip()
     result = Generation(texts=texts)
     golds = [ex.answers or ((ex.target,) if ex.target is not None else ()) for ex in examples]

@@ -50,6 +50,7 @@ __all__ = [
     "load_task",
     "list_tasks",
     "hotpot_context",
+    "hotpotqa_examples",
 ]
 
 KINDS = ("classification", "generation")
@@ -713,28 +714,90 @@ def _words(s: str) -> int:
     return len(s.split())
 
 
-def hotpot_context(paragraphs: Sequence[Mapping[str, Any]], max_context_words: int = 150) -> str:
-    """Build a HotpotQA context string from IRCoT-style paragraphs.
+def _render_paragraph(title: Any, text: Any) -> str:
+    return " ".join(f"{title or ''}: {text or ''}".split())
 
-    Rule: each paragraph is written ``"Title: text"`` (whitespace collapsed) and paragraphs
-    are joined with newlines.  All supporting paragraphs (``is_supporting`` true) come
-    first, in file order, and are always kept even if they exceed the budget, because the
-    question cannot be answered without them.  Then the other paragraphs are considered in
-    file order and each is added whole only if the total stays within
-    ``max_context_words`` (whitespace-separated words, titles included); one that does not
-    fit is skipped and the next, shorter one may still fit.  No paragraph is truncated.
+
+def _marked_sentences(p: Mapping[str, Any]) -> str | None:
+    """The paragraph cut to its marked supporting sentences, or None without usable marks.
+
+    Marks are ``sentences`` (the paragraph's sentences) plus ``supporting_sentences``
+    (0-based indices into them, HotpotQA's ``supporting_facts``).  Out-of-range indices,
+    a known quirk of a few HotpotQA entries, are ignored."""
+    sentences = p.get("sentences")
+    marks = p.get("supporting_sentences")
+    if not sentences or not marks:
+        return None
+    keep = sorted({i for i in marks if isinstance(i, int) and 0 <= i < len(sentences)})
+    if not keep:
+        return None
+    return _render_paragraph(p.get("title"), " ".join(str(sentences[i]).strip() for i in keep))
+
+
+def hotpot_context(
+    paragraphs: Sequence[Mapping[str, Any]],
+    max_context_words: int = 150,
+    *,
+    tokenizer: Any = None,
+    max_context_tokens: int | None = None,
+) -> str:
+    """Build one HotpotQA context string from its paragraphs, within a length budget.
+
+    HotpotQA questions come with about ten paragraphs (1,400 tokens on average), more than
+    a small model's prompt should carry, so the context is truncated by this rule:
+
+    * **Budget.** ``max_context_words`` whitespace-separated words of the whole context
+      (titles included); or, with ``tokenizer`` and ``max_context_tokens``, that many
+      tokens of the context string encoded on its own (no special tokens).
+    * **Format.** Each paragraph is written ``"Title: text"`` with whitespace collapsed;
+      paragraphs are joined by newlines.  No paragraph is ever cut mid-sentence.
+    * **Supporting paragraphs first, always kept.** Paragraphs marked ``is_supporting``
+      come first, in file order, and are never dropped: without them the question cannot
+      be answered, so when they alone exceed the budget the context exceeds it too.
+    * **Supporting sentences, when marked.** If the supporting paragraphs alone exceed the
+      budget, each one that carries sentence marks (``sentences`` and
+      ``supporting_sentences`` indices) is reduced to its marked sentences, in order.
+    * **Distractors fill the rest.** The other paragraphs are then taken in file order,
+      each added whole only if the context stays within the budget; one that does not
+      fit is skipped and a later, shorter one may still fit.
+    * **No marks at all.** Only then may a paragraph be cut: if not even the first
+      paragraph fits, its first words (or tokens) up to the budget are kept, so the
+      context is never empty.
+
+    Putting the supporting paragraphs first makes the task easier than HotpotQA's
+    shuffled distractor setting; every method in a comparison sees the same contexts.
     """
-    def fmt(p: Mapping[str, Any]) -> str:
-        return " ".join(f"{p.get('title', '')}: {p.get('paragraph_text', '')}".split())
+    if max_context_tokens is not None:
+        if tokenizer is None:
+            raise ValueError("max_context_tokens needs a tokenizer to count tokens with")
+        if max_context_tokens < 0:
+            raise ValueError(f"max_context_tokens must be >= 0, got {max_context_tokens}")
+        budget = max_context_tokens
 
-    support = [fmt(p) for p in paragraphs if p.get("is_supporting")]
-    others = [fmt(p) for p in paragraphs if not p.get("is_supporting")]
-    chosen = list(support)
-    total = sum(_words(s) for s in chosen)
-    for s in others:
-        if total + _words(s) <= max_context_words:
-            chosen.append(s)
-            total += _words(s)
+        def length(s: str) -> int:
+            return len(tokenizer(s, add_special_tokens=False).input_ids)
+
+        def cut(s: str, n: int) -> str:
+            return tokenizer.decode(tokenizer(s, add_special_tokens=False).input_ids[:n]).strip()
+    else:
+        if max_context_words < 0:
+            raise ValueError(f"max_context_words must be >= 0, got {max_context_words}")
+        budget, length = max_context_words, _words
+
+        def cut(s: str, n: int) -> str:
+            return " ".join(s.split()[:n])
+
+    support = [p for p in paragraphs if p.get("is_supporting")]
+    others = [p for p in paragraphs if not p.get("is_supporting")]
+    chosen = [_render_paragraph(p.get("title"), p.get("paragraph_text")) for p in support]
+    if chosen and length("\n".join(chosen)) > budget:
+        chosen = [_marked_sentences(p) or full for p, full in zip(support, chosen)]
+    for p in others:
+        text = _render_paragraph(p.get("title"), p.get("paragraph_text"))
+        if length("\n".join(chosen + [text])) <= budget:
+            chosen.append(text)
+    if not chosen and others:
+        chosen = [cut(_render_paragraph(others[0].get("title"), others[0].get("paragraph_text")), budget)]
     return "\n".join(chosen)
 
 
@@ -773,12 +836,90 @@ def _full(splits: dict[str, list[Example]], quota: dict[str, int]) -> bool:
 
 HOTPOT_TRAIN = 100
 HOTPOT_TEST = 400
+HOTPOT_FILE = Path("hotpotqa_ircot_dev500") / "dev_subsampled.jsonl"
+HOTPOT_MARKS_FILE = Path("hotpotqa_distractor_dev100") / "hotpot_dev_distractor_v1_100.json"
+
+
+def _hotpot_sentence_marks(root: Path) -> dict[str, dict[str, tuple[list[str], list[int]]]]:
+    """Question id -> supporting title -> (its sentences, supporting sentence indices), from
+    the official distractor-format file (the first 103 dev questions, all of which are in
+    the 500-question file).  Empty when that file is absent: marks are optional."""
+    path = root / HOTPOT_MARKS_FILE
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(_read_text(path, "utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
+    marks: dict[str, dict[str, tuple[list[str], list[int]]]] = {}
+    for i, entry in enumerate(data):
+        try:
+            sentences = {str(title): list(sents) for title, sents in entry["context"]}
+            ids: dict[str, list[int]] = {}
+            for title, idx in entry["supporting_facts"]:
+                ids.setdefault(str(title), []).append(int(idx))
+            marks[str(entry["_id"])] = {t: (sentences[t], v) for t, v in ids.items() if t in sentences}
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{path}: entry {i}: unexpected structure ({e!r})") from None
+    return marks
+
+
+def _iter_hotpotqa(root: Path, **context_kw: Any):
+    """Examples of the 500-question file in file order, contexts per :func:`hotpot_context`
+    (supporting paragraphs carry sentence marks where the official file has them)."""
+    path = root / HOTPOT_FILE
+    text = _read_text(path, "utf-8")
+    marks = _hotpot_sentence_marks(root)
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}: line {lineno}"
+        try:
+            obj = json.loads(line)
+            question = " ".join(obj["question_text"].split())
+            answers = _hotpot_answers(obj["answers_objects"])
+            qmarks = marks.get(str(obj.get("question_id")), {})
+            paragraphs = []
+            for p in obj["contexts"]:
+                m = qmarks.get(str(p["title"])) if p.get("is_supporting") else None
+                paragraphs.append({**p, "sentences": m[0], "supporting_sentences": m[1]} if m else p)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: malformed JSON: {e.msg}") from None
+        except (KeyError, TypeError, AttributeError) as e:
+            raise DataError(f"{where}: unexpected structure ({e!r})") from None
+        if not question or not answers:
+            raise DataError(f"{where}: empty question or no gold answer")
+        context = hotpot_context(paragraphs, **context_kw)
+        yield Example({"context": context, "question": question}, target=answers[0], answers=answers)
+
+
+def hotpotqa_examples(
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    limit: int | None = None,
+    max_context_words: int = 150,
+    tokenizer: Any = None,
+    max_context_tokens: int | None = None,
+) -> list[Example]:
+    """All 500 HotpotQA questions (or the first ``limit``), in file order, unsplit, with
+    contexts built by :func:`hotpot_context` under a word budget or, with ``tokenizer``
+    and ``max_context_tokens``, a token budget.  For benchmarks that split the questions
+    their own way; the built-in ``hotpotqa`` task splits them by position."""
+    root = data_root(data_dir)
+    out: list[Example] = []
+    for ex in _iter_hotpotqa(root, max_context_words=max_context_words, tokenizer=tokenizer,
+                             max_context_tokens=max_context_tokens):
+        if limit is not None and len(out) >= limit:
+            break
+        out.append(ex)
+    return out
 
 
 def _hotpotqa(root: Path, *, limit: int | None = None, max_context_words: int = 150) -> TaskData:
     """HotpotQA distractor dev, 500-question IRCoT subsample.  Splits by file order: the
     first 100 questions are "train", the next 400 "test".  The context follows
-    :func:`hotpot_context` (supporting paragraphs first, distractors while under
+    :func:`hotpot_context` (supporting paragraphs first, reduced to their marked sentences
+    when they alone exceed the budget and marks exist, then distractors while under
     ``max_context_words``).  ``target`` is the first gold answer, ``answers`` all of them."""
     task = Task(
         name="hotpotqa",
@@ -790,36 +931,14 @@ def _hotpotqa(root: Path, *, limit: int | None = None, max_context_words: int = 
         ),
         description="HotpotQA multi-hop QA with gold paragraphs in the context (EM/F1).",
     )
-    path = root / "hotpotqa_ircot_dev500" / "dev_subsampled.jsonl"
-    text = _read_text(path, "utf-8")
     quota = _quotas(HOTPOT_TRAIN, HOTPOT_TEST, limit)
     splits: dict[str, list[Example]] = {"train": [], "test": []}
-    k = -1
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        k += 1
+    for k, ex in enumerate(_iter_hotpotqa(root, max_context_words=max_context_words)):
         split = _split_of(k, HOTPOT_TRAIN, HOTPOT_TEST)
         if split is None or _full(splits, quota):
             break
-        if len(splits[split]) >= quota[split]:
-            continue
-        where = f"{path}: line {lineno}"
-        try:
-            obj = json.loads(line)
-            question = " ".join(obj["question_text"].split())
-            paragraphs = obj["contexts"]
-            answers = _hotpot_answers(obj["answers_objects"])
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: malformed JSON: {e.msg}") from None
-        except (KeyError, TypeError, AttributeError) as e:
-            raise DataError(f"{where}: unexpected structure ({e!r})") from None
-        if not question or not answers:
-            raise DataError(f"{where}: empty question or no gold answer")
-        context = hotpot_context(paragraphs, max_context_words)
-        splits[split].append(
-            Example({"context": context, "question": question}, target=answers[0], answers=answers)
-        )
+        if len(splits[split]) < quota[split]:
+            splits[split].append(ex)
     return TaskData(task, splits)
 
 

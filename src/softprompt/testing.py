@@ -81,3 +81,28 @@ def tiny_causal_lm(
         p.requires_grad_(False)
     model.softprompt_name = f"tiny-{family}-{seed}"
     return model
+
+
+def tiny_t5(*, vocab_size: int = 160, hidden: int = 32, layers: int = 2, seed: int = 0, init_factor: float = 1.5):
+    """A frozen, fp32, eval-mode T5ForConditionalGeneration with random weights, sized for
+    :func:`tiny_tokenizer` (pad 3 is also the decoder start token, EOS 2).
+
+    ``init_factor`` scales T5's own initialisation (like ``init_std`` above) so that the
+    tiny encoder-decoder is far from a uniform predictor.  No pre-trained T5 weights are
+    available offline; this model checks mechanics only.
+    """
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = T5Config(
+        vocab_size=vocab_size, d_model=hidden, d_kv=hidden // 4, d_ff=2 * hidden, num_layers=layers,
+        num_decoder_layers=layers, num_heads=4, relative_attention_num_buckets=8,
+        relative_attention_max_distance=32, dropout_rate=0.0, initializer_factor=init_factor,
+        pad_token_id=3, eos_token_id=2, bos_token_id=1, decoder_start_token_id=3,
+    )
+    model = T5ForConditionalGeneration(cfg).to(torch.float32)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.softprompt_name = f"tiny-t5-{seed}"
+    return model

@@ -15,7 +15,10 @@ ends with the same prompt as an uninterrupted run.  Checkpoints are single safet
 files (tensors + JSON header, no pickle) written with ``os.replace``.
 
 Only the prompt is trainable; the loss is computed only on target tokens (label words or
-the answer), and the LM head only at those positions (``conditioning.py``).
+the answer), and the LM head only at those positions (``conditioning.py``).  P-tuning and
+prefix tuning with ``reparam="mlp"`` train the prompt through a small network
+(``reparam.py``): the checkpoint holds that network and its optimizer state, the saved
+prompt only the network's output.
 """
 from __future__ import annotations
 
@@ -35,9 +38,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from . import seq2seq
 from .bank import PromptBank
 from .conditioning import continuation_logprobs, label_logprobs, run_context
 from .prompts import ModelIdentity, SoftPrompt, init_embeddings
+from .reparam import ENCODERS, PromptTensors
 from .scoring import classify, generate
 from .tasks import Task
 from .templates import Template, encode_text
@@ -47,8 +52,12 @@ from .templates import Template, encode_text
 class TrainConfig:
     """Hyper-parameters of one prompt-training run (all plain data, saved with the prompt)."""
 
-    method: str = "prompt"  # prompt: train the template's {soft:N} slots; prefix: also per-layer key/values
+    method: str = "prompt"  # prompt: train the template's {soft:N} slots; ptuning: the same slots through an
+    # encoder network (P-tuning); prefix: also per-layer key/values
     prefix_tokens: int = 10  # length of the learned key/value prefix (method "prefix")
+    encoder: str = "lstm"  # ptuning's prompt encoder: lstm (bidirectional LSTM + MLP) | mlp
+    encoder_hidden: int = 128  # width of the encoder network (ptuning, and prefix with reparam "mlp")
+    reparam: str = "none"  # prefix: none (train key/values directly) | mlp (through an MLP, Li & Liang 2021)
     init: str = "labels"  # random | vocab | text | labels
     init_text: str | None = None
     epochs: int = 20
@@ -121,6 +130,26 @@ def make_optimizer(params, cfg: TrainConfig):
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use adamw or adafactor")
 
 
+METHODS = ("prompt", "ptuning", "prefix")
+
+
+def encoders_for(cfg: TrainConfig) -> dict[str, tuple[str, int]]:
+    """Which trained tensors go through an encoder network: name -> (encoder, token axis)."""
+    if cfg.method not in METHODS:
+        raise ValueError(f"unknown method {cfg.method!r}; use one of {', '.join(METHODS)}")
+    if cfg.reparam not in ("none", "mlp"):
+        raise ValueError(f"unknown reparam {cfg.reparam!r}; use none or mlp")
+    if cfg.reparam != "none" and cfg.method != "prefix":
+        raise ValueError("reparam applies to method 'prefix' (the key/values); for soft tokens use method 'ptuning'")
+    if cfg.method == "ptuning":
+        if cfg.encoder not in ENCODERS:
+            raise ValueError(f"unknown encoder {cfg.encoder!r}; use one of {', '.join(ENCODERS)}")
+        return {"prompt": (cfg.encoder, 0)}
+    if cfg.method == "prefix" and cfg.reparam == "mlp":
+        return {"kv": ("mlp", 3)}  # kv is [layers, 2, kv_heads, positions, head_dim]
+    return {}
+
+
 def initial_prompt(model, tokenizer, task: Task, cfg: TrainConfig) -> torch.Tensor:
     n = Template(task.template).n_soft
     if n == 0:
@@ -153,6 +182,8 @@ def batch_loss(
     bank: PromptBank, entry: int, examples, loss: str = "rank", class_weights: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, int]:
     """Mean loss over ``examples`` and the number of tokens run (for throughput)."""
+    if seq2seq.is_encoder_decoder(bank.model):  # T5 family: soft tokens in the encoder, targets in the decoder
+        return seq2seq.batch_loss(bank, entry, examples, loss, class_weights)
     e = bank.entries[entry]
     suffixes = [bank.suffix_ids(entry, ex.fields) for ex in examples]
     ctx = run_context(bank, torch.full((len(examples),), entry), suffixes)
@@ -260,6 +291,13 @@ def train_prompt(
     from accelerate import Accelerator
 
     cfg = config or TrainConfig()
+    from .encoder import is_encoder_model, train_encoder_prompt
+
+    if is_encoder_model(model):  # BERT family: soft prompt + classification head (encoder.py)
+        return train_encoder_prompt(model, tokenizer, task, train_examples, valid_examples, cfg, out_dir=out_dir,
+                                    resume=resume, progress=progress, init=init)
+    if seq2seq.is_encoder_decoder(model):
+        seq2seq.check_method(cfg.method)  # before any work: prefix tuning has no encoder-decoder form here
     if not train_examples:
         raise ValueError("no training examples")
     task.check(train_examples, source="training examples")
@@ -267,21 +305,33 @@ def train_prompt(
         task.check(valid_examples, source="validation examples")
     if any(p.requires_grad for p in model.parameters()):
         raise ValueError("the base model must be frozen (no parameter may require grad); use softprompt.models.freeze")
+    encoders = encoders_for(cfg)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(cfg.seed)
     weight = model.get_input_embeddings().weight
     bank = PromptBank(model, tokenizer)
-    params: dict[str, torch.nn.Parameter] = {}
+    start_values: dict[str, torch.Tensor] = {}
     if Template(task.template).n_soft or cfg.method != "prefix":
         start_vals = init if init is not None else initial_prompt(model, tokenizer, task, cfg)
-        params["prompt"] = torch.nn.Parameter(start_vals.detach().clone().to(weight.device, torch.float32))
+        start_values["prompt"] = start_vals.detach().to(weight.device, torch.float32)
     if cfg.method == "prefix":
-        params["kv"] = torch.nn.Parameter(initial_prefix_kv(model, tokenizer, task, cfg).to(weight.device))
-    elif cfg.method != "prompt":
-        raise ValueError(f"unknown method {cfg.method!r}; use prompt or prefix")
-    soft = params.get("prompt", torch.zeros(0, weight.shape[1], device=weight.device))
+        start_values["kv"] = initial_prefix_kv(model, tokenizer, task, cfg).to(weight.device)
+    trained = PromptTensors(start_values, encoders, hidden=cfg.encoder_hidden, seed=cfg.seed)
+    params = trained.parameters()
     optimizer = accelerator.prepare(make_optimizer(list(params.values()), cfg))
-    entry = bank.add(task.name, task.template, soft, verbalizer=task.verbalizer, kind=task.kind, kv=params.get("kv"))
+    no_soft = torch.zeros(0, weight.shape[1], device=weight.device)
+
+    def condition() -> dict[str, torch.Tensor]:
+        """(Re)compute the prompt from the current parameters and put it in the bank.  For
+        direct training these are the parameters themselves; through an encoder, its output
+        (differentiable, so the bank recomputes the prompt's key/values on every call)."""
+        vals = trained.values()
+        bank.add(task.name, task.template, vals.get("prompt", no_soft), verbalizer=task.verbalizer, kind=task.kind,
+                 kv=vals.get("kv"))
+        return vals
+
+    values = condition()
+    entry = bank.index(task.name)
 
     class_weights = None
     if cfg.balance and task.kind == "classification":
@@ -299,16 +349,14 @@ def train_prompt(
         out.mkdir(parents=True, exist_ok=True)
 
     start, history, best_score, best_step, bad_evals = 0, [], None, 0, 0
-    best = {k: p.detach().clone() for k, p in params.items()}
+    best = {k: v.detach().clone() for k, v in values.items()}
     elapsed, tokens_seen = 0.0, 0
     if resume and out is not None and (out / CHECKPOINT).exists():
         tensors, meta = load_checkpoint(out / CHECKPOINT)
         if meta["config"] != json.loads(json.dumps(cfg.to_dict())):
             raise ValueError(f"{out / CHECKPOINT} was written with a different config; start a new out_dir or drop --resume")
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(tensors[k])
-        best = {k: tensors[f"best.{k}"].clone() for k in params}
+        trained.load_state(tensors)
+        best = {k: tensors[f"best.{k}"].clone() for k in values}
         optimizer.load_state_dict(optimizer_state(tensors, meta["optimizer"]))
         start, history = meta["step"], meta["history"]
         best_score = tuple(meta["best_score"]) if meta["best_score"] is not None else None
@@ -318,7 +366,7 @@ def train_prompt(
     def checkpoint(step: int) -> None:
         if out is None:
             return
-        save_checkpoint(out / CHECKPOINT, params=params, best=best, optimizer=optimizer, meta={
+        save_checkpoint(out / CHECKPOINT, params=trained.state(), best=best, optimizer=optimizer, meta={
             "step": step, "history": history, "best_score": best_score, "best_step": best_step,
             "bad_evals": bad_evals, "elapsed": elapsed, "tokens_seen": tokens_seen, "config": cfg.to_dict(),
         })
@@ -331,6 +379,8 @@ def train_prompt(
         epoch, idx = plan[step]
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, total, cfg)
+        if trained.reparameterised:
+            condition()
         loss, n_tok = batch_loss(bank, entry, [train_examples[i] for i in idx], cfg.loss, class_weights)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
@@ -344,12 +394,13 @@ def train_prompt(
         record = {"step": step + 1, "epoch": epoch, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"]}
         done = step + 1 == total
         if valid_examples and ((step + 1) % eval_every == 0 or done):
+            values = condition() if trained.reparameterised else values
             m = validate(bank, entry, valid_examples, cfg)
             score = m.pop("score")
             record["valid"] = m
             if best_score is None or tuple(score) > tuple(best_score):
                 best_score, best_step, bad_evals = list(score), step + 1, 0
-                best = {k: p.detach().clone() for k, p in params.items()}
+                best = {k: v.detach().clone() for k, v in values.items()}
             else:
                 bad_evals += 1
             if cfg.patience is not None and bad_evals >= cfg.patience:
@@ -364,21 +415,24 @@ def train_prompt(
         if stopped_early:
             break
     bar.close()
-    final = best if valid_examples else {k: p.detach().clone() for k, p in params.items()}
-    if not valid_examples:
+    if valid_examples:
+        final = best
+    else:  # the last prompt; an encoder's output is materialised here, computed exactly as in
+        # training (grad on: an LSTM's no-grad kernel differs in the last bit)
+        final = {k: v.detach().clone() for k, v in trained.values().items()}
         best_step = len(history)
     prompt = SoftPrompt(
-        embeddings=final.get("prompt", soft).detach().cpu().float(),
+        embeddings=final.get("prompt", no_soft).detach().cpu().float(),
         kv=final["kv"].detach().cpu().float() if "kv" in final else None,
-        method="prefix_tuning" if "kv" in final else "prompt_tuning",
+        method="prefix_tuning" if "kv" in final else ("p_tuning" if cfg.method == "ptuning" else "prompt_tuning"),
         identity=ModelIdentity.of(model),
         template=task.template,
         verbalizer=task.verbalizer,
         task=task.name,
         kind=task.kind,
         init=cfg.init,
-        training={**cfg.to_dict(), "train_examples": len(train_examples), "best_step": best_step,
-                  "steps": len(history), "wall_time_s": round(elapsed, 2)},
+        training={**cfg.to_dict(), "reparameterised": trained.describe(), "train_examples": len(train_examples),
+                  "best_step": best_step, "steps": len(history), "wall_time_s": round(elapsed, 2)},
     )
     result = TrainResult(
         prompt=prompt, history=history, best_step=best_step, steps=len(history), wall_time_s=elapsed,

@@ -14,7 +14,9 @@ Batching
     that activates one prompt per forward pass (HF PEFT) allows; it is kept as a real code
     path so the two can be measured against each other.  On a CPU, where padded tokens
     cost as much as real ones, a formed batch is run as a few forward passes of similar
-    length (``split_padding``: the padded fraction a pass may have; off on GPUs).
+    length (``split_padding``: the padded fraction a pass may have; off on GPUs); the
+    generation rows of all its passes are then decoded as one batch, because a decode step
+    costs nearly the same for one row as for many (it reads all the weights either way).
 
 Prefix reuse
     A template's example-independent head (BOS, soft tokens, instruction text) has
@@ -241,6 +243,37 @@ def full_context(bank: PromptBank, entry_idx: torch.Tensor, suffixes: list[list[
     )
 
 
+def concat_contexts(parts: Sequence[Context]) -> Context:
+    """Stack contexts of different lengths into one batch (for decoding them together).
+
+    Shorter contexts' key/values and masks are right-padded with masked zeros; positions
+    are explicit (``next_pos``), so a row's numbers do not depend on the padding: the same
+    argument as for the gap between a short prefix and its suffix in ``run_context``."""
+    if len(parts) == 1:
+        return parts[0]
+    width = max(c.mask.shape[1] for c in parts)
+
+    def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+        extra = width - t.shape[dim]
+        if not extra:
+            return t
+        shape = list(t.shape)
+        shape[dim] = extra
+        return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+    layers = [
+        (torch.cat([pad(c.layers[i][0], -2) for c in parts]), torch.cat([pad(c.layers[i][1], -2) for c in parts]))
+        for i in range(len(parts[0].layers))
+    ]
+    return Context(
+        layers=layers,
+        mask=torch.cat([pad(c.mask, 1) for c in parts]),
+        next_pos=torch.cat([c.next_pos for c in parts]),
+        last_hidden=torch.cat([c.last_hidden for c in parts]),
+        entry_idx=torch.cat([c.entry_idx for c in parts]),
+    )
+
+
 # ----------------------------------------------------------------------------- engine
 class Engine:
     """Dynamic cross-task batching over one frozen model.  See the module docstring."""
@@ -301,6 +334,7 @@ class Engine:
         self._busy_rows = 0
         self._rate = 0.0  # EWMA of rows per second, for Retry-After estimates
         self.batch_hook: Callable[[list[_Item]], None] | None = None  # tests: called on the worker before a batch runs
+        self._gen_parts: list[tuple[Context, list[tuple[_Item, int]]]] = []  # worker only: prefilled rows to decode
 
         tok = tokenizer
         newline = set()
@@ -794,8 +828,17 @@ class Engine:
                     continue
                 it.spec = spec
             live.append(it)
-        for group in self._padding_groups(live):
-            self._run_group(group)
+        # generation rows of every pass are decoded together: a decode step reads all the
+        # weights for a single token per row, so it is the step that batching pays for most
+        self._gen_parts = []
+        try:
+            for group in self._padding_groups(live):
+                self._run_group(group)
+            if self._gen_parts:
+                ctx = concat_contexts([c for c, _ in self._gen_parts])
+                self._decode(ctx, [o for _, owners in self._gen_parts for o in owners])
+        finally:
+            self._gen_parts = []
 
     def _padding_groups(self, items: list[_Item]) -> list[list[_Item]]:
         """Split a batch into forward passes of similar length when padding costs compute.
@@ -857,9 +900,9 @@ class Engine:
                 per_item[id(it)].append(s.float().cpu())
             for it in order:
                 self._finish(it, self._vote_classify(it, per_item[id(it)]))
-        if gen_rows:
+        if gen_rows:  # decoded by _execute, together with the other passes' generation rows
             sub = ctx if len(gen_rows) == len(row_owner) else ctx.select(torch.tensor(gen_rows, device=ctx.mask.device))
-            self._decode(sub, [row_owner[r] for r in gen_rows])
+            self._gen_parts.append((sub, [row_owner[r] for r in gen_rows]))
 
     # ------------------------------------------------------------------ answers
     def _vote_classify(self, it: _Item, member_scores: list[torch.Tensor]) -> ClassifyResult:
@@ -899,13 +942,15 @@ class Engine:
     def _decode(self, ctx: Context, owners: list[tuple[_Item, int]]) -> None:
         """Greedy decoding of every generation row at once (the same steps as
         ``conditioning.greedy_generate``) with per-row limits, stops and streaming; an
-        example is answered as soon as all its rows are finished."""
+        example is answered as soon as all its rows are finished.  Finished rows leave the
+        batch once they are a quarter of it (a row costs compute on every step it stays)."""
         model = self.model
         n = len(owners)
         stops = [self._stops_newline if it.stop_at_newline else self._stops_eos for it, _ in owners]
         outs: list[list[int]] = [[] for _ in range(n)]
         finish: list[str | None] = [None] * n
         left: dict[int, int] = _Counter(id(it) for it, _ in owners)
+        live = list(range(n))  # the owner row of each batch row
         cache = make_cache(ctx.layers)
         mask = ctx.mask
         pos = ctx.next_pos.clone()
@@ -914,13 +959,14 @@ class Engine:
         for _ in range(steps):
             nxt = logits.argmax(-1)
             nxt_list = nxt.tolist()
-            for i, (it, _) in enumerate(owners):
+            for j, i in enumerate(live):
                 if finish[i] is not None:
                     continue
+                it = owners[i][0]
                 if it.abandoned:
                     finish[i] = "abandoned"
                 else:
-                    t = nxt_list[i]
+                    t = nxt_list[j]
                     if t in stops[i]:
                         finish[i] = "stop"
                     else:
@@ -937,10 +983,16 @@ class Engine:
                 if finish[i] is not None:
                     left[id(it)] -= 1
                     if left[id(it)] == 0:
-                        rows = [j for j, (o, _) in enumerate(owners) if o is it]
-                        self._finish(it, self._vote_generate(it, [outs[j] for j in rows], [finish[j] for j in rows]))
-            if all(f is not None for f in finish):
+                        rows = [r for r, (o, _) in enumerate(owners) if o is it]
+                        self._finish(it, self._vote_generate(it, [outs[r] for r in rows], [finish[r] for r in rows]))
+            keep = [j for j, i in enumerate(live) if finish[i] is None]
+            if not keep:
                 break
+            if 4 * (len(live) - len(keep)) >= len(live):
+                sel = torch.tensor(keep, device=mask.device)
+                cache = make_cache([(k.index_select(0, sel), v.index_select(0, sel)) for k, v in cache_layers(cache)])
+                mask, pos, nxt = mask.index_select(0, sel), pos.index_select(0, sel), nxt.index_select(0, sel)
+                live = [live[j] for j in keep]
             logits, cache, mask, pos = decode_step(model, nxt, cache, mask, pos)
 
     def _vote_generate(self, it: _Item, outs: list[list[int]], finishes: list[str | None]) -> GenerateResult:
