@@ -251,3 +251,27 @@ def test_compare_generation_task_scores_em_f1(tmp_path):
     other = qa_data()
     other.splits["test"] = [Example(e.fields, target="yes", answers=("yes",)) for e in other["test"]]
     assert C.fingerprint(other["test"]) != C.fingerprint(qa_data()["test"])
+
+
+def test_cli_compare_generation_on_user_files(tmp_path):
+    """`compare --target-column` makes user files a generation task: EM / F1 in the table, text init."""
+    model, tok = tiny_causal_lm(), tiny_tokenizer()
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    data = qa_data()
+    for split in ("train", "test"):
+        rows = ["context,question,answer"] + [f"{e.fields['context']},{e.fields['question']},{e.target}" for e in data[split]]
+        (tmp_path / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "rep"
+    args = ["compare", "--model", str(folder), "--train-file", str(tmp_path / "train.csv"),
+            "--test-file", str(tmp_path / "test.csv"), "--field", "context=context", "--field", "question=question",
+            "--target-column", "answer", "--template", "{soft:2} context : {context} question : {question} answer :",
+            "--methods", "zero_shot,soft", "--seeds", "0", "--epochs", "1", "--min-steps", "1",
+            "--latency-examples", "0", "--no-progress", "--out", str(out)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    res = load_results(out)
+    assert res["task"]["kind"] == "generation"
+    assert sorted(res["runs"]) == ["soft/main/len20/text/n8/seed0", "zero_shot"]
+    assert "exact match" in r.output and "exact_match" in res["runs"]["zero_shot"]["metrics"]

@@ -364,7 +364,7 @@ def demo(
     test = data.splits["test"]
     zs_template = Template(f"{task.instruction}\n" + Template(task.template).without_soft().text)
     zs = bank.add("zero-shot", zs_template, verbalizer=task.verbalizer)
-    rows = [_row(f"zero-shot instruction", _evaluate(bank, zs, test, task.kind, 32, "zero-shot"), {"trained params": 0, "artifact bytes": 0})]
+    rows = [_row("zero-shot instruction", _evaluate(bank, zs, test, task.kind, 32, "zero-shot"), {"trained params": 0, "artifact bytes": 0})]
     cfg = TrainConfig(epochs=epochs, lr=0.1, batch_size=8, init="labels", seed=seed, warmup_steps=5)
     result = train_prompt(m, tok, task, data.splits["train"], None, cfg, out_dir=out)
     size = result.prompt.save(out / "prompt.safetensors")
@@ -449,7 +449,7 @@ def _cmp_sizes(text: str) -> tuple:
 
 @app.command()
 def compare(
-    task: Optional[str] = typer.Option(None, help="Built-in classification task (see `softprompt tasks`)."),
+    task: Optional[str] = typer.Option(None, help="Built-in task (see `softprompt tasks`): classification or generation."),
     model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
     out: Path = typer.Option(Path("reports/compare"), help="Report folder: report.md, report.html, PNGs, results.json."),
     train_file: Optional[Path] = typer.Option(None, help="Your training data (.csv/.tsv/.jsonl) instead of --task."),
@@ -457,6 +457,7 @@ def compare(
     test_file: Optional[Path] = typer.Option(None, help="Your held-out data."),
     field: Optional[list[str]] = typer.Option(None, help="Template field = file column. Repeatable."),
     label_column: Optional[str] = typer.Option(None, help="Column holding the class label (default 'label')."),
+    target_column: Optional[str] = typer.Option(None, help="Column holding the answer: makes your files a generation task (EM / F1)."),
     template: Optional[str] = typer.Option(None, help="Template with soft slot, e.g. '{soft:20} Text: {text}\\nLabel:'."),
     verbalizer: Optional[list[str]] = typer.Option(None, help="LABEL=WORD, one per label. Repeatable."),
     instruction: Optional[str] = typer.Option(None, help="Zero-shot instruction (default: the task's own)."),
@@ -470,7 +471,8 @@ def compare(
     cot_max_new_tokens: int = typer.Option(48, help="Chain-of-thought: tokens generated per answer."),
     cot_limit: Optional[int] = typer.Option(None, help="Chain-of-thought: score only the first N test examples (generation is slow)."),
     prompt_length: int = typer.Option(20, help="Soft tokens of the main prompt-tuning method and hybrids (the template's soft slot is resized to this)."),
-    init: str = typer.Option("labels", help="Init of the main method: random | vocab | text | labels."),
+    init: Optional[str] = typer.Option(None, help="Init of the main method: random | vocab | text | labels "
+                                       "(default: labels for classification, text for generation)."),
     seeds: str = typer.Option("0,1,2", help="Seeds of the main method (the ensemble uses one prompt per seed)."),
     sweep_seeds: str = typer.Option("0", help="Seeds of the length / init / hybrid sweeps."),
     lengths: str = typer.Option("1,5,20,100", help="Prompt lengths of the length sweep."),
@@ -502,7 +504,7 @@ def compare(
     with the same scorer, and write a report folder. Finished runs are kept in OUT/results.json and
     skipped when the command is run again."""
     from .compare import ALL_METHODS, RESULTS, CompareConfig, run_compare
-    from .report import load_results, summarize, write_report
+    from .report import load_results, metric_names, summarize, write_report
 
     if report_only:
         if not (out / RESULTS).exists():
@@ -513,6 +515,9 @@ def compare(
         return
     chosen = ALL_METHODS if methods.strip().lower() == "all" else _cmp_list(methods, what="methods")
     cap = (lambda n: n if limit is None else (min(n, limit) if n else limit))
+    data = _load_task_data(task, train_file, test_file, valid_file, field, label_column, target_column, template,
+                           verbalizer, None, None)
+    init = init or ("labels" if data.task.kind == "classification" else "text")
     try:
         cfg = CompareConfig(
             methods=chosen, instruction=instruction, train_limit=cap(train_limit) or None,
@@ -529,10 +534,6 @@ def compare(
         )
     except ValueError as e:
         _fail(str(e))
-    data = _load_task_data(task, train_file, test_file, valid_file, field, label_column, None, template, verbalizer,
-                           None, None)
-    if data.task.kind != "classification":
-        _fail(f"compare needs a classification task; {data.task.name!r} is a {data.task.kind} task")
     eval_data = None
     if eval_task and "transfer" in cfg.methods:
         eval_data = _load_task_data(eval_task, None, None, None, None, None, None, None, None, None, None)
@@ -549,11 +550,12 @@ def compare(
                               log=lambda s: err.print(s))
     except ValueError as e:
         _fail(str(e))
+    (_, first), (_, second) = metric_names(results)
     rows = [{"method": r["name"],
-             "accuracy": f"{100 * r['accuracy']['mean']:.1f}" + (f" ± {100 * r['accuracy']['std']:.1f}" if r["accuracy"]["n"] > 1 else ""),
-             "macro-F1": f"{100 * r['macro_f1']['mean']:.1f}", "runs": r["n_done"]}
-            for r in summarize(results) if r["accuracy"] and (r["in_table"] or r["section"] == "transfer")]
-    console.print(_results_table(rows, f"{data.task.name}: test accuracy % ({results['data']['test']} examples)"))
+             first: f"{100 * r['primary']['mean']:.1f}" + (f" ± {100 * r['primary']['std']:.1f}" if r["primary"]["n"] > 1 else ""),
+             second: f"{100 * r['secondary']['mean']:.1f}", "runs": r["n_done"]}
+            for r in summarize(results) if r["primary"] and (r["in_table"] or r["section"] == "transfer")]
+    console.print(_results_table(rows, f"{data.task.name}: test {first} % ({results['data']['test']} examples)"))
     console.print(f"report: {out / 'report.md'}, {out / 'report.html'}; every number: {out / RESULTS}")
     _cmp_publish(out, publish)
 

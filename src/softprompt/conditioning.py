@@ -144,15 +144,21 @@ def continuation_logprobs(bank: PromptBank, ctx: Context, rows: list[int], conts
 def label_logprobs(bank: PromptBank, ctx: Context) -> list[torch.Tensor]:
     """Per example, the log-prob of each of its entry's label words: a list of [n_labels] tensors
     (entries in one batch may have different label sets)."""
-    rows, conts, owner = [], [], []
-    for b, e in enumerate(ctx.entry_idx.tolist()):
+    return scores_per_label(bank, ctx.entry_idx, lambda rows, conts: continuation_logprobs(bank, ctx, rows, conts))
+
+
+def scores_per_label(bank: PromptBank, entry_idx: torch.Tensor, score) -> list[torch.Tensor]:
+    """Pair every example with each of its entry's label words, score all pairs in one call
+    ``score(rows, continuations) -> [n_pairs]``, and group the scores back per example.  Shared
+    by the decoder-only and the encoder-decoder scorers, which differ only in ``score``."""
+    rows, conts = [], []
+    for b, e in enumerate(entry_idx.tolist()):
         for ids in bank.entries[e].label_ids:
             rows.append(b)
             conts.append(ids)
-            owner.append(b)
-    scores = continuation_logprobs(bank, ctx, rows, conts)
-    out: list[list[torch.Tensor]] = [[] for _ in range(ctx.entry_idx.shape[0])]
-    for s, b in zip(scores.unbind(0), owner):
+    scores = score(rows, conts)
+    out: list[list[torch.Tensor]] = [[] for _ in range(entry_idx.shape[0])]
+    for s, b in zip(scores.unbind(0), rows):
         out[b].append(s)
     return [torch.stack(x) for x in out]
 

@@ -377,13 +377,9 @@ def train_encoder_prompt(
         raise ValueError("resume is not supported for encoder models yet; train again without --resume")
     if cfg.loss != "rank":
         raise ValueError(f"loss {cfg.loss!r}: encoder models are trained with cross-entropy over the head ('rank')")
-    if not train_examples:
-        raise ValueError("no training examples")
-    task.check(train_examples, source="training examples")
-    if valid_examples:
-        task.check(valid_examples, source="validation examples")
-    if any(p.requires_grad for p in model.parameters()):
-        raise ValueError("the base model must be frozen (no parameter may require grad); use softprompt.models.freeze")
+    from .train import check_training_inputs
+
+    check_training_inputs(model, task, train_examples, valid_examples)
 
     torch.manual_seed(cfg.seed)
     n = Template(task.template).n_soft if n_tokens is None else int(n_tokens)

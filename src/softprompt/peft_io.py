@@ -50,7 +50,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .prompts import ModelIdentity, SoftPrompt
+from .prompts import ModelIdentity, SoftPrompt, _json_default
 from .templates import Template
 
 CONFIG_FILE = "adapter_config.json"
@@ -311,16 +311,6 @@ def _baked_key_values(prompt: SoftPrompt, model, tokenizer, shape: dict[str, int
         raise PeftExportError(f"cannot export: this model's key/value cache has shape {tuple(stacked.shape)}, "
                               f"expected {want}; PEFT prefix tuning cannot hold it")
     return stacked.permute(3, 0, 1, 2, 4).reshape(n_virtual, -1).to("cpu", torch.float32)
-
-
-def _json_default(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item"):
-        return obj.item()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def _readme(prompt: SoftPrompt, extra: dict, config: dict) -> str:

@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from .bank import PromptBank
+from .conditioning import scores_per_label
+from .losses import answer_loss, answer_targets, classification_loss
 
 PREFIX_UNSUPPORTED = (
     "prefix tuning (per-layer key/values) is not supported for encoder-decoder models such as T5; "
@@ -151,16 +153,7 @@ def continuation_logprobs(bank: PromptBank, enc: Encoded, rows: list[int], conts
 def label_logprobs(bank: PromptBank, enc: Encoded) -> list[torch.Tensor]:
     """Per example, the log-prob of each of its entry's label words as decoder output: a list
     of [n_labels] tensors (entries in one batch may have different label sets)."""
-    rows, conts = [], []
-    for b, e in enumerate(enc.entry_idx.tolist()):
-        for ids in bank.entries[e].label_ids:
-            rows.append(b)
-            conts.append(ids)
-    scores = continuation_logprobs(bank, enc, rows, conts)
-    out: list[list[torch.Tensor]] = [[] for _ in range(enc.entry_idx.shape[0])]
-    for s, b in zip(scores.unbind(0), rows):
-        out[b].append(s)
-    return [torch.stack(x) for x in out]
+    return scores_per_label(bank, enc.entry_idx, lambda rows, conts: continuation_logprobs(bank, enc, rows, conts))
 
 
 @torch.no_grad()
@@ -213,8 +206,6 @@ def batch_loss(
     classification uses the label words as decoder targets (``rank``: cross-entropy over the
     label scores; ``lm``: -log p(gold words)); generation uses the answer + EOS, the loss
     being the mean per-token negative log-likelihood of the target tokens only."""
-    from .templates import encode_text
-
     e = bank.entries[entry]
     suffixes = [bank.suffix_ids(entry, ex.fields) for ex in examples]
     enc = encode(bank, torch.full((len(examples),), entry), suffixes)
@@ -223,16 +214,8 @@ def batch_loss(
         scores = torch.stack(label_logprobs(bank, enc))  # [B, n_labels]
         gold = torch.tensor([e.labels.index(ex.label) for ex in examples], device=scores.device)
         n_tokens += sum(len(ids) for ids in e.label_ids) * len(examples)
-        w = (class_weights.to(scores.device)[gold] if class_weights is not None
-             else torch.ones_like(gold, dtype=scores.dtype))
-        if loss == "rank":
-            per = F.cross_entropy(scores, gold, reduction="none")
-        else:
-            per = -scores.gather(1, gold[:, None]).squeeze(1)
-        return (per * w).sum() / w.sum(), n_tokens
-    eos = bank.tokenizer.eos_token_id
-    targets = [encode_text(bank.tokenizer, " " + ex.target.strip()) + ([eos] if eos is not None else [])
-               for ex in examples]
+        return classification_loss(scores, gold, loss, class_weights), n_tokens
+    targets = answer_targets(bank.tokenizer, examples)
     lp = continuation_logprobs(bank, enc, list(range(len(examples))), targets)
     n_tokens += sum(len(t) for t in targets)
-    return -(lp / torch.tensor([len(t) for t in targets], device=lp.device)).mean(), n_tokens
+    return answer_loss(lp, targets), n_tokens

@@ -41,11 +41,12 @@ from tqdm.auto import tqdm
 from . import seq2seq
 from .bank import PromptBank
 from .conditioning import continuation_logprobs, label_logprobs, run_context
+from .losses import answer_loss, answer_targets, classification_loss
 from .prompts import ModelIdentity, SoftPrompt, init_embeddings
 from .reparam import ENCODERS, PromptTensors
 from .scoring import classify, generate
 from .tasks import Task
-from .templates import Template, encode_text
+from .templates import Template
 
 
 @dataclass
@@ -192,17 +193,11 @@ def batch_loss(
         scores = torch.stack(label_logprobs(bank, ctx))  # [B, n_labels]
         gold = torch.tensor([e.labels.index(ex.label) for ex in examples], device=scores.device)
         n_tokens += sum(len(ids) - 1 for ids in e.label_ids) * len(examples)
-        w = class_weights.to(scores.device)[gold] if class_weights is not None else torch.ones_like(gold, dtype=scores.dtype)
-        if loss == "rank":
-            per = F.cross_entropy(scores, gold, reduction="none")
-        else:
-            per = -scores.gather(1, gold[:, None]).squeeze(1)
-        return (per * w).sum() / w.sum(), n_tokens
-    eos = bank.tokenizer.eos_token_id
-    targets = [encode_text(bank.tokenizer, " " + ex.target.strip()) + ([eos] if eos is not None else []) for ex in examples]
+        return classification_loss(scores, gold, loss, class_weights), n_tokens
+    targets = answer_targets(bank.tokenizer, examples)
     lp = continuation_logprobs(bank, ctx, list(range(len(examples))), targets)
     n_tokens += sum(len(t) for t in targets)
-    return -(lp / torch.tensor([len(t) for t in targets], device=lp.device)).mean(), n_tokens
+    return answer_loss(lp, targets), n_tokens
 
 
 def validate(bank: PromptBank, entry: int, examples, cfg: TrainConfig) -> dict:
@@ -268,6 +263,18 @@ def optimizer_state(tensors: dict[str, torch.Tensor], opt_meta: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- loop
+def check_training_inputs(model, task: Task, train_examples, valid_examples) -> None:
+    """Refuse, before any work, what no model family can train on: no examples, examples the
+    task cannot use (unknown label, missing field), or a base model that is not frozen."""
+    if not train_examples:
+        raise ValueError("no training examples")
+    task.check(train_examples, source="training examples")
+    if valid_examples:
+        task.check(valid_examples, source="validation examples")
+    if any(p.requires_grad for p in model.parameters()):
+        raise ValueError("the base model must be frozen (no parameter may require grad); use softprompt.models.freeze")
+
+
 def train_prompt(
     model,
     tokenizer,
@@ -291,6 +298,7 @@ def train_prompt(
     from accelerate import Accelerator
 
     cfg = config or TrainConfig()
+    check_training_inputs(model, task, train_examples, valid_examples)
     from .encoder import is_encoder_model, train_encoder_prompt
 
     if is_encoder_model(model):  # BERT family: soft prompt + classification head (encoder.py)
@@ -298,13 +306,6 @@ def train_prompt(
                                     resume=resume, progress=progress, init=init)
     if seq2seq.is_encoder_decoder(model):
         seq2seq.check_method(cfg.method)  # before any work: prefix tuning has no encoder-decoder form here
-    if not train_examples:
-        raise ValueError("no training examples")
-    task.check(train_examples, source="training examples")
-    if valid_examples:
-        task.check(valid_examples, source="validation examples")
-    if any(p.requires_grad for p in model.parameters()):
-        raise ValueError("the base model must be frozen (no parameter may require grad); use softprompt.models.freeze")
     encoders = encoders_for(cfg)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(cfg.seed)

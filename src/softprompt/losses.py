@@ -1,0 +1,41 @@
+"""Training objectives, shared by every model family's ``batch_loss``.
+
+The families differ in how they produce scores (decoder-only: from the context's cache;
+encoder-decoder: from the decoder), not in what is optimised, so the objectives live here
+once: for classification, cross-entropy over the label scores (``rank``) or the negative
+log-prob of the gold label words (``lm``), optionally class-weighted; for generation, the
+answer followed by EOS as the target tokens.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .templates import encode_text
+
+
+def classification_loss(
+    scores: torch.Tensor, gold: torch.Tensor, loss: str = "rank", class_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Weighted mean loss of label scores ``[B, n_labels]`` (summed label-word log-probs) against
+    gold label indices ``[B]``."""
+    if loss == "rank":
+        per = F.cross_entropy(scores, gold, reduction="none")
+    elif loss == "lm":
+        per = -scores.gather(1, gold[:, None]).squeeze(1)
+    else:
+        raise ValueError(f"unknown loss {loss!r}; use rank or lm")
+    w = class_weights.to(scores.device)[gold] if class_weights is not None else torch.ones_like(per)
+    return (per * w).sum() / w.sum()
+
+
+def answer_targets(tokenizer, examples) -> list[list[int]]:
+    """Token ids a generation example is trained to produce: its answer, then EOS (so the model
+    learns to stop)."""
+    eos = tokenizer.eos_token_id
+    return [encode_text(tokenizer, " " + ex.target.strip()) + ([eos] if eos is not None else []) for ex in examples]
+
+
+def answer_loss(logprobs: torch.Tensor, targets: list[list[int]]) -> torch.Tensor:
+    """Mean over examples of the per-token negative log-likelihood of each target."""
+    return -(logprobs / torch.tensor([len(t) for t in targets], device=logprobs.device)).mean()
