@@ -275,3 +275,5 @@ def test_cli_compare_generation_on_user_files(tmp_path):
     assert res["task"]["kind"] == "generation"
     assert sorted(res["runs"]) == ["soft/main/len20/text/n8/seed0", "zero_shot"]
     assert "exact match" in r.output and "exact_match" in res["runs"]["zero_shot"]["metrics"]
+    assert res["command"].startswith("softprompt compare ") and "--target-column answer" in res["command"]
+    assert f"Command: `{res['command']}`" in (out / "report.md").read_text()

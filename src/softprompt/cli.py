@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -447,8 +448,26 @@ def _cmp_sizes(text: str) -> tuple:
     return tuple(0 if t.strip().lower() == "all" else int(t) for t in str(text).split(",") if t.strip())
 
 
+def _command_line(ctx: typer.Context) -> str:
+    """The command as the user gave it (options set on the command line only, in declaration
+    order), rebuilt from the parsed parameters so that it is the same however the CLI was invoked."""
+    words = ["softprompt", ctx.info_name or ""]
+    for p in ctx.command.params:
+        source = ctx.get_parameter_source(p.name)  # compared by name: typer may bring its own click
+        if not p.opts or getattr(source, "name", None) != "COMMANDLINE":
+            continue
+        value = ctx.params[p.name]
+        if getattr(p, "is_flag", False):
+            words.append(p.opts[0] if value else (p.secondary_opts or p.opts)[0])
+            continue
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            words += [p.opts[0], str(v)]
+    return shlex.join(words)
+
+
 @app.command()
 def compare(
+    ctx: typer.Context,
     task: Optional[str] = typer.Option(None, help="Built-in task (see `softprompt tasks`): classification or generation."),
     model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
     out: Path = typer.Option(Path("reports/compare"), help="Report folder: report.md, report.html, PNGs, results.json."),
@@ -547,7 +566,7 @@ def compare(
         m.to(dev)
     try:
         results = run_compare(cfg, data, m, tok, out, eval_data=eval_data, model_name=model, progress=progress,
-                              log=lambda s: err.print(s))
+                              log=lambda s: err.print(s), command=_command_line(ctx))
     except ValueError as e:
         _fail(str(e))
     (_, first), (_, second) = metric_names(results)

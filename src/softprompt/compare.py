@@ -320,6 +320,7 @@ class Comparison:
         log: Callable[[str], None] | None = None,
     ):
         self.cfg = config
+        self.command: str | None = None  # the command line that ran it, kept for the report
         self.data = data
         self.task = data.task
         self.generative = self.task.kind == "generation"
@@ -596,6 +597,7 @@ class Comparison:
                 "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                 "platform": platform.platform(), "python": platform.python_version(),
             },
+            "command": self.command or old.get("command"),
             "started": old.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S"),
             "runs": dict(old.get("runs", {})),
         }
@@ -839,11 +841,14 @@ def run_compare(
     progress: bool = True,
     report: bool = True,
     log: Callable[[str], None] | None = None,
+    command: str | None = None,
 ) -> dict[str, Any]:
     """Plan, run (skipping finished runs) and, with ``report``, write the report folder.
-    Returns the results dict (as in ``results.json``)."""
+    ``command`` (the command line that ran it) is kept in ``results.json`` and shown in the
+    report, so that a reader can rerun it.  Returns the results dict (as in ``results.json``)."""
     comp = Comparison(config, data, model, tokenizer, out_dir, eval_data=eval_data, model_name=model_name,
                       progress=progress, log=log)
+    comp.command = command
     comp.plan()
     results = comp.run()
     if report:

@@ -432,7 +432,9 @@ def _blocks(results: dict[str, Any], plots: list[tuple[str, str]]) -> list[tuple
                     f"{d.get('train_pool')} labelled examples (of {d.get('train_total')}), validated on "
                     f"{d.get('valid')}. {base}"
                     f"Device: {env.get('cuda') or env.get('device')} ({env.get('threads')} threads), torch {env.get('torch')}.")))
-    notes = results.get("notes") or []
+    notes = list(results.get("notes") or [])
+    if results.get("command"):
+        notes.insert(0, f"Command: `{results['command']}`")
     if notes:  # set by whoever ran the comparison (e.g. a benchmark script): data preparation, commands
         b.append(("h", 2, "Setup"))
         b += [("p", str(n)) for n in notes]
