@@ -3,7 +3,6 @@ sampling, chain-of-thought parsing (with unparseable outputs counted), token acc
 from collections import Counter
 
 import pytest
-import torch
 
 from softprompt import baselines as B
 from softprompt.bank import PromptBank
@@ -19,12 +18,7 @@ NEG = ["bad movie", "awful film", "hate this movie", "terrible film", "sad awful
 TRAIN = [Example({"text": t}, "pos") for t in POS] + [Example({"text": t}, "neg") for t in NEG]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: threads only add contention on a shared machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def test_zero_shot_template_is_instruction_plus_hard_template():

@@ -4,7 +4,6 @@ folder (markdown, self-contained HTML, PNGs) is complete."""
 import random
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from softprompt import compare as C
@@ -20,12 +19,7 @@ TASK = Task(name="toy", kind="classification", template="{soft:4} review : {text
             verbalizer={"neg": " no", "pos": " yes"}, instruction="is the review good ? answer yes or no .")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def toy_data(seed=0, n_train=16, n_test=12, name="toy"):

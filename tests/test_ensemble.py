@@ -15,12 +15,7 @@ TEXTS = ["good movie", "bad film", "love this movie a lot", "awful", "great grea
 EXAMPLES = [Example({"text": t}, "pos" if i % 2 == 0 else "neg") for i, t in enumerate(TEXTS)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _bank():

@@ -23,12 +23,7 @@ from softprompt.testing import tiny_causal_lm, tiny_tokenizer
 VERB = {"neg": " no", "pos": " yes"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _prompt(model, tok, init="vocab", seed=3, n=5, noise=0.0, init_text=None):
