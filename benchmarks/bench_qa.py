@@ -93,11 +93,12 @@ def main() -> None:
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--latency-examples", type=int, default=0, help="0: no latency measurement (shared CPU)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model runs")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     started = time.strftime("%Y-%m-%d %H:%M")
 
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, device=args.device)
     root = data_root(args.data_dir)
     rows = [json.loads(line) for line in (root / HOTPOT_FILE).read_text(encoding="utf-8").splitlines() if line.strip()]
     examples = hotpotqa_examples(root, tokenizer=tok, max_context_tokens=args.budget)

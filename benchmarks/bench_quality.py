@@ -54,6 +54,7 @@ def main() -> None:
     p.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot baseline row")
     p.add_argument("--out", type=Path, help="save each seed's prompt here")
     p.add_argument("--json", type=Path)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model runs")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     recipe = dict(RECIPES[args.which])
@@ -69,7 +70,7 @@ def main() -> None:
     test = data["test"][: args.test_limit] if args.test_limit else data["test"]
     if args.test_sample:
         test = random.Random(0).sample(test, min(args.test_sample, len(test)))
-    model, tok = load_model()
+    model, tok = load_model(device=args.device)
     bank = PromptBank(model, tok)
     rows = []
     if not args.no_zero_shot:

@@ -314,6 +314,7 @@ def main(argv=None) -> int:
     ap.add_argument("--http", action="store_true", help="also run the mixed closed loop through the HTTP server")
     ap.add_argument("--soft-sweep", action="store_true", help="also time prefix reuse vs recompute at 20/50/100 soft tokens")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model runs")
     ap.add_argument("--json", type=Path, help="write the raw numbers here")
     args = ap.parse_args(argv)
 
@@ -326,7 +327,7 @@ def main(argv=None) -> int:
         ap.error("--max-new-tokens must be >= 1")
     t_start = time.perf_counter()
     load0 = os.getloadavg()
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, device=args.device)
     split = {"auto": "auto", "none": None}.get(args.split_padding.lower(), None)
     if args.split_padding.lower() not in ("auto", "none"):
         split = float(args.split_padding)
@@ -352,7 +353,8 @@ def main(argv=None) -> int:
     some = next(iter(kinds.values()))
     info = engine.task(some.single).info()
     print(f"# {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params), torch {torch.__version__}, "
-          f"{args.threads} thread(s), {os.cpu_count()} CPUs, load average {load0[0]:.2f} at start", flush=True)
+          f"{args.threads} thread(s), {os.cpu_count()} CPUs, load average {load0[0]:.2f} at start"
+          + (f", {torch.cuda.get_device_name(0)}" if args.device.startswith("cuda") else ""), flush=True)
     print(f"# traffic {args.traffic}: 8 tasks per kind, 20 soft tokens each (prefix {info['prefix_tokens'][0]} tokens incl. "
           f"BOS and instruction for {some.single!r}); {args.requests} requests per configuration in {args.rounds} "
           f"interleaved rounds; concurrency {args.concurrency}, max batch {args.max_batch_size}, max wait "

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+DEVICE = "cpu"  # set by child() from --device
 TEMPLATE_HARD = "Tweet: {text}\nIs this tweet a complaint? Answer:"
 
 
@@ -53,12 +54,25 @@ def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def setup(threads: int):
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def on_gpu(device: str) -> bool:
+    return device.startswith("cuda")
+
+
+def sync(device: str) -> None:
+    """GPU work is asynchronous: wait for it before reading a clock."""
+    if on_gpu(device):
+        torch.cuda.synchronize()
+
+
+def setup(threads: int, device: str = "cpu", dtype: str = "fp32"):
     from softprompt import load_model, load_task
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model, tok = load_model()
+    model, tok = load_model(dtype=DTYPES[dtype], device=device)
     data = load_task("twitter_complaints")
     return model, tok, data
 
@@ -76,7 +90,8 @@ def start_prompt(model, tok, n_tokens: int) -> torch.Tensor:
     """The same initial soft tokens for both sides (sampled vocabulary, seed 0)."""
     from softprompt.prompts import init_embeddings
 
-    return init_embeddings(model, tok, n_tokens, "vocab", seed=0)
+    weight = model.get_input_embeddings().weight
+    return init_embeddings(model, tok, n_tokens, "vocab", seed=0).to(weight.device, weight.dtype)
 
 
 def peft_model(model, tok, n_tokens: int):
@@ -102,7 +117,7 @@ def peft_batch(tok, seqs, label_lens):
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
         labels[i, len(s) - n : len(s)] = torch.tensor(s[len(s) - n :])
-    return ids, mask, labels
+    return ids.to(DEVICE), mask.to(DEVICE), labels.to(DEVICE)
 
 
 def peft_train(model, tok, task, examples, steps, batch_size, n_tokens, lr):
@@ -111,6 +126,7 @@ def peft_train(model, tok, task, examples, steps, batch_size, n_tokens, lr):
     tokens, t0 = 0, None
     for step in range(steps + 2):
         if step == 2:
+            sync(DEVICE)
             t0, tokens = time.perf_counter(), 0  # two warm-up steps
         batch = [examples[(step * batch_size + i) % len(examples)] for i in range(batch_size)]
         seqs, lens = [], []
@@ -124,6 +140,7 @@ def peft_train(model, tok, task, examples, steps, batch_size, n_tokens, lr):
         opt.zero_grad()
         loss.backward()
         opt.step()
+    sync(DEVICE)
     return tokens / (time.perf_counter() - t0)
 
 
@@ -147,8 +164,8 @@ def peft_eval(model, tok, task, examples, batch_size, n_tokens):
             logp = logp[:, n_tokens + 1 :]  # PEFT prepends the virtual tokens to the outputs too
             scores = []
             for r, (s, n) in enumerate(zip(seqs, lens)):
-                pos = torch.arange(len(s) - n - 1, len(s) - 1)
-                scores.append(logp[r, pos, torch.tensor(s[len(s) - n :])].sum())
+                pos = torch.arange(len(s) - n - 1, len(s) - 1, device=logp.device)
+                scores.append(logp[r, pos, torch.tensor(s[len(s) - n :], device=logp.device)].sum())
             scores = torch.stack(scores).view(len(chunk), len(labels))
             preds += [labels[j] for j in scores.argmax(-1).tolist()]
     return preds
@@ -167,13 +184,14 @@ def ours_train(model, tok, task, examples, steps, batch_size, n_tokens, lr):
     from softprompt.train import batch_loss
 
     t = our_task(task, n_tokens)
-    param = torch.nn.Parameter(start_prompt(model, tok, n_tokens))
+    param = torch.nn.Parameter(start_prompt(model, tok, n_tokens).float())
     bank = PromptBank(model, tok)
     entry = bank.add(t.name, t.template, param, verbalizer=t.verbalizer)
     opt = torch.optim.AdamW([param], lr=lr)
     tokens, t0 = 0, None
     for step in range(steps + 2):
         if step == 2:
+            sync(DEVICE)
             t0, tokens = time.perf_counter(), 0
         batch = [examples[(step * batch_size + i) % len(examples)] for i in range(batch_size)]
         for ex in batch:
@@ -183,6 +201,7 @@ def ours_train(model, tok, task, examples, steps, batch_size, n_tokens, lr):
         opt.zero_grad()
         loss.backward()
         opt.step()
+    sync(DEVICE)
     return tokens / (time.perf_counter() - t0)
 
 
@@ -199,7 +218,9 @@ def ours_eval(model, tok, task, examples, batch_size, n_tokens):
 # ----------------------------------------------------------------------------- driver
 def child(args) -> dict:
     """One side's eval (throughput + peak memory) or training, in this fresh process."""
-    model, tok, data = setup(args.threads)
+    global DEVICE
+    DEVICE = args.device
+    model, tok, data = setup(args.threads, args.device, args.dtype)
     task = data.task
     if args.child.endswith("train"):
         fn = peft_train if args.child.startswith("peft") else ours_train
@@ -208,14 +229,20 @@ def child(args) -> dict:
     fn = peft_eval if args.child.startswith("peft") else ours_eval
     examples = data["test"][: args.eval_limit]
     fn(model, tok, task, examples[: args.batch_size], args.batch_size, args.n_tokens)  # warm-up
-    before = rss_kib()
-    reset_peak()
+    if on_gpu(args.device):  # GPU memory the evaluation allocates above the loaded model
+        sync(args.device)
+        torch.cuda.reset_peak_memory_stats()
+        before, peak = torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated
+    else:  # peak resident set above the loaded model
+        before, peak = rss_kib() * 1024, lambda: hwm_kib() * 1024
+        reset_peak()
     t0 = time.perf_counter()
     preds = fn(model, tok, task, examples, args.batch_size, args.n_tokens)
+    sync(args.device)
     wall = time.perf_counter() - t0
     return {
         "examples_per_s": len(examples) / wall, "eval_s": wall,
-        "peak_eval_mib": (hwm_kib() - before) / 1024, "preds": preds,
+        "peak_eval_mib": (peak() - before) / 2**20, "preds": preds,
     }
 
 
@@ -227,6 +254,8 @@ def main() -> None:
     p.add_argument("--eval-batch-size", type=int, default=32)
     p.add_argument("--n-tokens", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="precision of the frozen model (both sides)")
     p.add_argument("--json", type=Path)
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -250,11 +279,14 @@ def main() -> None:
         ("rank-classification examples/s", res["ours-eval"]["examples_per_s"], res["peft-eval"]["examples_per_s"]),
         ("peak eval memory above model (MiB)", res["ours-eval"]["peak_eval_mib"], res["peft-eval"]["peak_eval_mib"]),
     ]
-    print(f"machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, threads {args.threads}; "
-          f"{args.n_tokens} soft tokens, train batch {args.batch_size}, eval batch {args.eval_batch_size}, fp32")
-    print(f"{'metric':40s} {'softprompt':>12s} {'HF PEFT':>12s} {'ratio':>8s}")
+    where = torch.cuda.get_device_name(0) if on_gpu(args.device) else f"{os.cpu_count()} cores, threads {args.threads}"
+    memory = "GPU memory allocated" if on_gpu(args.device) else "resident set"
+    rows[2] = (f"peak eval memory above model (MiB, {memory})",) + rows[2][1:]
+    print(f"machine: {platform.machine()} {where}, torch {torch.__version__}; "
+          f"{args.n_tokens} soft tokens, train batch {args.batch_size}, eval batch {args.eval_batch_size}, {args.dtype}")
+    print(f"{'metric':56s} {'softprompt':>12s} {'HF PEFT':>12s} {'ratio':>8s}")
     for name, ours, peft in rows:
-        print(f"{name:40s} {ours:12.1f} {peft:12.1f} {ours / peft:8.2f}x")
+        print(f"{name:56s} {ours:12.1f} {peft:12.1f} {ours / peft:8.2f}x")
     print(f"eval: first {args.eval_limit} RAFT test tweets; the two sides' predictions agree on {agree:.1%} "
           "(the same prompt on both sides: a check that both score the same thing)")
     if args.json:

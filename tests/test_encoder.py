@@ -20,7 +20,7 @@ from softprompt.encoder import (
 )
 from softprompt.prompts import PromptFileError, PromptMismatchError, SoftPrompt
 from softprompt.tasks import Example, Task
-from softprompt.testing import TINY_WORDS
+from softprompt.testing import TINY_WORDS, tiny_device
 from softprompt.train import TrainConfig, train_prompt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -54,7 +54,7 @@ def tiny_bert(seed: int = 0, max_positions: int = 64):
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=len(TINY_WORDS) + 16, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=64, max_position_embeddings=max_positions, type_vocab_size=2, pad_token_id=0)
-    model = BertModel(cfg).eval()
+    model = BertModel(cfg).eval().to(tiny_device())
     for p in model.parameters():
         p.requires_grad_(False)
     model.softprompt_name = f"tiny-bert-{seed}"

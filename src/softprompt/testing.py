@@ -6,9 +6,17 @@ embedded real model.  Nothing here touches the network.
 """
 from __future__ import annotations
 
+import os
 import string
 
 import torch
+
+
+def tiny_device() -> torch.device:
+    """Where the tiny models live: ``SOFTPROMPT_TEST_DEVICE`` (default ``cpu``).  Running the
+    suite with ``SOFTPROMPT_TEST_DEVICE=cuda`` on a GPU machine checks that no code path
+    mixes devices."""
+    return torch.device(os.environ.get("SOFTPROMPT_TEST_DEVICE", "cpu"))
 
 TINY_WORDS = (
     "the a an is was not no yes good bad great awful movie film tweet complaint service "
@@ -75,7 +83,7 @@ def tiny_causal_lm(
         )
     else:
         raise ValueError(f"unknown tiny family {family!r}; use llama, qwen2 or gpt2")
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).to(tiny_device())
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -100,7 +108,7 @@ def tiny_t5(*, vocab_size: int = 160, hidden: int = 32, layers: int = 2, seed: i
         relative_attention_max_distance=32, dropout_rate=0.0, initializer_factor=init_factor,
         pad_token_id=3, eos_token_id=2, bos_token_id=1, decoder_start_token_id=3,
     )
-    model = T5ForConditionalGeneration(cfg).to(torch.float32)
+    model = T5ForConditionalGeneration(cfg).to(torch.float32).to(tiny_device())
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
