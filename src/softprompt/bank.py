@@ -125,6 +125,8 @@ class PromptBank:
                     f"(expected [{want[0]}, 2, {want[2]}, n_prefix, {want[4]}])"
                 )
             method = "prefix_tuning" if method == "prompt_tuning" else method
+            kv = kv.to(self._device())
+        soft = soft.to(self._device())  # a no-op when already there; differentiable when not
         entry = BankEntry(
             name=name, template=template, soft=soft, verbalizer=dict(verbalizer) if verbalizer else None,
             kind=kind, prefix_ids=template.prefix_ids(self.tokenizer), label_ids=label_ids, method=method, kv=kv,

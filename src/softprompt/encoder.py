@@ -180,6 +180,7 @@ class EncoderBank:
             )
         if self.max_length - soft.shape[0] < 3:
             raise ValueError(f"prompt {name!r}: {soft.shape[0]} soft tokens leave no room in {self.max_length} positions")
+        soft, weight, bias = (t.to(device) for t in (soft, weight, bias))  # no-ops when already there
         entry = EncoderEntry(name=name, fields=tuple(fields), soft=soft, weight=weight, bias=bias, labels=labels,
                              pooling=pooling, verbalizer=dict(verbalizer) if verbalizer else None)
         if name in self._index:
