@@ -27,6 +27,10 @@ newline, scored by SQuAD-normalised exact match and token F1 against every gold 
 * prompt tuning: ``--prompt-length`` soft tokens in front of the hard template,
   initialised from the instruction's token embeddings, trained on ``--train-limit``
   training questions (a seeded sample) with the loss on the answer tokens (+ EOS only).
+* with ``--methods ...,ptuning``: P-tuning, the same soft tokens trained through a prompt
+  encoder (``--ptuning-encoder``) at ``--encoder-lr``; with ``prefix``: prefix tuning,
+  ``--prompt-length`` key/value positions per layer before the hard template, trained
+  directly at ``--lr`` or, with ``--prefix-reparam mlp``, through an MLP at ``--encoder-lr``.
 
 Writes ``results.json``, ``report.md``, ``report.html``, ``em_f1_by_method.png`` and
 ``training_loss.png`` to ``--out`` (a rerun skips finished runs); ``--publish`` copies
@@ -89,6 +93,11 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--warmup-steps", type=int, default=3)
     p.add_argument("--seeds", default="0", help="prompt-tuning seeds")
+    p.add_argument("--methods", default="zero_shot,few_shot,soft",
+                   help="comma list: zero_shot, few_shot, soft, ptuning, prefix (or other compare methods)")
+    p.add_argument("--ptuning-encoder", default="lstm", choices=["lstm", "mlp"])
+    p.add_argument("--encoder-lr", type=float, default=1e-3, help="lr of P-tuning and of prefix tuning via an MLP")
+    p.add_argument("--prefix-reparam", default="none", choices=["none", "mlp"])
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--latency-examples", type=int, default=0, help="0: no latency measurement (shared CPU)")
@@ -113,13 +122,15 @@ def main() -> None:
     data = TaskData(task, {"train": [examples[i] for i in train], "test": [examples[i] for i in held],
                            "demonstrations": demos})
     cfg = CompareConfig(
-        methods=("zero_shot", "few_shot", "soft"), train_limit=args.train_limit, valid_limit=0,
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), train_limit=args.train_limit,
+        valid_limit=0,
         test_limit=args.test_limit, data_seed=args.split_seed, shots=args.shots,
         fewshot_seeds=tuple(int(s) for s in args.fewshot_seeds.split(",")), fewshot_orders=1,
         prompt_length=args.prompt_length, init="text", seeds=tuple(int(s) for s in args.seeds.split(",")),
         epochs=args.epochs, min_steps=0, lr=args.lr, batch_size=args.batch_size, warmup_steps=args.warmup_steps,
         max_new_tokens=args.max_new_tokens, eval_batch_size=args.eval_batch_size,
-        latency_examples=args.latency_examples,
+        latency_examples=args.latency_examples, ptuning_encoder=args.ptuning_encoder, encoder_lr=args.encoder_lr,
+        prefix_reparam=args.prefix_reparam,
     )
     comp = Comparison(cfg, data, model, tok, args.out, model_name=args.model, progress=True)
     comp.plan()
@@ -131,13 +142,37 @@ def main() -> None:
     results = comp.run()
 
     cmd = "PYTHONPATH=src python benchmarks/bench_qa.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    methods = set(cfg.methods)
+    trained = [n for m, n in (("soft", "prompt tuning"), ("ptuning", "P-tuning"), ("prefix", "prefix tuning"))
+               if m in methods]
+    how = []
+    if "few_shot" in methods:
+        how.append(f"Few-shot demonstrations: {args.shots} drawn at random from the {len(demos)} training questions "
+                   f"whose supporting paragraphs alone fit in {args.demo_budget} tokens; their context is those "
+                   "paragraphs only.")
+    if "soft" in methods:
+        how.append(f"Prompt tuning: {args.prompt_length} soft tokens before the hard template, initialised from the "
+                   f"instruction's token embeddings, AdamW lr {args.lr}.")
+    if "ptuning" in methods:
+        how.append(f"P-tuning: the same {args.prompt_length} soft tokens trained through a {args.ptuning_encoder} "
+                   f"prompt encoder (width 128, output added to the instruction's embeddings), AdamW lr "
+                   f"{args.encoder_lr}.")
+    if "prefix" in methods:
+        how.append(f"Prefix tuning: {args.prompt_length} learned key/value positions at every layer before the hard "
+                   "template (no soft tokens), started from the key/values of the instruction's tokens, "
+                   + (f"trained directly, AdamW lr {args.lr}." if args.prefix_reparam == "none"
+                      else f"through an MLP (width 128), AdamW lr {args.encoder_lr}."))
+    if trained:
+        how.append(f"All trained prompts ({', '.join(trained)}): batch {args.batch_size}, {args.epochs} epoch(s), "
+                   "loss on the answer tokens (+ EOS) only, the last prompt kept (no validation).")
     results["notes"] = [
         (f"Data: the {len(examples)} HotpotQA dev questions with paragraphs (`{HOTPOT_FILE}`), shuffled with seed "
          f"{args.split_seed}: {len(held)} held out, {len(train)} for training. Scored: "
          + (f"a seeded sample of {len(comp.test)} held-out questions" if len(comp.test) < len(held)
             else f"all {len(held)} held-out questions")
-         + f"; prompt tuning trains on {len(comp.pool)} training questions"
-         + (" (a seeded sample)" if len(comp.pool) < len(train) else "") + "."),
+         + (f"; the trained prompts ({', '.join(trained)}) learn from {len(comp.pool)} training questions"
+            if trained else "")
+         + (" (a seeded sample)" if trained and len(comp.pool) < len(train) else "") + "."),
         (f"Contexts (`tasks.hotpot_context`): at most {args.budget} tokens of context, supporting paragraphs first and "
          "always kept (cut to their marked supporting sentences when they alone exceed the budget and the official "
          "distractor file marks them), then whole distractor paragraphs in file order while they fit. All "
@@ -145,11 +180,7 @@ def main() -> None:
          f"{stats_all['over_budget']} exceed the budget because their supporting paragraphs alone do, "
          f"{stats_all['support_cut_to_sentences']} have supporting paragraphs cut to their marked sentences. Scored "
          f"held-out questions: mean {stats_test['mean_tokens']:.0f} tokens."),
-        (f"Few-shot demonstrations: {args.shots} drawn at random from the {len(demos)} training questions whose "
-         f"supporting paragraphs alone fit in {args.demo_budget} tokens; their context is those paragraphs only. "
-         f"Prompt tuning: {args.prompt_length} soft tokens before the hard template, initialised from the "
-         f"instruction's token embeddings, AdamW lr {args.lr}, batch {args.batch_size}, {args.epochs} epoch(s), "
-         "loss on the answer tokens (+ EOS) only, the last prompt kept (no validation)."),
+        *([" ".join(how)] if how else []),
         f"Command: `{cmd}` (started {started}, {args.threads} torch thread(s)).",
     ]
     (args.out / RESULTS).write_text(json.dumps(results, indent=1, default=str))

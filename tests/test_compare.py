@@ -271,3 +271,95 @@ def test_cli_compare_generation_on_user_files(tmp_path):
     assert "exact match" in r.output and "exact_match" in res["runs"]["zero_shot"]["metrics"]
     assert res["command"].startswith("softprompt compare ") and "--target-column answer" in res["command"]
     assert f"Command: `{res['command']}`" in (out / "report.md").read_text()
+
+
+# the spec keys of a prompt-tuning run as planned before P-tuning / prefix tuning joined
+# compare: they (and the run ids) must not change, or old results.json files stop resuming
+SOFT_SPEC_KEYS = ["kind", "template", "init", "init_text", "seed", "n_train", "train_fp", "valid_fp", "test_fp",
+                  "model", "epochs", "lr", "batch_size", "warmup_steps", "optimizer", "verbalizer", "eval_every"]
+
+
+def _check_ptuning_prefix(results, out, model, tok, n: int, cfg):
+    """Shared checks of the P-tuning and prefix runs of one comparison (one seed each)."""
+    from softprompt.baselines import template_overhead_tokens
+    from softprompt.prompts import SoftPrompt
+
+    runs = results["runs"]
+    pt = runs[f"soft/ptuning-lstm/len{n}/{cfg.init}/n{results['data']['train_pool']}/seed0"]
+    px = runs[f"soft/prefix/len{n}/{cfg.init}/n{results['data']['train_pool']}/seed0"]
+    assert pt["spec"]["method"] == "ptuning" and pt["spec"]["encoder"] == "lstm" and pt["spec"]["lr"] == cfg.encoder_lr
+    assert px["spec"]["method"] == "prefix" and px["spec"]["prefix_tokens"] == n and px["spec"]["lr"] == cfg.lr
+    assert Template(px["template"]).n_soft == 0 and Template(pt["template"]).n_soft == n
+    hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
+    kv_heads = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
+    kv_numel = layers * 2 * kv_heads * n * (hidden // model.config.num_attention_heads)
+    # P-tuning trains an encoder network, far more numbers than the n x hidden prompt it saves
+    assert pt["artifact_params"] == n * hidden < pt["trainable_params"]
+    assert px["trainable_params"] == px["artifact_params"] == kv_numel and px["prefix_positions"] == n
+    assert px["tokens_added"] == template_overhead_tokens(px["template"], tok) + n
+    for rec, method in ((pt, "p_tuning"), (px, "prefix_tuning")):
+        assert rec["status"] == "done" and rec["train"]["loss"] and rec["train"]["steps"] >= 1
+        saved = SoftPrompt.load(out / rec["artifact"], model=model)
+        assert saved.method == method and saved.n_params == rec["artifact_params"]
+    assert saved.kv is not None and saved.n_prefix == n
+    rows = [r for r in summarize(results) if r["section"] == "main" and r["family"] == C.FAMILY_PT]
+    assert [r["name"] for r in rows if r["name"].startswith(("P-tuning", "prefix"))] == [
+        f"P-tuning ({n} soft tokens, lstm encoder)", f"prefix tuning ({n} key/value positions per layer)"]
+    write_report(results, out)
+    md = (out / "report.md").read_text()
+    assert all(f"| {r['name']} |" in md for r in rows)
+    return pt, px
+
+
+def test_compare_ptuning_and_prefix_classification(tmp_path):
+    """P-tuning and prefix tuning as compare methods: distinct runs next to prompt tuning, whose
+    planned spec and id are unchanged; honest parameter counts; rows in the main table."""
+    model, tok = tiny_causal_lm(), tiny_tokenizer()
+    cfg = tiny_config(methods=("soft", "ptuning", "prefix"), seeds=(0,), eval_task=None)
+    out = tmp_path / "rep"
+    comp = C.Comparison(cfg, toy_data(), model, tok, out, progress=False, log=lambda s: None)
+    runs, _ = comp.plan()
+    assert sorted(runs) == ["soft/main/len2/labels/n16/seed0", "soft/prefix/len2/labels/n16/seed0",
+                            "soft/ptuning-lstm/len2/labels/n16/seed0"]
+    assert list(runs["soft/main/len2/labels/n16/seed0"].spec) == SOFT_SPEC_KEYS
+    results = comp.run()
+    for rec in results["runs"].values():
+        assert 0 <= rec["metrics"]["accuracy"] <= 1 and rec["latency"]["batch1_ms"] > 0
+    _check_ptuning_prefix(results, out, model, tok, 2, cfg)
+    assert (out / "accuracy_by_method.png").exists()
+    # the MLP-reparameterised prefix is another run (own id, encoder lr), not a resume of this one
+    cfg2 = tiny_config(methods=("prefix",), seeds=(0,), eval_task=None, prefix_reparam="mlp")
+    runs2, _ = C.Comparison(cfg2, toy_data(), model, tok, out, progress=False, log=lambda s: None).plan()
+    (rid, run), = runs2.items()
+    assert rid == "soft/prefix-mlp/len2/labels/n16/seed0" and run.spec["lr"] == cfg2.encoder_lr
+    with pytest.raises(ValueError, match="P-tuning encoder"):
+        tiny_config(ptuning_encoder="gru")
+    # encoder-decoders have no prefix tuning here: skipped with the reason, before any training
+    from softprompt.testing import tiny_t5
+
+    logs = []
+    runs3, _ = C.Comparison(tiny_config(methods=("ptuning", "prefix"), seeds=(0,), eval_task=None), toy_data(),
+                            tiny_t5(), tok, tmp_path / "t5", progress=False, log=logs.append).plan()
+    assert list(runs3) == ["soft/ptuning-lstm/len2/labels/n16/seed0"] and logs[0].startswith("prefix skipped")
+    # the CLI: 'all' combines with the opt-in methods, and the new options reach the config
+    r = CliRunner().invoke(app, ["compare", "--task", "demo", "--methods", "all,ptuning,prefix",
+                                 "--ptuning-encoder", "gru", "--out", str(tmp_path / "cli")])
+    assert r.exit_code == 2 and "unknown P-tuning encoder 'gru'" in r.output, r.output
+
+
+def test_compare_ptuning_and_prefix_generation(tmp_path):
+    """Both methods also train and answer on a generation task (EM / F1, sample answers)."""
+    model, tok = tiny_causal_lm(), tiny_tokenizer()
+    cfg = tiny_config(methods=("soft", "ptuning", "prefix"), init="vocab", seeds=(0,), valid_limit=0,
+                      max_new_tokens=3, eval_task=None)
+    out = tmp_path / "qa"
+    comp = C.Comparison(cfg, qa_data(), model, tok, out, progress=False, log=lambda s: None)
+    runs, _ = comp.plan()
+    assert list(runs["soft/main/len2/vocab/n8/seed0"].spec) == [*SOFT_SPEC_KEYS, "max_new_tokens"]
+    results = comp.run()
+    for rec in results["runs"].values():
+        assert set(rec["metrics"]) == {"exact_match", "f1", "n"} and rec["metrics"]["n"] == 6
+        assert len(rec["samples"]) == 6
+    _check_ptuning_prefix(results, out, model, tok, 2, cfg)
+    md = (out / "report.md").read_text()
+    assert "## Sample answers" in md and "| P-tuning | prefix tuning |" in md

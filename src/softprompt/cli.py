@@ -480,7 +480,9 @@ def compare(
     template: Optional[str] = typer.Option(None, help="Template with soft slot, e.g. '{soft:20} Text: {text}\\nLabel:'."),
     verbalizer: Optional[list[str]] = typer.Option(None, help="LABEL=WORD, one per label. Repeatable."),
     instruction: Optional[str] = typer.Option(None, help="Zero-shot instruction (default: the task's own)."),
-    methods: str = typer.Option("all", help="Comma list from: zero_shot,few_shot,cot,soft,length,init,hybrid,ensemble,curve,transfer (or 'all')."),
+    methods: str = typer.Option("all", help="Comma list from: zero_shot,few_shot,cot,soft,length,init,hybrid,ensemble,curve,transfer,"
+                                "ptuning,prefix. 'all' = every method but ptuning and prefix (opt-in: they train "
+                                "one prompt per seed each), e.g. 'all,ptuning,prefix'."),
     eval_task: Optional[str] = typer.Option(None, help="Transfer: also score the prompts on this built-in task's test split."),
     eval_label_map: Optional[list[str]] = typer.Option(None, help="Transfer: EVAL_LABEL=PROMPT_LABEL when the label names differ. Repeatable."),
     shots: int = typer.Option(4, help="Few-shot: demonstrations per prompt (0 skips few-shot)."),
@@ -503,6 +505,11 @@ def compare(
     batch_size: int = typer.Option(8),
     warmup_steps: int = typer.Option(10),
     optimizer: str = typer.Option("adamw", help="adamw | adafactor"),
+    ptuning_encoder: str = typer.Option("lstm", help="P-tuning (--methods ptuning): prompt encoder, lstm | mlp."),
+    encoder_lr: float = typer.Option(1e-3, help="Learning rate of P-tuning and of prefix tuning with --prefix-reparam mlp "
+                                     "(an encoder's output moves several times lr per step)."),
+    prefix_reparam: str = typer.Option("none", help="Prefix tuning (--methods prefix): none (key/values trained "
+                                       "directly, at --lr) | mlp (through an MLP, at --encoder-lr)."),
     train_sizes: str = typer.Option("8,16,32,all", help="Learning curve: training-set sizes ('all' = the whole pool)."),
     curve_seeds: str = typer.Option("0", help="Learning curve: seeds per size."),
     train_limit: int = typer.Option(256, help="Training pool: a seeded sample of at most N examples (0 = all)."),
@@ -519,10 +526,10 @@ def compare(
     publish: Optional[Path] = typer.Option(None, help="Also copy report.md and the PNGs (small; no HTML, JSON or prompts) here, e.g. docs/reports/raft."),
 ):
     """Run hand-written prompts (zero-shot, few-shot, chain-of-thought) and soft prompts (prompt tuning
-    at several lengths and inits, hybrids, ensembles, learning curve, transfer) on the same splits
-    with the same scorer, and write a report folder. Finished runs are kept in OUT/results.json and
+    at several lengths and inits, hybrids, ensembles, learning curve, transfer; opt-in: P-tuning and
+    prefix tuning) on the same splits with the same scorer, and write a report folder. Finished runs are kept in OUT/results.json and
     skipped when the command is run again."""
-    from .compare import ALL_METHODS, RESULTS, CompareConfig, run_compare
+    from .compare import DEFAULT_METHODS, RESULTS, CompareConfig, run_compare
     from .report import load_results, metric_names, summarize, write_report
 
     if report_only:
@@ -532,7 +539,8 @@ def compare(
         console.print("wrote " + ", ".join(str(p) for p in paths.values()))
         _cmp_publish(out, publish)
         return
-    chosen = ALL_METHODS if methods.strip().lower() == "all" else _cmp_list(methods, what="methods")
+    chosen = tuple(dict.fromkeys(m for word in _cmp_list(methods, what="methods")
+                                 for m in (DEFAULT_METHODS if word.lower() == "all" else (word,))))
     cap = (lambda n: n if limit is None else (min(n, limit) if n else limit))
     data = _load_task_data(task, train_file, test_file, valid_file, field, label_column, target_column, template,
                            verbalizer, None, None)
@@ -547,6 +555,7 @@ def compare(
             sweep_seeds=_cmp_list(sweep_seeds, int, "sweep-seeds"), lengths=_cmp_list(lengths, int, "lengths"),
             inits=_cmp_list(inits, what="inits"), positions=_cmp_list(positions, what="positions"), epochs=epochs,
             min_steps=min_steps, lr=lr, batch_size=batch_size, warmup_steps=warmup_steps, optimizer=optimizer,
+            ptuning_encoder=ptuning_encoder, encoder_lr=encoder_lr, prefix_reparam=prefix_reparam,
             train_sizes=_cmp_sizes(train_sizes), curve_seeds=_cmp_list(curve_seeds, int, "curve-seeds"),
             eval_task=eval_task, eval_label_map=_parse_pairs(eval_label_map, "--eval-label-map"),
             eval_batch_size=eval_batch_size, latency_examples=latency_examples,

@@ -28,13 +28,28 @@ curve           data efficiency: prompt tuning on ``train_sizes`` labelled examp
                 (class-balanced subsets), ``0`` meaning all
 transfer        the ``soft`` prompts scored on ``eval_task`` (same labels, or mapped with
                 ``eval_label_map``), next to a zero-shot reference on that task
+ptuning         P-tuning: the ``soft`` template's ``prompt_length`` tokens trained through a
+                prompt encoder (``ptuning_encoder``: lstm | mlp, width 128) at ``encoder_lr``,
+                one run per seed in ``seeds`` (opt-in: not in ``DEFAULT_METHODS``)
+prefix          prefix tuning: ``prompt_length`` learned key/value positions at every layer,
+                on the task template without its soft slots; directly at ``lr``
+                (``prefix_reparam`` none) or through an MLP at ``encoder_lr`` (mlp); one run
+                per seed in ``seeds`` (opt-in; not for encoder-decoder models)
 ==============  ==========================================================================
+
+``DEFAULT_METHODS`` (what the CLI's ``--methods all`` means) is every method except
+``ptuning`` and ``prefix``: each adds one training per seed, and a default comparison
+rerun over an old ``results.json`` should not start training new prompts.  A
+P-tuning run's ``trainable_params`` counts the encoder network it trains (its saved prompt,
+the network's output, is ``artifact_params``); a prefix run's counts the key/values, and its
+``tokens_added`` includes the prefix positions, which each query attends to as it does to
+cached soft tokens.
 
 **Generation tasks** (question answering, e.g. HotpotQA) run the methods that make sense
 for free text: ``zero_shot``, ``few_shot`` (demonstrations end with their gold answer and
 are drawn at random; from the data's ``demonstrations`` split when it has one, e.g. the
 training questions with shortened contexts), ``soft``, ``length``, ``init`` (not
-``labels``, which needs label words), ``hybrid`` and ``curve``.  Answers are generated
+``labels``, which needs label words), ``hybrid``, ``curve``, ``ptuning`` and ``prefix``.  Answers are generated
 greedily (``max_new_tokens``, stopping at a newline) by ``scoring.generate`` and scored by
 SQuAD exact match and token F1 against every gold answer; chain-of-thought, ensembles and
 transfer are classification-only and are skipped with a message.
@@ -88,12 +103,13 @@ __all__ = [
     "with_soft_length",
 ]
 
-ALL_METHODS = ("zero_shot", "few_shot", "cot", "soft", "length", "init", "hybrid", "ensemble", "curve", "transfer")
-DEFAULT_METHODS = ALL_METHODS
+DEFAULT_METHODS = ("zero_shot", "few_shot", "cot", "soft", "length", "init", "hybrid", "ensemble", "curve", "transfer")
+ALL_METHODS = (*DEFAULT_METHODS, "ptuning", "prefix")  # the last two are opt-in (see the module docstring)
 POSITIONS = ("prefix", "between", "answer")
 RESULTS = "results.json"
 FORMAT = 1
 CLASSIFICATION_ONLY = ("cot", "ensemble", "transfer")  # methods that need label words
+ENCODER_HIDDEN = 128  # width of the P-tuning encoder / prefix MLP (TrainConfig.encoder_hidden)
 
 FAMILY_PE = "prompt engineering"
 FAMILY_PT = "prompt tuning"
@@ -135,6 +151,10 @@ class CompareConfig:
     batch_size: int = 8
     warmup_steps: int = 10
     optimizer: str = "adamw"
+    # P-tuning and prefix tuning (methods ptuning, prefix)
+    ptuning_encoder: str = "lstm"  # lstm | mlp
+    prefix_reparam: str = "none"  # none: key/values trained directly (at lr) | mlp: through an MLP
+    encoder_lr: float = 1e-3  # lr of anything trained through an encoder network (see reparam.py)
     # data efficiency
     train_sizes: tuple[int, ...] = (8, 16, 32, 0)  # 0 = all
     curve_seeds: tuple[int, ...] = (0,)
@@ -160,6 +180,14 @@ class CompareConfig:
             raise ValueError("give at least one seed")
         if any(n <= 0 for n in (*self.lengths, self.prompt_length)):
             raise ValueError("prompt lengths must be positive")
+        from .reparam import ENCODERS
+
+        if self.ptuning_encoder not in ENCODERS:
+            raise ValueError(f"unknown P-tuning encoder {self.ptuning_encoder!r}; choose from {', '.join(ENCODERS)}")
+        if self.prefix_reparam not in ("none", "mlp"):
+            raise ValueError(f"prefix_reparam must be none or mlp, got {self.prefix_reparam!r}")
+        if not self.encoder_lr > 0:
+            raise ValueError(f"encoder_lr must be positive, got {self.encoder_lr}")
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -349,6 +377,9 @@ class Comparison:
         if "transfer" in config.methods and eval_data is not None:
             self.eval_test = self._mapped_eval_test(eval_data)
         self.bank = PromptBank(model, tokenizer)
+        from .seq2seq import is_encoder_decoder
+
+        self._seq2seq = is_encoder_decoder(model)
         self.runs: dict[str, Run] = {}
         self.rows: list[Row] = []
         self.results: dict[str, Any] = {}
@@ -393,7 +424,11 @@ class Comparison:
         self.runs.setdefault(run.id, run)
         return run.id
 
-    def _soft_run(self, template: str, init: str, seed: int, *, n_train: int = 0, label: str, tag: str) -> str:
+    def _soft_run(self, template: str, init: str, seed: int, *, n_train: int = 0, label: str, tag: str,
+                  method: dict[str, Any] | None = None, lr: float | None = None) -> str:
+        """Plan one prompt training.  ``method``: TrainConfig fields of P-tuning / prefix tuning,
+        added to the spec only for those runs, so prompt-tuning specs and ids stay as they were
+        (and old ``results.json`` files still resume)."""
         train = self._train_subset(n_train, seed)
         epochs = self._epochs_for(len(train))
         steps = epochs * math.ceil(len(train) / self.cfg.batch_size)
@@ -403,13 +438,15 @@ class Comparison:
         spec = {
             "kind": "soft", "template": template, "init": init, "init_text": init_text if init == "text" else None,
             "seed": seed, "n_train": len(train), "train_fp": fingerprint(train), "valid_fp": self.fp["valid"],
-            "test_fp": self.fp["test"], "model": self.fp["model"], "epochs": epochs, "lr": self.cfg.lr,
+            "test_fp": self.fp["test"], "model": self.fp["model"], "epochs": epochs,
+            "lr": self.cfg.lr if lr is None else lr,
             "batch_size": self.cfg.batch_size, "warmup_steps": self.cfg.warmup_steps, "optimizer": self.cfg.optimizer,
             "verbalizer": self.task.verbalizer, "eval_every": eval_every,
         }
         if self.generative:
             spec["max_new_tokens"] = self.cfg.max_new_tokens
-        n_soft = Template(template).n_soft
+        spec.update(method or {})
+        n_soft = (method or {}).get("prefix_tokens") or Template(template).n_soft
         run_id = f"soft/{tag}/len{n_soft}/{init}/n{len(train)}/seed{seed}"
         n_valid = (steps // eval_every) * len(self.valid) if eval_every else 0
         cost = steps * self.cfg.batch_size * 3 + n_valid + len(self.test) + 3 * self.cfg.latency_examples
@@ -471,6 +508,29 @@ class Comparison:
             main = main_runs()
             if "soft" in methods:
                 rows.append(Row(main_label, FAMILY_PT, "main", main, x=cfg.prompt_length))
+        if "ptuning" in methods:
+            enc = cfg.ptuning_encoder
+            name = f"P-tuning ({_tokens(cfg.prompt_length, 'soft token')}, {enc} encoder)"
+            spec = {"method": "ptuning", "encoder": enc, "encoder_hidden": ENCODER_HIDDEN}
+            ids = [self._soft_run(main_tpl, cfg.init, s, label=f"{name}, seed {s}", tag=f"ptuning-{enc}",
+                                  method=spec, lr=cfg.encoder_lr) for s in cfg.seeds]
+            rows.append(Row(name, FAMILY_PT, "main", ids, x=cfg.prompt_length))
+        if "prefix" in methods and self._seq2seq:
+            from .seq2seq import PREFIX_UNSUPPORTED
+
+            self.log(f"prefix skipped: {PREFIX_UNSUPPORTED}")
+        elif "prefix" in methods:
+            rp = cfg.prefix_reparam
+            name = (f"prefix tuning ({cfg.prompt_length} key/value positions per layer"
+                    + (", MLP reparameterisation)" if rp == "mlp" else ")"))
+            spec = {"method": "prefix", "prefix_tokens": cfg.prompt_length, "reparam": rp}
+            if rp != "none":
+                spec["encoder_hidden"] = ENCODER_HIDDEN
+            tpl = Template(task.template).without_soft().text
+            ids = [self._soft_run(tpl, cfg.init, s, label=f"{name}, seed {s}",
+                                  tag="prefix" if rp == "none" else f"prefix-{rp}", method=spec,
+                                  lr=cfg.lr if rp == "none" else cfg.encoder_lr) for s in cfg.seeds]
+            rows.append(Row(name, FAMILY_PT, "main", ids, x=cfg.prompt_length))
         if "length" in methods:
             for n in cfg.lengths:
                 if n == cfg.prompt_length:
@@ -746,7 +806,9 @@ class Comparison:
         cfg = TrainConfig(init=sp["init"], init_text=sp["init_text"], epochs=sp["epochs"], batch_size=sp["batch_size"],
                           lr=sp["lr"], warmup_steps=sp["warmup_steps"], optimizer=sp["optimizer"], seed=seed,
                           eval_every=sp["eval_every"], eval_batch_size=self.cfg.eval_batch_size,
-                          max_new_tokens=sp.get("max_new_tokens", TrainConfig.max_new_tokens))
+                          max_new_tokens=sp.get("max_new_tokens", TrainConfig.max_new_tokens),
+                          **{k: sp[k] for k in ("method", "encoder", "encoder_hidden", "reparam", "prefix_tokens")
+                             if k in sp})
         run_dir = self.out / "prompts" / _safe(run.id)
         try:
             res = train_prompt(self.model, self.tok, task, train, self.valid or None, cfg, out_dir=run_dir,
@@ -768,10 +830,15 @@ class Comparison:
         size = res.prompt.save(run_dir / "prompt.safetensors")
         hist = res.history
         stride = max(1, math.ceil(len(hist) / 2000))
+        extra: dict[str, Any] = {}
+        if "method" in sp:  # P-tuning / prefix tuning: what was trained is not what was saved
+            extra = {"method": sp["method"], "artifact_params": res.prompt.n_params,
+                     "prefix_positions": res.prompt.n_prefix}
         return {
-            **scored, "template": sp["template"], "trainable_params": res.prompt.embeddings.numel(),
+            **scored, **extra, "template": sp["template"],
+            "trainable_params": res.trainable_params if "method" in sp else res.prompt.embeddings.numel(),
             "artifact_bytes": size, "artifact": str((run_dir / "prompt.safetensors").relative_to(self.out)),
-            "tokens_added": B.template_overhead_tokens(sp["template"], self.tok),
+            "tokens_added": B.template_overhead_tokens(sp["template"], self.tok) + res.prompt.n_prefix,
             "train": {
                 "wall_s": res.wall_time_s, "steps": res.steps, "epochs": sp["epochs"], "n_train": len(train),
                 "best_step": res.best_step, "tokens_per_s": res.tokens_per_s, "stopped_early": res.stopped_early,

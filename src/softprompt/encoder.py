@@ -520,7 +520,7 @@ def train_encoder_prompt(
     )
     result = TrainResult(prompt=prompt, history=history, best_step=best_step, steps=len(history),
                          wall_time_s=elapsed, tokens_per_s=tokens_seen / max(elapsed, 1e-9),
-                         stopped_early=stopped_early)
+                         stopped_early=stopped_early, trainable_params=sum(p.numel() for p in trainable))
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -456,9 +456,10 @@ def _blocks(results: dict[str, Any], plots: list[tuple[str, str]]) -> list[tuple
     b.append(("table", head, table))
     b.append(("p", (f"{lab1[0].upper() + lab1[1:]} and {lab2}: mean ± sample std over runs (seeds, or demonstration sampling seeds x "
                     "orders), with min..max. *Artifact*: the saved `.safetensors` prompt for soft prompts, the UTF-8 "
-                    "prompt text for hand-written ones (an ensemble counts all its members). *Tokens added / query*: soft "
-                    "tokens plus instruction/demonstration/format text around each input (BOS and the input itself "
-                    "excluded); for chain-of-thought it includes the mean number of generated tokens. "
+                    "prompt text for hand-written ones (an ensemble counts all its members). *Trainable params*: what the "
+                    "optimizer updates (for P-tuning, the prompt encoder network). *Tokens added / query*: soft "
+                    "tokens (for prefix tuning, its key/value positions) plus instruction/demonstration/format text "
+                    "around each input (BOS and the input itself excluded); for chain-of-thought it includes the mean number of generated tokens. "
                     + (f"*Latency*: wall time per query on {cfg.get('latency_examples')} test examples after a warm-up: "
                        "the median over queries sent one at a time (batch 1), and the best of two passes with all of "
                        "them in one batch (per query), with each prompt's prefix key/values cached as when serving. "

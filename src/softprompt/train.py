@@ -92,6 +92,9 @@ class TrainResult:
     wall_time_s: float = 0.0
     tokens_per_s: float = 0.0
     stopped_early: bool = False
+    # numbers the optimizer updated: for P-tuning / reparameterised prefix tuning the encoder
+    # network's weights, which are more than the saved prompt holds (``prompt.n_params``)
+    trainable_params: int | None = None
 
 
 def batch_plan(n: int, batch_size: int, epochs: int, seed: int) -> list[tuple[int, list[int]]]:
@@ -438,6 +441,7 @@ def train_prompt(
     result = TrainResult(
         prompt=prompt, history=history, best_step=best_step, steps=len(history), wall_time_s=elapsed,
         tokens_per_s=tokens_seen / max(elapsed, 1e-9), stopped_early=stopped_early,
+        trainable_params=sum(p.numel() for p in params.values()),
     )
     if out is not None:
         prompt.save(out / "prompt.safetensors")
