@@ -24,6 +24,7 @@ run() {  # run NAME SECONDS CMD...: log to $RES/NAME.log, print its tail
     timeout "$secs" "$@" > "$RES/$name.log" 2>&1
     echo "=== $name: rc=$? in $((SECONDS - t0)) s"
     tail -n 25 "$RES/$name.log"
+    pack  # after every command: a later time limit must not lose this one's numbers
 }
 
 speed() {
