@@ -179,9 +179,11 @@ def our_task(task, n_tokens):
                 verbalizer=task.verbalizer)
 
 
-def ours_train(model, tok, task, examples, steps, batch_size, n_tokens, lr):
+def ours_train(model, tok, task, examples, steps, batch_size, n_tokens, lr, context="auto"):
     from softprompt.bank import PromptBank
-    from softprompt.train import batch_loss
+    from softprompt.train import batch_loss, resolve_context
+
+    context = resolve_context(context, model)  # as train_prompt does: cached on a CPU, full on a GPU
 
     t = our_task(task, n_tokens)
     param = torch.nn.Parameter(start_prompt(model, tok, n_tokens).float())
@@ -197,7 +199,7 @@ def ours_train(model, tok, task, examples, steps, batch_size, n_tokens, lr):
         for ex in batch:
             ids, lab = example_ids(tok, ex, task.verbalizer)
             tokens += 1 + len(ids) + len(lab)
-        loss, _ = batch_loss(bank, entry, batch, "lm")
+        loss, _ = batch_loss(bank, entry, batch, "lm", context=context)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -223,8 +225,9 @@ def child(args) -> dict:
     model, tok, data = setup(args.threads, args.device, args.dtype)
     task = data.task
     if args.child.endswith("train"):
+        extra = {} if args.child.startswith("peft") else {"context": args.context}
         fn = peft_train if args.child.startswith("peft") else ours_train
-        tps = fn(model, tok, task, data["train"], args.train_steps, args.batch_size, args.n_tokens, 0.03)
+        tps = fn(model, tok, task, data["train"], args.train_steps, args.batch_size, args.n_tokens, 0.03, **extra)
         return {"train_tokens_per_s": tps}
     fn = peft_eval if args.child.startswith("peft") else ours_eval
     examples = data["test"][: args.eval_limit]
@@ -255,6 +258,8 @@ def main() -> None:
     p.add_argument("--n-tokens", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--context", default="auto", choices=["auto", "cached", "full"],
+                   help="our training step (TrainConfig.context): auto = cached on a CPU, full on a GPU")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="precision of the frozen model (both sides)")
     p.add_argument("--json", type=Path)
     p.add_argument("--child", help=argparse.SUPPRESS)

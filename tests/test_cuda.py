@@ -86,6 +86,7 @@ def test_engine_on_the_gpu_equals_scoring(pair):
     gen = random_prompt(gpu, "{soft:3} question : {text} answer :", kind="generation", seed=4)
     b_gpu = banks((gpu, gpu, tok), ("cls", cls), ("gen", gen))[1]
     eng = Engine(gpu, tok, max_batch_size=8, max_wait_ms=2.0)
+    assert eng.prefix_cache is (torch.device(GPU).type == "cpu")  # "auto": recompute prompts on a GPU
     eng.register("cls", cls)
     eng.register("gen", gen)
     eng.start()

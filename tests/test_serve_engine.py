@@ -5,6 +5,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from softprompt.bank import PromptBank
 from softprompt.scoring import classify as ref_classify
@@ -401,3 +402,32 @@ def test_generation_rows_of_all_passes_decode_together(families, monkeypatch):
         assert r.text == ref.text(ps["qa"], {"text": t}, 1 + 2 * i, stop_at_newline=False)
         assert len(r.token_ids) <= 1 + 2 * i
     assert got[-1].label == ref.probs(ps["sent"], {"text": texts[0]})[1]
+
+
+def test_prefix_cache_auto_follows_the_device(setup):
+    model, tok, _ = setup
+    assert Engine(model, tok).prefix_cache is (model.device.type == "cpu")  # measured choice per device
+    assert Engine(model, tok, prefix_cache=False).prefix_cache is False
+    with pytest.raises(ValueError, match="prefix_cache"):
+        Engine(model, tok, prefix_cache="sometimes")
+
+
+def test_prefix_tuned_prompts_keep_their_key_values_without_the_prefix_cache(setup):
+    """Recomputing prompts (the GPU default) cannot recompute learned key/values: such prompts
+    still run on top of them, and answer as with the cache."""
+    model, tok, ps = setup
+    bank = PromptBank(model, tok)
+    shape = list(bank.kv_shape(None))
+    shape[3] = 3
+    kv = torch.randn(*shape, generator=torch.Generator().manual_seed(7))
+    deep = random_prompt(model, "review : {text} label :", verbalizer={"pos": " good", "neg": " bad"}, seed=5)
+    deep.kv, deep.method = kv, "prefix_tuning"
+    answers = {}
+    for cache in (True, False):
+        with make_engine(setup, prefix_cache=cache, max_batch_size=8) as eng:
+            eng.register("deep", deep)
+            answers[cache] = [r.probabilities for r in eng.classify("deep", TEXTS)]
+            mixed = [f.result() for f in eng.submit_classify("deep", TEXTS[:3]) + eng.submit_classify("sent", TEXTS[:3])]
+    for a, b in zip(answers[True], answers[False]):
+        assert a == pytest.approx(b, abs=1e-5)
+    assert len(mixed) == 6

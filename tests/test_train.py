@@ -110,3 +110,44 @@ def test_sigkill_then_resume_gives_the_same_prompt(tmp_path, optimizer, method):
     b = SoftPrompt.load(killed / "prompt.safetensors")
     assert torch.equal(a.embeddings, b.embeddings)
     assert json.loads((ref / "history.json").read_text()) == json.loads((killed / "history.json").read_text())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["classification", "generation"])
+def test_full_and_cached_contexts_give_the_same_loss_and_gradient(family, kind):
+    """The GPU training step (prompt + input in one pass) and the CPU one (prompt key/values once,
+    then each input) compute the same function, multi-token label words included."""
+    from softprompt.bank import PromptBank
+    from softprompt.train import batch_loss, resolve_context
+
+    model, tok = tiny_causal_lm(family), tiny_tokenizer()
+    if kind == "classification":
+        task = Task(name="t", kind=kind, template="{soft:3} review : {text} {soft:2} label :",
+                    verbalizer={"pos": " yes", "neg": " no not"})
+        exs = TRAIN[:5]
+    else:
+        task = Task(name="t", kind=kind, template="{soft:4} question : {text} answer :")
+        exs = [Example({"text": t}, target="the world", answers=("the world",)) for t in POS[:3] + ["why", "a"]]
+    results = {}
+    for context in ("cached", "full"):
+        soft = torch.nn.Parameter(torch.randn(5 if kind == "classification" else 4, 32, generator=torch.Generator().manual_seed(0)))
+        bank = PromptBank(model, tok)
+        entry = bank.add("t", task.template, soft, verbalizer=task.verbalizer, kind=kind)
+        loss, n = batch_loss(bank, entry, exs, "rank", context=context)
+        loss.backward()
+        results[context] = (loss.detach(), soft.grad.clone(), n)
+    torch.testing.assert_close(results["full"][0], results["cached"][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results["full"][1], results["cached"][1], atol=1e-5, rtol=1e-4)
+    assert results["full"][2] == results["cached"][2]
+    assert resolve_context("auto", model) == "cached" and resolve_context("full", model) == "full"
+    with pytest.raises(ValueError, match="context"):
+        resolve_context("fast", model)
+
+
+def test_full_context_trains_like_cached(tmp_path):
+    """A whole run with context="full" ends where the default (cached, on a CPU) ends."""
+    model, tok = tiny_causal_lm(), tiny_tokenizer()
+    cfg = dict(epochs=3, lr=0.1, batch_size=4, init="vocab", warmup_steps=1)
+    a = train_prompt(model, tok, TASK, TRAIN, None, TrainConfig(**cfg, context="cached"), progress=False)
+    b = train_prompt(model, tok, TASK, TRAIN, None, TrainConfig(**cfg, context="full"), progress=False)
+    torch.testing.assert_close(a.prompt.embeddings, b.prompt.embeddings, atol=1e-4, rtol=1e-4)

@@ -12,6 +12,7 @@ padded key slots are masked out (and zeroed, so a NaN can never leak through).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -205,3 +206,65 @@ def decode_step(model, tokens: torch.Tensor, cache, mask: torch.Tensor, pos: tor
         past_key_values=cache, use_cache=True,
     )
     return lm_logits(model, out.last_hidden_state[:, -1]), out.past_key_values, mask, pos + 1
+
+
+def full_context(bank: PromptBank, entry_idx: torch.Tensor, suffixes: list[list[int]]) -> Context:
+    """Run each row's whole prompt + input sequence in one pass.
+
+    The alternative to :func:`run_context`: the same kind of :class:`Context` (so scoring,
+    training losses and decoding are shared), but the prompt's key/values are recomputed for
+    every row.  That is more arithmetic and fewer passes, which is what a GPU wants: a small
+    model there is bound by kernel launches, not by arithmetic.  Prefix-tuned entries have
+    learned key/values that no forward pass can recompute, so a batch with any of them runs
+    through :func:`run_context`.
+    """
+    model = bank.model
+    device = bank._device()
+    entry_idx = entry_idx.to(device)
+    if any(bank.entries[e].kv is not None for e in set(entry_idx.tolist())):
+        return run_context(bank, entry_idx, suffixes)
+    seqs = [bank.entries[e].prefix_ids + s for e, s in zip(entry_idx.tolist(), suffixes)]
+    ids, mask = pad_right(seqs, device=device)
+    lengths = mask.sum(-1)
+    if bool((lengths == 0).any()):
+        raise ValueError("an example rendered to no tokens at all")
+    embeds = bank.embed(ids, entry_idx)
+    positions = torch.arange(ids.shape[1], device=device)[None, :].expand(ids.shape[0], -1)
+    out = model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
+    hidden = out.last_hidden_state
+    last_hidden = hidden[torch.arange(hidden.shape[0], device=device), lengths - 1]
+    return Context(
+        layers=cache_layers(out.past_key_values), mask=mask, next_pos=lengths,
+        last_hidden=last_hidden, entry_idx=entry_idx,
+    )
+
+
+def concat_contexts(parts: Sequence[Context]) -> Context:
+    """Stack contexts of different lengths into one batch (for decoding them together).
+
+    Shorter contexts' key/values and masks are right-padded with masked zeros; positions
+    are explicit (``next_pos``), so a row's numbers do not depend on the padding: the same
+    argument as for the gap between a short prefix and its suffix in ``run_context``."""
+    if len(parts) == 1:
+        return parts[0]
+    width = max(c.mask.shape[1] for c in parts)
+
+    def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+        extra = width - t.shape[dim]
+        if not extra:
+            return t
+        shape = list(t.shape)
+        shape[dim] = extra
+        return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+    layers = [
+        (torch.cat([pad(c.layers[i][0], -2) for c in parts]), torch.cat([pad(c.layers[i][1], -2) for c in parts]))
+        for i in range(len(parts[0].layers))
+    ]
+    return Context(
+        layers=layers,
+        mask=torch.cat([pad(c.mask, 1) for c in parts]),
+        next_pos=torch.cat([c.next_pos for c in parts]),
+        last_hidden=torch.cat([c.last_hidden for c in parts]),
+        entry_idx=torch.cat([c.entry_idx for c in parts]),
+    )
