@@ -431,3 +431,29 @@ def test_prefix_tuned_prompts_keep_their_key_values_without_the_prefix_cache(set
     for a, b in zip(answers[True], answers[False]):
         assert a == pytest.approx(b, abs=1e-5)
     assert len(mixed) == 6
+
+
+def test_a_line_break_before_the_answer_is_skipped_not_an_empty_answer(setup):
+    """With newline stops, a first token that is a line break does not end the answer (it would
+    be empty); the engine and conditioning.greedy_generate apply the same rule and budget."""
+    from softprompt.conditioning import greedy_generate, run_context, take_token
+
+    out: list[int] = []
+    assert take_token(7, out, {7, 2}, {7}) is False and out == []  # leading: skipped
+    assert take_token(5, out, {7, 2}, {7}) is False and out == [5]
+    assert take_token(7, out, {7, 2}, {7}) is True and out == [5]  # after the answer started: a stop
+
+    model, tok, ps = setup
+    bank = PromptBank(model, tok)
+    entry = bank.add_prompt(ps["qa"], "qa")
+    suffixes = [bank.suffix_ids(entry, {"text": t}) for t in TEXTS]
+    firsts = greedy_generate(bank, run_context(bank, torch.full((len(TEXTS),), entry), suffixes), max_new_tokens=1)
+    newline = firsts[0][0]  # pretend the first token the model emits is a line break
+    eos = tok.eos_token_id
+    ctx = run_context(bank, torch.full((len(TEXTS),), entry), suffixes)
+    want = greedy_generate(bank, ctx, max_new_tokens=6, stop_ids={newline}, skip_leading={newline})
+    assert want[0] and want[0][0] != newline  # the answer went on past the line break
+    with make_engine(setup, max_batch_size=8) as eng:
+        eng._newlines, eng._stops_newline = frozenset({newline}), frozenset({newline, eos})
+        got = [f.result().token_ids for f in [eng.submit_generate("qa", t, max_new_tokens=6) for t in TEXTS]]
+    assert got == want

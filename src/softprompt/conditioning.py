@@ -12,7 +12,7 @@ padded key slots are masked out (and zeroed, so a NaN can never leak through).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Set as AbstractSet
 from dataclasses import dataclass
 
 import torch
@@ -165,18 +165,34 @@ def scores_per_label(bank: PromptBank, entry_idx: torch.Tensor, score) -> list[t
 
 
 @torch.no_grad()
+def take_token(t: int, out: list[int], stops: AbstractSet[int], leading: AbstractSet[int] = frozenset()) -> bool:
+    """Apply one greedy token to a row's answer ``out``; True when the row stops here.
+
+    Tokens in ``leading`` are dropped while the answer is still empty instead of stopping it:
+    with a newline as the stop, an instruction-tuned model that opens its answer with a line
+    break would otherwise answer with nothing at all."""
+    if not out and t in leading:
+        return False
+    if t in stops:
+        return True
+    out.append(t)
+    return False
+
+
 def greedy_generate(
-    bank: PromptBank, ctx: Context, *, max_new_tokens: int = 32, stop_ids: set[int] | None = None
+    bank: PromptBank, ctx: Context, *, max_new_tokens: int = 32, stop_ids: set[int] | None = None,
+    skip_leading: AbstractSet[int] = frozenset(),
 ) -> list[list[int]]:
-    """Greedy decoding from each context row; stops at EOS (or any of ``stop_ids``) per row."""
+    """Greedy decoding from each context row; stops at EOS (or any of ``stop_ids``) per row.
+    ``skip_leading``: see :func:`take_token` (decode steps spent on them count towards
+    ``max_new_tokens``)."""
     model = bank.model
-    device = ctx.last_hidden.device
     eos = bank.tokenizer.eos_token_id
     stops = set(stop_ids or ())
     if eos is not None:
         stops.add(eos)
     n = ctx.last_hidden.shape[0]
-    done = torch.zeros(n, dtype=torch.bool, device=device)
+    done = [False] * n
     outs: list[list[int]] = [[] for _ in range(n)]
     cache = make_cache(ctx.layers)
     mask = ctx.mask
@@ -184,14 +200,10 @@ def greedy_generate(
     logits = lm_logits(model, ctx.last_hidden)
     for _ in range(max_new_tokens):
         nxt = logits.argmax(-1)
-        for i in range(n):
+        for i, t in enumerate(nxt.tolist()):  # one device sync per step, not one per row
             if not done[i]:
-                t = int(nxt[i])
-                if t in stops:
-                    done[i] = True
-                else:
-                    outs[i].append(t)
-        if bool(done.all()):
+                done[i] = take_token(t, outs[i], stops, skip_leading)
+        if all(done):
             break
         logits, cache, mask, pos = decode_step(model, nxt, cache, mask, pos)
     return outs

@@ -93,12 +93,15 @@ def _label_scores(bank: PromptBank, entry_idx: torch.Tensor, suffixes: list[list
 
 def _generated(bank: PromptBank, entry_idx: torch.Tensor, suffixes: list[list[int]], max_new_tokens: int,
                stop: set[int]) -> list[list[int]]:
-    """Greedy token ids of a batch, per model family (see ``_label_scores``)."""
+    """Greedy token ids of a batch, per model family (see ``_label_scores``).  Stop tokens
+    other than EOS (newlines) end an answer only once it has started (``take_token``)."""
+    eos = {bank.tokenizer.eos_token_id, getattr(bank.model.config, "eos_token_id", None)}
+    leading = frozenset(stop - eos)
     if is_encoder_decoder(bank.model):
         enc = seq2seq.encode(bank, entry_idx, suffixes)
-        return seq2seq.greedy_generate(bank, enc, max_new_tokens=max_new_tokens, stop_ids=stop)
+        return seq2seq.greedy_generate(bank, enc, max_new_tokens=max_new_tokens, stop_ids=stop, skip_leading=leading)
     ctx = run_context(bank, entry_idx, suffixes)
-    return greedy_generate(bank, ctx, max_new_tokens=max_new_tokens, stop_ids=stop)
+    return greedy_generate(bank, ctx, max_new_tokens=max_new_tokens, stop_ids=stop, skip_leading=leading)
 
 
 def classification_metrics(gold: list[str], pred: list[str], labels: list[str]) -> dict:

@@ -34,13 +34,14 @@ final bias), computed only over the short decoder sequences (label words, target
 """
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .bank import PromptBank
-from .conditioning import scores_per_label
+from .conditioning import scores_per_label, take_token
 from .losses import answer_loss, answer_targets, classification_loss
 
 PREFIX_UNSUPPORTED = (
@@ -164,6 +165,7 @@ def greedy_generate(
     max_new_tokens: int = 32,
     stop_ids: set[int] | None = None,
     use_cache: bool = True,
+    skip_leading: AbstractSet[int] = frozenset(),
 ) -> list[list[int]]:
     """Greedy decoding for each encoded row; stops at EOS (or any of ``stop_ids``) per row.
 
@@ -185,10 +187,7 @@ def greedy_generate(
         nxt = out.logits[:, -1].argmax(-1)
         for i, t in enumerate(nxt.tolist()):
             if not done[i]:
-                if t in stops:
-                    done[i] = True
-                else:
-                    outs[i].append(t)
+                done[i] = take_token(t, outs[i], stops, skip_leading)
         if all(done):
             break
         seq = torch.cat([seq, nxt[:, None]], dim=1)

@@ -296,6 +296,7 @@ class Engine:
         eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
         self._stops_newline = frozenset(newline | eos)
         self._stops_eos = frozenset(eos)
+        self._newlines = frozenset(newline - eos)  # skipped before an answer starts (conditioning.take_token)
 
         self.metrics = metrics or Metrics()
         self.metrics.add(Gauge("softprompt_queue_depth_rows", "Rows waiting in the queue.", lambda: self._queued_rows))
@@ -899,6 +900,7 @@ class Engine:
         n = len(owners)
         stops = [self._stops_newline if it.stop_at_newline else self._stops_eos for it, _ in owners]
         outs: list[list[int]] = [[] for _ in range(n)]
+        used = [0] * n  # decode steps each row has taken (skipped leading line breaks count)
         finish: list[str | None] = [None] * n
         left: dict[int, int] = _Counter(id(it) for it, _ in owners)
         live = list(range(n))  # the owner row of each batch row
@@ -918,13 +920,17 @@ class Engine:
                     finish[i] = "abandoned"
                 else:
                     t = nxt_list[j]
-                    if t in stops[i]:
+                    used[i] += 1
+                    if not outs[i] and stops[i] is self._stops_newline and t in self._newlines:
+                        if used[i] >= it.max_new_tokens:  # skipped, as in scoring.generate
+                            finish[i] = "length"
+                    elif t in stops[i]:
                         finish[i] = "stop"
                     else:
                         outs[i].append(t)
                         if it.stop_strings and self.cut_at_stop(self.decode(outs[i]), it.stop_strings)[1]:
                             finish[i] = "stop"
-                        elif len(outs[i]) >= it.max_new_tokens:
+                        elif used[i] >= it.max_new_tokens:
                             finish[i] = "length"
                         if it.on_token is not None and not it.spec.ensemble:
                             try:
