@@ -8,6 +8,7 @@ own files (``--train-file``/``--test-file`` with ``--field``, ``--label-column``
 from __future__ import annotations
 
 import json
+import os
 import random
 import shlex
 import sys
@@ -89,12 +90,19 @@ def _load_task_data(
         _fail(str(e))
 
 
-def _load_model(model: str):
+def _device(device: str | None = None) -> str:
+    """``device``, else ``SOFTPROMPT_DEVICE``, else cuda when available, else cpu."""
+    import torch
+
+    return device or os.environ.get("SOFTPROMPT_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load_model(model: str, device: str | None = None):
     from .models import ModelNotAvailableError, load_model
 
     try:
         with console.status(f"loading {model} ..."):
-            return load_model(model)
+            return load_model(model, device=_device(device))
     except (ModelNotAvailableError, OSError, ValueError) as e:
         _fail(str(e))
 
@@ -395,7 +403,7 @@ def serve_cmd(
     if not prompts.is_dir():
         _fail(f"prompt folder {prompts} does not exist; create it and put <task>.safetensors files in it")
     serve(model=model, prompts=prompts, host=host, port=port, token=token, max_batch_size=max_batch_size,
-          max_wait_ms=max_wait_ms, protect_reads=protect_reads)
+          max_wait_ms=max_wait_ms, protect_reads=protect_reads, device=_device())
 
 
 # ----------------------------------------------------------------------------- models / tasks
@@ -519,7 +527,7 @@ def compare(
     data_seed: int = typer.Option(0, help="Seed of the train/validation/test samples."),
     eval_batch_size: int = typer.Option(32),
     latency_examples: int = typer.Option(16, help="Test examples timed for latency per query."),
-    device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda when available)."),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda (default: $SOFTPROMPT_DEVICE, else cuda when available)."),
     fresh: bool = typer.Option(False, help="Ignore finished runs in OUT/results.json and start over."),
     report_only: bool = typer.Option(False, help="Only re-render the report from OUT/results.json."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
@@ -567,12 +575,7 @@ def compare(
         eval_data = _load_task_data(eval_task, None, None, None, None, None, None, None, None, None, None)
     if fresh and (out / RESULTS).exists():
         (out / RESULTS).replace(out / (RESULTS + ".old"))
-    import torch
-
-    m, tok = _load_model(model)
-    dev = device or ("cuda" if torch.cuda.is_available() else None)
-    if dev:
-        m.to(dev)
+    m, tok = _load_model(model, device)
     try:
         results = run_compare(cfg, data, m, tok, out, eval_data=eval_data, model_name=model, progress=progress,
                               log=lambda s: err.print(s), command=_command_line(ctx))
