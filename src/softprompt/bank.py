@@ -60,6 +60,26 @@ class PrefixKV:
     lengths: torch.Tensor  # [B] number of real prefix tokens
 
 
+def embed_with_soft(model, ids: torch.Tensor, entry_of_row: torch.Tensor, soft_of) -> torch.Tensor:
+    """Word embeddings of right-padded ``ids`` [B, T] where a negative id ``-k-1`` of a row is
+    row ``k`` of ``soft_of(entry)`` for that row's entry: how soft tokens enter any model
+    (decoder, encoder-decoder, encoder).  Inputs may sit on another device than the model."""
+    emb_layer = model.get_input_embeddings()
+    ids, entry_of_row = ids.to(emb_layer.weight.device), entry_of_row.to(emb_layer.weight.device)
+    out = emb_layer(ids.clamp(min=0))
+    soft_pos = ids < 0
+    if not bool(soft_pos.any()):
+        return out
+    for e in entry_of_row.unique().tolist():
+        sel = soft_pos & (entry_of_row == e)[:, None]
+        if not bool(sel.any()):
+            continue
+        soft = soft_of(e).to(out.dtype)
+        vals = soft[(-ids - 1).clamp(min=0, max=soft.shape[0] - 1)]  # [B, T, d]
+        out = torch.where(sel[..., None], vals, out)
+    return out
+
+
 class PromptBank:
     """An ordered set of entries for one frozen model and tokenizer."""
 
@@ -175,22 +195,7 @@ class PromptBank:
     # ------------------------------------------------------------------ embeddings
     def embed(self, ids: torch.Tensor, entry_of_row: torch.Tensor) -> torch.Tensor:
         """Embed right-padded ids [B, T]; negative ids take row k of their entry's soft prompt."""
-        emb_layer = self.model.get_input_embeddings()
-        base = emb_layer(ids.clamp(min=0))
-        soft_pos = ids < 0
-        if not bool(soft_pos.any()):
-            return base
-        out = base
-        for e in entry_of_row.unique().tolist():
-            rows = entry_of_row == e
-            sel = soft_pos & rows[:, None]
-            if not bool(sel.any()):
-                continue
-            soft = self.entries[e].soft.to(base.dtype)
-            k = (-ids - 1).clamp(min=0, max=soft.shape[0] - 1)
-            vals = soft[k]  # [B, T, d]
-            out = torch.where(sel[..., None], vals, out)
-        return out
+        return embed_with_soft(self.model, ids, entry_of_row, lambda e: self.entries[e].soft)
 
     # ------------------------------------------------------------------ prefix KV
     def prefix_kv(self, entry_idx: torch.Tensor) -> PrefixKV:

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .bank import embed_with_soft
 from .prompts import ModelIdentity, SoftPrompt, init_embeddings
 from .templates import Template
 
@@ -237,16 +238,7 @@ class EncoderBank:
 
     def _embed(self, ids: torch.Tensor, entry_of_row: torch.Tensor) -> torch.Tensor:
         """Word embeddings of right-padded ``ids``; negative ids take their entry's soft rows."""
-        base = self.model.get_input_embeddings()(ids.clamp(min=0))
-        soft_pos = ids < 0
-        for e in entry_of_row.unique().tolist():
-            sel = soft_pos & (entry_of_row == e)[:, None]
-            if not bool(sel.any()):
-                continue
-            soft = self.entries[e].soft.to(base.dtype)
-            vals = soft[(-ids - 1).clamp(min=0, max=soft.shape[0] - 1)]
-            base = torch.where(sel[..., None], vals, base)
-        return base
+        return embed_with_soft(self.model, ids, entry_of_row, lambda e: self.entries[e].soft)
 
     def pooled(self, entry_idx: Sequence[int] | torch.Tensor, examples) -> torch.Tensor:
         """Pooled last hidden states [B, hidden] of ``examples``, each under its own entry."""
