@@ -211,6 +211,43 @@ def test_training_freezes_encoder_and_loss_falls(bert, tmp_path):
     assert acc >= 0.75, acc
 
 
+@pytest.mark.parametrize("n_tokens", [4, 0])
+def test_interrupted_training_resumes_to_the_same_prompt_and_head(bert, tmp_path, monkeypatch, n_tokens):
+    """A run that dies after a checkpoint and is resumed ends where an uninterrupted one ends
+    (validation-based selection and optimizer state included)."""
+    model, tok = bert
+    train, valid = toy_examples(32, seed=1), toy_examples(16, seed=2)
+    cfg = TrainConfig(epochs=3, batch_size=8, lr=0.1, warmup_steps=2, eval_every=4, init="random", seed=0)
+    kw = dict(n_tokens=n_tokens, head_lr=0.2, progress=False)
+    whole = train_encoder_prompt(model, tok, SENTIMENT, train, valid, cfg, out_dir=tmp_path / "a", **kw)
+
+    calls = {"n": 0}
+    real = EncoderBank.logits if n_tokens else EncoderBank.head_logits
+
+    def dies_after_six_steps(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 7 + 6 // 4:  # the 7th training step (validations call it too)
+            raise KeyboardInterrupt("killed")
+        return real(self, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(EncoderBank, "logits" if n_tokens else "head_logits", dies_after_six_steps)
+        with pytest.raises(KeyboardInterrupt):
+            train_encoder_prompt(model, tok, SENTIMENT, train, valid, cfg, out_dir=tmp_path / "b", **kw)
+    from softprompt.train import CHECKPOINT, load_checkpoint
+
+    assert 0 < load_checkpoint(tmp_path / "b" / CHECKPOINT)[1]["step"] < whole.steps  # died mid-run
+    resumed = train_encoder_prompt(model, tok, SENTIMENT, train, valid, cfg, out_dir=tmp_path / "b", resume=True, **kw)
+    assert resumed.steps == whole.steps and resumed.best_step == whole.best_step
+    assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in whole.history], abs=1e-6)
+    torch.testing.assert_close(resumed.prompt.embeddings, whole.prompt.embeddings, atol=1e-6, rtol=0)
+    for k in ("weight", "bias"):
+        torch.testing.assert_close(resumed.prompt.head[k], whole.prompt.head[k], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="different config"):
+        train_encoder_prompt(model, tok, SENTIMENT, train, valid, TrainConfig(epochs=4), out_dir=tmp_path / "b",
+                             resume=True, **kw)
+
+
 def test_head_only_is_a_linear_probe(bert):
     model, tok = bert
     train = toy_examples(48, seed=1)
@@ -241,8 +278,6 @@ def test_training_refuses_what_encoders_cannot_do(bert):
         train_prompt(model, tok, qa, [Example(fields={"question": "why"}, target="yes")], progress=False)
     with pytest.raises(ValueError, match="not supported for encoder"):
         train_prompt(model, tok, SENTIMENT, toy_examples(4), config=TrainConfig(method="prefix"), progress=False)
-    with pytest.raises(ValueError, match="resume"):
-        train_prompt(model, tok, SENTIMENT, toy_examples(4), resume=True, progress=False)
     model.pooler.dense.weight.requires_grad_(True)
     try:
         with pytest.raises(ValueError, match="frozen"):

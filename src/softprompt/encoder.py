@@ -358,7 +358,10 @@ def train_encoder_prompt(
     features are then computed once instead of every step).  With ``valid_examples`` the best
     state by validation (accuracy, macro-F1, -loss) is kept.
     """
-    from .train import TrainConfig, TrainResult, batch_plan, lr_at, make_optimizer
+    from .train import (
+        CHECKPOINT, TrainConfig, TrainResult, batch_plan, config_matches, load_checkpoint, lr_at, make_optimizer,
+        optimizer_state, save_checkpoint,
+    )
 
     cfg = config or TrainConfig()
     if task.kind != "classification":
@@ -366,8 +369,6 @@ def train_encoder_prompt(
                          "(they have no head to generate text with)")
     if cfg.method != "prompt":
         raise ValueError(f"method {cfg.method!r} is not supported for encoder models; use 'prompt'")
-    if resume:
-        raise ValueError("resume is not supported for encoder models yet; train again without --resume")
     if cfg.loss != "rank":
         raise ValueError(f"loss {cfg.loss!r}: encoder models are trained with cross-entropy over the head ('rank')")
     from .train import check_training_inputs
@@ -448,10 +449,38 @@ def train_encoder_prompt(
     history: list[dict] = []
     best = {k: p.detach().clone() for k, p in params.items()}
     best_score, best_step, bad_evals, stopped_early = None, 0, 0, False
-    tokens_seen = 0
-    bar = tqdm(total=total, desc=f"training {task.name} ({'prompt + head' if n else 'head only'})",
+    tokens_seen, start = 0, 0
+    run_config = {**cfg.to_dict(), "n_tokens": n, "pooling": pooling, "head_lr": head_lr}
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    if resume and out is not None and (out / CHECKPOINT).exists():  # as train.train_prompt does
+        tensors, meta = load_checkpoint(out / CHECKPOINT)
+        if not config_matches(meta["config"], run_config):
+            raise ValueError(f"{out / CHECKPOINT} was written with a different config; start a new out_dir or drop --resume")
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(tensors[k])
+        best = {k: tensors[f"best.{k}"].to(device) for k in params}
+        optimizer.load_state_dict(optimizer_state(tensors, meta["optimizer"]))
+        start, history = meta["step"], meta["history"]
+        best_score = tuple(meta["best_score"]) if meta["best_score"] is not None else None
+        best_step, bad_evals, tokens_seen = meta["best_step"], meta["bad_evals"], meta["tokens_seen"]
+        t0 = time.perf_counter() - meta["elapsed"]
+    ckpt_every = cfg.checkpoint_every or eval_every
+
+    def checkpoint(step: int) -> None:
+        if out is not None:
+            save_checkpoint(out / CHECKPOINT, params=dict(params), best=best, optimizer=optimizer, meta={
+                "step": step, "history": history, "best_score": best_score, "best_step": best_step,
+                "bad_evals": bad_evals, "elapsed": time.perf_counter() - t0, "tokens_seen": tokens_seen,
+                "config": run_config,
+            })
+
+    bar = tqdm(total=total, initial=start, desc=f"training {task.name} ({'prompt + head' if n else 'head only'})",
                disable=not progress, unit="step")
-    for step, (epoch, idx) in enumerate(plan):
+    for step in range(start, total):
+        epoch, idx = plan[step]
         lr_scale = lr_at(step, total, cfg) / cfg.lr if cfg.lr else 1.0
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * lr_scale
@@ -487,6 +516,8 @@ def train_encoder_prompt(
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}",
                         **({"valid": f"{record['valid']['accuracy']:.3f}"} if "valid" in record else {}))
+        if (step + 1) % ckpt_every == 0 or step + 1 == total or stopped_early:
+            checkpoint(step + 1)
         if stopped_early:
             break
     bar.close()
@@ -513,9 +544,7 @@ def train_encoder_prompt(
     result = TrainResult(prompt=prompt, history=history, best_step=best_step, steps=len(history),
                          wall_time_s=elapsed, tokens_per_s=tokens_seen / max(elapsed, 1e-9),
                          stopped_early=stopped_early, trainable_params=sum(p.numel() for p in trainable))
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+    if out is not None:
         prompt.save(out / "prompt.safetensors")
         (out / "history.json").write_text(json.dumps(history, indent=1))
     return result

@@ -273,6 +273,12 @@ def save_checkpoint(path: Path, *, params: dict, best: dict, optimizer, meta: di
     _atomic_save(tensors, {**meta, "optimizer": opt_meta}, path)
 
 
+def config_matches(saved: dict, current: dict) -> bool:
+    """Whether a checkpoint's run config equals ``current``; TrainConfig fields added since the
+    checkpoint was written take their defaults (so it still resumes)."""
+    return {**json.loads(json.dumps(TrainConfig().to_dict())), **saved} == json.loads(json.dumps(current))
+
+
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["state"])
@@ -380,8 +386,7 @@ def train_prompt(
     elapsed, tokens_seen = 0.0, 0
     if resume and out is not None and (out / CHECKPOINT).exists():
         tensors, meta = load_checkpoint(out / CHECKPOINT)
-        saved = {**json.loads(json.dumps(TrainConfig().to_dict())), **meta["config"]}  # fields added since: defaults
-        if saved != json.loads(json.dumps(cfg.to_dict())):
+        if not config_matches(meta["config"], cfg.to_dict()):
             raise ValueError(f"{out / CHECKPOINT} was written with a different config; start a new out_dir or drop --resume")
         trained.load_state(tensors)
         best = {k: tensors[f"best.{k}"].clone() for k in values}
