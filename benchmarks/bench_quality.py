@@ -54,6 +54,8 @@ def main() -> None:
     p.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot baseline row")
     p.add_argument("--out", type=Path, help="save each seed's prompt here")
     p.add_argument("--json", type=Path)
+    p.add_argument("--verbalizer", action="append", metavar="LABEL=WORDS",
+                   help="override a label's words (repeatable), e.g. 'complaint=yes'")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model runs")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -61,7 +63,12 @@ def main() -> None:
     data = load_task(recipe.pop("task"))
     task = data.task
     if args.template:
-        task.template = args.template
+        task.template = args.template.replace("\\n", "\n")  # a shell-friendly "\n" is a line break
+    for pair in args.verbalizer or []:
+        label, _, words = pair.partition("=")
+        if label not in task.verbalizer:
+            p.error(f"--verbalizer: unknown label {label!r}; labels: {', '.join(task.verbalizer)}")
+        task.verbalizer[label] = words
     if args.method == "prefix" and not args.template:
         task.template = Template(task.template).without_soft().text
     recipe["epochs"] = args.epochs or recipe["epochs"]

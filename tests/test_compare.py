@@ -363,3 +363,10 @@ def test_compare_ptuning_and_prefix_generation(tmp_path):
     _check_ptuning_prefix(results, out, model, tok, 2, cfg)
     md = (out / "report.md").read_text()
     assert "## Sample answers" in md and "| P-tuning | prefix tuning |" in md
+
+
+def test_cli_verbalizer_words_continue_the_template():
+    from softprompt.cli import _verbalizer
+
+    assert _verbalizer(["a=yes", "b= no"], "Tweet: {text}\nAnswer:") == {"a": " yes", "b": " no"}
+    assert _verbalizer(["a=yes", "b=no"], "<|im_start|>assistant\n") == {"a": "yes", "b": "no"}

@@ -49,6 +49,14 @@ def _parse_pairs(items: list[str] | None, what: str) -> dict[str, str]:
     return out
 
 
+def _verbalizer(pairs: list[str] | None, template: str) -> dict[str, str]:
+    """--verbalizer LABEL=WORD pairs.  The words continue the template's text, so they get a
+    leading space after text ("Answer: yes") but none after a line break or space (a chat
+    template's "assistant\n" is followed by "yes", as the model writes it)."""
+    sep = "" if template.endswith(("\n", " ")) else " "
+    return {k: (v if v.startswith(" ") else sep + v) for k, v in _parse_pairs(pairs, "--verbalizer").items()}
+
+
 def _load_task_data(
     task: Optional[str], train_file: Optional[Path], test_file: Optional[Path], valid_file: Optional[Path],
     field: list[str] | None, label_column: Optional[str], target_column: Optional[str],
@@ -63,7 +71,7 @@ def _load_task_data(
             if template:
                 data.task.template = template
             if verbalizer:
-                data.task.verbalizer = {k: (v if v.startswith(" ") else " " + v) for k, v in _parse_pairs(verbalizer, "--verbalizer").items()}
+                data.task.verbalizer = _verbalizer(verbalizer, data.task.template)
             if instruction:
                 data.task.instruction = instruction
             return data
@@ -72,7 +80,7 @@ def _load_task_data(
         fields = _parse_pairs(field, "--field") or {"text": "text"}
         if not template:
             _fail("with your own files, give --template, e.g. '{soft:20} Text: {text}\\nLabel:'")
-        verb = {k: (v if v.startswith(" ") else " " + v) for k, v in _parse_pairs(verbalizer, "--verbalizer").items()}
+        verb = _verbalizer(verbalizer, template)
         kind = "generation" if target_column else "classification"
         if kind == "classification" and not verb:
             _fail("classification needs --verbalizer LABEL=WORD for every label (e.g. --verbalizer positive=great)")
