@@ -12,6 +12,8 @@ the 300-tweet subset used while exploring recipes.  --method ptuning trains the 
 tokens through a prompt encoder (--encoder lstm|mlp); --reparam mlp does the same for
 prefix tuning's key/values.  Both default to lr 1e-3: an Adam step on an encoder moves its
 output several times lr (see softprompt/reparam.py).
+--template and --verbalizer LABEL=WORDS override the built-in task's (a "\n" typed in the shell
+is a line break), e.g. to put the question in the model's chat format.
 Prints one row per seed and the mean +/- std; --json writes every number.
 """
 from __future__ import annotations
