@@ -164,7 +164,6 @@ def scores_per_label(bank: PromptBank, entry_idx: torch.Tensor, score) -> list[t
     return [torch.stack(x) for x in out]
 
 
-@torch.no_grad()
 def take_token(t: int, out: list[int], stops: AbstractSet[int], leading: AbstractSet[int] = frozenset()) -> bool:
     """Apply one greedy token to a row's answer ``out``; True when the row stops here.
 
@@ -179,6 +178,7 @@ def take_token(t: int, out: list[int], stops: AbstractSet[int], leading: Abstrac
     return False
 
 
+@torch.no_grad()
 def greedy_generate(
     bank: PromptBank, ctx: Context, *, max_new_tokens: int = 32, stop_ids: set[int] | None = None,
     skip_leading: AbstractSet[int] = frozenset(),
