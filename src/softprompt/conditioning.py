@@ -164,6 +164,13 @@ def scores_per_label(bank: PromptBank, entry_idx: torch.Tensor, score) -> list[t
     return [torch.stack(x) for x in out]
 
 
+def newline_ids(tokenizer) -> set[int]:
+    """Token ids that are a line break (plain, or byte-level BPE's ``Ċ`` / ``ĊĊ``) in this
+    tokenizer's vocabulary: the stops of short answers."""
+    ids = (tokenizer.convert_tokens_to_ids(t) for t in ("\n", "Ċ", "ĊĊ"))
+    return {i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id}
+
+
 def take_token(t: int, out: list[int], stops: AbstractSet[int], leading: AbstractSet[int] = frozenset()) -> bool:
     """Apply one greedy token to a row's answer ``out``; True when the row stops here.
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from . import seq2seq
 from .bank import PromptBank
-from .conditioning import greedy_generate, label_logprobs, run_context
+from .conditioning import greedy_generate, label_logprobs, newline_ids, run_context
 from .seq2seq import is_encoder_decoder
 
 
@@ -93,10 +93,10 @@ def _label_scores(bank: PromptBank, entry_idx: torch.Tensor, suffixes: list[list
 
 def _generated(bank: PromptBank, entry_idx: torch.Tensor, suffixes: list[list[int]], max_new_tokens: int,
                stop: set[int]) -> list[list[int]]:
-    """Greedy token ids of a batch, per model family (see ``_label_scores``).  Stop tokens
-    other than EOS (newlines) end an answer only once it has started (``take_token``)."""
-    eos = {bank.tokenizer.eos_token_id, getattr(bank.model.config, "eos_token_id", None)}
-    leading = frozenset(stop - eos)
+    """Greedy token ids of a batch, per model family (see ``_label_scores``).  ``stop`` holds the
+    newline tokens (EOS is added by the decoders); they end an answer only once it has started
+    (``take_token``)."""
+    leading = frozenset(stop - {bank.tokenizer.eos_token_id})
     if is_encoder_decoder(bank.model):
         enc = seq2seq.encode(bank, entry_idx, suffixes)
         return seq2seq.greedy_generate(bank, enc, max_new_tokens=max_new_tokens, stop_ids=stop, skip_leading=leading)
@@ -152,9 +152,7 @@ def generate(
     """Greedy answers; exact match and token F1 (SQuAD normalisation) when gold answers are present."""
     entries = _entries_for(bank, entry, len(examples))
     tok = bank.tokenizer
-    stop = set()
-    if stop_at_newline:
-        stop |= {i for i in (tok.convert_tokens_to_ids(t) for t in ("\n", "Ċ", "ĊĊ")) if isinstance(i, int) and i != tok.unk_token_id}
+    stop = newline_ids(tok) if stop_at_newline else set()
     suffixes = [bank.suffix_ids(e, ex.fields) for e, ex in zip(entries, examples)]
     texts: list[str] = [""] * len(examples)
     batches = length_sorted_batches([len(s) for s in suffixes], batch_size)

@@ -70,7 +70,7 @@ import torch
 from ..bank import PromptBank
 from ..conditioning import (
     Context, cache_layers, concat_contexts, decode_step, full_context, label_logprobs, lm_logits, make_cache,
-    run_context,
+    newline_ids, run_context,
 )
 from ..prompts import ModelIdentity, PromptMismatchError, SoftPrompt
 from ..templates import Template, TemplateError, encode_text
@@ -287,13 +287,8 @@ class Engine:
         self.batch_hook: Callable[[list[_Item]], None] | None = None  # tests: called on the worker before a batch runs
         self._gen_parts: list[tuple[Context, list[tuple[_Item, int]]]] = []  # worker only: prefilled rows to decode
 
-        tok = tokenizer
-        newline = set()
-        for t in ("\n", "Ċ", "ĊĊ"):
-            i = tok.convert_tokens_to_ids(t)
-            if isinstance(i, int) and i != tok.unk_token_id:
-                newline.add(i)
-        eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+        newline = newline_ids(tokenizer)
+        eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
         self._stops_newline = frozenset(newline | eos)
         self._stops_eos = frozenset(eos)
         self._newlines = frozenset(newline - eos)  # skipped before an answer starts (conditioning.take_token)
@@ -921,7 +916,7 @@ class Engine:
                 else:
                     t = nxt_list[j]
                     used[i] += 1
-                    if not outs[i] and stops[i] is self._stops_newline and t in self._newlines:
+                    if not outs[i] and it.stop_at_newline and t in self._newlines:
                         if used[i] >= it.max_new_tokens:  # skipped, as in scoring.generate
                             finish[i] = "length"
                     elif t in stops[i]:
