@@ -60,27 +60,44 @@ class PrefixKV:
     lengths: torch.Tensor  # [B] number of real prefix tokens
 
 
-def embed_with_soft(model, ids: torch.Tensor, entry_of_row: torch.Tensor, soft_of) -> torch.Tensor:
-    """Word embeddings of right-padded ``ids`` [B, T] where a negative id ``-k-1`` of a row is
-    row ``k`` of ``soft_of(entry)`` for that row's entry: how soft tokens enter any model
-    (decoder, encoder-decoder, encoder).  Inputs may sit on another device than the model."""
-    emb_layer = model.get_input_embeddings()
-    ids, entry_of_row = ids.to(emb_layer.weight.device), entry_of_row.to(emb_layer.weight.device)
-    out = emb_layer(ids.clamp(min=0))
-    soft_pos = ids < 0
-    if not bool(soft_pos.any()):
+class NamedEntries:
+    """Prompts of one frozen model in registration order, found by name: what the decoder
+    :class:`PromptBank` and the encoder ``EncoderBank`` share (each sets ``model``,
+    ``entries`` and ``_index``)."""
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def index(self, name: str) -> int:
+        try:
+            return self._index[name]
+        except KeyError:
+            raise KeyError(f"no prompt named {name!r}; the bank has {sorted(self._index)}") from None
+
+    def _device(self):
+        return self.model.get_input_embeddings().weight.device
+
+    def embed(self, ids: torch.Tensor, entry_of_row: torch.Tensor) -> torch.Tensor:
+        """Word embeddings of right-padded ``ids`` [B, T] where a negative id ``-k-1`` of a row is
+        row ``k`` of that row's entry's soft tokens: how soft tokens enter any model (decoder,
+        encoder-decoder, encoder).  Inputs may sit on another device than the model."""
+        emb_layer = self.model.get_input_embeddings()
+        ids, entry_of_row = ids.to(emb_layer.weight.device), entry_of_row.to(emb_layer.weight.device)
+        out = emb_layer(ids.clamp(min=0))
+        soft_pos = ids < 0
+        if not bool(soft_pos.any()):
+            return out
+        for e in entry_of_row.unique().tolist():
+            sel = soft_pos & (entry_of_row == e)[:, None]
+            if not bool(sel.any()):
+                continue
+            soft = self.entries[e].soft.to(out.dtype)
+            vals = soft[(-ids - 1).clamp(min=0, max=soft.shape[0] - 1)]  # [B, T, d]
+            out = torch.where(sel[..., None], vals, out)
         return out
-    for e in entry_of_row.unique().tolist():
-        sel = soft_pos & (entry_of_row == e)[:, None]
-        if not bool(sel.any()):
-            continue
-        soft = soft_of(e).to(out.dtype)
-        vals = soft[(-ids - 1).clamp(min=0, max=soft.shape[0] - 1)]  # [B, T, d]
-        out = torch.where(sel[..., None], vals, out)
-    return out
 
 
-class PromptBank:
+class PromptBank(NamedEntries):
     """An ordered set of entries for one frozen model and tokenizer."""
 
     def __init__(self, model, tokenizer):
@@ -92,15 +109,6 @@ class PromptBank:
         self._kv_cache: dict[int, tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]] = {}
 
     # ------------------------------------------------------------------ entries
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def index(self, name: str) -> int:
-        try:
-            return self._index[name]
-        except KeyError:
-            raise KeyError(f"no prompt named {name!r}; the bank has {sorted(self._index)}") from None
-
     def add(
         self,
         name: str,
@@ -186,16 +194,9 @@ class PromptBank:
     def suffix_ids(self, i: int, fields: dict[str, str]) -> list[int]:
         return self.entries[i].template.suffix_ids(self.tokenizer, fields)
 
-    def _device(self):
-        return self.model.get_input_embeddings().weight.device
 
     def _dtype(self):
         return self.model.get_input_embeddings().weight.dtype
-
-    # ------------------------------------------------------------------ embeddings
-    def embed(self, ids: torch.Tensor, entry_of_row: torch.Tensor) -> torch.Tensor:
-        """Embed right-padded ids [B, T]; negative ids take row k of their entry's soft prompt."""
-        return embed_with_soft(self.model, ids, entry_of_row, lambda e: self.entries[e].soft)
 
     # ------------------------------------------------------------------ prefix KV
     def prefix_kv(self, entry_idx: torch.Tensor) -> PrefixKV:

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .bank import embed_with_soft
+from .bank import NamedEntries
 from .prompts import ModelIdentity, SoftPrompt, init_embeddings
 from .templates import Template
 
@@ -108,7 +108,7 @@ class EncoderEntry:
         return Template(encoder_template(self.n_soft, self.fields))
 
 
-class EncoderBank:
+class EncoderBank(NamedEntries):
     """Prompts (soft tokens + head) for one frozen encoder, selected per example by index."""
 
     is_encoder = True
@@ -130,18 +130,6 @@ class EncoderBank:
         self.use_token_types = getattr(model.config, "type_vocab_size", 0) > 1
         self.entries: list[EncoderEntry] = []
         self._index: dict[str, int] = {}
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def index(self, name: str) -> int:
-        try:
-            return self._index[name]
-        except KeyError:
-            raise KeyError(f"no prompt named {name!r}; the bank has {sorted(self._index)}") from None
-
-    def _device(self):
-        return self.model.get_input_embeddings().weight.device
 
     def add(
         self,
@@ -236,10 +224,6 @@ class EncoderBank:
             out.append((ids[:at] + soft + ids[at:], types[:at] + [0] * len(soft) + types[at:]))
         return out
 
-    def _embed(self, ids: torch.Tensor, entry_of_row: torch.Tensor) -> torch.Tensor:
-        """Word embeddings of right-padded ``ids``; negative ids take their entry's soft rows."""
-        return embed_with_soft(self.model, ids, entry_of_row, lambda e: self.entries[e].soft)
-
     def pooled(self, entry_idx: Sequence[int] | torch.Tensor, examples) -> torch.Tensor:
         """Pooled last hidden states [B, hidden] of ``examples``, each under its own entry."""
         entries = [int(e) for e in (entry_idx.tolist() if torch.is_tensor(entry_idx) else entry_idx)]
@@ -263,7 +247,7 @@ class EncoderBank:
         ids, types, mask = ids.to(device), types.to(device), mask.to(device)
         row_entry = torch.tensor(entries, device=device)
         kwargs = {"token_type_ids": types} if self.use_token_types else {}
-        hidden = self.encoder(inputs_embeds=self._embed(ids, row_entry), attention_mask=mask, **kwargs).last_hidden_state
+        hidden = self.encoder(inputs_embeds=self.embed(ids, row_entry), attention_mask=mask, **kwargs).last_hidden_state
         m = mask[..., None].to(hidden.dtype)
         mean = (hidden * m).sum(1) / m.sum(1)
         use_cls = torch.tensor([self.entries[e].pooling == "cls" for e in entries], device=device)
