@@ -2,6 +2,7 @@
 scorer, results.json is written after every run, a rerun skips finished runs, and the report
 folder (markdown, self-contained HTML, PNGs) is complete."""
 import random
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -166,15 +167,18 @@ def test_cli_compare_report_only_and_errors(tmp_path):
                      progress=False)
 
 
-def test_cli_compare_runs_on_user_files(tmp_path):
-    model, tok = tiny_causal_lm(), tiny_tokenizer()
+def user_files(tmp_path, data, header: str, row) -> Path:
+    """What a user of the CLI has: a model folder (the tiny model) and train/test CSVs of ``data``."""
     folder = tmp_path / "tiny"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    data = toy_data()
+    tiny_causal_lm().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
     for split in ("train", "test"):
-        rows = ["text,label"] + [f"{e.fields['text']},{e.label}" for e in data[split]]
-        (tmp_path / f"{split}.csv").write_text("\n".join(rows) + "\n")
+        (tmp_path / f"{split}.csv").write_text("\n".join([header] + [row(e) for e in data[split]]) + "\n")
+    return folder
+
+
+def test_cli_compare_runs_on_user_files(tmp_path):
+    folder = user_files(tmp_path, toy_data(), "text,label", lambda e: f"{e.fields['text']},{e.label}")
     out = tmp_path / "rep"
     args = ["compare", "--model", str(folder), "--train-file", str(tmp_path / "train.csv"),
             "--test-file", str(tmp_path / "test.csv"), "--template", "{soft:2} review : {text} label :",
@@ -249,14 +253,8 @@ def test_compare_generation_task_scores_em_f1(tmp_path):
 
 def test_cli_compare_generation_on_user_files(tmp_path):
     """`compare --target-column` makes user files a generation task: EM / F1 in the table, text init."""
-    model, tok = tiny_causal_lm(), tiny_tokenizer()
-    folder = tmp_path / "tiny"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    data = qa_data()
-    for split in ("train", "test"):
-        rows = ["context,question,answer"] + [f"{e.fields['context']},{e.fields['question']},{e.target}" for e in data[split]]
-        (tmp_path / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    folder = user_files(tmp_path, qa_data(), "context,question,answer",
+                        lambda e: f"{e.fields['context']},{e.fields['question']},{e.target}")
     out = tmp_path / "rep"
     args = ["compare", "--model", str(folder), "--train-file", str(tmp_path / "train.csv"),
             "--test-file", str(tmp_path / "test.csv"), "--field", "context=context", "--field", "question=question",

@@ -187,6 +187,12 @@ def test_mixed_batch_equals_one_by_one(bert):
 
 
 # ----------------------------------------------------------------------------- training
+def one_step_prompt(model, tok) -> SoftPrompt:
+    """A real encoder artifact (prompt + head) after one training step: for save/load/refusal checks."""
+    return train_encoder_prompt(model, tok, SENTIMENT, toy_examples(8), None, TrainConfig(max_steps=1, init="random"),
+                                progress=False).prompt
+
+
 def test_training_freezes_encoder_and_loss_falls(bert, tmp_path):
     model, tok = bert
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -322,16 +328,14 @@ def test_decoder_artifacts_unchanged_and_kept_apart(bert, lm, tmp_path):
                                                  template="{soft:2} {text}", verbalizer={"a": "a", "b": "b"}))
     # an encoder artifact on a decoder bank of the same size: refused (identity first)
     model, tok = bert
-    sp = train_encoder_prompt(model, tok, SENTIMENT, toy_examples(8), None, TrainConfig(max_steps=1, init="random"),
-                              progress=False).prompt
+    sp = one_step_prompt(model, tok)
     with pytest.raises(PromptMismatchError):
         PromptBank(dec_model, dec_tok).add_prompt(sp)
 
 
 def test_identity_mismatch_refused(bert, tmp_path):
     model, tok = bert
-    sp = train_encoder_prompt(model, tok, SENTIMENT, toy_examples(8), None, TrainConfig(max_steps=1, init="random"),
-                              progress=False).prompt
+    sp = one_step_prompt(model, tok)
     sp.save(tmp_path / "p.safetensors")
     other = tiny_bert(seed=1)  # same shapes, different weights
     with pytest.raises(PromptMismatchError, match="tiny-bert-0"):
@@ -345,8 +349,7 @@ def test_head_version_mismatch_is_a_file_error(bert, tmp_path):
     from safetensors.torch import save_file
 
     model, tok = bert
-    sp = train_encoder_prompt(model, tok, SENTIMENT, toy_examples(8), None, TrainConfig(max_steps=1, init="random"),
-                              progress=False).prompt
+    sp = one_step_prompt(model, tok)
     sp.save(tmp_path / "p.safetensors")
     with safe_open(str(tmp_path / "p.safetensors"), framework="pt") as f:
         meta = f.metadata()

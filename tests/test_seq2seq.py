@@ -184,13 +184,19 @@ def test_generation_task_trains(t5):
     assert res.history[-1]["valid"]["f1"] >= 0.75, res.history[-1]["valid"]
 
 
+def saved_entry(bank, i: int, task: str, path) -> SoftPrompt:
+    """Entry ``i`` of ``bank`` as an artifact, saved to ``path``."""
+    e = bank.entries[i]
+    prompt = SoftPrompt(embeddings=e.soft.clone(), identity=bank.identity, template=e.template.text,
+                        verbalizer=e.verbalizer, task=task)
+    prompt.save(path)
+    return prompt
+
+
 def test_save_load_round_trip(t5, tmp_path):
     model, tok = t5
     bank = make_bank(model, tok)
-    e = bank.entries[1]
-    prompt = SoftPrompt(embeddings=e.soft.clone(), identity=bank.identity, template=e.template.text,
-                        verbalizer=e.verbalizer, task="b")
-    prompt.save(tmp_path / "p.safetensors")
+    prompt = saved_entry(bank, 1, "b", tmp_path / "p.safetensors")
     loaded = SoftPrompt.load(tmp_path / "p.safetensors", model=model)
     assert torch.equal(loaded.embeddings, prompt.embeddings)
     fresh = PromptBank(model, tok)
@@ -202,10 +208,7 @@ def test_save_load_round_trip(t5, tmp_path):
 def test_prompt_for_another_model_is_refused(t5, tmp_path):
     model, tok = t5
     bank = make_bank(model, tok)
-    e = bank.entries[0]
-    prompt = SoftPrompt(embeddings=e.soft.clone(), identity=bank.identity, template=e.template.text,
-                        verbalizer=e.verbalizer, task="a")
-    prompt.save(tmp_path / "p.safetensors")
+    prompt = saved_entry(bank, 0, "a", tmp_path / "p.safetensors")
     other = tiny_t5(seed=1)
     with pytest.raises(PromptMismatchError, match="tiny-t5-0"):
         SoftPrompt.load(tmp_path / "p.safetensors", model=other)
