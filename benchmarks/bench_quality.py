@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from softprompt import PromptBank, TrainConfig, classify, load_model, load_task, train_prompt
+from softprompt import PromptBank, TrainConfig, classify, load_model, load_task
+from softprompt.restarts import train_with_restarts
 from softprompt.templates import Template
 
 RECIPES = {
@@ -41,6 +42,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("which", choices=sorted(RECIPES))
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--restarts", type=int, default=1,
+                   help="train each seed this many times (seeds s, s+1000, ...) and keep the prompt that fits the "
+                        "training examples best (softprompt.restarts); only the kept prompt is scored")
     p.add_argument("--method", default="prompt", choices=["prompt", "ptuning", "prefix"])
     p.add_argument("--prefix-tokens", type=int, default=10)
     p.add_argument("--encoder", default="lstm", choices=["lstm", "mlp"], help="prompt encoder of --method ptuning")
@@ -97,8 +101,13 @@ def main() -> None:
             valid = data["validation"][:200]
         cfg = TrainConfig(seed=seed, init="labels", method=args.method, prefix_tokens=args.prefix_tokens,
                           encoder=args.encoder, encoder_hidden=args.encoder_hidden, reparam=args.reparam, **recipe)
-        res = train_prompt(model, tok, task, train, valid, cfg,
-                           out_dir=(args.out / f"seed{seed}") if args.out else None)
+        res = train_with_restarts(model, tok, task, train, valid, cfg, args.restarts,
+                                  out_dir=(args.out / f"seed{seed}") if args.out else None)
+        picked = res.prompt.training.get("restarts")
+        if picked:
+            print(f"seed {seed}: {args.restarts} restarts, " + ", ".join(
+                f"seed {r['seed']} fit acc {r['accuracy']:.3f} loss {r['loss']:.3f}{' (chosen)' if r['chosen'] else ''}"
+                for r in picked), flush=True)
         name = f"seed{seed}"
         bank.add(name, task.template, res.prompt.embeddings, verbalizer=task.verbalizer, kv=res.prompt.kv)
         t = time.perf_counter()
@@ -106,7 +115,7 @@ def main() -> None:
         rows.append({"run": f"soft prompt seed {seed}", "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
                      "confusion": m["confusion"], "train_s": res.wall_time_s, "train_tokens_per_s": res.tokens_per_s,
                      "steps": res.steps, "best_step": res.best_step, "eval_s": time.perf_counter() - t,
-                     "params": res.prompt.n_params, "bytes": res.prompt.nbytes})
+                     "params": res.prompt.n_params, "bytes": res.prompt.nbytes, "restarts": picked})
         print(f"seed {seed}: acc {m['accuracy']:.4f} macro-F1 {m['macro_f1']:.4f} confusion {m['confusion']} "
               f"train {res.wall_time_s:.0f}s ({res.tokens_per_s:.0f} tok/s)", flush=True)
     soft = [r for r in rows if r["run"].startswith("soft")]

@@ -198,11 +198,13 @@ def train(
     test_split: str = typer.Option("test"),
     test_limit: Optional[int] = typer.Option(None, help="Score at most N held-out examples."),
     seed: int = typer.Option(0),
-    resume: bool = typer.Option(False, help="Continue from OUT/checkpoint.safetensors."),
+    restarts: int = typer.Option(1, min=1, help="Train N times (seeds SEED, SEED+1000, ...) and keep the prompt that scores best on the validation data, or on the training data without any: guards against a run stuck at the majority class. Costs N times the training."),
+    resume: bool = typer.Option(False, help="Continue from OUT/checkpoint.safetensors (with --restarts: each run from its own OUT/restartN)."),
     eval_batch_size: int = typer.Option(32),
 ):
     """Train a soft prompt (the base model stays frozen), then score it on held-out data."""
-    from .train import TrainConfig, encoders_for, train_prompt
+    from .restarts import train_with_restarts
+    from .train import TrainConfig, encoders_for
 
     data = _load_task_data(task, train_file, test_file, valid_file, field, label_column, target_column,
                            template, verbalizer, instruction, None)
@@ -223,9 +225,12 @@ def train(
         _fail(str(e))
     m, tok = _load_model(model)
     try:
-        result = train_prompt(m, tok, data.task, train_ex, valid_ex, cfg, out_dir=out, resume=resume)
+        result = train_with_restarts(m, tok, data.task, train_ex, valid_ex, cfg, restarts, out_dir=out, resume=resume)
     except ValueError as e:
         _fail(str(e))
+    for run in result.prompt.training.get("restarts", []):
+        fit = ", ".join(f"{k} {v:.4f}" for k, v in run.items() if isinstance(v, float))
+        console.print(f"restart seed {run['seed']}: {run['judged_on']} {fit}{'  <- kept' if run['chosen'] else ''}")
     rows = []
     test_ex = data.splits.get(test_split)
     if test_ex:
@@ -526,6 +531,8 @@ def compare(
                                      "(an encoder's output moves several times lr per step)."),
     prefix_reparam: str = typer.Option("none", help="Prefix tuning (--methods prefix): none (key/values trained "
                                        "directly, at --lr) | mlp (through an MLP, at --encoder-lr)."),
+    restarts: int = typer.Option(1, help="Train every soft prompt N times (seeds s, s+1000, ...) and keep the best fit "
+                                 "to the validation data, or to the training data without any (N times the training)."),
     train_sizes: str = typer.Option("8,16,32,all", help="Learning curve: training-set sizes ('all' = the whole pool)."),
     curve_seeds: str = typer.Option("0", help="Learning curve: seeds per size."),
     train_limit: int = typer.Option(256, help="Training pool: a seeded sample of at most N examples (0 = all)."),
@@ -571,7 +578,7 @@ def compare(
             sweep_seeds=_cmp_list(sweep_seeds, int, "sweep-seeds"), lengths=_cmp_list(lengths, int, "lengths"),
             inits=_cmp_list(inits, what="inits"), positions=_cmp_list(positions, what="positions"), epochs=epochs,
             min_steps=min_steps, lr=lr, batch_size=batch_size, warmup_steps=warmup_steps, optimizer=optimizer,
-            ptuning_encoder=ptuning_encoder, encoder_lr=encoder_lr, prefix_reparam=prefix_reparam,
+            ptuning_encoder=ptuning_encoder, encoder_lr=encoder_lr, prefix_reparam=prefix_reparam, restarts=restarts,
             train_sizes=_cmp_sizes(train_sizes), curve_seeds=_cmp_list(curve_seeds, int, "curve-seeds"),
             eval_task=eval_task, eval_label_map=_parse_pairs(eval_label_map, "--eval-label-map"),
             eval_batch_size=eval_batch_size, latency_examples=latency_examples,

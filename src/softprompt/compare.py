@@ -155,6 +155,8 @@ class CompareConfig:
     ptuning_encoder: str = "lstm"  # lstm | mlp
     prefix_reparam: str = "none"  # none: key/values trained directly (at lr) | mlp: through an MLP
     encoder_lr: float = 1e-3  # lr of anything trained through an encoder network (see reparam.py)
+    # every trained prompt: train this many seeds and keep the best fit (softprompt.restarts)
+    restarts: int = 1
     # data efficiency
     train_sizes: tuple[int, ...] = (8, 16, 32, 0)  # 0 = all
     curve_seeds: tuple[int, ...] = (0,)
@@ -188,6 +190,8 @@ class CompareConfig:
             raise ValueError(f"prefix_reparam must be none or mlp, got {self.prefix_reparam!r}")
         if not self.encoder_lr > 0:
             raise ValueError(f"encoder_lr must be positive, got {self.encoder_lr}")
+        if self.restarts < 1:
+            raise ValueError(f"restarts must be at least 1, got {self.restarts}")
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -448,8 +452,13 @@ class Comparison:
         spec.update(method or {})
         n_soft = (method or {}).get("prefix_tokens") or Template(template).n_soft
         run_id = f"soft/{tag}/len{n_soft}/{init}/n{len(train)}/seed{seed}"
+        restarts = self.cfg.restarts
+        if restarts > 1:  # only then in the spec and id: single-run specs and ids stay as they were
+            spec["restarts"] = restarts
+            run_id += f"/best-of-{restarts}"
         n_valid = (steps // eval_every) * len(self.valid) if eval_every else 0
-        cost = steps * self.cfg.batch_size * 3 + n_valid + len(self.test) + 3 * self.cfg.latency_examples
+        cost = ((steps * self.cfg.batch_size * 3 + n_valid) * restarts + len(self.test)
+                + 3 * self.cfg.latency_examples)
         return self._add(Run(run_id, "soft", label, spec, cost))
 
     def _hard_run(self, run_id: str, template: str, label: str, *, on_eval: bool = False, extra: dict | None = None) -> str:
@@ -471,7 +480,8 @@ class Comparison:
             methods -= set(CLASSIFICATION_ONLY)
         rows: list[Row] = []
         main_tpl = with_soft_length(task.template, cfg.prompt_length)
-        main_label = f"prompt tuning ({_tokens(cfg.prompt_length)}, {cfg.init} init)"
+        best_of = f", best of {cfg.restarts} runs" if cfg.restarts > 1 else ""
+        main_label = f"prompt tuning ({_tokens(cfg.prompt_length)}, {cfg.init} init{best_of})"
 
         def main_runs() -> list[str]:
             return [self._soft_run(main_tpl, cfg.init, s, label=f"{main_label}, seed {s}", tag="main") for s in cfg.seeds]
@@ -510,7 +520,7 @@ class Comparison:
                 rows.append(Row(main_label, FAMILY_PT, "main", main, x=cfg.prompt_length))
         if "ptuning" in methods:
             enc = cfg.ptuning_encoder
-            name = f"P-tuning ({_tokens(cfg.prompt_length, 'soft token')}, {enc} encoder)"
+            name = f"P-tuning ({_tokens(cfg.prompt_length, 'soft token')}, {enc} encoder{best_of})"
             spec = {"method": "ptuning", "encoder": enc, "encoder_hidden": ENCODER_HIDDEN}
             ids = [self._soft_run(main_tpl, cfg.init, s, label=f"{name}, seed {s}", tag=f"ptuning-{enc}",
                                   method=spec, lr=cfg.encoder_lr) for s in cfg.seeds]
@@ -522,7 +532,7 @@ class Comparison:
         elif "prefix" in methods:
             rp = cfg.prefix_reparam
             name = (f"prefix tuning ({cfg.prompt_length} key/value positions per layer"
-                    + (", MLP reparameterisation)" if rp == "mlp" else ")"))
+                    + (", MLP reparameterisation" if rp == "mlp" else "") + best_of + ")")
             spec = {"method": "prefix", "prefix_tokens": cfg.prompt_length, "reparam": rp}
             if rp != "none":
                 spec["encoder_hidden"] = ENCODER_HIDDEN
@@ -796,7 +806,8 @@ class Comparison:
                                        "rule": B.PARSE_RULE}}
 
     def _exec_soft(self, run: Run) -> dict[str, Any]:
-        from .train import TrainConfig, train_prompt
+        from .restarts import train_with_restarts
+        from .train import TrainConfig
 
         sp = run.spec
         task = Task(name=self.task.name, kind=self.task.kind, template=sp["template"], verbalizer=self.task.verbalizer,
@@ -810,15 +821,17 @@ class Comparison:
                           **{k: sp[k] for k in ("method", "encoder", "encoder_hidden", "reparam", "prefix_tokens")
                              if k in sp})
         run_dir = self.out / "prompts" / _safe(run.id)
+        restarts = sp.get("restarts", 1)
         try:
-            res = train_prompt(self.model, self.tok, task, train, self.valid or None, cfg, out_dir=run_dir,
-                               resume=True, progress=self.progress)
+            res = train_with_restarts(self.model, self.tok, task, train, self.valid or None, cfg, restarts,
+                                      out_dir=run_dir, resume=True, progress=self.progress)
         except ValueError as e:
             if "different config" not in str(e):
                 raise
-            (run_dir / "checkpoint.safetensors").unlink(missing_ok=True)
-            res = train_prompt(self.model, self.tok, task, train, self.valid or None, cfg, out_dir=run_dir,
-                               progress=self.progress)
+            for stale in run_dir.rglob("checkpoint.safetensors"):  # each restart keeps its own
+                stale.unlink()
+            res = train_with_restarts(self.model, self.tok, task, train, self.valid or None, cfg, restarts,
+                                      out_dir=run_dir, progress=self.progress)
         name = f"run:{run.id}"
         self.bank.add_prompt(res.prompt, name)
         try:
@@ -843,6 +856,7 @@ class Comparison:
                 "wall_s": res.wall_time_s, "steps": res.steps, "epochs": sp["epochs"], "n_train": len(train),
                 "best_step": res.best_step, "tokens_per_s": res.tokens_per_s, "stopped_early": res.stopped_early,
                 "loss": [[h["step"], h["loss"]] for h in hist[::stride]],
+                **({"restarts": res.prompt.training["restarts"]} if restarts > 1 else {}),
                 "valid": [[h["step"], h["valid"].get("accuracy", h["valid"].get("f1"))] for h in hist if "valid" in h],
             },
         }

@@ -488,6 +488,7 @@ def _blocks(results: dict[str, Any], plots: list[tuple[str, str]]) -> list[tuple
         b.append(("table", ["gold", "parsed", "generated text (first 160 characters)"], samples, "lll"))
     if generative:
         b += _sample_blocks(rows, runs)
+    b += _restart_blocks(runs)
     b.append(("h", 2, "Every run"))
     detail = []
     for rid, r in runs.items():
@@ -503,6 +504,24 @@ def _blocks(results: dict[str, Any], plots: list[tuple[str, str]]) -> list[tuple
     b.append(("pre", "\n".join(f"{k}: {json.dumps(v)}" for k, v in cfg.items())))
     b.append(("p", f"Zero-shot instruction: `{results.get('instruction', '')}`. All numbers are in `results.json`."))
     return b
+
+
+def _restart_blocks(runs: dict[str, Any]) -> list[tuple]:
+    """``--restarts``: which seed each run kept and how every candidate fitted, so the choice
+    (made without test data) can be checked."""
+    table = []
+    for rid, r in runs.items():
+        for c in (r.get("train") or {}).get("restarts") or []:
+            fit = (f"{100 * c['accuracy']:.1f}" if "accuracy" in c else f"{100 * c.get('f1', 0):.1f} (F1)")
+            table.append([rid, str(c["seed"]), c["judged_on"], fit, f"{c['loss']:.3f}" if "loss" in c else "–",
+                          "kept" if c["chosen"] else ""])
+    if not table:
+        return []
+    return [("h", 2, "Restarts"),
+            ("p", ("Each soft-prompt run trained several seeds and kept the prompt that scored best on the validation "
+                   "examples, or on its own training examples when there were none (accuracy first, then macro-F1, "
+                   "then lower loss); only the kept prompt is scored on the test set.")),
+            ("table", ["run", "seed", "judged on", "fit %", "fit loss", ""], table, "lrlrrl")]
 
 
 def _sample_blocks(rows: list[dict], runs: dict[str, Any], n: int = 6) -> list[tuple]:
