@@ -114,3 +114,15 @@ def test_compare_trains_best_of_n(tmp_path):
     assert restarts.count("| soft/main/len2/labels/n8/seed0/best-of-2 |") == 2 and restarts.count("| kept |") == 1
     with pytest.raises(ValueError, match="restarts"):
         C.CompareConfig(**base, restarts=0)
+
+
+def test_judging_on_a_large_training_set_uses_a_sample(monkeypatch):
+    import softprompt.restarts as R
+
+    seen = []
+    real = R.fit_score
+    monkeypatch.setattr(R, "FIT_LIMIT", 3)
+    monkeypatch.setattr(R, "fit_score", lambda m, t, res, exs, cfg: seen.append(list(exs)) or real(m, t, res, exs, cfg))
+    model, tok = tiny_causal_lm(), tiny_tokenizer()
+    R.train_with_restarts(model, tok, TASK, TRAIN, None, CFG, 2, progress=False)
+    assert [len(s) for s in seen] == [3, 3] and seen[0] == seen[1] and all(ex in TRAIN for ex in seen[0])

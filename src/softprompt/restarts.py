@@ -7,7 +7,8 @@ the mean and the spread over seeds.  Such a run also fits its own training examp
 visibly worse (its final training loss was 0.58 against 0.28 and 0.40), so it can be caught
 without held-out data: train ``restarts`` times from different seeds and keep the prompt
 that scores best on the validation examples or, when there are none, on the training
-examples themselves.  The price is ``restarts`` times the training; scoring stays one prompt.
+examples themselves (at most ``FIT_LIMIT`` of them).  The price is ``restarts`` times the
+training; scoring stays one prompt.
 
 Selection uses :func:`softprompt.train.validate`'s score (accuracy, then macro-F1, then
 lower loss, for classification; token F1 then exact match for generation), the rule the
@@ -18,6 +19,7 @@ nothing about overfitting, which only held-out data can.
 from __future__ import annotations
 
 import os
+import random
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +29,7 @@ from .tasks import Task
 from .train import TrainConfig, TrainResult, train_prompt, validate
 
 SEED_STRIDE = 1000  # restart r of seed s trains with seed s + r * SEED_STRIDE: restart 0 is the plain run
+FIT_LIMIT = 256  # judging on training examples: at most this many (a seeded sample), so a big set stays cheap
 
 
 def restart_seeds(seed: int, restarts: int) -> list[int]:
@@ -72,7 +75,9 @@ def train_with_restarts(
 
     if is_encoder_model(model):
         raise ValueError("restarts > 1 is for decoder and encoder-decoder models; train encoder models one seed at a time")
-    judged_on, judge = ("validation", valid_examples) if valid_examples else ("training", train_examples)
+    judged_on, judge = ("validation", valid_examples) if valid_examples else ("training", list(train_examples))
+    if judged_on == "training" and len(judge) > FIT_LIMIT:
+        judge = random.Random(cfg.seed).sample(judge, FIT_LIMIT)
     out = Path(out_dir) if out_dir is not None else None
     t0 = time.perf_counter()
     runs: list[tuple[TrainResult, dict]] = []
