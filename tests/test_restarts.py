@@ -126,3 +126,14 @@ def test_judging_on_a_large_training_set_uses_a_sample(monkeypatch):
     model, tok = tiny_causal_lm(), tiny_tokenizer()
     R.train_with_restarts(model, tok, TASK, TRAIN, None, CFG, 2, progress=False)
     assert [len(s) for s in seen] == [3, 3] and seen[0] == seen[1] and all(ex in TRAIN for ex in seen[0])
+
+
+def test_resumed_restarts_give_the_same_prompt_and_count_the_earlier_training(tmp_path):
+    model, tok = tiny_causal_lm(), tiny_tokenizer()
+    first = train_with_restarts(model, tok, TASK, TRAIN, None, CFG, 2, out_dir=tmp_path, progress=False)
+    again = train_with_restarts(model, tok, TASK, TRAIN, None, CFG, 2, out_dir=tmp_path, resume=True, progress=False)
+    assert torch.equal(first.prompt.embeddings, again.prompt.embeddings)
+    trained = sum(r["wall_time_s"] for r in first.prompt.training["restarts"])
+    assert [r["wall_time_s"] for r in again.prompt.training["restarts"]] == [
+        r["wall_time_s"] for r in first.prompt.training["restarts"]]
+    assert again.wall_time_s >= trained - 0.02, "the finished runs' training time is part of the cost"

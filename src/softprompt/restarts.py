@@ -60,8 +60,8 @@ def train_with_restarts(
 ) -> TrainResult:
     """Train ``restarts`` prompts (seeds from :func:`restart_seeds`) and return the best one.
 
-    The returned result is the chosen run's, except ``wall_time_s``: the whole cost, every run
-    and the choosing.  Its prompt's ``training["restarts"]`` lists every run (seed, selection
+    The returned result is the chosen run's, except ``wall_time_s``: the whole cost, every run's
+    training time (resumed runs included) and the choosing.  Its prompt's ``training["restarts"]`` lists every run (seed, selection
     metrics, training seconds, chosen or not), so the artifact says how it was picked.
     With ``out_dir`` each run writes to ``out_dir/restart{r}`` (resumable one by one) and the
     chosen prompt is also saved as ``out_dir/prompt.safetensors``.  ``restarts=1`` is exactly
@@ -79,18 +79,21 @@ def train_with_restarts(
     if judged_on == "training" and len(judge) > FIT_LIMIT:
         judge = random.Random(cfg.seed).sample(judge, FIT_LIMIT)
     out = Path(out_dir) if out_dir is not None else None
-    t0 = time.perf_counter()
+    judging = 0.0
     runs: list[tuple[TrainResult, dict]] = []
     for r, seed in enumerate(seeds):
         res = train_prompt(model, tokenizer, task, train_examples, valid_examples, replace(cfg, seed=seed),
                            out_dir=(out / f"restart{r}") if out else None, resume=resume, progress=progress)
+        t0 = time.perf_counter()
         runs.append((res, fit_score(model, tokenizer, res, judge, cfg)))
+        judging += time.perf_counter() - t0
     best = max(range(len(runs)), key=lambda i: runs[i][1]["score"])
     summary = [{"seed": seed, "judged_on": judged_on, "chosen": i == best, "wall_time_s": round(res.wall_time_s, 2),
                 **{k: v for k, v in metrics.items() if k != "score"}}
                for i, (seed, (res, metrics)) in enumerate(zip(seeds, runs))]
     chosen = runs[best][0]
-    chosen.wall_time_s = time.perf_counter() - t0
+    # each run's own training time (a resumed run's includes the time before its checkpoint) + the choosing
+    chosen.wall_time_s = sum(res.wall_time_s for res, _ in runs) + judging
     chosen.prompt.training = {**chosen.prompt.training, "restarts": summary}
     if out is not None:
         chosen.prompt.save(out / "prompt.safetensors")
