@@ -464,7 +464,8 @@ def _blocks(results: dict[str, Any], plots: list[tuple[str, str]]) -> list[tuple
                        "the median over queries sent one at a time (batch 1), and the best of two passes with all of "
                        "them in one batch (per query), with each prompt's prefix key/values cached as when serving. "
                        if cfg.get("latency_examples") else "*Latency*: not measured in this run. ")
-                    + "*Training time*: wall time of the training loop per prompt (an ensemble: all members).")))
+                    + "*Training time*: wall time of the training loop per prompt (an ensemble: all members; with "
+                    "restarts: every candidate run).")))
     tr = [r for r in rows if r["section"] == "transfer"]
     if tr:
         b.append(("h", 2, "Transfer"))
