@@ -343,7 +343,7 @@ def train_encoder_prompt(
     state by validation (accuracy, macro-F1, -loss) is kept.
     """
     from .train import (
-        CHECKPOINT, TrainConfig, TrainResult, batch_plan, config_matches, load_checkpoint, lr_at, make_optimizer,
+        CHECKPOINT, TrainConfig, TrainResult, batch_plan, checkpoint_to_resume, lr_at, make_optimizer,
         optimizer_state, save_checkpoint,
     )
 
@@ -438,10 +438,9 @@ def train_encoder_prompt(
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    if resume and out is not None and (out / CHECKPOINT).exists():  # as train.train_prompt does
-        tensors, meta = load_checkpoint(out / CHECKPOINT)
-        if not config_matches(meta["config"], run_config):
-            raise ValueError(f"{out / CHECKPOINT} was written with a different config; start a new out_dir or drop --resume")
+    saved = checkpoint_to_resume(out, resume, run_config)  # as train.train_prompt does
+    if saved is not None:
+        tensors, meta = saved
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(tensors[k])

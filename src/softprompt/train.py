@@ -279,6 +279,17 @@ def config_matches(saved: dict, current: dict) -> bool:
     return {**json.loads(json.dumps(TrainConfig().to_dict())), **saved} == json.loads(json.dumps(current))
 
 
+def checkpoint_to_resume(out: Path | None, resume: bool, run_config: dict) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """``out``'s checkpoint (tensors, meta) when resuming and there is one; an error when it was
+    written with another config, since continuing it would train a mixture of two runs."""
+    if not (resume and out is not None and (out / CHECKPOINT).exists()):
+        return None
+    tensors, meta = load_checkpoint(out / CHECKPOINT)
+    if not config_matches(meta["config"], run_config):
+        raise ValueError(f"{out / CHECKPOINT} was written with a different config; start a new out_dir or drop --resume")
+    return tensors, meta
+
+
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["state"])
@@ -384,10 +395,9 @@ def train_prompt(
     start, history, best_score, best_step, bad_evals = 0, [], None, 0, 0
     best = {k: v.detach().clone() for k, v in values.items()}
     elapsed, tokens_seen = 0.0, 0
-    if resume and out is not None and (out / CHECKPOINT).exists():
-        tensors, meta = load_checkpoint(out / CHECKPOINT)
-        if not config_matches(meta["config"], cfg.to_dict()):
-            raise ValueError(f"{out / CHECKPOINT} was written with a different config; start a new out_dir or drop --resume")
+    saved = checkpoint_to_resume(out, resume, cfg.to_dict())
+    if saved is not None:
+        tensors, meta = saved
         trained.load_state(tensors)
         best = {k: tensors[f"best.{k}"].clone() for k in values}
         optimizer.load_state_dict(optimizer_state(tensors, meta["optimizer"]))

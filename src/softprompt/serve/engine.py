@@ -70,7 +70,7 @@ import torch
 from ..bank import PromptBank
 from ..conditioning import (
     Context, cache_layers, concat_contexts, decode_step, full_context, label_logprobs, lm_logits, make_cache,
-    newline_ids, run_context,
+    newline_ids, run_context, take_token,
 )
 from ..prompts import ModelIdentity, PromptMismatchError, SoftPrompt
 from ..templates import Template, TemplateError, encode_text
@@ -914,15 +914,14 @@ class Engine:
                 if it.abandoned:
                     finish[i] = "abandoned"
                 else:
-                    t = nxt_list[j]
                     used[i] += 1
-                    if not outs[i] and it.stop_at_newline and t in self._newlines:
-                        if used[i] >= it.max_new_tokens:  # skipped, as in scoring.generate
-                            finish[i] = "length"
-                    elif t in stops[i]:
+                    before = len(outs[i])
+                    if take_token(nxt_list[j], outs[i], stops[i], self._newlines if it.stop_at_newline else frozenset()):
                         finish[i] = "stop"
+                    elif len(outs[i]) == before:  # a leading line break, skipped as in scoring.generate
+                        if used[i] >= it.max_new_tokens:
+                            finish[i] = "length"
                     else:
-                        outs[i].append(t)
                         if it.stop_strings and self.cut_at_stop(self.decode(outs[i]), it.stop_strings)[1]:
                             finish[i] = "stop"
                         elif used[i] >= it.max_new_tokens:
