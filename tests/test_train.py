@@ -14,7 +14,7 @@ import torch
 from softprompt.prompts import SoftPrompt
 from softprompt.tasks import Example, Task
 from softprompt.testing import tiny_causal_lm, tiny_tokenizer
-from softprompt.train import CHECKPOINT, TrainConfig, batch_plan, lr_at, train_prompt
+from softprompt.train import CHECKPOINT, RunProgress, TrainConfig, batch_plan, lr_at, train_prompt
 
 POS = ["good movie", "great film", "love this movie", "amazing film", "good good", "happy great"]
 NEG = ["bad movie", "awful film", "hate this movie", "terrible film", "bad bad", "sad awful"]
@@ -151,3 +151,19 @@ def test_full_context_trains_like_cached(tmp_path):
     a = train_prompt(model, tok, TASK, TRAIN, None, TrainConfig(**cfg, context="cached"), progress=False)
     b = train_prompt(model, tok, TASK, TRAIN, None, TrainConfig(**cfg, context="full"), progress=False)
     torch.testing.assert_close(a.prompt.embeddings, b.prompt.embeddings, atol=1e-4, rtol=1e-4)
+
+
+def test_run_progress_judges_validations_and_survives_a_checkpoint():
+    """The state both training loops checkpoint: best score, its step, patience count, clock."""
+    run = RunProgress()
+    run.step = 4
+    assert run.judge([0.5, 0.4]) and run.best_step == 4
+    run.step = 8
+    assert not run.judge((0.5, 0.3)) and run.bad_evals == 1 and not run.out_of_patience(2)
+    assert not run.judge((0.5, 0.4)) and run.out_of_patience(2)  # a tie is not an improvement
+    assert not run.out_of_patience(None)
+    run.step, run.elapsed, run.tokens_seen = 12, 3.0, 600
+    meta = json.loads(json.dumps(run.meta({"lr": 0.1})))  # as the checkpoint stores it
+    back = RunProgress.from_meta(meta)
+    assert (back.step, back.best_score, back.best_step, back.bad_evals, back.tokens_per_s) == (12, (0.5, 0.4), 4, 2, 200)
+    assert back.judge((0.6, 0.0)) and back.bad_evals == 0 and back.best_step == 12

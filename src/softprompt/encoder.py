@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -343,7 +342,7 @@ def train_encoder_prompt(
     state by validation (accuracy, macro-F1, -loss) is kept.
     """
     from .train import (
-        CHECKPOINT, TrainConfig, TrainResult, batch_plan, checkpoint_to_resume, lr_at, make_optimizer,
+        CHECKPOINT, RunProgress, TrainConfig, TrainResult, batch_plan, checkpoint_to_resume, lr_at, make_optimizer,
         optimizer_state, save_checkpoint,
     )
 
@@ -393,7 +392,8 @@ def train_encoder_prompt(
         counts = torch.tensor([sum(ex.label == lab for ex in train_examples) for lab in labels], dtype=torch.float)
         class_weights = (counts.sum() / (len(counts) * counts.clamp(min=1))).to(device)
     gold_all = torch.tensor([labels.index(ex.label) for ex in train_examples], device=device)
-    t0 = time.perf_counter()  # wall time includes the one-off feature pass of a head-only run
+    run = RunProgress()  # history, best score, clock: what a checkpoint saves (train.py)
+    run.start_clock()  # wall time includes the one-off feature pass of a head-only run
     feats = _features(bank, entry, train_examples, cfg.eval_batch_size) if n == 0 else None
     sample = feats if feats is not None else _features(bank, entry, train_examples[:STANDARDISE_EXAMPLES],
                                                        cfg.eval_batch_size)
@@ -430,10 +430,8 @@ def train_encoder_prompt(
         gold = torch.tensor([labels.index(ex.label) for ex in valid_examples])
         return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "loss": float(F.cross_entropy(logits, gold))}
 
-    history: list[dict] = []
     best = {k: p.detach().clone() for k, p in params.items()}
-    best_score, best_step, bad_evals, stopped_early = None, 0, 0, False
-    tokens_seen, start = 0, 0
+    stopped_early = False
     run_config = {**cfg.to_dict(), "n_tokens": n, "pooling": pooling, "head_lr": head_lr}
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
@@ -446,23 +444,19 @@ def train_encoder_prompt(
                 p.copy_(tensors[k])
         best = {k: tensors[f"best.{k}"].to(device) for k in params}
         optimizer.load_state_dict(optimizer_state(tensors, meta["optimizer"]))
-        start, history = meta["step"], meta["history"]
-        best_score = tuple(meta["best_score"]) if meta["best_score"] is not None else None
-        best_step, bad_evals, tokens_seen = meta["best_step"], meta["bad_evals"], meta["tokens_seen"]
-        t0 = time.perf_counter() - meta["elapsed"]
+        run = RunProgress.from_meta(meta)
+        run.start_clock()
     ckpt_every = cfg.checkpoint_every or eval_every
 
-    def checkpoint(step: int) -> None:
+    def checkpoint() -> None:
         if out is not None:
-            save_checkpoint(out / CHECKPOINT, params=dict(params), best=best, optimizer=optimizer, meta={
-                "step": step, "history": history, "best_score": best_score, "best_step": best_step,
-                "bad_evals": bad_evals, "elapsed": time.perf_counter() - t0, "tokens_seen": tokens_seen,
-                "config": run_config,
-            })
+            run.tick()
+            save_checkpoint(out / CHECKPOINT, params=dict(params), best=best, optimizer=optimizer,
+                            meta=run.meta(run_config))
 
-    bar = tqdm(total=total, initial=start, desc=f"training {task.name} ({'prompt + head' if n else 'head only'})",
+    bar = tqdm(total=total, initial=run.step, desc=f"training {task.name} ({'prompt + head' if n else 'head only'})",
                disable=not progress, unit="step")
-    for step in range(start, total):
+    for step in range(run.step, total):
         epoch, idx = plan[step]
         lr_scale = lr_at(step, total, cfg) / cfg.lr if cfg.lr else 1.0
         for g in optimizer.param_groups:
@@ -473,7 +467,7 @@ def train_encoder_prompt(
             logits = bank.head_logits([entry] * len(idx), feats[idx])
         else:
             logits = bank.logits([entry] * len(idx), batch)
-            tokens_seen += sum(len(r[0]) for r in bank.encode(entry, batch))
+            run.tokens_seen += sum(len(r[0]) for r in bank.encode(entry, batch))
         gold = gold_all[idx]
         per = F.cross_entropy(logits, gold, reduction="none")
         w = class_weights[gold] if class_weights is not None else torch.ones_like(per)
@@ -483,31 +477,27 @@ def train_encoder_prompt(
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         optimizer.step()
+        run.step = step + 1
         record: dict[str, Any] = {"step": step + 1, "epoch": epoch, "loss": float(loss.detach()),
                                   "lr": optimizer.param_groups[0]["lr"]}
         if valid_examples and ((step + 1) % eval_every == 0 or step + 1 == total):
             m = evaluate()
             record["valid"] = m
-            score = (m["accuracy"], m["macro_f1"], -m["loss"])
-            if best_score is None or score > best_score:
-                best_score, best_step, bad_evals = score, step + 1, 0
+            if run.judge((m["accuracy"], m["macro_f1"], -m["loss"])):
                 best = {k: p.detach().clone() for k, p in params.items()}
-            else:
-                bad_evals += 1
-            stopped_early = cfg.patience is not None and bad_evals >= cfg.patience
-        history.append(record)
+            stopped_early = run.out_of_patience(cfg.patience)
+        run.history.append(record)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}",
                         **({"valid": f"{record['valid']['accuracy']:.3f}"} if "valid" in record else {}))
         if (step + 1) % ckpt_every == 0 or step + 1 == total or stopped_early:
-            checkpoint(step + 1)
+            checkpoint()
         if stopped_early:
             break
     bar.close()
-    elapsed = time.perf_counter() - t0
+    run.tick()
     final = best if valid_examples else {k: p.detach().clone() for k, p in params.items()}
-    if not valid_examples:
-        best_step = len(history)
+    best_step = run.best_step if valid_examples else len(run.history)
     head_weight, head_bias = fold_standardised(final["weight"], final["bias"], mean, std)
     prompt = SoftPrompt(
         embeddings=final["prompt"].cpu().float(),
@@ -519,17 +509,17 @@ def train_encoder_prompt(
         method=METHOD_PROMPT if n else METHOD_HEAD_ONLY,
         init=cfg.init if n else "",
         training={**cfg.to_dict(), "n_tokens": n, "pooling": pooling, "head_lr": head_lr,
-                  "train_examples": len(train_examples), "best_step": best_step, "steps": len(history),
-                  "wall_time_s": round(elapsed, 2)},
+                  "train_examples": len(train_examples), "best_step": best_step, "steps": len(run.history),
+                  "wall_time_s": round(run.elapsed, 2)},
         head={"weight": head_weight.detach().cpu().float(), "bias": head_bias.detach().cpu().float()},
         pooling=pooling,
     )
-    result = TrainResult(prompt=prompt, history=history, best_step=best_step, steps=len(history),
-                         wall_time_s=elapsed, tokens_per_s=tokens_seen / max(elapsed, 1e-9),
+    result = TrainResult(prompt=prompt, history=run.history, best_step=best_step, steps=len(run.history),
+                         wall_time_s=run.elapsed, tokens_per_s=run.tokens_per_s,
                          stopped_early=stopped_early, trainable_params=sum(p.numel() for p in trainable))
     if out is not None:
         prompt.save(out / "prompt.safetensors")
-        (out / "history.json").write_text(json.dumps(history, indent=1))
+        (out / "history.json").write_text(json.dumps(run.history, indent=1))
     return result
 
 

@@ -273,6 +273,60 @@ def save_checkpoint(path: Path, *, params: dict, best: dict, optimizer, meta: di
     _atomic_save(tensors, {**meta, "optimizer": opt_meta}, path)
 
 
+@dataclass
+class RunProgress:
+    """Where a training run stands apart from its tensors: the history, the best validation score
+    and its step, the validations since it last improved (early stopping), and the clock and token
+    count behind tokens/s.  A checkpoint's metadata holds exactly this, so both training loops
+    (decoder here, encoder in ``encoder.py``) save and restore it the same way and a resumed run
+    continues all of it."""
+
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    best_score: tuple | None = None
+    best_step: int = 0
+    bad_evals: int = 0
+    elapsed: float = 0.0  # training seconds so far, earlier runs of a resumed training included
+    tokens_seen: int = 0
+    _started: float = field(default=0.0, repr=False)
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "RunProgress":
+        best = meta["best_score"]
+        return cls(step=meta["step"], history=meta["history"], best_score=tuple(best) if best is not None else None,
+                   best_step=meta["best_step"], bad_evals=meta["bad_evals"], elapsed=meta["elapsed"],
+                   tokens_seen=meta["tokens_seen"])
+
+    def meta(self, config: dict) -> dict:
+        """The checkpoint metadata (JSON) for this point of the run."""
+        return {"step": self.step, "history": self.history, "best_score": self.best_score,
+                "best_step": self.best_step, "bad_evals": self.bad_evals, "elapsed": self.elapsed,
+                "tokens_seen": self.tokens_seen, "config": config}
+
+    def start_clock(self) -> None:
+        """Start timing, continuing from the seconds already recorded."""
+        self._started = time.perf_counter() - self.elapsed
+
+    def tick(self) -> None:
+        self.elapsed = time.perf_counter() - self._started
+
+    def judge(self, score) -> bool:
+        """Count a validation at the current step; True when ``score`` is the best so far (the
+        caller then keeps the current prompt)."""
+        if self.best_score is None or tuple(score) > self.best_score:
+            self.best_score, self.best_step, self.bad_evals = tuple(score), self.step, 0
+            return True
+        self.bad_evals += 1
+        return False
+
+    def out_of_patience(self, patience: int | None) -> bool:
+        return patience is not None and self.bad_evals >= patience
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_seen / max(self.elapsed, 1e-9)
+
+
 def config_matches(saved: dict, current: dict) -> bool:
     """Whether a checkpoint's run config equals ``current``; TrainConfig fields added since the
     checkpoint was written take their defaults (so it still resumes)."""
@@ -392,33 +446,26 @@ def train_prompt(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
 
-    start, history, best_score, best_step, bad_evals = 0, [], None, 0, 0
+    run = RunProgress()
     best = {k: v.detach().clone() for k, v in values.items()}
-    elapsed, tokens_seen = 0.0, 0
     saved = checkpoint_to_resume(out, resume, cfg.to_dict())
     if saved is not None:
         tensors, meta = saved
         trained.load_state(tensors)
         best = {k: tensors[f"best.{k}"].clone() for k in values}
         optimizer.load_state_dict(optimizer_state(tensors, meta["optimizer"]))
-        start, history = meta["step"], meta["history"]
-        best_score = tuple(meta["best_score"]) if meta["best_score"] is not None else None
-        best_step, bad_evals = meta["best_step"], meta["bad_evals"]
-        elapsed, tokens_seen = meta["elapsed"], meta["tokens_seen"]
+        run = RunProgress.from_meta(meta)
 
-    def checkpoint(step: int) -> None:
-        if out is None:
-            return
-        save_checkpoint(out / CHECKPOINT, params=trained.state(), best=best, optimizer=optimizer, meta={
-            "step": step, "history": history, "best_score": best_score, "best_step": best_step,
-            "bad_evals": bad_evals, "elapsed": elapsed, "tokens_seen": tokens_seen, "config": cfg.to_dict(),
-        })
+    def checkpoint() -> None:
+        if out is not None:
+            save_checkpoint(out / CHECKPOINT, params=trained.state(), best=best, optimizer=optimizer,
+                            meta=run.meta(cfg.to_dict()))
 
-    bar = tqdm(total=total, initial=start, desc=f"training {task.name}", disable=not progress, unit="step")
+    bar = tqdm(total=total, initial=run.step, desc=f"training {task.name}", disable=not progress, unit="step")
     stopped_early = False
-    t0 = time.perf_counter() - elapsed
+    run.start_clock()
     running = None
-    for step in range(start, total):
+    for step in range(run.step, total):
         epoch, idx = plan[step]
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, total, cfg)
@@ -430,8 +477,9 @@ def train_prompt(
         if cfg.grad_clip:
             accelerator.clip_grad_norm_(list(params.values()), cfg.grad_clip)
         optimizer.step()
-        tokens_seen += n_tok
-        elapsed = time.perf_counter() - t0
+        run.step = step + 1
+        run.tokens_seen += n_tok
+        run.tick()
         loss_value = float(loss.detach())
         running = loss_value if running is None else 0.9 * running + 0.1 * loss_value
         record = {"step": step + 1, "epoch": epoch, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"]}
@@ -441,29 +489,25 @@ def train_prompt(
             m = validate(bank, entry, valid_examples, cfg)
             score = m.pop("score")
             record["valid"] = m
-            if best_score is None or tuple(score) > tuple(best_score):
-                best_score, best_step, bad_evals = list(score), step + 1, 0
+            if run.judge(score):
                 best = {k: v.detach().clone() for k, v in values.items()}
-            else:
-                bad_evals += 1
-            if cfg.patience is not None and bad_evals >= cfg.patience:
-                stopped_early = True
-        history.append(record)
+            stopped_early = run.out_of_patience(cfg.patience)
+        run.history.append(record)
         bar.update(1)
-        bar.set_postfix(loss=f"{running:.4f}", tok_s=f"{tokens_seen / max(elapsed, 1e-9):.0f}",
+        bar.set_postfix(loss=f"{running:.4f}", tok_s=f"{run.tokens_per_s:.0f}",
                         **({"valid": f"{record['valid'].get('accuracy', record['valid'].get('f1', 0)):.3f}"}
                            if "valid" in record else {}))
         if (step + 1) % ckpt_every == 0 or done or stopped_early:
-            checkpoint(step + 1)
+            checkpoint()
         if stopped_early:
             break
     bar.close()
+    best_step = run.best_step if valid_examples else len(run.history)
     if valid_examples:
         final = best
     else:  # the last prompt; an encoder's output is materialised here, computed exactly as in
         # training (grad on: an LSTM's no-grad kernel differs in the last bit)
         final = {k: v.detach().clone() for k, v in trained.values().items()}
-        best_step = len(history)
     prompt = SoftPrompt(
         embeddings=final.get("prompt", no_soft).detach().cpu().float(),
         kv=final["kv"].detach().cpu().float() if "kv" in final else None,
@@ -475,14 +519,14 @@ def train_prompt(
         kind=task.kind,
         init=cfg.init,
         training={**cfg.to_dict(), "reparameterised": trained.describe(), "train_examples": len(train_examples),
-                  "best_step": best_step, "steps": len(history), "wall_time_s": round(elapsed, 2)},
+                  "best_step": best_step, "steps": len(run.history), "wall_time_s": round(run.elapsed, 2)},
     )
     result = TrainResult(
-        prompt=prompt, history=history, best_step=best_step, steps=len(history), wall_time_s=elapsed,
-        tokens_per_s=tokens_seen / max(elapsed, 1e-9), stopped_early=stopped_early,
+        prompt=prompt, history=run.history, best_step=best_step, steps=len(run.history), wall_time_s=run.elapsed,
+        tokens_per_s=run.tokens_per_s, stopped_early=stopped_early,
         trainable_params=sum(p.numel() for p in params.values()),
     )
     if out is not None:
         prompt.save(out / "prompt.safetensors")
-        (out / "history.json").write_text(json.dumps(history, indent=1))
+        (out / "history.json").write_text(json.dumps(run.history, indent=1))
     return result
