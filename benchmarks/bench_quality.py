@@ -13,7 +13,8 @@ tokens through a prompt encoder (--encoder lstm|mlp); --reparam mlp does the sam
 prefix tuning's key/values.  Both default to lr 1e-3: an Adam step on an encoder moves its
 output several times lr (see softprompt/reparam.py).
 --template and --verbalizer LABEL=WORDS override the built-in task's (a "\n" typed in the shell
-is a line break), e.g. to put the question in the model's chat format.
+is a line break), e.g. to put the question in the model's chat format; the words get a leading
+space after a template that ends in text, as `softprompt train --verbalizer` gives them.
 Prints one row per seed and the mean +/- std; --json writes every number.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 
 from softprompt import PromptBank, TrainConfig, classify, load_model, load_task
 from softprompt.restarts import train_with_restarts
-from softprompt.templates import Template
+from softprompt.templates import Template, continue_with
 
 RECIPES = {
     # hybrid template (instruction + 20 soft tokens), class-label init, AdamW, rank loss
@@ -74,7 +75,7 @@ def main() -> None:
         label, _, words = pair.partition("=")
         if label not in task.verbalizer:
             p.error(f"--verbalizer: unknown label {label!r}; labels: {', '.join(task.verbalizer)}")
-        task.verbalizer[label] = words
+        task.verbalizer[label] = continue_with(task.template, words)  # spaced as the CLI spaces it
     if args.method == "prefix" and not args.template:
         task.template = Template(task.template).without_soft().text
     recipe["epochs"] = args.epochs or recipe["epochs"]

@@ -368,3 +368,4 @@ def test_cli_verbalizer_words_continue_the_template():
 
     assert _verbalizer(["a=yes", "b= no"], "Tweet: {text}\nAnswer:") == {"a": " yes", "b": " no"}
     assert _verbalizer(["a=yes", "b=no"], "<|im_start|>assistant\n") == {"a": "yes", "b": "no"}
+    assert _verbalizer(["a=yes"], "Answer: ") == {"a": "yes"}  # the template's own space is the separator

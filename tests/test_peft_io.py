@@ -256,6 +256,10 @@ def test_cli_export_then_import(tmp_path, lm):
                             "--template", "{soft:6}{text}", "--verbalizer", "a=yes", "--verbalizer", "b=no"])
     assert r.exit_code == 0, r.output
     assert SoftPrompt.load(tmp_path / "x.safetensors").verbalizer == {"a": " yes", "b": " no"}
+    r = runner.invoke(app, ["import", str(tmp_path / "adapter"), str(tmp_path / "y.safetensors"), "--model", str(folder),
+                            "--template", "{soft:6}{text}\nAnswer:\n", "--verbalizer", "a=yes", "--verbalizer", "b=no"])
+    assert r.exit_code == 0, r.output  # after a line break the words come unspaced, as in train/compare
+    assert SoftPrompt.load(tmp_path / "y.safetensors").verbalizer == {"a": "yes", "b": "no"}
     r = runner.invoke(app, ["export", "--format", "onnx", str(tmp_path / "p.safetensors"), str(tmp_path / "o")])
     assert r.exit_code == 2 and "only export format is 'peft'" in r.output
     late = _prompt(model, template="tweet : {text} {soft:3} answer :")

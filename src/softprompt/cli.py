@@ -50,11 +50,11 @@ def _parse_pairs(items: list[str] | None, what: str) -> dict[str, str]:
 
 
 def _verbalizer(pairs: list[str] | None, template: str) -> dict[str, str]:
-    """--verbalizer LABEL=WORD pairs.  The words continue the template's text, so they get a
-    leading space after text ("Answer: yes") but none after a line break or space (a chat
-    template's "assistant\n" is followed by "yes", as the model writes it)."""
-    sep = "" if template.endswith(("\n", " ")) else " "
-    return {k: (v if v.startswith(" ") else sep + v) for k, v in _parse_pairs(pairs, "--verbalizer").items()}
+    """--verbalizer LABEL=WORD pairs, each WORD spaced as it continues the template
+    (``templates.continue_with``)."""
+    from .templates import continue_with
+
+    return {k: continue_with(template, v) for k, v in _parse_pairs(pairs, "--verbalizer").items()}
 
 
 def _load_task_data(
@@ -700,7 +700,8 @@ def import_cmd(
                                            "e.g. '{soft:20}Tweet: {text}\\nAnswer:'. Default: the original template "
                                            "(folders from `softprompt export`), else '{soft:N}{text}'."),
     verbalizer: Optional[list[str]] = typer.Option(None, help="LABEL=WORD, one per label (makes a classification prompt; "
-                                                   "a space is put before WORD). Repeatable."),
+                                                   "a space is put before WORD unless --template ends in a line "
+                                                   "break or space). Repeatable."),
     model: Optional[str] = typer.Option(None, help=MODEL_HELP + " Default: the adapter's base model when it names one "
                                         "we know, else smollm2-135m."),
     task: Optional[str] = typer.Option(None, help="Task name stored in the prompt (default: the adapter's)."),
@@ -716,7 +717,7 @@ def import_cmd(
     from .prompts import PromptMismatchError
     from .templates import TemplateError
 
-    verb = {k: (v if v.startswith(" ") else " " + v) for k, v in _parse_pairs(verbalizer, "--verbalizer").items()}
+    verb = _verbalizer(verbalizer, template or "{text}")  # the default templates end in text
     if model is None:
         named = adapter_base_model(adapter_dir)
         model = (named if named and Path(named).is_dir() else

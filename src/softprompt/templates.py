@@ -181,6 +181,15 @@ class Template:
         return Template("".join(out).lstrip(" "))
 
 
+def continue_with(template: str, words: str) -> str:
+    """Label words as they continue ``template``'s text: a leading space after text ("Answer:
+    yes"), none after a line break or a space (a chat template's "assistant\n" is followed by
+    "yes", as the model writes it).  Words that already start with a space are kept as given."""
+    if words.startswith(" ") or template.endswith(("\n", " ")):
+        return words
+    return " " + words
+
+
 def _encode(tokenizer, text: str) -> list[int]:
     if not text:
         return []
