@@ -423,3 +423,24 @@ def test_cli_train_and_predict_on_an_encoder_folder(bert, tmp_path):
     assert r.exit_code == 0, r.output
     out = json.loads(r.output[r.output.index("{"):])  # after any progress bars on stderr
     assert out["label"] in ("negative", "positive") and abs(sum(out["probabilities"].values()) - 1) < 1e-3
+
+
+def test_restarts_keep_the_best_fitting_encoder_run(bert):
+    """train --restarts works for encoder models too: the kept prompt and head are the seed that
+    fits the training examples best, as retraining that seed alone gives."""
+    from softprompt.restarts import fit_score, train_with_restarts
+
+    model, tok = bert
+    train = toy_examples(16, seed=4)
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=0.05, warmup_steps=1, init="random", seed=5)
+    chosen = train_with_restarts(model, tok, SENTIMENT, train, None, cfg, 3, progress=False)
+    runs = chosen.prompt.training["restarts"]
+    assert [r["seed"] for r in runs] == [5, 1005, 2005] and sum(r["chosen"] for r in runs) == 1
+    singles = {s: train_prompt(model, tok, SENTIMENT, train, None, TrainConfig(**{**cfg.to_dict(), "seed": s}),
+                               progress=False) for s in (5, 1005, 2005)}
+    scores = {s: fit_score(model, tok, r, train, cfg)["score"] for s, r in singles.items()}
+    assert len({round(sc[-1], 6) for sc in scores.values()}) == 3, "the runs should differ for this test to mean anything"
+    best = max(scores, key=scores.get)
+    assert [r["seed"] for r in runs if r["chosen"]] == [best]
+    assert torch.equal(chosen.prompt.embeddings, singles[best].prompt.embeddings)
+    assert torch.equal(chosen.prompt.head["weight"], singles[best].prompt.head["weight"])

@@ -40,8 +40,11 @@ def restart_seeds(seed: int, restarts: int) -> list[int]:
 
 
 def fit_score(model, tokenizer, result: TrainResult, examples, cfg: TrainConfig) -> dict:
-    """``validate``'s metrics for a trained prompt on ``examples`` (its ``score``: larger is better)."""
-    bank = PromptBank(model, tokenizer)
+    """``validate``'s metrics for a trained prompt on ``examples`` (its ``score``: larger is better).
+    An encoder model's prompt (soft tokens + head) is scored through its own bank."""
+    from .encoder import EncoderBank, is_encoder_model
+
+    bank = EncoderBank(model, tokenizer) if is_encoder_model(model) else PromptBank(model, tokenizer)
     return validate(bank, bank.add_prompt(result.prompt, "candidate"), examples, cfg)
 
 
@@ -71,10 +74,6 @@ def train_with_restarts(
     if restarts == 1:
         return train_prompt(model, tokenizer, task, train_examples, valid_examples, cfg, out_dir=out_dir,
                             resume=resume, progress=progress)
-    from .encoder import is_encoder_model
-
-    if is_encoder_model(model):
-        raise ValueError("restarts > 1 is for decoder and encoder-decoder models; train encoder models one seed at a time")
     judged_on, judge = ("validation", valid_examples) if valid_examples else ("training", list(train_examples))
     if judged_on == "training" and len(judge) > FIT_LIMIT:
         judge = random.Random(cfg.seed).sample(judge, FIT_LIMIT)
