@@ -4,7 +4,10 @@ One forward pass per batch runs each example's *suffix* (its fields and the rest
 template) on top of its prompt's prefix key/values (``bank.py``).  Continuations (label
 words, generation targets, generated tokens) are then scored from that context's cache,
 so an example's context is run once however many labels it has, and the LM head is
-applied only at the positions a score or a loss needs.
+applied only at the positions a score or a loss needs.  All label words of one example are
+scored in ONE extra sequence on top of its context (a tree-shaped attention mask keeps
+them apart), never on a per-label copy of the context's key/values, and every such pass
+holds at most ``max_batch_tokens`` tokens: scoring memory does not grow with the labels.
 
 Padding is on the right everywhere, with explicit position ids and attention masks, so an
 example's numbers do not depend on its batch-mates: no query row is ever fully masked and

@@ -40,10 +40,22 @@ Swapping prompts while serving
     every batch sees one consistent set of entries and prefix key/values.  A replacement
     adds the new prompts under fresh bank names (``task@version/k``), switches the task
     table, then removes the old entries, all in one control step; a failure on the way
-    removes what it added and leaves the old version serving.  Each request is resolved
+    removes what it added and leaves the old version serving.  A new prompt's prefix
+    key/values (the long part for a long template) are computed beforehand in the
+    registering thread, off the inference path; the control step only installs them.  Each request is resolved
     to the task's current version when its batch is formed, so it is answered wholly by
     the old or wholly by the new version (the answer names the version), never a mixture.
     Requests still queued for a task that is removed are answered with UnknownTaskError.
+
+Memory
+    A forward pass holds at most ``max_batch_tokens`` tokens, counted as rows x (prompt
+    head + input [+ new tokens]): formed batches are split into passes that fit, label
+    words are scored in packed passes of the same size without copying a row's context per
+    label (``conditioning.continuation_logprobs``), and generation rows are decoded in
+    batches that fit.  What a prompt asks of every request is bounded when it is registered
+    (``max_labels``, ``max_label_tokens``, ``max_template_tokens``; refused with
+    :class:`PromptRejectedError` otherwise), and an input by ``max_input_tokens``, so peak
+    memory is a few times ``max_batch_tokens`` tokens' key/values whatever a client sends.
 
 Overload
     The queue is bounded (``max_queue`` rows); beyond that ``submit`` raises
@@ -69,8 +81,8 @@ import torch
 
 from ..bank import PromptBank
 from ..conditioning import (
-    DEFAULT_MAX_BATCH_TOKENS, Context, cache_layers, concat_contexts, decode_step, full_context, label_logprobs, lm_logits, make_cache,
-    newline_ids, run_context, take_token,
+    DEFAULT_MAX_BATCH_TOKENS, Context, cache_layers, concat_contexts, decode_step, full_context, label_logprobs,
+    lm_logits, make_cache, newline_ids, run_context, take_token,
 )
 from ..prompts import ModelIdentity, PromptMismatchError, SoftPrompt
 from ..templates import Template, TemplateError, encode_text
