@@ -18,6 +18,7 @@ import softprompt.conditioning as cond
 import softprompt.serve.engine as engine_mod
 from softprompt.bank import PromptBank
 from softprompt.scoring import classify as ref_classify
+from softprompt.scoring import generate as ref_generate
 from softprompt.serve.engine import Engine, PromptRejectedError
 from softprompt.serve.registry import Registry
 from softprompt.serve.testing import random_prompt
@@ -80,8 +81,10 @@ def test_small_token_budget_splits_passes_and_answers_as_one_by_one(lm, monkeypa
         for p, t, f in futs:
             got, want = f.result(60).probabilities, _ref_probs(model, tok, p, t)
             assert max(abs(got[k] - want[k]) for k in want) < 1e-4
-        for g in gens:
-            g.result(60)
+        for t, g in zip(TEXTS[:3], gens):
+            bank = PromptBank(model, tok)
+            want = ref_generate(bank, bank.add_prompt(qa, "qa"), [Example({"text": t})], max_new_tokens=4).texts[0]
+            assert g.result(60).text == want
     assert len(ctx_passes) > 2, "the batch was split into several passes"
     assert all(rows * width <= budget for rows, width in ctx_passes if rows > 1), ctx_passes
     assert lane_passes and all(n * tokens <= budget for n, tokens in lane_passes if n > 1), lane_passes
