@@ -286,3 +286,30 @@ def test_many_label_long_input_classify_has_bounded_resident_memory():
     assert not r["aborted"], f"resident memory grew past {2 * bound / 2**20:.0f} MB (killed): {r}"
     assert r["answers"] == 32
     assert r["growth"] < bound, f"grew {r['growth'] / 2**20:.0f} MB; bound {bound / 2**20:.0f} MB"
+
+
+def test_uploading_a_20000_label_verbalizer_is_refused_over_http(lm, tmp_path):
+    """The issue's upload: a 20,000-label verbalizer was accepted and killed the server on
+    its first classify (and again after a restart, as the file stayed).  With the default
+    limits it is refused with 422 and leaves the folder as it was."""
+    from fastapi.testclient import TestClient
+
+    from softprompt.serve import create_app
+
+    model, tok = lm
+    root = tmp_path / "prompts"
+    root.mkdir()
+    random_prompt(model, SENT, verbalizer=verbalizer(3), seed=1).save(root / "sent.safetensors")
+    huge = random_prompt(model, SENT, verbalizer={f"label{j}": f" word {j}" for j in range(20_000)}, seed=2)
+    huge.save(tmp_path / "huge.safetensors")
+    eng = Engine(model, tok)
+    reg = Registry(root, eng)
+    reg.sync()
+    before = reg.listing()
+    with TestClient(create_app(eng, registry=reg, token="secret"), raise_server_exceptions=False) as c:
+        r = c.put("/v1/tasks/huge", content=(tmp_path / "huge.safetensors").read_bytes(),
+                  headers={"Authorization": "Bearer secret"})
+        assert r.status_code == 422, r.text[:300]
+        assert r.json()["error"]["code"] == "too_many_labels" and "20000 labels" in r.json()["error"]["message"]
+        assert reg.listing() == before and "huge" not in eng.tasks()
+        assert c.post("/v1/classify", json={"task": "sent", "inputs": ["good"]}).status_code == 200
