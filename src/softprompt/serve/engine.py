@@ -412,9 +412,8 @@ class Engine:
                     added.append(en)
                     if prefix_kv is not None:
                         self.bank.set_prefix_kv(self.bank.index(en), prefix_kv[len(added) - 1])
-                # the prompt's key/values, computed once and reused by every request (already
-                # computed off the worker unless the engine runs inline: then this computes them)
-                self.bank.prefix_kv(torch.tensor([self.bank.index(en) for en in entry_names]))
+                if prefix_kv is None:  # the engine runs inline: compute them here, once for every request
+                    self.bank.prefix_kv(torch.tensor([self.bank.index(en) for en in entry_names]))
             except Exception as e:
                 for en in added:
                     self.bank.remove(en)
