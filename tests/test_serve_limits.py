@@ -313,3 +313,32 @@ def test_uploading_a_20000_label_verbalizer_is_refused_over_http(lm, tmp_path):
         assert r.json()["error"]["code"] == "too_many_labels" and "20000 labels" in r.json()["error"]["message"]
         assert reg.listing() == before and "huge" not in eng.tasks()
         assert c.post("/v1/classify", json={"task": "sent", "inputs": ["good"]}).status_code == 200
+
+
+def test_serve_flags_reach_the_engine(lm, tmp_path, monkeypatch):
+    """`softprompt serve --max-batch-tokens ... --max-labels ...` configures the engine it serves with."""
+    import uvicorn
+    from typer.testing import CliRunner
+
+    import softprompt.models
+    import softprompt.serve as serve_pkg
+    from softprompt.cli import app
+
+    seen = {}
+
+    class Spy(Engine):
+        def __init__(self, *a, **kw):
+            seen.update(kw)
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(softprompt.models, "load_model", lambda *a, **kw: lm)
+    monkeypatch.setattr(serve_pkg, "Engine", Spy)
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: None)
+    (tmp_path / "p").mkdir()
+    r = CliRunner().invoke(app, ["serve", "--prompts", str(tmp_path / "p"), "--max-batch-tokens", "1234",
+                                 "--max-labels", "7", "--max-label-tokens", "3", "--max-template-tokens", "99",
+                                 "--max-input-tokens", "77"])
+    assert r.exit_code == 0, r.output
+    assert {k: seen[k] for k in ("max_batch_tokens", "max_labels", "max_label_tokens", "max_template_tokens",
+                                 "max_input_tokens")} == dict(max_batch_tokens=1234, max_labels=7, max_label_tokens=3,
+                                                              max_template_tokens=99, max_input_tokens=77)
