@@ -169,3 +169,32 @@ def test_no_label_copies_the_context(monkeypatch):
     with torch.no_grad():
         label_logprobs(bank, _ctx(bank, [0, 0, 0, 0], TEXTS[:4]))
     assert len(seen) == 1 and [r for r, _ in seen[0]] == [0, 1, 2, 3]
+
+
+def test_t5_label_scores_in_bounded_passes_equal_one_pass():
+    """Encoder-decoders score (example, label) pairs in passes that fit the budget, with the
+    same numbers as one pass."""
+    from softprompt import seq2seq
+    from softprompt.testing import tiny_t5
+
+    model, tok = tiny_t5(), tiny_tokenizer()
+    bank = PromptBank(model, tok)
+    e = bank.add("a", "{soft:3} review : {text} label :", torch.randn(3, 32, generator=torch.Generator().manual_seed(0)),
+                 verbalizer={f"l{j}": " " + " ".join(TINY_WORDS[(j + k) % 50] for k in range(1 + j % 3)) for j in range(12)})
+    with torch.no_grad():
+        enc = seq2seq.encode(bank, torch.tensor([e] * 3), [bank.suffix_ids(e, {"text": t}) for t in TEXTS[:3]])
+        calls = []
+        real = seq2seq.continuation_logprobs
+
+        def spy(bank_, enc_, rows, conts):
+            calls.append(len(rows))
+            return real(bank_, enc_, rows, conts)
+
+        seq2seq.continuation_logprobs = spy
+        try:
+            small = torch.stack(seq2seq.label_logprobs(bank, enc, max_batch_tokens=enc.hidden.shape[1] * 5))
+        finally:
+            seq2seq.continuation_logprobs = real
+        big = torch.stack(seq2seq.label_logprobs(bank, enc, max_batch_tokens=1 << 20))
+    assert len(calls) > 1 and max(calls) <= 5
+    torch.testing.assert_close(small, big, atol=2e-5, rtol=0)

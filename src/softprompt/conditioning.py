@@ -270,16 +270,19 @@ def label_logprobs(bank: PromptBank, ctx: Context, *, max_batch_tokens: int = DE
         bank, ctx, rows, conts, max_batch_tokens=max_batch_tokens))
 
 
-def scores_per_label(bank: PromptBank, entry_idx: torch.Tensor, score) -> list[torch.Tensor]:
-    """Pair every example with each of its entry's label words, score all pairs in one call
-    ``score(rows, continuations) -> [n_pairs]``, and group the scores back per example.  Shared
-    by the decoder-only and the encoder-decoder scorers, which differ only in ``score``."""
+def scores_per_label(bank: PromptBank, entry_idx: torch.Tensor, score, max_pairs: int | None = None
+                     ) -> list[torch.Tensor]:
+    """Pair every example with each of its entry's label words, score the pairs with
+    ``score(rows, continuations) -> [n_pairs]`` (all in one call, or in calls of at most
+    ``max_pairs`` pairs), and group the scores back per example.  Shared by the decoder-only
+    and the encoder-decoder scorers, which differ only in ``score``."""
     rows, conts = [], []
     for b, e in enumerate(entry_idx.tolist()):
         for ids in bank.entries[e].label_ids:
             rows.append(b)
             conts.append(ids)
-    scores = score(rows, conts)
+    step = len(rows) if not max_pairs else max(1, max_pairs)
+    scores = torch.cat([score(rows[a : a + step], conts[a : a + step]) for a in range(0, len(rows), step)])
     out: list[list[torch.Tensor]] = [[] for _ in range(entry_idx.shape[0])]
     for s, b in zip(scores.unbind(0), rows):
         out[b].append(s)

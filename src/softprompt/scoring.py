@@ -108,7 +108,7 @@ def _label_scores(bank: PromptBank, entry_idx: torch.Tensor, suffixes: list[list
     """Label log-probs of a batch: decoder-only models score from the prompt's cached context
     (``conditioning.py``), encoder-decoders (T5) as decoder targets (``seq2seq.py``)."""
     if is_encoder_decoder(bank.model):
-        return seq2seq.label_logprobs(bank, seq2seq.encode(bank, entry_idx, suffixes))
+        return seq2seq.label_logprobs(bank, seq2seq.encode(bank, entry_idx, suffixes), max_batch_tokens=max_batch_tokens)
     return label_logprobs(bank, run_context(bank, entry_idx, suffixes), max_batch_tokens=max_batch_tokens)
 
 
