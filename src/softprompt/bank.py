@@ -238,6 +238,21 @@ class PromptBank(NamedEntries):
         mask = (torch.arange(p_max, device=entry_idx.device)[None, :] < lengths[:, None]).long()
         return PrefixKV(layers=layers, mask=mask, lengths=lengths)
 
+    def compute_prefix_kv(self, entries: list[int]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The entries' prefix key/values, computed now and not cached.  With
+        :meth:`set_prefix_kv` this lets a caller run the (possibly long) computation on a
+        thread of its own and install the result in a quick step: the serving engine does,
+        so that registering a long template does not stall the requests of other tasks."""
+        return self._compute_prefix_kv(entries)
+
+    def set_prefix_kv(self, i: int, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Install ``layers`` (from :meth:`compute_prefix_kv` of a bank holding the same prompt)
+        as entry ``i``'s cached prefix key/values."""
+        want = len(self.entries[i].prefix_ids) + self.entries[i].n_prefix
+        if len(layers) != self.kv_shape(0)[0] or any(k.shape[-2] != want or v.shape[-2] != want for k, v in layers):
+            raise ValueError(f"prefix key/values for entry {self.entries[i].name!r} do not fit its prompt")
+        self._kv_cache[i] = (self.entries[i].tensors(), layers)
+
     def _compute_prefix_kv(self, entries: list[int]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
         """Run the heads of ``entries`` through the frozen model in one right-padded batch
         (prefix-tuned entries one by one, on top of their learned key/values)."""

@@ -409,6 +409,11 @@ def serve_cmd(
     max_batch_size: int = typer.Option(32, help="Largest batch the dynamic batcher forms."),
     max_wait_ms: float = typer.Option(5.0, help="Longest a request waits for batch-mates."),
     protect_reads: bool = typer.Option(False, help="Require the token for every endpoint but /healthz."),
+    max_batch_tokens: int = typer.Option(8192, help="Tokens per forward pass (rows x (prompt + input [+ new tokens])); bounds scoring memory."),
+    max_input_tokens: int = typer.Option(512, help="Longest input (after the template) a request may send; longer ones get 422."),
+    max_labels: int = typer.Option(100, help="Most labels a classification prompt may have; more is refused (422) at upload and load."),
+    max_label_tokens: int = typer.Option(16, help="Most tokens per label word; longer words are refused at upload and load."),
+    max_template_tokens: int = typer.Option(1024, help="Most tokens in a prompt's fixed prefix (template head); longer is refused."),
 ):
     """Serve every prompt in a folder from ONE frozen model over HTTP (FastAPI; docs at /docs)."""
     from .serve import serve
@@ -416,7 +421,9 @@ def serve_cmd(
     if not prompts.is_dir():
         _fail(f"prompt folder {prompts} does not exist; create it and put <task>.safetensors files in it")
     serve(model=model, prompts=prompts, host=host, port=port, token=token, max_batch_size=max_batch_size,
-          max_wait_ms=max_wait_ms, protect_reads=protect_reads, device=_device())
+          max_wait_ms=max_wait_ms, protect_reads=protect_reads, device=_device(), max_batch_tokens=max_batch_tokens,
+          max_input_tokens=max_input_tokens, max_labels=max_labels, max_label_tokens=max_label_tokens,
+          max_template_tokens=max_template_tokens)
 
 
 # ----------------------------------------------------------------------------- models / tasks

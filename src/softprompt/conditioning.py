@@ -4,7 +4,10 @@ One forward pass per batch runs each example's *suffix* (its fields and the rest
 template) on top of its prompt's prefix key/values (``bank.py``).  Continuations (label
 words, generation targets, generated tokens) are then scored from that context's cache,
 so an example's context is run once however many labels it has, and the LM head is
-applied only at the positions a score or a loss needs.
+applied only at the positions a score or a loss needs.  All label words of one example are
+scored in ONE extra sequence on top of its context (a tree-shaped attention mask keeps
+them apart), never on a per-label copy of the context's key/values, and every such pass
+holds at most ``max_batch_tokens`` tokens: scoring memory does not grow with the labels.
 
 Padding is on the right everywhere, with explicit position ids and attention masks, so an
 example's numbers do not depend on its batch-mates: no query row is ever fully masked and
@@ -99,65 +102,187 @@ def run_context(bank: PromptBank, entry_idx: torch.Tensor, suffixes: list[list[i
     )
 
 
+# Per-forward-pass budget, counted as rows x (context + continuation) tokens.  8192 tokens of
+# context key/values are 377 MB for SmolLM2-135M in fp32 (30 layers x 2 x 3 heads x 64 x 4 B each).
+DEFAULT_MAX_BATCH_TOKENS = 8192
+# LM-head outputs that exist at once while scoring: 2**24 floats = 64 MB (341 tokens of a 49k vocabulary).
+LOGITS_CHUNK_ELEMENTS = 1 << 24
+# attention implementations that take a custom 4D additive mask (what packed label lanes need)
+TREE_MASK_ATTENTION = ("sdpa", "eager")
+
+
 def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """Apply the LM head to selected hidden states only (never to the whole sequence)."""
     return model.get_output_embeddings()(hidden).float()
 
 
-def continuation_logprobs(bank: PromptBank, ctx: Context, rows: list[int], conts: list[list[int]]) -> torch.Tensor:
+def token_logprobs(model, hidden: torch.Tensor, at: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``log p(tokens[i] | hidden[at[i]])`` for every i, applying the LM head and the vocabulary
+    log-softmax to a bounded number of hidden rows at a time (``LOGITS_CHUNK_ELEMENTS``), so
+    scoring many tokens never holds tokens x vocabulary floats.  Differentiable."""
+    head = model.get_output_embeddings()
+    vocab = int(getattr(head, "out_features", 0) or head.weight.shape[0])
+    step = max(1, LOGITS_CHUNK_ELEMENTS // max(vocab, 1))
+    n = hidden.shape[0]
+    if n <= step:
+        return F.log_softmax(lm_logits(model, hidden), dim=-1)[at, tokens]
+    pieces, where = [], []
+    for a in range(0, n, step):
+        sel = ((at >= a) & (at < a + step)).nonzero().squeeze(1)
+        if sel.numel():
+            lp = F.log_softmax(lm_logits(model, hidden[a : a + step]), dim=-1)
+            pieces.append(lp[at[sel] - a, tokens[sel]])
+            where.append(sel)
+    return torch.cat(pieces)[torch.cat(where).argsort()]
+
+
+def continuation_logprobs(
+    bank: PromptBank, ctx: Context, rows: list[int], conts: list[list[int]], *,
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+) -> torch.Tensor:
     """Sum of log-probs of each continuation ``conts[i]`` after context row ``rows[i]``.
 
-    The first token of every continuation is scored from the context's last hidden state;
-    longer continuations run their remaining tokens in one extra pass on top of a gathered
-    copy of the context cache.  Returns a [len(rows)] float tensor (differentiable when the
+    The first token of every continuation is scored from the context's last hidden state.
+    The other tokens of all continuations of one context row run as ONE extra sequence (a
+    *lane*) on top of that row's key/values: each continuation's tokens see the context and
+    their own earlier tokens only (a tree-shaped 4D attention mask), and their positions
+    restart where the context ends.  So a row's key/values serve all its labels at once and
+    are never copied per label.  Lanes run in passes of at most ``max_batch_tokens`` tokens
+    (lanes x (context + lane)).  Returns a [len(rows)] float tensor (differentiable when the
     context is).
     """
     model = bank.model
     device = ctx.last_hidden.device
     if any(len(c) == 0 for c in conts):
         raise ValueError("a continuation (label word or target) rendered to no tokens")
-    rows_t = torch.tensor(rows, device=device)
+    if max_batch_tokens < 1:
+        raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+    rows_t = torch.tensor(rows, device=device, dtype=torch.long)
     uniq, inv = rows_t.unique(return_inverse=True)
-    first_lp = F.log_softmax(lm_logits(model, ctx.last_hidden.index_select(0, uniq)), dim=-1)
-    first_tok = torch.tensor([c[0] for c in conts], device=device)
-    total = first_lp[inv, first_tok]
+    first_tok = torch.tensor([c[0] for c in conts], device=device, dtype=torch.long)
+    total = token_logprobs(model, ctx.last_hidden.index_select(0, uniq), inv, first_tok)
     multi = [i for i, c in enumerate(conts) if len(c) > 1]
     if not multi:
         return total
-    sub = ctx.select(rows_t[multi])
-    inputs = [conts[i][:-1] for i in multi]
-    targets = [conts[i][1:] for i in multi]
-    ids, cmask = pad_right(inputs, device=device)
-    tgt, _ = pad_right(targets, device=device)
-    positions = sub.next_pos[:, None] + torch.arange(ids.shape[1], device=device)[None, :]
+    tree = getattr(model.config, "_attn_implementation", None) in TREE_MASK_ATTENTION
+    passes = _lane_passes(ctx.mask.shape[1], rows, conts, multi, max_batch_tokens, tree)
+    extra = torch.cat([_lane_pass(model, ctx, lanes, conts, tree) for lanes in passes])
+    order = torch.tensor([i for lanes in passes for _, pairs in lanes for i in pairs], device=device)
+    return total.index_add(0, order, extra.to(total.dtype))
+
+
+Lane = tuple[int, list[int]]  # (context row, indices of the continuations packed into it)
+
+
+def _lane_passes(width: int, rows: list[int], conts: list[list[int]], multi: list[int], budget: int,
+                 tree: bool) -> list[list[Lane]]:
+    """Pack the continuations ``multi`` into lanes (one per context row, more when a row's
+    continuations exceed what a pass can hold; one per continuation without ``tree``) and
+    the lanes into passes of at most ``budget`` tokens (at least one lane each)."""
+    longest = max(len(conts[i]) - 1 for i in multi)
+    cap = max(longest, budget - width) if tree else 0
+    by_row: dict[int, list[int]] = {}
+    for i in multi:
+        by_row.setdefault(rows[i], []).append(i)
+    lanes: list[tuple[Lane, int]] = []
+    for r, pairs in by_row.items():
+        cur: list[int] = []
+        used = 0
+        for i in pairs:
+            n = len(conts[i]) - 1
+            if cur and used + n > cap:
+                lanes.append(((r, cur), used))
+                cur, used = [], 0
+            cur.append(i)
+            used += n
+        lanes.append(((r, cur), used))
+    passes: list[list[Lane]] = []
+    cur_pass: list[Lane] = []
+    top = 0
+    for lane, n in lanes:
+        if cur_pass and (len(cur_pass) + 1) * (width + max(top, n)) > budget:
+            passes.append(cur_pass)
+            cur_pass, top = [], 0
+        cur_pass.append(lane)
+        top = max(top, n)
+    passes.append(cur_pass)
+    return passes
+
+
+def _lane_pass(model, ctx: Context, lanes: list[Lane], conts: list[list[int]], tree: bool) -> torch.Tensor:
+    """One forward pass of ``lanes`` on top of their rows' context key/values; returns the
+    summed log-probs of tokens 2.. of each continuation, in lane order."""
+    device = ctx.mask.device
+    lane_rows = torch.tensor([r for r, _ in lanes], device=device, dtype=torch.long)
+    cmask = ctx.mask.index_select(0, lane_rows)
+    width = int(cmask.any(0).nonzero().max()) + 1  # key slots past every lane row's context are dropped
+    cmask = cmask[:, :width]
+    r0 = lanes[0][0]
+    if [r for r, _ in lanes] == list(range(r0, r0 + len(lanes))):  # consecutive rows: views, no copy
+        layers = [(k[r0 : r0 + len(lanes), :, :width], v[r0 : r0 + len(lanes), :, :width]) for k, v in ctx.layers]
+    else:
+        layers = [(k[:, :, :width].index_select(0, lane_rows), v[:, :, :width].index_select(0, lane_rows))
+                  for k, v in ctx.layers]
+    ids_l, tgt_l, off_l, seg_l = [], [], [], []
+    q = 0
+    for _, pairs in lanes:
+        ids, tgt, off, seg = [], [], [], []
+        for i in pairs:
+            c = conts[i]
+            ids += c[:-1]
+            tgt += c[1:]
+            off += range(len(c) - 1)
+            seg += [q] * (len(c) - 1)
+            q += 1
+        ids_l.append(ids), tgt_l.append(tgt), off_l.append(off), seg_l.append(seg)
+    ids, real = pad_right(ids_l, device=device)
+    tgt, _ = pad_right(tgt_l, device=device)
+    off, _ = pad_right(off_l, device=device)
+    seg, _ = pad_right(seg_l, pad=-1, device=device)
+    real = real.bool()
+    positions = ctx.next_pos.index_select(0, lane_rows)[:, None] + off
+    if tree:
+        n, L = ids.shape
+        causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+        own = (seg[:, :, None] == seg[:, None, :]) & real[:, :, None] & causal  # own earlier tokens only
+        allowed = torch.cat([cmask.bool()[:, None, :].expand(n, L, width), own], dim=-1)
+        dtype = ctx.layers[0][0].dtype
+        # additive form, understood by both sdpa and eager attention; a padded query still sees its context
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        mask = mask[:, None]
+    else:  # one continuation per lane: the ordinary causal mask does it
+        mask = torch.cat([cmask, real.long()], dim=1)
     out = model.base_model(
-        input_ids=ids, attention_mask=torch.cat([sub.mask, cmask], dim=1), position_ids=positions,
-        past_key_values=make_cache(sub.layers), use_cache=False,
+        input_ids=ids, attention_mask=mask, position_ids=positions,
+        past_key_values=make_cache(layers), use_cache=False,
     )
-    sel = cmask.bool()
-    lp = F.log_softmax(lm_logits(model, out.last_hidden_state[sel]), dim=-1)
-    tok_lp = lp.gather(-1, tgt[sel][:, None]).squeeze(-1)
-    row_of = torch.arange(len(multi), device=device)[:, None].expand_as(sel)[sel]
-    extra = torch.zeros(len(multi), device=device, dtype=tok_lp.dtype).index_add(0, row_of, tok_lp)
-    return total.index_add(0, torch.tensor(multi, device=device), extra)
+    hidden = out.last_hidden_state[real]
+    tok_lp = token_logprobs(model, hidden, torch.arange(hidden.shape[0], device=device), tgt[real])
+    return torch.zeros(q, device=device, dtype=tok_lp.dtype).index_add(0, seg[real], tok_lp)
 
 
-def label_logprobs(bank: PromptBank, ctx: Context) -> list[torch.Tensor]:
+def label_logprobs(bank: PromptBank, ctx: Context, *, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+                   ) -> list[torch.Tensor]:
     """Per example, the log-prob of each of its entry's label words: a list of [n_labels] tensors
-    (entries in one batch may have different label sets)."""
-    return scores_per_label(bank, ctx.entry_idx, lambda rows, conts: continuation_logprobs(bank, ctx, rows, conts))
+    (entries in one batch may have different label sets).  ``max_batch_tokens``: see
+    :func:`continuation_logprobs`."""
+    return scores_per_label(bank, ctx.entry_idx, lambda rows, conts: continuation_logprobs(
+        bank, ctx, rows, conts, max_batch_tokens=max_batch_tokens))
 
 
-def scores_per_label(bank: PromptBank, entry_idx: torch.Tensor, score) -> list[torch.Tensor]:
-    """Pair every example with each of its entry's label words, score all pairs in one call
-    ``score(rows, continuations) -> [n_pairs]``, and group the scores back per example.  Shared
-    by the decoder-only and the encoder-decoder scorers, which differ only in ``score``."""
+def scores_per_label(bank: PromptBank, entry_idx: torch.Tensor, score, max_pairs: int | None = None
+                     ) -> list[torch.Tensor]:
+    """Pair every example with each of its entry's label words, score the pairs with
+    ``score(rows, continuations) -> [n_pairs]`` (all in one call, or in calls of at most
+    ``max_pairs`` pairs), and group the scores back per example.  Shared by the decoder-only
+    and the encoder-decoder scorers, which differ only in ``score``."""
     rows, conts = [], []
     for b, e in enumerate(entry_idx.tolist()):
         for ids in bank.entries[e].label_ids:
             rows.append(b)
             conts.append(ids)
-    scores = score(rows, conts)
+    step = len(rows) if not max_pairs else max(1, max_pairs)
+    scores = torch.cat([score(rows[a : a + step], conts[a : a + step]) for a in range(0, len(rows), step)])
     out: list[list[torch.Tensor]] = [[] for _ in range(entry_idx.shape[0])]
     for s, b in zip(scores.unbind(0), rows):
         out[b].append(s)

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .bank import PromptBank
-from .conditioning import label_logprobs, run_context
+from .conditioning import DEFAULT_MAX_BATCH_TOKENS, label_logprobs, run_context
 from .scoring import classification_metrics, length_sorted_batches
 
 __all__ = ["COMBINE", "EnsembleResult", "combine", "ensemble_classify"]
@@ -91,7 +91,10 @@ def ensemble_classify(
     # suffixes[i][j]: example i rendered with member j's template
     suffixes = [[bank.suffix_ids(e, ex.fields) for e in idx] for ex in examples]
     per_batch = max(1, batch_size // m_count)
-    batches = length_sorted_batches([max(len(s) for s in row) for row in suffixes], per_batch)
+    prefix = max(len(bank.entries[e].prefix_ids) + bank.entries[e].n_prefix for e in idx)
+    # the token budget of classify(), counted per example as its M rows
+    batches = length_sorted_batches([max(len(s) for s in row) for row in suffixes], per_batch,
+                                    DEFAULT_MAX_BATCH_TOKENS // m_count, prefix)
     scores = torch.empty(m_count, n, len(labels))
     desc = progress if isinstance(progress, str) else "ensemble"
     for b in tqdm(batches, desc=desc, disable=not progress, unit="batch"):

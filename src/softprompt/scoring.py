@@ -19,14 +19,28 @@ from tqdm.auto import tqdm
 
 from . import seq2seq
 from .bank import PromptBank
-from .conditioning import greedy_generate, label_logprobs, newline_ids, run_context
+from .conditioning import DEFAULT_MAX_BATCH_TOKENS, greedy_generate, label_logprobs, newline_ids, run_context
 from .seq2seq import is_encoder_decoder
 
 
-def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (longest first, so memory peaks early)."""
+def length_sorted_batches(lengths: list[int], batch_size: int, max_tokens: int | None = None,
+                          extra: int = 0) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first, so memory peaks early),
+    at most ``batch_size`` rows and, with ``max_tokens``, at most that many padded tokens
+    (rows x (longest length + ``extra``)) per batch; a batch always holds at least one row."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        full = len(cur) >= batch_size or (
+            max_tokens is not None and cur and (len(cur) + 1) * (lengths[cur[0]] + extra) > max_tokens)
+        if full:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
 
 
 @dataclass
@@ -56,8 +70,12 @@ def classify(
     *,
     batch_size: int = 32,
     progress: bool | str = False,
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
 ) -> Classification:
-    """Label each example with its entry's verbalizer; metrics are filled when examples carry labels."""
+    """Label each example with its entry's verbalizer; metrics are filled when examples carry labels.
+
+    Memory is bounded by ``max_batch_tokens``: a batch holds at most that many prompt + input
+    tokens, and label words are scored in passes of that size (``conditioning.py``)."""
     if getattr(bank, "is_encoder", False):  # encoder models read classes with a head, not a verbalizer
         from .encoder import classify as classify_encoder
 
@@ -69,10 +87,12 @@ def classify(
     labels = list(next(iter(label_sets)))
     suffixes = [bank.suffix_ids(e, ex.fields) for e, ex in zip(entries, examples)]
     scores = torch.empty(len(examples), len(labels))
-    batches = length_sorted_batches([len(s) for s in suffixes], batch_size)
+    prefix = max(len(bank.entries[e].prefix_ids) + bank.entries[e].n_prefix for e in set(entries)) if entries else 0
+    batches = length_sorted_batches([len(s) for s in suffixes], batch_size, max_batch_tokens, prefix)
     desc = progress if isinstance(progress, str) else "scoring"
     for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
-        for i, s in zip(idx, _label_scores(bank, torch.tensor([entries[i] for i in idx]), [suffixes[i] for i in idx])):
+        rows = _label_scores(bank, torch.tensor([entries[i] for i in idx]), [suffixes[i] for i in idx], max_batch_tokens)
+        for i, s in zip(idx, rows):
             scores[i] = s.float().cpu()
     probs = scores.softmax(-1)
     preds = [labels[j] for j in scores.argmax(-1).tolist()]
@@ -83,12 +103,13 @@ def classify(
     return result
 
 
-def _label_scores(bank: PromptBank, entry_idx: torch.Tensor, suffixes: list[list[int]]) -> list[torch.Tensor]:
+def _label_scores(bank: PromptBank, entry_idx: torch.Tensor, suffixes: list[list[int]],
+                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> list[torch.Tensor]:
     """Label log-probs of a batch: decoder-only models score from the prompt's cached context
     (``conditioning.py``), encoder-decoders (T5) as decoder targets (``seq2seq.py``)."""
     if is_encoder_decoder(bank.model):
-        return seq2seq.label_logprobs(bank, seq2seq.encode(bank, entry_idx, suffixes))
-    return label_logprobs(bank, run_context(bank, entry_idx, suffixes))
+        return seq2seq.label_logprobs(bank, seq2seq.encode(bank, entry_idx, suffixes), max_batch_tokens=max_batch_tokens)
+    return label_logprobs(bank, run_context(bank, entry_idx, suffixes), max_batch_tokens=max_batch_tokens)
 
 
 def _generated(bank: PromptBank, entry_idx: torch.Tensor, suffixes: list[list[int]], max_new_tokens: int,

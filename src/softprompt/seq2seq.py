@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .bank import PromptBank
-from .conditioning import scores_per_label, take_token
+from .conditioning import DEFAULT_MAX_BATCH_TOKENS, scores_per_label, take_token
 from .losses import answer_loss, answer_targets, classification_loss
 
 PREFIX_UNSUPPORTED = (
@@ -151,10 +151,16 @@ def continuation_logprobs(bank: PromptBank, enc: Encoded, rows: list[int], conts
     return torch.zeros(len(conts), device=device, dtype=tok_lp.dtype).index_add(0, row_of, tok_lp)
 
 
-def label_logprobs(bank: PromptBank, enc: Encoded) -> list[torch.Tensor]:
+def label_logprobs(bank: PromptBank, enc: Encoded, *, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+                   ) -> list[torch.Tensor]:
     """Per example, the log-prob of each of its entry's label words as decoder output: a list
-    of [n_labels] tensors (entries in one batch may have different label sets)."""
-    return scores_per_label(bank, enc.entry_idx, lambda rows, conts: continuation_logprobs(bank, enc, rows, conts))
+    of [n_labels] tensors (entries in one batch may have different label sets).  Every
+    (example, label) pair decodes over its own copy of the encoder states, so the pairs run
+    in passes of at most ``max_batch_tokens`` (pairs x (input + label word) tokens)."""
+    longest = max((len(ids) for e in set(enc.entry_idx.tolist()) for ids in bank.entries[e].label_ids), default=1)
+    max_pairs = max(1, max_batch_tokens // (enc.hidden.shape[1] + longest))
+    return scores_per_label(bank, enc.entry_idx, lambda rows, conts: continuation_logprobs(bank, enc, rows, conts),
+                            max_pairs=max_pairs)
 
 
 @torch.no_grad()

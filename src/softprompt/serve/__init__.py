@@ -10,6 +10,7 @@ import logging
 import os
 from pathlib import Path
 
+from ..conditioning import DEFAULT_MAX_BATCH_TOKENS
 from .engine import (
     ClassifyResult, Engine, GenerateResult, InvalidInputError, ModelMismatchError, OverloadedError,
     PromptRejectedError, ServeError, TaskSpec, UnknownTaskError,
@@ -42,6 +43,10 @@ def serve(
     max_inputs: int = 64,
     max_input_tokens: int = 512,
     max_new_tokens_limit: int = 256,
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+    max_labels: int = 100,
+    max_label_tokens: int = 16,
+    max_template_tokens: int = 1024,
     max_upload_bytes: int = 8 << 20,
     device: str | None = None,
     log_level: str = "info",
@@ -64,6 +69,8 @@ def serve(
     engine = Engine(
         lm, tokenizer, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
         max_input_tokens=max_input_tokens, max_new_tokens_limit=max_new_tokens_limit, base_name=model,
+        max_batch_tokens=max_batch_tokens, max_labels=max_labels, max_label_tokens=max_label_tokens,
+        max_template_tokens=max_template_tokens,
     )
     registry = Registry(prompts, engine, max_upload_bytes=max_upload_bytes)
     report = registry.sync()

@@ -40,10 +40,22 @@ Swapping prompts while serving
     every batch sees one consistent set of entries and prefix key/values.  A replacement
     adds the new prompts under fresh bank names (``task@version/k``), switches the task
     table, then removes the old entries, all in one control step; a failure on the way
-    removes what it added and leaves the old version serving.  Each request is resolved
+    removes what it added and leaves the old version serving.  A new prompt's prefix
+    key/values (the long part for a long template) are computed beforehand in the
+    registering thread, off the inference path; the control step only installs them.  Each request is resolved
     to the task's current version when its batch is formed, so it is answered wholly by
     the old or wholly by the new version (the answer names the version), never a mixture.
     Requests still queued for a task that is removed are answered with UnknownTaskError.
+
+Memory
+    A forward pass holds at most ``max_batch_tokens`` tokens, counted as rows x (prompt
+    head + input [+ new tokens]): formed batches are split into passes that fit, label
+    words are scored in packed passes of the same size without copying a row's context per
+    label (``conditioning.continuation_logprobs``), and generation rows are decoded in
+    batches that fit.  What a prompt asks of every request is bounded when it is registered
+    (``max_labels``, ``max_label_tokens``, ``max_template_tokens``; refused with
+    :class:`PromptRejectedError` otherwise), and an input by ``max_input_tokens``, so peak
+    memory is a few times ``max_batch_tokens`` tokens' key/values whatever a client sends.
 
 Overload
     The queue is bounded (``max_queue`` rows); beyond that ``submit`` raises
@@ -69,8 +81,8 @@ import torch
 
 from ..bank import PromptBank
 from ..conditioning import (
-    Context, cache_layers, concat_contexts, decode_step, full_context, label_logprobs, lm_logits, make_cache,
-    newline_ids, run_context, take_token,
+    DEFAULT_MAX_BATCH_TOKENS, Context, cache_layers, concat_contexts, decode_step, full_context, label_logprobs,
+    lm_logits, make_cache, newline_ids, run_context, take_token,
 )
 from ..prompts import ModelIdentity, PromptMismatchError, SoftPrompt
 from ..templates import Template, TemplateError, encode_text
@@ -236,6 +248,10 @@ class Engine:
         max_input_tokens: int = 512,
         max_input_chars: int = 20_000,
         max_new_tokens_limit: int = 256,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        max_labels: int = 100,
+        max_label_tokens: int = 16,
+        max_template_tokens: int = 1024,
         batching: str = "mixed",
         prefix_cache: bool | str = "auto",
         split_padding: float | None | str = "auto",
@@ -246,6 +262,8 @@ class Engine:
             raise ValueError(f"batching must be one of {BATCHING_MODES}, got {batching!r}")
         if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1 and max_wait_ms >= 0")
+        if min(max_batch_tokens, max_labels, max_label_tokens, max_template_tokens) < 1:
+            raise ValueError("max_batch_tokens, max_labels, max_label_tokens and max_template_tokens must be >= 1")
         self.model = model
         self.tokenizer = tokenizer
         self.bank = PromptBank(model, tokenizer)
@@ -257,6 +275,12 @@ class Engine:
         self.max_input_tokens = int(max_input_tokens)
         self.max_input_chars = int(max_input_chars)
         self.max_new_tokens_limit = int(max_new_tokens_limit)
+        # memory: tokens per forward pass (rows x (prompt + input [+ new tokens])), and what one
+        # prompt may ask of every request (labels, tokens per label word, template head tokens)
+        self.max_batch_tokens = int(max_batch_tokens)
+        self.max_labels = int(max_labels)
+        self.max_label_tokens = int(max_label_tokens)
+        self.max_template_tokens = int(max_template_tokens)
         self.batching = batching
         if prefix_cache == "auto":  # measured: reuse pays on a CPU, not on a GPU (module docstring)
             prefix_cache = self.bank._device().type == "cpu"
@@ -375,6 +399,7 @@ class Engine:
         member_names = list(member_names) if member_names is not None else (
             [name] if len(prompts) == 1 else [f"{name}-{k}" for k in range(len(prompts))])
         plan = self._check_prompts(name, prompts, member_names, vote)
+        prefix_kv = self._prefix_kv_off_worker(name, prompts)
 
         def op() -> TaskSpec:
             version = next(self._versions)
@@ -385,8 +410,10 @@ class Engine:
                     with self.tokenizer_lock:
                         self.bank.add_prompt(p, en)
                     added.append(en)
-                # the prompt's key/values are computed once, here, and reused by every request
-                self.bank.prefix_kv(torch.tensor([self.bank.index(en) for en in entry_names]))
+                    if prefix_kv is not None:
+                        self.bank.set_prefix_kv(self.bank.index(en), prefix_kv[len(added) - 1])
+                if prefix_kv is None:  # the engine runs inline: compute them here, once for every request
+                    self.bank.prefix_kv(torch.tensor([self.bank.index(en) for en in entry_names]))
             except Exception as e:
                 for en in added:
                     self.bank.remove(en)
@@ -403,6 +430,22 @@ class Engine:
             return spec
 
         return self._control(op)
+
+    def _prefix_kv_off_worker(self, name: str, prompts: list[SoftPrompt]) -> list | None:
+        """The prompts' prefix key/values, computed in the calling thread on a scratch bank, so
+        that a long template never holds up the worker (and every other task's requests):
+        the control step that swaps the task in only installs them.  None when the worker is
+        not running (the control step then runs inline and computes them itself)."""
+        if self._thread is None or self._worker_exited or threading.current_thread() is self._thread:
+            return None
+        scratch = PromptBank(self.model, self.tokenizer)
+        try:
+            with self.tokenizer_lock:
+                idx = [scratch.add_prompt(p, f"{name}/{k}") for k, p in enumerate(prompts)]
+            with torch.no_grad():
+                return scratch.compute_prefix_kv(idx)
+        except Exception as e:
+            raise PromptRejectedError(f"prompt for task {name!r} rejected: {e}") from e
 
     def unregister(self, name: str) -> TaskSpec:
         """Remove task ``name``; queued requests for it are answered with UnknownTaskError."""
@@ -436,6 +479,14 @@ class Engine:
                 p.identity.check(self.identity, what=what)
             except PromptMismatchError as e:
                 raise ModelMismatchError(str(e)) from None
+            if isinstance(p.template, str) and len(p.template) > 64 * self.max_template_tokens:
+                raise PromptRejectedError(  # refused before tokenizing megabytes (a token is rarely over 64 chars)
+                    f"{what}: its template has {len(p.template)} characters; the limit is "
+                    f"{self.max_template_tokens} tokens (max_template_tokens)", code="template_too_long")
+            if kind == "classification" and p.verbalizer and len(p.verbalizer) > self.max_labels:
+                raise PromptRejectedError(
+                    f"{what}: {len(p.verbalizer)} labels; the limit is {self.max_labels} (max_labels)",
+                    code="too_many_labels")
             try:
                 t = Template(p.template)
             except TemplateError as e:
@@ -459,8 +510,23 @@ class Engine:
                     if not p.verbalizer:
                         raise PromptRejectedError(f"{what}: a classification prompt needs a verbalizer")
                     for lab, word in p.verbalizer.items():
-                        if not isinstance(word, str) or not encode_text(self.tokenizer, word):
+                        if isinstance(word, str) and len(word) > 64 * self.max_label_tokens:
+                            raise PromptRejectedError(
+                                f"{what}: verbalizer word for label {lab!r} has {len(word)} characters; the limit "
+                                f"is {self.max_label_tokens} tokens (max_label_tokens)", code="label_too_long")
+                        n_word = len(encode_text(self.tokenizer, word)) if isinstance(word, str) else 0
+                        if not n_word:
                             raise PromptRejectedError(f"{what}: verbalizer word for label {lab!r} has no tokens")
+                        if n_word > self.max_label_tokens:
+                            raise PromptRejectedError(
+                                f"{what}: verbalizer word for label {lab!r} is {n_word} tokens; the limit is "
+                                f"{self.max_label_tokens} (max_label_tokens)", code="label_too_long")
+            head = plen + p.n_prefix
+            if head > self.max_template_tokens:
+                raise PromptRejectedError(
+                    f"{what}: its fixed prefix (template head{' and learned prefix' if p.n_prefix else ''}) is "
+                    f"{head} tokens; the limit is {self.max_template_tokens} (max_template_tokens)",
+                    code="template_too_long")
             if plen >= self.max_positions:
                 raise PromptRejectedError(
                     f"{what}: its prefix ({plen} tokens) does not fit the model's {self.max_positions} positions")
@@ -781,20 +847,22 @@ class Engine:
         try:
             for group in self._padding_groups(live):
                 self._run_group(group)
-            if self._gen_parts:
-                ctx = concat_contexts([c for c, _ in self._gen_parts])
-                self._decode(ctx, [o for _, owners in self._gen_parts for o in owners])
+            for parts in self._decode_groups(self._gen_parts):
+                self._decode(concat_contexts([c for c, _ in parts]), [o for _, owners in parts for o in owners])
         finally:
             self._gen_parts = []
 
     def _padding_groups(self, items: list[_Item]) -> list[list[_Item]]:
-        """Split a batch into forward passes of similar length when padding costs compute.
+        """Split a batch into forward passes that fit ``max_batch_tokens`` and, when padding
+        costs compute, of similar length.
 
-        Items are sorted by length (longest first) and a new pass starts whenever the
-        padded tokens would exceed ``split_padding`` of the pass; an example's rows
-        (ensemble members) always stay in one pass.  ``split_padding=None`` runs the whole
-        batch as one pass (right for GPUs, where padding is nearly free)."""
-        if self.split_padding is None or len(items) < 2:
+        A pass holds at most ``max_batch_tokens`` tokens, counted as rows x (longest prompt
+        head + longest input + most new tokens): the context key/values it makes, and the
+        decoding that follows.  With ``split_padding``, items are sorted by length (longest
+        first) and a new pass also starts whenever the padded tokens would exceed
+        ``split_padding`` of the pass (``None``: padding is nearly free, as on GPUs).  An
+        example's rows (ensemble members) always stay in one pass."""
+        if len(items) < 2:
             return [items] if items else []
 
         def length(it: _Item) -> int:
@@ -804,17 +872,42 @@ class Engine:
         groups: list[list[_Item]] = []
         cur: list[_Item] = []
         real = rows = top = 0
-        for it in sorted(items, key=length, reverse=True):
+        head = tail = new = 0  # the current pass's longest prompt head, input, and generation
+        order = items if self.split_padding is None else sorted(items, key=length, reverse=True)
+        for it in order:
             n = length(it)
-            if cur and (real + n * it.rows) < (1 - self.split_padding) * top * (rows + it.rows):
+            h = max(p + k.n_prefix for p, k in zip(it.spec.prefix_lens, it.spec.prompts)) if it.spec.prompts \
+                else max(it.spec.prefix_lens)
+            t = max(len(s) for s in it.suffixes)
+            too_many = (rows + it.rows) * (max(head, h) + max(tail, t) + max(new, it.max_new_tokens)) > self.max_batch_tokens
+            padded = self.split_padding is not None and (real + n * it.rows) < (1 - self.split_padding) * top * (rows + it.rows)
+            if cur and (too_many or padded):
                 groups.append(cur)
-                cur, real, rows = [], 0, 0
+                cur, real, rows, head, tail, new = [], 0, 0, 0, 0, 0
             if not cur:
                 top = n
             cur.append(it)
             real += n * it.rows
             rows += it.rows
+            head, tail, new = max(head, h), max(tail, t), max(new, it.max_new_tokens)
         groups.append(cur)
+        return groups
+
+    def _decode_groups(self, parts: list[tuple[Context, list[tuple[_Item, int]]]]) -> list[list]:
+        """The passes' generation rows in decode batches of at most ``max_batch_tokens``
+        (rows x (context + most new tokens)); a pass's rows stay together (it fits alone)."""
+        groups: list[list] = []
+        rows = width = new = 0
+        for part in parts:
+            ctx, owners = part
+            w, m = ctx.mask.shape[1], max(it.max_new_tokens for it, _ in owners)
+            if groups and (rows + len(owners)) * (max(width, w) + max(new, m)) > self.max_batch_tokens:
+                groups.append([])
+                rows = width = new = 0
+            if not groups:
+                groups.append([])
+            groups[-1].append(part)
+            rows, width, new = rows + len(owners), max(width, w), max(new, m)
         return groups
 
     def _run_group(self, items: list[_Item]) -> None:
@@ -836,7 +929,7 @@ class Engine:
         gen_rows = [r for r, (it, _) in enumerate(row_owner) if it.op == "generate"]
         if cls_rows:
             sub = ctx if len(cls_rows) == len(row_owner) else ctx.select(torch.tensor(cls_rows, device=ctx.mask.device))
-            scores = label_logprobs(bank, sub)
+            scores = label_logprobs(bank, sub, max_batch_tokens=self.max_batch_tokens)
             per_item: dict[int, list[torch.Tensor]] = {}
             order: list[_Item] = []
             for r, s in zip(cls_rows, scores):
