@@ -136,3 +136,18 @@ def test_eval_and_predict_use_the_saved_calibration(user_folder):
     bad = CliRunner().invoke(app, ["predict", str(path), "--model", str(user_folder / "tiny"), "--text", "x",
                                    "--calibration", "platt"])
     assert bad.exit_code != 0 and "--calibration" in bad.output
+
+
+def test_registry_serves_a_calibrated_hard_prompt_file(setup, tmp_path):
+    """A hard-prompt artifact (no soft slots) dropped in the prompt folder is served with its calibration."""
+    from softprompt.serve.registry import Registry
+
+    model, tok, ps = setup
+    ps["hard"].save(tmp_path / "hard.safetensors")
+    with Engine(model, tok, max_batch_size=8, max_wait_ms=5) as eng:
+        Registry(tmp_path, eng).sync()
+        got = eng.classify("hard", TEXTS)
+    ref = reference(model, tok, SoftPrompt.load(tmp_path / "hard.safetensors"))
+    assert [r.label for r in got] == ref.predictions
+    for r, probs in zip(got, ref.probabilities.tolist()):
+        assert r.probabilities == pytest.approx(dict(zip(ref.labels, probs)), abs=1e-5)

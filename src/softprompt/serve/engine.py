@@ -857,7 +857,8 @@ class Engine:
         labels = list(spec.labels)
         raw = member_scores
         # each member's stored calibration (calibration.py), before its probabilities and the vote
-        member_scores = [p.calibration.apply(s) for p, s in zip(spec.prompts, raw)] if spec.prompts else raw
+        member_scores = [s if p.calibration is None else p.calibration.apply(s) for p, s in zip(spec.prompts, raw)] \
+            if spec.prompts else raw
         probs_m, preds = [], []
         for labs, s in zip(spec.member_labels, member_scores):
             p = s.softmax(-1)
