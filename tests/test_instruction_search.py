@@ -93,6 +93,17 @@ def test_search_scores_on_training_data_only(lm, tmp_path):
     assert [s for _, s in other.candidates] != [s for _, s in res.candidates]
     d = res.to_dict()
     assert d["n_candidates"] == len(cands) and d["fitted"]["method"] == "contextual"
+    # the chosen prompt as an artifact: save, load, score with its own calibration
+    res.to_prompt(model, TASK).save(tmp_path / "best.safetensors")
+    from softprompt.prompts import SoftPrompt
+
+    back = SoftPrompt.load(tmp_path / "best.safetensors", model=model)
+    assert back.n_tokens == 0 and back.method == "hard_prompt" and back.calibration == cal
+    assert back.training["instruction_search"]["best"] == res.best
+    bank.add_prompt(back, "loaded")
+    assert classify(bank, "loaded", TRAIN, calibration=back.calibration).metrics["macro_f1"] == pytest.approx(res.score)
+    with pytest.raises(ValueError, match="soft slots"):
+        S.hard_prompt(model, TASK, TASK.template)
 
 
 @pytest.mark.parametrize("cal", ["none", "batch", "pmi"])

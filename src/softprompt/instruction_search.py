@@ -32,6 +32,7 @@ from .bank import PromptBank
 from .calibration import CALIBRATIONS, Calibration, fit_calibration
 from .scoring import classify, generate
 from .tasks import Example, Task
+from .templates import Template
 
 METRICS = ("macro_f1", "accuracy")
 INDUCTION_HEAD = (
@@ -55,6 +56,10 @@ class InstructionSearchResult:
     sources: dict[str, str] = field(default_factory=dict)  # candidate -> task | user | pattern | induced
     n_train: int = 0
 
+    def to_prompt(self, model, task: Task):
+        """The chosen instruction as a hard-prompt artifact (its calibration included)."""
+        return hard_prompt(model, task, self.template, self.fitted, instruction_search=self.to_dict())
+
     def to_dict(self) -> dict:
         return {"best": self.best, "score": self.score, "metric": self.metric, "template": self.template,
                 "calibration": self.calibration, "fitted": self.fitted.to_dict() if self.fitted else None,
@@ -62,6 +67,19 @@ class InstructionSearchResult:
                                for c, s in self.candidates],
                 "n_candidates": len(self.candidates), "forward_passes": self.forward_passes,
                 "seconds": self.seconds, "n_train": self.n_train}
+
+
+def hard_prompt(model, task: Task, template: str, calibration: Calibration | None = None, **training):
+    """A hard-prompt artifact: a ``SoftPrompt`` with no soft slots (template + verbalizer +
+    calibration), saved, loaded, evaluated and served like any other prompt."""
+    from .prompts import ModelIdentity, SoftPrompt
+
+    ident = ModelIdentity.of(model)
+    if Template(template).n_soft:
+        raise ValueError(f"a hard prompt has no soft slots; template {template!r} has some")
+    return SoftPrompt(torch.zeros(0, ident.hidden_size), ident, template=template, verbalizer=task.verbalizer,
+                      task=task.name, kind=task.kind, method="hard_prompt", init="none", training=training,
+                      calibration=calibration or Calibration())
 
 
 def load_patterns() -> dict[str, list[str]]:
