@@ -175,6 +175,10 @@ def test_artifact_carries_calibration_and_old_files_load_as_none(tmp_path, lm):
     save_file({"prompt": p.embeddings}, str(tmp_path / "c.safetensors"), metadata={"softprompt": json.dumps(meta)})
     with pytest.raises(PromptFileError, match="bad calibration"):
         SoftPrompt.load(tmp_path / "c.safetensors")
+    meta["calibration"] = {"method": "batch", "log_prior": [-0.1, -2.0]}  # 2 priors, 3 labels
+    save_file({"prompt": p.embeddings}, str(tmp_path / "d.safetensors"), metadata={"softprompt": json.dumps(meta)})
+    with pytest.raises(PromptFileError, match="2 log-priors for 3 labels"):
+        SoftPrompt.load(tmp_path / "d.safetensors")
 
 
 @torch.no_grad()
