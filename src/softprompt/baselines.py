@@ -324,6 +324,7 @@ class CotTwoStageResult:
     labels: list[str] = field(default_factory=list)
     calibration: str = "none"
     metrics: dict = field(default_factory=dict)
+    raw_scores: torch.Tensor | None = None  # [N, n_labels] stage-2 label log-probs before calibration
 
 
 @torch.no_grad()
@@ -357,7 +358,7 @@ def cot_two_stage(
     out = CotTwoStageResult(texts=gen.texts, predictions=res.predictions, probabilities=res.probabilities,
                             parsed=parsed, n_unparseable=sum(p is None for p in parsed),
                             generated_tokens=sum(n_tok) / max(len(n_tok), 1), labels=res.labels,
-                            calibration=cal.method)
+                            calibration=cal.method, raw_scores=res.raw_scores)
     if res.metrics:
         gold = [ex.label for ex in examples]
         diag = metrics_with_unparseable(gold, parsed, res.labels)  # type: ignore[arg-type]
