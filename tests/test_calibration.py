@@ -199,3 +199,27 @@ def test_hard_prompt_artifact_end_to_end(tmp_path, lm):
     a = classify(bank, "zs", DATA, calibration=cal)
     b = classify(bank, "loaded", DATA, calibration=back.calibration)
     assert a.predictions == b.predictions and torch.allclose(a.probabilities, b.probabilities)
+
+
+@torch.no_grad()
+def test_encoder_decoder_and_encoder_banks():
+    """T5: every calibration fits through the decoder scorer, and pmi equals scoring the premise
+    as the encoder input; an encoder head has no label words, so only batch applies there."""
+    from softprompt.seq2seq import encode, label_logprobs
+    from softprompt.testing import tiny_t5, tiny_tokenizer
+
+    model, tok = tiny_t5(), tiny_tokenizer()
+    bank = PromptBank(model, tok)
+    bank.add("t5", B.zero_shot_template(TASK), verbalizer=TASK.verbalizer)
+    for method in ("contextual", "batch", "pmi"):
+        cal = fit_calibration(bank, "t5", method, inputs=DATA)
+        assert len(cal.log_prior) == 3 and classify(bank, "t5", DATA, calibration=cal).calibration == method
+    pmi = fit_calibration(bank, "t5", "pmi")
+    raw = label_logprobs(bank, encode(bank, torch.tensor([0]), [encode_text(tok, " \n label :")]))[0]
+    assert pmi.log_prior == pytest.approx(raw.log_softmax(-1).tolist(), abs=1e-5)
+
+    class EncoderLike:
+        is_encoder = True
+
+    with pytest.raises(ValueError, match="batch only"):
+        fit_calibration(EncoderLike(), 0, "contextual")
