@@ -1,6 +1,7 @@
 """Calibration of rank classification on a tiny random model: each estimate equals a hand
 computation (a plain forward pass over the whole token sequence, not the bank's cached path),
 no estimate reads a label, and the calibration travels with a prompt artifact."""
+import math
 import random
 
 import pytest
@@ -8,7 +9,9 @@ import torch
 
 from softprompt import baselines as B
 from softprompt.bank import PromptBank
-from softprompt.calibration import CONTENT_FREE, Calibration, fit_calibration, premise_suffix_ids
+from softprompt.calibration import (
+    CONTENT_FREE, Calibration, class_prior_from, fit_calibration, premise_suffix_ids,
+)
 from softprompt.prompts import ModelIdentity, PromptFileError, SoftPrompt
 from softprompt.scoring import classify
 from softprompt.tasks import Example, Task
@@ -223,3 +226,23 @@ def test_encoder_decoder_and_encoder_banks():
 
     with pytest.raises(ValueError, match="batch only"):
         fit_calibration(EncoderLike(), 0, "contextual")
+
+
+@torch.no_grad()
+def test_class_prior_aims_at_the_training_label_distribution(setup):
+    _, _, bank, _ = setup
+    pi = class_prior_from(DATA, TASK.labels)  # neg 3, pos 3, meh 1, each +1 -> 4/10, 4/10, 2/10
+    assert pi == pytest.approx([0.4, 0.4, 0.2])
+    plain = fit_calibration(bank, "zs", "batch", inputs=DATA)
+    aimed = fit_calibration(bank, "zs", "batch", inputs=DATA, class_prior=pi)
+    assert aimed.log_prior == pytest.approx([a - math.log(p) for a, p in zip(plain.log_prior, pi)], abs=1e-6)
+    # the shift moves probability towards the frequent labels, by exactly pi
+    raw = classify(bank, "zs", DATA).scores
+    q_plain = plain.apply(raw).softmax(-1)
+    q_aimed = aimed.apply(raw).softmax(-1)
+    want = q_plain * torch.tensor(pi)
+    assert torch.allclose(q_aimed, want / want.sum(-1, keepdim=True), atol=1e-5)
+    with pytest.raises(ValueError, match="3 positive"):
+        fit_calibration(bank, "zs", "pmi", class_prior=[0.5, 0.5])
+    with pytest.raises(ValueError, match="labelled"):
+        class_prior_from([Example({"text": "x"})], TASK.labels)

@@ -92,3 +92,12 @@ def test_mean_pooled_with_an_encoder_model():
         ids = [tok.cls_token_id] + encode_text(tok, t)
         h = model(input_ids=torch.tensor([ids])).last_hidden_state[0].mean(0)
         assert torch.allclose(e, torch.nn.functional.normalize(h, dim=0), atol=1e-5)
+
+
+def test_knn_batch_calibration_with_a_class_prior(lm):
+    model, tok = lm
+    bank = PromptBank(model, tok)
+    plain = B.knn_few_shot_classify(bank, TASK, QUERIES, POOL, 2, calibration="batch")
+    aimed = B.knn_few_shot_classify(bank, TASK, QUERIES, POOL, 2, calibration="batch", class_prior=[0.2, 0.8])
+    want = plain.scores + torch.tensor([0.2, 0.8]).log()
+    assert torch.allclose(aimed.scores, want, atol=1e-5)
