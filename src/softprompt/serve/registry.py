@@ -42,7 +42,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_UPLOAD_BYTES = 8 << 20
 MAX_MEMBERS = 32
 TASK_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
-TASK_NAME_RULE = "1-64 characters: letters, digits, '_', '-' and '.', starting with a letter or digit, no '..'"
+#: a task is stored as <name>.safetensors, <name>/ or <name>.json, so a name with one of these
+#: suffixes would address another task's files (``demo.safetensors`` is task ``demo``'s file)
+RESERVED_SUFFIXES = (".safetensors", ".json")
+TASK_NAME_RULE = ("1-64 characters: letters, digits, '_', '-' and '.', starting with a letter or digit, no '..', "
+                  "not ending in '.safetensors' or '.json'")
 
 
 class InvalidTaskNameError(ServeError):
@@ -59,7 +63,8 @@ class NotSafetensorsError(ServeError):
 
 def validate_task_name(name: Any) -> str:
     """Return ``name`` if it is a safe task name (usable as a file name), else raise."""
-    if not isinstance(name, str) or not TASK_NAME_RE.fullmatch(name) or ".." in name:
+    if (not isinstance(name, str) or not TASK_NAME_RE.fullmatch(name) or ".." in name
+            or name.lower().endswith(RESERVED_SUFFIXES)):
         shown = name if isinstance(name, str) and len(name) <= 80 else f"{str(name)[:80]}..."
         raise InvalidTaskNameError(f"invalid task name {shown!r}: use {TASK_NAME_RULE}")
     return name
