@@ -1,0 +1,177 @@
+"""Regression tests for the server under attack and overload (issue 12): names that alias
+another task's files, auth before any body is read, cancelled work, non-finite tensors,
+crash leftovers, malformed artifact metadata, and the smaller holes of item 9."""
+import asyncio
+import json
+import os
+import threading
+import time
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import save_file
+
+from softprompt.prompts import PromptFileError, SoftPrompt
+from softprompt.serve import Engine, Registry, create_app
+from softprompt.serve.registry import InvalidTaskNameError, validate_task_name
+from softprompt.serve.testing import random_prompt
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+SENT = "{soft:3} review : {text} label :"
+VERB = {"pos": " good", "neg": " bad"}
+QA = "{soft:4} question : {text} answer :"
+
+
+def populate(model, root):
+    random_prompt(model, SENT, verbalizer=VERB, seed=1).save(root / "demo.safetensors")
+    random_prompt(model, SENT, verbalizer=VERB, seed=2).save(root / "pool_a.safetensors")
+    random_prompt(model, SENT, verbalizer=VERB, seed=3).save(root / "pool_b.safetensors")
+    (root / "topic.json").write_text(json.dumps({"members": ["pool_a.safetensors", "pool_b.safetensors"]}))
+    random_prompt(model, QA, kind="generation", seed=4).save(root / "qa.safetensors")
+
+
+def build(lm, root, **kw):
+    model, tok = lm
+    root.mkdir(exist_ok=True)
+    if not any(root.iterdir()):
+        populate(model, root)
+    eng = Engine(model, tok, base_name="tiny", max_wait_ms=kw.pop("max_wait_ms", 1), max_new_tokens_limit=64,
+                 max_input_tokens=64, max_queue=kw.pop("max_queue", 256))
+    reg = Registry(root, eng, max_upload_bytes=kw.pop("max_upload_bytes", 64_000))
+    reg.sync()
+    app = create_app(eng, registry=reg, token=kw.pop("token", TOKEN), max_inputs=8, max_body_bytes=32_000, **kw)
+    return eng, reg, app
+
+
+def listing(root):
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
+
+
+def err(r, status, code=None):
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert set(body) == {"error"} and body["error"]["message"]
+    if code:
+        assert body["error"]["code"] == code, body
+    return body["error"]
+
+
+# ----------------------------------------------------------------------------- 2. aliasing names
+@pytest.mark.parametrize("name", ["demo.safetensors", "topic.json", "demo.SafeTensors", "x.JSON"])
+def test_names_that_alias_a_file_are_refused(name):
+    with pytest.raises(InvalidTaskNameError):
+        validate_task_name(name)
+
+
+def test_put_and_delete_cannot_touch_another_tasks_files(lm, tmp_path):
+    root = tmp_path / "p"
+    eng, reg, app = build(lm, root)
+    before = listing(root)
+    data = (root / "demo.safetensors").read_bytes()
+    with TestClient(app, raise_server_exceptions=False) as c:
+        for name in ("demo.safetensors", "topic.json", "pool_a.safetensors"):
+            err(c.delete(f"/v1/tasks/{name}", headers=AUTH), 400, "invalid_task_name")
+            err(c.put(f"/v1/tasks/{name}", content=data, headers=AUTH), 400, "invalid_task_name")
+            assert listing(root) == before, name
+        assert c.post("/v1/admin/reload", headers=AUTH).json()["errors"] == {}
+        assert {"demo", "topic", "qa"} <= set(eng.tasks())
+
+
+# ----------------------------------------------------------------------------- 5. non-finite tensors
+def _nonfinite_files(model, tmp_path):
+    """One artifact per tensor kind with a NaN or inf in it."""
+    out = {}
+    p = random_prompt(model, SENT, verbalizer=VERB, seed=5)
+    p.embeddings[0, 0] = float("nan")
+    p.save(tmp_path / "emb.safetensors")
+    out["embeddings"] = tmp_path / "emb.safetensors"
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    for what, val in (("prefix_kv", float("inf")), ("prefix_kv_nan", float("nan"))):
+        q = random_prompt(model, "review : {text} label :", verbalizer=VERB, seed=6)
+        q.method = "prefix_tuning"
+        q.kv = torch.zeros(cfg.num_hidden_layers, 2, cfg.num_key_value_heads, 2, head_dim)
+        q.kv[1, 0, 0, 1, 2] = val
+        q.save(tmp_path / f"{what}.safetensors")
+        out[what] = tmp_path / f"{what}.safetensors"
+    # any other tensor in the file (one the loader does not even use)
+    good = random_prompt(model, SENT, verbalizer=VERB, seed=7)
+    save_file({"prompt": good.embeddings.contiguous(), "extra": torch.tensor([1.0, float("-inf")])},
+              str(tmp_path / "extra.safetensors"), metadata={"softprompt": json.dumps(good.metadata())})
+    out["other"] = tmp_path / "extra.safetensors"
+    return out
+
+
+def test_non_finite_tensors_are_refused_at_load_and_upload(lm, tmp_path):
+    model, _ = lm
+    files = _nonfinite_files(model, tmp_path)
+    for what, path in files.items():
+        with pytest.raises(PromptFileError, match="NaN or infinite"):
+            SoftPrompt.load(path)
+    root = tmp_path / "p"
+    eng, reg, app = build(lm, root)
+    before = listing(root)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        for what, path in files.items():
+            for name in ("demo", "fresh"):
+                e = err(c.put(f"/v1/tasks/{name}", content=path.read_bytes(), headers=AUTH), 422)
+                assert "NaN or infinite" in e["message"], (what, e)
+                assert listing(root) == before
+        # and at load: a non-finite file dropped into the folder is not served
+        os.link(files["prefix_kv"], root / "bad.safetensors")
+        report = c.post("/v1/admin/reload", headers=AUTH).json()
+        assert "NaN or infinite" in report["errors"]["bad"] and "bad" not in eng.tasks()
+
+
+# ----------------------------------------------------------------------------- 7. malformed metadata
+def _with_meta(model, path, meta_text: str):
+    good = random_prompt(model, SENT, verbalizer=VERB, seed=8)
+    save_file({"prompt": good.embeddings.contiguous()}, str(path), metadata={"softprompt": meta_text})
+    return path
+
+
+def _malformed(model, tmp_path):
+    good = random_prompt(model, SENT, verbalizer=VERB, seed=8).metadata()
+    cases = {"list": "[]", "null": "null", "deep": "[" * 100_000 + "]" * 100_000, "number": "3",
+             "not-json": "{nope", "deep-dict": '{"a":' * 50_000 + "1" + "}" * 50_000}
+    for key, val in (("kind", ["classification"]), ("template", 3), ("template", None), ("verbalizer", ["good", "bad"]),
+                     ("base_model", "tiny"), ("base_model", {"name": "x"}), ("format_version", "1"),
+                     ("verbalizer", {"pos": 1}), ("training", []), ("head", 5)):
+        cases[f"{key}={json.dumps(val)}"] = json.dumps({**good, key: val})
+    missing = dict(good)
+    del missing["template"]
+    cases["no-template"] = json.dumps(missing)
+    return {name: _with_meta(model, tmp_path / f"m{i}.safetensors", text) for i, (name, text) in enumerate(cases.items())}
+
+
+def test_malformed_metadata_is_a_clear_error_everywhere(lm, tmp_path):
+    model, _ = lm
+    files = _malformed(model, tmp_path)
+    for what, path in files.items():
+        with pytest.raises(PromptFileError):
+            SoftPrompt.load(path)
+    root = tmp_path / "p"
+    eng, reg, app = build(lm, root, max_upload_bytes=1 << 20)
+    before = listing(root)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        for what, path in files.items():
+            r = c.put("/v1/tasks/fresh", content=path.read_bytes(), headers=AUTH)
+            assert r.status_code == 422, (what, r.status_code, r.text)
+            assert listing(root) == before
+
+
+def test_metadata_schema_keeps_old_and_extended_artifacts(lm, tmp_path):
+    model, _ = lm
+    good = random_prompt(model, SENT, verbalizer=VERB, seed=8)
+    meta = good.metadata()
+    # an old artifact without the optional keys, and a newer one with keys this reader does not know
+    old = {k: v for k, v in meta.items() if k in ("format_version", "base_model", "template", "verbalizer")}
+    new = {**meta, "calibration": {"method": "contextual", "log_prior": [-0.1, -2.3], "extra": 1}, "future": {"x": 1}}
+    for i, m in enumerate((old, new)):
+        p = _with_meta(model, tmp_path / f"ok{i}.safetensors", json.dumps(m))
+        sp = SoftPrompt.load(p, model=model)
+        assert sp.template == SENT and sp.verbalizer == VERB and sp.kind == "classification"
