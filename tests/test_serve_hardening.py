@@ -175,3 +175,88 @@ def test_metadata_schema_keeps_old_and_extended_artifacts(lm, tmp_path):
         p = _with_meta(model, tmp_path / f"ok{i}.safetensors", json.dumps(m))
         sp = SoftPrompt.load(p, model=model)
         assert sp.template == SENT and sp.verbalizer == VERB and sp.kind == "classification"
+
+
+# ----------------------------------------------------------------------------- raw ASGI driver
+async def asgi(app, method, path, headers=(), receive=None, timeout=10.0):
+    """Call the ASGI app directly; returns (status, headers, body, number of receive() calls)."""
+    calls = [0]
+    out = {"status": None, "headers": {}, "body": b""}
+
+    async def default_receive():
+        await asyncio.sleep(3600)
+
+    async def rec():
+        calls[0] += 1
+        return await (receive or default_receive)()
+
+    async def send(msg):
+        if msg["type"] == "http.response.start":
+            out["status"] = msg["status"]
+            out["headers"] = {k.decode().lower(): v.decode() for k, v in msg.get("headers", [])}
+        elif msg["type"] == "http.response.body":
+            out["body"] += msg.get("body", b"")
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(k.lower().encode(), v.encode()) for k, v in headers], "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 80)}
+    await asyncio.wait_for(app(scope, rec, send), timeout)
+    return out["status"], out["headers"], out["body"], calls[0]
+
+
+# ----------------------------------------------------------------------------- 3. auth before the body
+def test_unauthenticated_uploads_are_refused_before_any_body_is_read(lm, tmp_path):
+    eng, reg, app = build(lm, tmp_path / "p", max_upload_bytes=8 << 20)
+    big = str(8 << 20)
+
+    async def main():
+        for headers, status in [
+            ([("content-length", big)], 401),
+            ([("content-length", big), ("authorization", "Bearer wrong")], 401),
+            ([("content-length", big), ("authorization", TOKEN)], 401),
+            ([("content-length", str(9 << 20)), ("authorization", f"Bearer {TOKEN}")], 413),
+            ([("authorization", f"Bearer {TOKEN}"), ("transfer-encoding", "chunked")], 411),
+        ]:
+            st, hd, body, calls = await asgi(app, "PUT", "/v1/tasks/fresh", headers)
+            assert (st, calls) == (status, 0), (headers, st, body, calls)
+        # many at once: none of them is buffered (receive is never called)
+        results = await asyncio.gather(*[asgi(app, "PUT", "/v1/tasks/x", [("content-length", big)]) for _ in range(40)])
+        assert {(r[0], r[3]) for r in results} == {(401, 0)}
+        # protected reads: an unauthenticated POST body is not read either
+        eng2, reg2, app2 = build(lm, tmp_path / "q", protect_reads=True)
+        st, _, _, calls = await asgi(app2, "POST", "/v1/classify", [("content-length", "30000")])
+        assert (st, calls) == (401, 0)
+        eng3, reg3, app3 = build(lm, tmp_path / "r", token=None)
+        st, _, _, calls = await asgi(app3, "PUT", "/v1/tasks/x", [("content-length", big)])
+        assert (st, calls) == (403, 0)
+
+    asyncio.run(main())
+
+
+def test_concurrent_uploads_are_bounded(lm, tmp_path):
+    eng, reg, app = build(lm, tmp_path / "p", max_concurrent_uploads=1)
+    data = (tmp_path / "p" / "demo.safetensors").read_bytes()
+
+    async def main():
+        gate = asyncio.Event()
+        sent = [False]
+
+        async def slow_receive():  # the first upload trickles in: its body arrives only when the gate opens
+            if sent[0]:
+                await asyncio.sleep(3600)
+            await gate.wait()
+            sent[0] = True
+            return {"type": "http.request", "body": data, "more_body": False}
+
+        hdrs = [("content-length", str(len(data))), ("authorization", f"Bearer {TOKEN}")]
+        first = asyncio.ensure_future(asgi(app, "PUT", "/v1/tasks/fresh", hdrs, slow_receive))
+        await asyncio.sleep(0.05)
+        st, headers, body, calls = await asgi(app, "PUT", "/v1/tasks/other", hdrs)
+        assert (st, calls) == (429, 0), (st, body)
+        assert int(headers["retry-after"]) >= 1
+        gate.set()
+        st, _, body, _ = await first
+        assert st == 201, body
+
+    asyncio.run(main())

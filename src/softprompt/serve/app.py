@@ -174,23 +174,65 @@ def _validation_message(errors: list[dict]) -> tuple[str, str, list[dict]]:
 
 
 # ----------------------------------------------------------------------------- middleware
+def token_problem(authorization: str | None, token: str) -> str | None:
+    """Why an ``Authorization`` header does not carry ``token`` (None when it does)."""
+    header = authorization or ""
+    scheme, _, cred = header.partition(" ")
+    if not header or scheme.lower() != "bearer" or not cred.strip():
+        return "this endpoint needs 'Authorization: Bearer <token>'"
+    if not hmac.compare_digest(cred.strip().encode("utf-8", "surrogateescape"), token.encode()):
+        return "wrong token"
+    return None
+
+
+def is_admin_path(method: str, path: str) -> bool:
+    return (method in ("PUT", "DELETE") and path.startswith("/v1/tasks/")) or path.startswith("/v1/admin/")
+
+
+OPEN_PATHS = frozenset({"/healthz"})
+
+
 class _Guard:
-    """Pure ASGI middleware: bounds request bodies (read before the app sees them) and
-    records per-route HTTP metrics."""
+    """Pure ASGI middleware in front of every route: records per-route HTTP metrics and
+    refuses what must never cost memory, before one byte of a body is read:
 
-    def __init__(self, app, *, metrics, max_body: int, max_upload: int):
+    * a request that needs the token and lacks it (401; 403 when admin is disabled),
+    * a body over the limit by its Content-Length (413), an upload without one (411),
+    * an upload while ``max_uploads`` others are being received (429 + Retry-After),
+    * a body-carrying request while ``max_requests`` are in flight (503 + Retry-After).
+
+    Bodies are then read (bounded again while reading) and replayed to the app."""
+
+    def __init__(self, app, *, metrics, max_body: int, max_upload: int, token: str | None = None,
+                 protect_reads: bool = False, max_uploads: int = 2, max_requests: int = 256):
         self.app, self.metrics, self.max_body, self.max_upload = app, metrics, max_body, max_upload
+        self.token, self.protect_reads = token, protect_reads
+        self.max_uploads, self.max_requests = max_uploads, max_requests
+        self.uploads = self.requests = 0  # in flight (one event loop: plain counters are enough)
 
-    async def _reject(self, send, status: int, code: str, message: str) -> None:
-        resp = error_response(status, code, message)
+    async def _reject(self, send, status: int, code: str, message: str, headers: dict | None = None) -> None:
+        resp = error_response(status, code, message, headers=headers)
         await send({"type": "http.response.start", "status": status, "headers": resp.raw_headers})
         await send({"type": "http.response.body", "body": resp.body})
+
+    def _auth_error(self, scope, headers: dict) -> tuple[int, str, str] | None:
+        method, path = scope["method"], scope["path"]
+        if path in OPEN_PATHS:
+            return None
+        admin = is_admin_path(method, path)
+        if admin and self.token is None:
+            return 403, "admin_disabled", "admin endpoints are disabled: start the server with a token"
+        if self.token is None or not (admin or self.protect_reads):
+            return None
+        why = token_problem(headers.get(b"authorization", b"").decode("latin-1"), self.token)
+        return None if why is None else (401, "unauthorized", why)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
         status = [500]
+        counted: list[str] = []
 
         async def send_wrapper(msg):
             if msg["type"] == "http.response.start":
@@ -198,40 +240,64 @@ class _Guard:
             await send(msg)
 
         try:
+            headers = dict(scope.get("headers") or [])
+            problem = self._auth_error(scope, headers)
+            if problem is not None:
+                hdrs = {"WWW-Authenticate": "Bearer"} if problem[0] == 401 else None
+                return await self._reject(send_wrapper, *problem, headers=hdrs)
             is_upload = scope["method"] == "PUT" and scope["path"].startswith("/v1/tasks/")
             limit = self.max_upload if is_upload else self.max_body
-            headers = dict(scope.get("headers") or [])
             cl = headers.get(b"content-length")
+            code = "upload_too_large" if is_upload else "body_too_large"
             if cl is not None and (not cl.isdigit() or int(cl) > limit):
-                code = "upload_too_large" if is_upload else "body_too_large"
-                await self._reject(send_wrapper, 413, code, f"the request body exceeds the limit of {limit} bytes")
-                return
-            if scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
-                body = bytearray()
-                more = True
-                while more:
-                    msg = await receive()
-                    if msg["type"] == "http.disconnect":
-                        return
-                    body += msg.get("body", b"")
-                    if len(body) > limit:
-                        code = "upload_too_large" if is_upload else "body_too_large"
-                        await self._reject(send_wrapper, 413, code, f"the request body exceeds the limit of {limit} bytes")
-                        return
-                    more = msg.get("more_body", False)
-                replayed = False
-
-                async def replay():
-                    nonlocal replayed
-                    if not replayed:
-                        replayed = True
-                        return {"type": "http.request", "body": bytes(body), "more_body": False}
-                    return await receive()
-
-                await self.app(scope, replay, send_wrapper)
+                return await self._reject(send_wrapper, 413, code, f"the request body exceeds the limit of {limit} bytes")
+            if is_upload and cl is None:
+                return await self._reject(send_wrapper, 411, "length_required",
+                                          "an upload needs a Content-Length header (chunked uploads are not accepted)")
+            if scope["method"] not in ("POST", "PUT", "PATCH", "DELETE"):
+                return await self.app(scope, receive, send_wrapper)
+            if is_upload:
+                if self.uploads >= self.max_uploads:
+                    self.metrics.rejected.inc(reason="uploads_busy")
+                    return await self._reject(
+                        send_wrapper, 429, "too_many_uploads",
+                        f"{self.uploads} uploads are being received (limit {self.max_uploads}); retry later",
+                        headers={"Retry-After": "1"})
+                self.uploads += 1
+                counted.append("uploads")
             else:
-                await self.app(scope, receive, send_wrapper)
+                if self.requests >= self.max_requests:
+                    self.metrics.rejected.inc(reason="requests_in_flight")
+                    return await self._reject(
+                        send_wrapper, 503, "overloaded",
+                        f"{self.requests} requests are in flight (limit {self.max_requests}); retry later",
+                        headers={"Retry-After": "1"})
+                self.requests += 1
+                counted.append("requests")
+            body = bytearray()
+            more = True
+            while more:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    status[0] = 499
+                    return
+                body += msg.get("body", b"")
+                if len(body) > limit:
+                    return await self._reject(send_wrapper, 413, code, f"the request body exceeds the limit of {limit} bytes")
+                more = msg.get("more_body", False)
+            replayed = False
+
+            async def replay():
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": bytes(body), "more_body": False}
+                return await receive()
+
+            await self.app(scope, replay, send_wrapper)
         finally:
+            for name in counted:
+                setattr(self, name, getattr(self, name) - 1)
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
             self.metrics.http_requests.inc(route=path, method=scope.get("method", ""), status=str(status[0]))
@@ -280,10 +346,13 @@ def create_app(
     max_inputs: int = 64,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_upload_bytes: int | None = None,
+    max_concurrent_uploads: int = 2,
+    max_concurrent_requests: int = 256,
     manage_engine: bool = True,
 ) -> FastAPI:
     """Build the FastAPI app.  ``manage_engine``: start the engine with the app and stop it
-    (draining the queue) at shutdown."""
+    (draining the queue) at shutdown.  ``max_concurrent_uploads`` / ``max_concurrent_requests``
+    bound the bodies being received at once (beyond: 429 / 503 with Retry-After)."""
     max_upload = int(max_upload_bytes or (registry.max_upload_bytes if registry else DEFAULT_MAX_UPLOAD_BYTES))
     if registry is not None:
         registry.max_upload_bytes = max_upload
@@ -314,13 +383,10 @@ def create_app(
     app.state.registry = registry
 
     # ---------------------------------------------------------------- auth
-    def _check_token(request: Request) -> None:
-        header = request.headers.get("authorization", "")
-        scheme, _, cred = header.partition(" ")
-        if not header or scheme.lower() != "bearer" or not cred.strip():
-            raise AuthError("this endpoint needs 'Authorization: Bearer <token>'")
-        if not hmac.compare_digest(cred.strip().encode("utf-8", "surrogateescape"), token.encode()):  # type: ignore[union-attr]
-            raise AuthError("wrong token")
+    def _check_token(request: Request) -> None:  # the guard checked already; kept for apps mounted without it
+        why = token_problem(request.headers.get("authorization"), token)  # type: ignore[arg-type]
+        if why is not None:
+            raise AuthError(why)
 
     async def read_auth(request: Request) -> None:
         if token is not None and protect_reads:
@@ -575,5 +641,7 @@ def create_app(
     async def reload_prompts():
         return await asyncio.to_thread(_need_registry().sync)
 
-    app.add_middleware(_Guard, metrics=metrics, max_body=int(max_body_bytes), max_upload=max_upload)
+    app.add_middleware(_Guard, metrics=metrics, max_body=int(max_body_bytes), max_upload=max_upload, token=token,
+                       protect_reads=protect_reads, max_uploads=int(max_concurrent_uploads),
+                       max_requests=int(max_concurrent_requests))
     return app
