@@ -31,7 +31,7 @@ def populate(model, root):
     random_prompt(model, SENT, verbalizer=VERB, seed=2).save(root / "pool_a.safetensors")
     random_prompt(model, SENT, verbalizer=VERB, seed=3).save(root / "pool_b.safetensors")
     (root / "topic.json").write_text(json.dumps({"members": ["pool_a.safetensors", "pool_b.safetensors"]}))
-    random_prompt(model, QA, kind="generation", seed=4).save(root / "qa.safetensors")
+    random_prompt(model, QA, kind="generation", seed=6).save(root / "qa.safetensors")
 
 
 def build(lm, root, **kw):
@@ -260,3 +260,99 @@ def test_concurrent_uploads_are_bounded(lm, tmp_path):
         assert st == 201, body
 
     asyncio.run(main())
+
+
+# ----------------------------------------------------------------------------- 4. cancelled work
+def _body_then_disconnect(body: bytes, gone: asyncio.Event):
+    sent = [False]
+
+    async def receive():
+        if not sent[0]:
+            sent[0] = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+    return receive
+
+
+def test_a_client_that_gives_up_has_its_queued_work_dropped(lm, tmp_path):
+    eng, reg, app = build(lm, tmp_path / "p")
+    seen, entered, release = [], threading.Event(), threading.Event()
+
+    def hook(items):
+        seen.extend(it.fields.get("text") for it in items)
+        entered.set()
+        release.wait(30)
+
+    eng.batch_hook = hook
+    eng.start()
+    try:
+        blocker = eng.submit_classify("demo", ["blocker"])
+        assert entered.wait(30)
+
+        async def main():
+            gone = asyncio.Event()
+            body = json.dumps({"task": "demo", "inputs": ["gave up 1", "gave up 2"]}).encode()
+            req = asyncio.ensure_future(asgi(app, "POST", "/v1/classify", [("content-type", "application/json"),
+                                        ("content-length", str(len(body)))], _body_then_disconnect(body, gone)))
+            for _ in range(500):
+                if eng.queued_rows == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert eng.queued_rows == 2
+            gone.set()
+            st, _, _, _ = await asyncio.wait_for(req, 10)  # answered although the worker is still blocked
+            assert st == 499
+
+        asyncio.run(main())
+        release.set()
+        assert blocker[0].result(30).label and eng.classify("demo", ["next"], timeout=30)[0].label
+        assert seen == ["blocker", "next"], seen  # the abandoned inputs never reached the model
+        assert eng.metrics.requests.value(task="demo", kind="classify", status="ok") == 2
+    finally:
+        release.set()
+        eng.stop()
+
+
+@pytest.mark.parametrize("path", ["/v1/generate", "/v1/completions"])
+def test_a_client_that_gives_up_stops_its_running_generation(lm, tmp_path, monkeypatch, path):
+    import softprompt.serve.engine as engine_mod
+
+    eng, reg, app = build(lm, tmp_path / "p")
+    text = "tell me a long story"
+    eng.start()
+    try:
+        full = eng.generate("qa", text, max_new_tokens=64, stop_at_newline=False, timeout=60)
+        assert full.finish_reason == "length" and len(full.token_ids) == 64  # a long generation when nobody leaves
+        running = []
+        eng.batch_hook = running.extend
+        steps = [0]
+        real_step = engine_mod.decode_step
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            gone = asyncio.Event()
+
+            def counting_step(*a, **kw):
+                steps[0] += 1
+                if steps[0] == 3:  # the client leaves while its generation runs; wait until the server noticed
+                    loop.call_soon_threadsafe(gone.set)
+                    t_end = time.monotonic() + 10
+                    while not running[-1].abandoned and time.monotonic() < t_end:
+                        time.sleep(0.005)
+                return real_step(*a, **kw)
+
+            monkeypatch.setattr(engine_mod, "decode_step", counting_step)
+            body = ({"task": "qa", "input": text, "max_new_tokens": 64, "stop_at_newline": False}
+                    if path == "/v1/generate" else {"model": "tiny:qa", "prompt": text, "max_tokens": 64})
+            data = json.dumps(body).encode()
+            st, _, _, _ = await asgi(app, "POST", path, [("content-type", "application/json"),
+                                     ("content-length", str(len(data)))], _body_then_disconnect(data, gone))
+            assert st == 499
+
+        asyncio.run(main())
+        assert eng.classify("demo", ["next"], timeout=30)[0].label  # the worker is free again
+        assert steps[0] <= 4, steps  # it stopped right after the client left, not after 64 tokens
+        assert eng.metrics.requests.value(task="qa", kind="generate", status="cancelled") == 1
+    finally:
+        eng.stop()

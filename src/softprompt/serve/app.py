@@ -326,14 +326,42 @@ def _sse(obj) -> bytes:
     return f"data: {json.dumps(obj) if not isinstance(obj, str) else obj}\n\n".encode()
 
 
-async def _gather(futures):
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready (its work has been cancelled)."""
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Return when the client disconnects (the body has been read already, so the next
+    ASGI message is the disconnect; servers send it when the connection closes)."""
+    while True:
+        msg = await request.receive()
+        if msg["type"] == "http.disconnect":
+            return
+
+
+async def _gather(futures, request: Request | None = None):
+    """Await the engine's futures; if the client disconnects first, cancel them all (queued
+    work is skipped, running generation stops) and raise :class:`ClientGone`."""
     wrapped = [asyncio.wrap_future(f) for f in futures]
+    work = asyncio.gather(*wrapped)
+    watcher = asyncio.ensure_future(_wait_disconnect(request)) if request is not None else None
     try:
-        return await asyncio.gather(*wrapped)
+        if watcher is None:
+            return await work
+        done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if work in done:
+            return work.result()
+        raise ClientGone()
     except BaseException:
+        for f in futures:
+            f.cancel()
         for w in wrapped:
             w.cancel()
+        work.cancel()
         raise
+    finally:
+        if watcher is not None:
+            watcher.cancel()
 
 
 # ----------------------------------------------------------------------------- app
@@ -411,6 +439,11 @@ def create_app(
         extra = {k: v for k, v in exc.extra.items() if isinstance(v, (str, int, float))}
         return error_response(exc.status, exc.code, exc.message, headers=headers or None, **extra)
 
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, exc: ClientGone):
+        # nobody reads this; 499 (nginx's "client closed request") keeps the metrics honest
+        return error_response(499, "cancelled", "the client went away; its work was cancelled")
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         code, msg, details = _validation_message(list(exc.errors()))
@@ -459,10 +492,10 @@ def create_app(
 
     @app.post("/v1/classify", tags=["inference"], dependencies=Read, response_model=ClassifyResponse,
               response_model_exclude_none=True)
-    async def classify(req: ClassifyRequest):
+    async def classify(req: ClassifyRequest, request: Request):
         _check_inputs(len(req.inputs))
         futures = engine.submit_classify(req.task, req.inputs, vote=req.vote)
-        results: list[ClassifyResult] = await _gather(futures)
+        results: list[ClassifyResult] = await _gather(futures, request)
         return ClassifyResponse(task=req.task, version=results[0].version, model=base,
                                 results=[_label_result(r) for r in results])
 
@@ -519,7 +552,7 @@ def create_app(
 
     @app.post("/v1/generate", tags=["inference"], dependencies=Read, response_model=GenerateResponse,
               response_model_exclude_none=True)
-    async def generate(req: GenerateRequest):
+    async def generate(req: GenerateRequest, request: Request):
         stops = tuple(req.stop or ())
         kw = dict(max_new_tokens=req.max_new_tokens, stop_at_newline=req.stop_at_newline, stop=stops)
 
@@ -536,7 +569,7 @@ def create_app(
                                       "members": r.members},
                 stops=stops,
             )
-        (res,) = await _gather([engine.submit_generate(req.task, req.input, **kw)])
+        (res,) = await _gather([engine.submit_generate(req.task, req.input, **kw)], request)
         return GenerateResponse(task=res.task, version=res.version, model=base, text=res.text,
                                 finish_reason=res.finish_reason, usage=Usage(**usage(res)), members=res.members)
 
@@ -556,7 +589,7 @@ def create_app(
         return task
 
     @app.post("/v1/completions", tags=["openai"], dependencies=Read)
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         task = _task_of_model(req.model)
         spec = engine.task(task)
         prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
@@ -574,7 +607,7 @@ def create_app(
             return out
 
         if spec.kind == "classification":
-            results: list[ClassifyResult] = await _gather(engine.submit_classify(task, prompts))
+            results: list[ClassifyResult] = await _gather(engine.submit_classify(task, prompts), request)
             choices = []
             for i, r in enumerate(results):
                 lp = {lab: (math.log(p) if p > 0 else -1e30) for lab, p in r.probabilities.items()}
@@ -603,7 +636,7 @@ def create_app(
                 stops=stops, trailer="[DONE]",
             )
         futures = [engine.submit_generate(task, p, **kw) for p in prompts]
-        gens: list[GenerateResult] = await _gather(futures)
+        gens: list[GenerateResult] = await _gather(futures, request)
         choices = [{"text": g.text, "index": i, "logprobs": None, "finish_reason": g.finish_reason} for i, g in enumerate(gens)]
         pt = sum(g.prompt_tokens for g in gens)
         ct = sum(len(g.token_ids) for g in gens)

@@ -121,6 +121,12 @@ class OverloadedError(ServeError):
         self.retry_after = retry_after
 
 
+class CancelledByClientError(ServeError):
+    """The client went away (or cancelled the future); its work was dropped."""
+
+    status, code = 499, "cancelled"
+
+
 class ShuttingDownError(ServeError):
     status, code = 503, "shutting_down"
 
@@ -196,6 +202,21 @@ class GenerateResult:
 
 
 # ----------------------------------------------------------------------------- items
+class _ItemFuture(cf.Future):
+    """A future whose ``cancel()`` also stops work that is already running: a queued item
+    is skipped when a batch is formed (plain future cancellation), a running one is marked
+    abandoned and its generation rows leave the decode loop at the next step.  asyncio's
+    ``wrap_future`` calls ``cancel()`` here when the awaiting task is cancelled."""
+
+    def __init__(self, item: "_Item"):
+        super().__init__()
+        self._item = item
+
+    def cancel(self) -> bool:
+        self._item.abandoned = True
+        return super().cancel()
+
+
 class _Item:
     """One example waiting for (or being run in) a batch: one row per ensemble member."""
 
@@ -211,7 +232,7 @@ class _Item:
         self.spec = spec
         self.suffixes = suffixes
         self.rows = len(suffixes)
-        self.future: cf.Future = cf.Future()
+        self.future: cf.Future = _ItemFuture(self)
         self.t_submit = time.perf_counter()
         self.vote: str | None = None
         self.max_new_tokens = 0
@@ -713,6 +734,9 @@ class Engine:
     def _finish(self, it: _Item, result: Any) -> None:
         if it.future.done():
             return
+        if it.abandoned:  # nobody is waiting: not an answer ("ok"), a cancellation
+            self._fail(it, CancelledByClientError("the client went away"))
+            return
         self.metrics.requests.inc(task=it.task, kind=it.op, status="ok")
         self.metrics.latency.observe(time.perf_counter() - it.t_submit)
         it.future.set_result(result)
@@ -758,6 +782,9 @@ class Engine:
         live: list[_Item] = []
         for it in items:
             if it.future.done():
+                continue
+            if it.abandoned:
+                self._fail(it, CancelledByClientError("the client went away"))
                 continue
             spec = self._specs.get(it.task)
             if spec is None:
