@@ -356,3 +356,71 @@ def test_a_client_that_gives_up_stops_its_running_generation(lm, tmp_path, monke
         assert eng.metrics.requests.value(task="qa", kind="generate", status="cancelled") == 1
     finally:
         eng.stop()
+
+
+# ----------------------------------------------------------------------------- 6. crash leftovers
+def _crashed_folder(model, root):
+    """The states a kill -9 leaves behind, each at a different step of an upload or delete."""
+    populate(model, root)
+    (root / ".upload-demo.abc123.tmp").write_bytes(b"half an upload")
+    # a delete of task 'gone' that reached its commit point (files renamed to .trash-)
+    (root / f".trash-{'1' * 32}-gone.safetensors").write_bytes((root / "demo.safetensors").read_bytes())
+    (root / f".trash-{'2' * 32}-gonedir").mkdir()
+    (root / f".trash-{'2' * 32}-gonedir" / "m.safetensors").write_bytes(b"x")
+    # an upload of 'ens' that set the old folder aside but was killed before its file landed
+    (root / f".replaced-{'3' * 32}-ens").mkdir()
+    random_prompt(model, SENT, verbalizer=VERB, seed=21).save(root / f".replaced-{'3' * 32}-ens" / "a.safetensors")
+    # an upload of 'qa' that landed: what it set aside goes
+    (root / f".replaced-{'4' * 32}-qa.json").write_text("{}")
+
+
+def test_recover_finishes_or_undoes_interrupted_writes(lm, tmp_path):
+    model, tok = lm
+    root = tmp_path / "p"
+    root.mkdir()
+    _crashed_folder(model, root)
+    reg = Registry(root, Engine(model, tok))
+    report = reg.recover()
+    assert report["restored"] == ["ens"]
+    assert listing(root) == ["demo.safetensors", "ens", "ens/a.safetensors", "pool_a.safetensors", "pool_b.safetensors",
+                             "qa.safetensors", "topic.json"]
+    sync = reg.sync()
+    assert sync["errors"] == {} and sorted(sync["added"]) == ["demo", "ens", "pool_a", "pool_b", "qa", "topic"]
+
+
+def test_serve_sweeps_leftovers_at_start_and_holds_the_folder(lm, tmp_path, monkeypatch):
+    import uvicorn
+
+    import softprompt.models
+    from softprompt.serve import FolderLock, FolderLockedError, serve
+
+    root = tmp_path / "p"
+    root.mkdir()
+    _crashed_folder(lm[0], root)
+    seen = {}
+
+    def fake_run(app, **kw):
+        seen["listing"] = listing(root)
+        with pytest.raises(FolderLockedError, match="one server per folder"):  # a second server on the folder
+            FolderLock(root).acquire()
+    monkeypatch.setattr(softprompt.models, "load_model", lambda name, device=None: lm)
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    serve("tiny", root, token=TOKEN)
+    assert not [n for n in seen["listing"] if n.startswith((".upload-", ".trash-", ".replaced-"))], seen
+    with FolderLock(root):  # released when the server stopped
+        pass
+
+
+def test_delete_answers_what_it_did_and_refuses_a_manifest_member(lm, tmp_path):
+    root = tmp_path / "p"
+    eng, reg, app = build(lm, root)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        e = err(c.delete("/v1/tasks/pool_a", headers=AUTH), 409, "task_in_use")
+        assert "topic" in e["message"] and "topic.json" in e["message"]
+        assert (root / "pool_a.safetensors").exists() and "pool_a" in eng.tasks()
+        r = c.delete("/v1/tasks/topic", headers=AUTH)
+        assert r.status_code == 200 and r.json()["files"] == ["topic.json"], r.text
+        assert r.json()["deleted"] == "topic"
+        r = c.delete("/v1/tasks/pool_a", headers=AUTH)  # free now
+        assert r.json()["files"] == ["pool_a.safetensors"]
+        assert not [n for n in os.listdir(root) if n.startswith((".trash-", ".upload-", ".replaced-"))]

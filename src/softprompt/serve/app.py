@@ -664,11 +664,10 @@ def create_app(
     async def delete_task(name: str):
         validate_task_name(name)
         if registry is not None:
-            spec = await asyncio.to_thread(registry.delete, name)
-        else:
-            engine.task(name)
-            spec = await asyncio.to_thread(engine.unregister, name)
-        return {"deleted": spec.name, "version": spec.version}
+            return await asyncio.to_thread(registry.delete, name)
+        engine.task(name)
+        spec = await asyncio.to_thread(engine.unregister, name)
+        return {"deleted": spec.name, "version": spec.version, "files": []}
 
     @app.post("/v1/admin/reload", tags=["admin"], dependencies=Admin)
     async def reload_prompts():
