@@ -424,3 +424,84 @@ def test_delete_answers_what_it_did_and_refuses_a_manifest_member(lm, tmp_path):
         r = c.delete("/v1/tasks/pool_a", headers=AUTH)  # free now
         assert r.json()["files"] == ["pool_a.safetensors"]
         assert not [n for n in os.listdir(root) if n.startswith((".trash-", ".upload-", ".replaced-"))]
+
+
+# ----------------------------------------------------------------------------- 9. the smaller holes
+def test_protect_reads_covers_the_docs_and_schema(lm, tmp_path):
+    eng, reg, app = build(lm, tmp_path / "p", protect_reads=True)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        for path in ("/docs", "/openapi.json", "/redoc", "/docs/oauth2-redirect", "/nope"):
+            err(c.get(path), 401)
+            assert c.get(path, headers=AUTH).status_code in (200, 404), path
+        assert c.get("/openapi.json", headers=AUTH).json()["paths"]
+        assert c.get("/healthz").status_code == 200
+
+
+def test_cli_serve_errors_are_clean(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from softprompt.cli import app as cli
+    from softprompt.serve import FolderLock
+
+    monkeypatch.delenv("SOFTPROMPT_SERVE_TOKEN", raising=False)
+    (tmp_path / "p").mkdir()
+    r = CliRunner().invoke(cli, ["serve", "--prompts", str(tmp_path / "p"), "--protect-reads"])
+    assert r.exit_code == 2 and "needs a token" in r.output and "Traceback" not in r.output, r.output
+    with FolderLock(tmp_path / "p"):
+        r = CliRunner().invoke(cli, ["serve", "--prompts", str(tmp_path / "p"), "--token", "t"])
+    assert r.exit_code == 2 and "already served by another softprompt server" in " ".join(r.output.split()), r.output
+    assert "Traceback" not in r.output
+
+
+def test_completions_limits_match_generate(lm, tmp_path):
+    eng, reg, app = build(lm, tmp_path / "p")
+    with TestClient(app, raise_server_exceptions=False) as c:
+        e = err(c.post("/v1/completions", json={"model": "tiny:qa", "prompt": "x", "max_tokens": 10**9}), 422)
+        assert "max_tokens" in e["message"] and "64" in e["message"]
+        err(c.post("/v1/generate", json={"task": "qa", "input": "x", "max_new_tokens": 10**9}), 422)
+        e = err(c.post("/v1/completions", json={"model": "tiny:qa", "prompt": "x", "logprobs": 2}), 422)
+        assert "logprobs" in e["message"]
+        ok = c.post("/v1/completions", json={"model": "tiny:qa", "prompt": "x", "max_tokens": 64})
+        assert ok.status_code == 200, ok.text
+        # classification answers carry their label log-probs, so logprobs stays accepted there
+        assert c.post("/v1/completions", json={"model": "tiny:demo", "prompt": "x", "logprobs": 2}).status_code == 200
+
+
+def test_a_dropped_stream_is_not_counted_as_ok(lm, tmp_path):
+    eng, reg, app = build(lm, tmp_path / "p")
+    eng.start()
+    try:
+        async def main():
+            gone = asyncio.Event()
+            data = json.dumps({"task": "qa", "input": "tell me a long story", "max_new_tokens": 64,
+                               "stop_at_newline": False, "stream": True}).encode()
+            chunks = []
+            sent = [False]
+
+            async def receive():
+                if not sent[0]:
+                    sent[0] = True
+                    return {"type": "http.request", "body": data, "more_body": False}
+                await gone.wait()
+                return {"type": "http.disconnect"}
+
+            async def send(msg):
+                if msg["type"] == "http.response.body" and msg.get("body"):
+                    chunks.append(msg["body"])
+                    gone.set()  # the client reads one event and leaves
+
+            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                     "scheme": "http", "path": "/v1/generate", "raw_path": b"/v1/generate", "query_string": b"",
+                     "root_path": "", "headers": [(b"content-type", b"application/json"),
+                                                  (b"content-length", str(len(data)).encode())],
+                     "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+            await asyncio.wait_for(app(scope, receive, send), 30)
+            assert chunks
+
+        asyncio.run(main())
+        assert eng.classify("demo", ["next"], timeout=30)[0].label  # the worker got past the stream's batch
+        m = eng.metrics.requests
+        assert m.value(task="qa", kind="generate", status="ok") == 0
+        assert m.value(task="qa", kind="generate", status="cancelled") == 1
+    finally:
+        eng.stop()

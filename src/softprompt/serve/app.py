@@ -118,7 +118,8 @@ class CompletionRequest(BaseModel):
     stream: StrictBool = False
     stop: Union[Annotated[StrictStr, Field(min_length=1, max_length=64)],
                 Annotated[list[Annotated[StrictStr, Field(min_length=1, max_length=64)]], Field(max_length=4)], None] = None
-    logprobs: StrictInt | None = Field(None, ge=0, le=5)
+    logprobs: StrictInt | None = Field(None, ge=0, le=5, description=(
+        "classification tasks: the labels' log-probabilities are returned; generation tasks: not supported (422)"))
     echo: StrictBool = False
     user: StrictStr | None = None
 
@@ -624,8 +625,15 @@ def create_app(
                 return StreamingResponse(cls_events(), media_type="text/event-stream")
             return envelope(choices, {"prompt_tokens": 0, "completion_tokens": len(choices), "total_tokens": len(choices)})
 
+        if req.logprobs is not None:
+            raise InvalidInputError("logprobs is not supported for generation tasks (decoding is greedy); leave it out",
+                                    param="logprobs")
         stops = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-        kw = dict(max_new_tokens=min(req.max_tokens or 16, engine.max_new_tokens_limit), stop_at_newline=False, stop=stops)
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        if max_tokens > engine.max_new_tokens_limit:  # as /v1/generate: refused, never silently capped
+            raise InvalidInputError(f"max_tokens must be between 1 and {engine.max_new_tokens_limit}, got {max_tokens}",
+                                    param="max_tokens")
+        kw = dict(max_new_tokens=max_tokens, stop_at_newline=False, stop=stops)
         if req.stream:
             if len(prompts) != 1:
                 raise InvalidInputError("streaming needs a single prompt", param="prompt")
