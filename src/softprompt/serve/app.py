@@ -17,8 +17,11 @@ Endpoints (OpenAPI schema at ``/openapi.json``, interactive docs at ``/docs``):
 
 Admin endpoints need ``Authorization: Bearer <token>`` with the token given at start-up
 (without one they are disabled); ``protect_reads=True`` puts every other endpoint except
-``/healthz`` behind the same token.  Errors are JSON ``{"error": {"code", "message", "type"}}``
-with a 4xx status that says what is wrong; a full queue answers 503 with ``Retry-After``.
+``/healthz`` (the docs and schema included) behind the same token, checked before any body
+is read.  Errors are JSON ``{"error": {"code", "message", "type"}}`` with a 4xx status that
+says what is wrong; a full queue or too many requests in flight answer 503 (too many uploads
+429) with ``Retry-After``.  A client that disconnects has its work cancelled.  Every limit,
+its default and flag: docs/serving.md, "Limits and guarantees".
 """
 from __future__ import annotations
 
