@@ -30,7 +30,7 @@ def populate(model, root):
     random_prompt(model, SENT, verbalizer=VERB, seed=1).save(root / "demo.safetensors")
     random_prompt(model, SENT, verbalizer=VERB, seed=2).save(root / "pool_a.safetensors")
     random_prompt(model, SENT, verbalizer=VERB, seed=3).save(root / "pool_b.safetensors")
-    (root / "topic.json").write_text(json.dumps({"members": ["pool_a.safetensors", "pool_b.safetensors"]}))
+    (root / "topic.json").write_text(json.dumps({"members": ["pool_a.safetensors", "./pool_b.safetensors"]}))
     random_prompt(model, QA, kind="generation", seed=6).save(root / "qa.safetensors")
 
 
@@ -418,6 +418,7 @@ def test_delete_answers_what_it_did_and_refuses_a_manifest_member(lm, tmp_path):
         e = err(c.delete("/v1/tasks/pool_a", headers=AUTH), 409, "task_in_use")
         assert "topic" in e["message"] and "topic.json" in e["message"]
         assert (root / "pool_a.safetensors").exists() and "pool_a" in eng.tasks()
+        err(c.delete("/v1/tasks/pool_b", headers=AUTH), 409, "task_in_use")  # named "./pool_b.safetensors" there
         r = c.delete("/v1/tasks/topic", headers=AUTH)
         assert r.status_code == 200 and r.json()["files"] == ["topic.json"], r.text
         assert r.json()["deleted"] == "topic"

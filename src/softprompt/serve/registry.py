@@ -334,11 +334,13 @@ class Registry:
 
     def _check_unused(self, name: str, paths: list[Path], doing: str) -> None:
         """Refuse to remove files that another served task (a manifest) uses."""
+        gone = [p.resolve() for p in paths]
         for other, src in self._loaded.items():
             if other == name:
                 continue
             for f in src.files:
-                for p in paths:
+                f = f.resolve()
+                for p in gone:
                     if f == p or f.is_relative_to(p):
                         raise TaskInUseError(
                             f"cannot {doing} task {name!r}: {p.name} is a member of task {other!r} "
