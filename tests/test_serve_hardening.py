@@ -504,5 +504,8 @@ def test_a_dropped_stream_is_not_counted_as_ok(lm, tmp_path):
         m = eng.metrics.requests
         assert m.value(task="qa", kind="generate", status="ok") == 0
         assert m.value(task="qa", kind="generate", status="cancelled") == 1
+        http = eng.metrics.http_requests
+        assert http.value(route="/v1/generate", method="POST", status="499") == 1
+        assert http.value(route="/v1/generate", method="POST", status="200") == 0
     finally:
         eng.stop()

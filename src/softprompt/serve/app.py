@@ -237,11 +237,22 @@ class _Guard:
         t0 = time.perf_counter()
         status = [500]
         counted: list[str] = []
+        finished = gone = False
 
         async def send_wrapper(msg):
+            nonlocal finished
             if msg["type"] == "http.response.start":
                 status[0] = msg["status"]
+            elif msg["type"] == "http.response.body" and not msg.get("more_body", False):
+                finished = True
             await send(msg)
+
+        async def watched_receive():
+            nonlocal gone
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                gone = True
+            return msg
 
         try:
             headers = dict(scope.get("headers") or [])
@@ -259,7 +270,7 @@ class _Guard:
                 return await self._reject(send_wrapper, 411, "length_required",
                                           "an upload needs a Content-Length header (chunked uploads are not accepted)")
             if scope["method"] not in ("POST", "PUT", "PATCH", "DELETE"):
-                return await self.app(scope, receive, send_wrapper)
+                return await self.app(scope, watched_receive, send_wrapper)
             if is_upload:
                 if self.uploads >= self.max_uploads:
                     self.metrics.rejected.inc(reason="uploads_busy")
@@ -296,12 +307,14 @@ class _Guard:
                 if not replayed:
                     replayed = True
                     return {"type": "http.request", "body": bytes(body), "more_body": False}
-                return await receive()
+                return await watched_receive()
 
             await self.app(scope, replay, send_wrapper)
         finally:
             for name in counted:
                 setattr(self, name, getattr(self, name) - 1)
+            if gone and not finished:  # the client left before its answer was complete (a dropped stream too)
+                status[0] = 499
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
             self.metrics.http_requests.inc(route=path, method=scope.get("method", ""), status=str(status[0]))
