@@ -309,6 +309,7 @@ def test_a_client_that_gives_up_has_its_queued_work_dropped(lm, tmp_path):
         assert blocker[0].result(30).label and eng.classify("demo", ["next"], timeout=30)[0].label
         assert seen == ["blocker", "next"], seen  # the abandoned inputs never reached the model
         assert eng.metrics.requests.value(task="demo", kind="classify", status="ok") == 2
+        assert eng.metrics.requests.value(task="demo", kind="classify", status="cancelled") == 2
     finally:
         release.set()
         eng.stop()

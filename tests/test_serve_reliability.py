@@ -47,7 +47,8 @@ QA = "{soft:4} question : {text} answer :"
 TASKS = ["sent", "nli", "qa", "ens", "topic", "pool_a", "pool_b", "victim"]
 SRC = Path(__file__).resolve().parents[1] / "src"
 
-# the server, with two test-only pauses so that kill -9 lands inside an upload and a delete
+# the server, with two test-only pauses so that kill -9 lands inside an upload and a delete,
+# and a slow decode step on request
 WRAPPER = textwrap.dedent('''
     import os, sys, time, pathlib
     markers = pathlib.Path(os.environ["SP_TEST_MARKERS"])
@@ -64,6 +65,12 @@ WRAPPER = textwrap.dedent('''
             (markers / "delete").touch(); time.sleep(600)
         return real_unregister(self, name)
     E.Engine.unregister = unregister
+    real_step = E.decode_step
+    def decode_step(*a, **kw):  # 10 ms a token while the test asks for it, so generations take a while
+        if (markers / "slow").exists():
+            time.sleep(0.01)
+        return real_step(*a, **kw)
+    E.decode_step = decode_step
     from softprompt.cli import app
     sys.argv = ["softprompt", "serve", *sys.argv[1:]]
     app()
@@ -84,7 +91,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         args = [sys.executable, str(world["wrapper"]), "--model", str(world["model"]), "--prompts", str(world["prompts"]),
                 "--port", str(self.port), "--token", TOKEN, "--max-wait-ms", "2", "--max-inputs", "8",
-                "--max-new-tokens", "64", "--max-queue", "96", "--max-concurrent-requests", "64"]
+                "--max-new-tokens", "400", "--max-queue", "96", "--max-concurrent-requests", "64"]
         for k, v in flags.items():
             args += [f"--{k.replace('_', '-')}", str(v)]
         env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
@@ -343,6 +350,59 @@ def test_overload_burst_gets_retry_after_with_bounded_memory(world):
     assert grown < 150, f"the server grew by {grown:.0f} MB during the burst"
     assert httpx.post(srv.url + "/v1/classify", json={"task": "sent", "inputs": ["fine"]}, timeout=30).status_code == 200
     print(f"burst: {codes}; resident memory {before:.0f} MB -> {before + grown:.0f} MB")
+
+
+# ----------------------------------------------------------------------------- clients that give up
+def metric(srv, name: str, **labels) -> float:
+    want = name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
+    for line in httpx.get(srv.url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith(want + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_clients_that_give_up_free_the_server(world):
+    """Eight clients give up on long generations; their work is cancelled, not finished."""
+    from softprompt.models import load_model
+    from softprompt.serve import Engine, Registry
+
+    srv = world["server"]
+    model, tok = load_model(str(world["model"]))
+    eng = Engine(model, tok, max_batch_size=64, max_new_tokens_limit=400)
+    Registry(world["prompts"], eng).sync()
+    rng = random.Random(5)
+    with eng:  # the inputs with the longest generations
+        cands = [" ".join(rng.choice(TINY_WORDS) for _ in range(rng.randint(2, 8))) for _ in range(96)]
+        futs = [eng.submit_generate("qa", c, max_new_tokens=400, stop_at_newline=False) for c in cands]
+        lengths = sorted(((len(f.result(120).token_ids), c) for c, f in zip(cands, futs)), reverse=True)[:8]
+    assert lengths[-1][0] >= 60, lengths
+    long = [c for _, c in lengths]
+    uncancelled = lengths[0][0] * 0.01  # what the batch takes at 10 ms a token when nobody cancels it
+    before = {s: metric(srv, "softprompt_requests_total", kind="generate", status=s, task="qa") for s in ("ok", "cancelled")}
+    (world["markers"] / "slow").touch()
+
+    def give_up(text):
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(srv.url + "/v1/generate", json={"task": "qa", "input": text, "max_new_tokens": 400,
+                                                       "stop_at_newline": False}, timeout=0.15)
+
+    try:
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(8) as ex:
+            list(ex.map(give_up, long))
+        r = httpx.post(srv.url + "/v1/classify", json={"task": "sent", "inputs": ["next"]}, timeout=60)
+        waited = time.monotonic() - t0
+    finally:
+        (world["markers"] / "slow").unlink()
+    assert r.status_code == 200
+    assert waited < uncancelled, (waited, uncancelled)
+    deadline = time.monotonic() + 30
+    while metric(srv, "softprompt_requests_total", kind="generate", status="cancelled", task="qa") < before["cancelled"] + 8:
+        assert time.monotonic() < deadline, httpx.get(srv.url + "/metrics").text[-3000:]
+        time.sleep(0.1)
+    assert metric(srv, "softprompt_requests_total", kind="generate", status="ok", task="qa") == before["ok"]
+    print(f"8 clients gave up on {lengths[-1][0]}-{lengths[0][0]}-token generations; the next request was answered "
+          f"{waited:.2f}s after they came (uncancelled: >= {uncancelled:.2f}s)")
 
 
 # ----------------------------------------------------------------------------- kill -9

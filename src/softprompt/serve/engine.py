@@ -553,7 +553,15 @@ class Engine:
 
     def _make_item(self, op: str, spec: TaskSpec, value, extra_tokens: int = 0) -> _Item:
         fields = self._fields(spec, value)
-        return _Item(op, spec.name, fields, spec, self._suffixes(spec, fields, extra_tokens))
+        it = _Item(op, spec.name, fields, spec, self._suffixes(spec, fields, extra_tokens))
+        it.future.add_done_callback(self._count_cancelled)
+        return it
+
+    def _count_cancelled(self, fut: cf.Future) -> None:
+        """Queued work cancelled before it ran (running work is counted by ``_fail``)."""
+        if fut.cancelled():
+            it = fut._item  # type: ignore[attr-defined]
+            self.metrics.requests.inc(task=it.task, kind=it.op, status="cancelled")
 
     def submit_classify(
         self, task: str, inputs: Sequence[str | Mapping[str, str]], *, vote: str | None = None
