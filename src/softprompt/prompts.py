@@ -219,9 +219,8 @@ class SoftPrompt:
                 + ("needs a classification head (head.* tensors) but has none" if not head
                    else "must not carry head.* tensors")
             )
-        for name, t in (("prompt", tensor), ("prefix_kv", kv), *((f"head.{k}", v) for k, v in head.items())):
-            if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise PromptFileError(f"{path}: tensor {name!r} contains NaN or infinite values")
+        used = (("prompt", tensor), ("prefix_kv", kv), *((f"head.{k}", v) for k, v in head.items()))
+        bad = next((name for name, t in used if t is not None and _non_finite(t)), bad)
         if bad:
             raise PromptFileError(f"{path}: tensor {bad!r} contains NaN or infinite values")
         bm = meta.base_model
