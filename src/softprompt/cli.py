@@ -444,22 +444,40 @@ def serve_cmd(
     token: Optional[str] = typer.Option(None, help="Bearer token for admin endpoints (or SOFTPROMPT_SERVE_TOKEN)."),
     max_batch_size: int = typer.Option(32, help="Largest batch the dynamic batcher forms."),
     max_wait_ms: float = typer.Option(5.0, help="Longest a request waits for batch-mates."),
-    protect_reads: bool = typer.Option(False, help="Require the token for every endpoint but /healthz."),
+    protect_reads: bool = typer.Option(False, help="Require the token for every endpoint but /healthz (docs and schema too)."),
+    max_queue: int = typer.Option(1024, help="Rows (inputs x ensemble members) queued at most; beyond: 503 + Retry-After."),
+    max_inputs: int = typer.Option(64, help="Inputs per request at most; beyond: 422."),
+    max_input_tokens: int = typer.Option(512, help="Tokens per input after the template at most; beyond: 422."),
+    max_new_tokens: int = typer.Option(256, help="Largest max_new_tokens / max_tokens a request may ask for; beyond: 422."),
+    max_body_bytes: int = typer.Option(1 << 20, help="Largest JSON request body; beyond: 413."),
+    max_upload_bytes: int = typer.Option(8 << 20, help="Largest prompt upload (PUT /v1/tasks/NAME); beyond: 413."),
+    max_concurrent_uploads: int = typer.Option(2, help="Uploads received at once; beyond: 429 + Retry-After."),
+    max_concurrent_requests: int = typer.Option(256, help="Requests with a body in flight at once; beyond: 503 + Retry-After."),
     max_batch_tokens: int = typer.Option(8192, help="Tokens per forward pass (rows x (prompt + input [+ new tokens])); bounds scoring memory."),
-    max_input_tokens: int = typer.Option(512, help="Longest input (after the template) a request may send; longer ones get 422."),
     max_labels: int = typer.Option(100, help="Most labels a classification prompt may have; more is refused (422) at upload and load."),
     max_label_tokens: int = typer.Option(16, help="Most tokens per label word; longer words are refused at upload and load."),
     max_template_tokens: int = typer.Option(1024, help="Most tokens in a prompt's fixed prefix (template head); longer is refused."),
 ):
-    """Serve every prompt in a folder from ONE frozen model over HTTP (FastAPI; docs at /docs)."""
-    from .serve import serve
+    """Serve every prompt in a folder from ONE frozen model over HTTP (FastAPI; docs at /docs).
+
+    One server per prompts folder (it holds a lock on it); see README, "Limits and guarantees"."""
+    from .serve import TOKEN_ENV_VAR, FolderLock, FolderLockedError, serve
 
     if not prompts.is_dir():
         _fail(f"prompt folder {prompts} does not exist; create it and put <task>.safetensors files in it")
-    serve(model=model, prompts=prompts, host=host, port=port, token=token, max_batch_size=max_batch_size,
-          max_wait_ms=max_wait_ms, protect_reads=protect_reads, device=_device(), max_batch_tokens=max_batch_tokens,
-          max_input_tokens=max_input_tokens, max_labels=max_labels, max_label_tokens=max_label_tokens,
-          max_template_tokens=max_template_tokens)
+    if protect_reads and not (token or os.environ.get(TOKEN_ENV_VAR)):
+        _fail(f"--protect-reads needs a token: give --token or set ${TOKEN_ENV_VAR}")
+    try:
+        FolderLock(prompts).acquire().release()  # fail before loading the model
+        serve(model=model, prompts=prompts, host=host, port=port, token=token, max_batch_size=max_batch_size,
+              max_wait_ms=max_wait_ms, protect_reads=protect_reads, device=_device(), max_queue=max_queue,
+              max_inputs=max_inputs, max_input_tokens=max_input_tokens, max_new_tokens_limit=max_new_tokens,
+              max_body_bytes=max_body_bytes, max_upload_bytes=max_upload_bytes,
+              max_concurrent_uploads=max_concurrent_uploads, max_concurrent_requests=max_concurrent_requests,
+              max_batch_tokens=max_batch_tokens, max_labels=max_labels, max_label_tokens=max_label_tokens,
+              max_template_tokens=max_template_tokens)
+    except FolderLockedError as e:
+        _fail(e.message)
 
 
 # ----------------------------------------------------------------------------- models / tasks

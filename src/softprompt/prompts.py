@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .calibration import Calibration
+from .prompt_meta import parse_meta
 
 FORMAT_VERSION = 1
 #: Version written for artifacts with a classification head (encoder models).
@@ -202,14 +203,17 @@ class SoftPrompt:
                 kv = f.get_tensor("prefix_kv") if "prefix_kv" in f.keys() else None
                 head = {k[len("head."):]: f.get_tensor(k).to(torch.float32)
                         for k in f.keys() if k.startswith("head.")}
+                # every tensor in the file, used or not, must be finite (a NaN anywhere is a broken artifact)
+                bad = next((k for k in f.keys() if k not in ("prompt", "prefix_kv") and not k.startswith("head.")
+                            and _non_finite(f.get_tensor(k))), None)
         except PromptFileError:
             raise
         except Exception as e:
             raise PromptFileError(f"{path} is not a softprompt safetensors file ({e})") from e
         if "softprompt" not in header:
             raise PromptFileError(f"{path} has no softprompt metadata; was it written by softprompt?")
-        meta = json.loads(header["softprompt"])
-        version = meta.get("format_version")
+        meta = parse_meta(header["softprompt"], str(path))
+        version = meta.format_version
         if version not in READABLE_VERSIONS:
             raise PromptFileError(
                 f"{path} has format version {version}; this softprompt reads versions {READABLE_VERSIONS}"
@@ -220,23 +224,29 @@ class SoftPrompt:
                 + ("needs a classification head (head.* tensors) but has none" if not head
                    else "must not carry head.* tensors")
             )
+        used = (("prompt", tensor), ("prefix_kv", kv), *((f"head.{k}", v) for k, v in head.items()))
+        bad = next((name for name, t in used if t is not None and _non_finite(t)), bad)
+        if bad:
+            raise PromptFileError(f"{path}: tensor {bad!r} contains NaN or infinite values")
+        bm = meta.base_model
         prompt = cls(
             embeddings=tensor.to(torch.float32),
-            identity=ModelIdentity(**meta["base_model"]),
-            template=meta["template"],
-            verbalizer=meta.get("verbalizer"),
-            task=meta.get("task", ""),
-            kind=meta.get("kind", "classification"),
-            method=meta.get("method", "prompt_tuning"),
-            init=meta.get("init", ""),
-            training=meta.get("training", {}),
-            metrics=meta.get("metrics", {}),
+            identity=ModelIdentity(name=bm.name, hidden_size=bm.hidden_size, vocab_size=bm.vocab_size,
+                                   embedding_fingerprint=bm.embedding_fingerprint),
+            template=meta.template,
+            verbalizer=meta.verbalizer,
+            task=meta.task or "",
+            kind=meta.kind,
+            method=meta.method,
+            init=meta.init or "",
+            training=meta.training or {},
+            metrics=meta.metrics or {},
             kv=kv.to(torch.float32) if kv is not None else None,
             head=head or None,
-            pooling=(meta.get("head") or {}).get("pooling"),
+            pooling=meta.head.pooling if meta.head is not None else None,
         )
         try:
-            prompt.calibration = Calibration.from_dict(meta.get("calibration"))
+            prompt.calibration = Calibration.from_dict(meta.calibration.model_dump() if meta.calibration else None)
         except ValueError as e:
             raise PromptFileError(f"{path}: bad calibration in the metadata ({e})") from e
         if prompt.calibration.active and len(prompt.calibration.log_prior) != len(prompt.labels):
@@ -245,6 +255,10 @@ class SoftPrompt:
         if model is not None:
             prompt.identity.check(ModelIdentity.of(model), what=f"prompt {path}")
         return prompt
+
+
+def _non_finite(t: torch.Tensor) -> bool:
+    return t.is_floating_point() and not bool(torch.isfinite(t).all())
 
 
 def _json_default(obj):

@@ -15,7 +15,7 @@ from .engine import (
     ClassifyResult, Engine, GenerateResult, InvalidInputError, ModelMismatchError, OverloadedError,
     PromptRejectedError, ServeError, TaskSpec, UnknownTaskError,
 )
-from .registry import Registry, validate_task_name
+from .registry import FolderLock, FolderLockedError, Registry, validate_task_name
 
 TOKEN_ENV_VAR = "SOFTPROMPT_SERVE_TOKEN"
 
@@ -48,6 +48,9 @@ def serve(
     max_label_tokens: int = 16,
     max_template_tokens: int = 1024,
     max_upload_bytes: int = 8 << 20,
+    max_body_bytes: int = 1 << 20,
+    max_concurrent_uploads: int = 2,
+    max_concurrent_requests: int = 256,
     device: str | None = None,
     log_level: str = "info",
 ) -> None:
@@ -65,27 +68,37 @@ def serve(
     token = token or os.environ.get(TOKEN_ENV_VAR) or None
     if protect_reads and token is None:
         raise ValueError(f"protect_reads needs a token (--token or ${TOKEN_ENV_VAR})")
-    lm, tokenizer = load_model(model, device=device)
-    engine = Engine(
-        lm, tokenizer, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
-        max_input_tokens=max_input_tokens, max_new_tokens_limit=max_new_tokens_limit, base_name=model,
-        max_batch_tokens=max_batch_tokens, max_labels=max_labels, max_label_tokens=max_label_tokens,
-        max_template_tokens=max_template_tokens,
-    )
-    registry = Registry(prompts, engine, max_upload_bytes=max_upload_bytes)
-    report = registry.sync()
-    for name, err in report["errors"].items():
-        logger.warning("prompt %r not loaded: %s", name, err)
-    loaded = report["added"] + report["replaced"]
-    print(f"softprompt serve: {model} with {len(loaded)} task(s) from {registry.root}: {', '.join(sorted(loaded)) or '(none)'}"
-          + (f"; {len(report['errors'])} rejected" if report["errors"] else ""), flush=True)
-    app = create_app(engine, registry=registry, token=token, protect_reads=protect_reads,
-                     max_inputs=max_inputs, max_upload_bytes=max_upload_bytes)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    root = Path(prompts).expanduser()
+    lock = FolderLock(root).acquire()  # before the model loads: a second server fails fast
+    try:
+        lm, tokenizer = load_model(model, device=device)
+        engine = Engine(
+            lm, tokenizer, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
+            max_input_tokens=max_input_tokens, max_new_tokens_limit=max_new_tokens_limit, base_name=model,
+            max_batch_tokens=max_batch_tokens, max_labels=max_labels, max_label_tokens=max_label_tokens,
+            max_template_tokens=max_template_tokens,
+        )
+        registry = Registry(root, engine, max_upload_bytes=max_upload_bytes)
+        recovered = registry.recover()
+        if recovered["removed"] or recovered["restored"]:
+            print(f"softprompt serve: cleaned up after an interrupted run: {recovered}", flush=True)
+        report = registry.sync()
+        for name, err in report["errors"].items():
+            logger.warning("prompt %r not loaded: %s", name, err)
+        loaded = report["added"] + report["replaced"]
+        print(f"softprompt serve: {model} with {len(loaded)} task(s) from {registry.root}: "
+              f"{', '.join(sorted(loaded)) or '(none)'}"
+              + (f"; {len(report['errors'])} rejected" if report["errors"] else ""), flush=True)
+        app = create_app(engine, registry=registry, token=token, protect_reads=protect_reads,
+                         max_inputs=max_inputs, max_upload_bytes=max_upload_bytes, max_body_bytes=max_body_bytes,
+                         max_concurrent_uploads=max_concurrent_uploads, max_concurrent_requests=max_concurrent_requests)
+        uvicorn.run(app, host=host, port=port, log_level=log_level)
+    finally:
+        lock.release()
 
 
 __all__ = [
-    "ClassifyResult", "Engine", "GenerateResult", "InvalidInputError", "ModelMismatchError", "OverloadedError",
+    "ClassifyResult", "Engine", "FolderLock", "FolderLockedError", "GenerateResult", "InvalidInputError", "ModelMismatchError", "OverloadedError",
     "PromptRejectedError", "Registry", "ServeError", "TaskSpec", "UnknownTaskError", "create_app", "serve",
     "validate_task_name", "TOKEN_ENV_VAR",
 ]

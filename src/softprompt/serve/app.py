@@ -17,8 +17,11 @@ Endpoints (OpenAPI schema at ``/openapi.json``, interactive docs at ``/docs``):
 
 Admin endpoints need ``Authorization: Bearer <token>`` with the token given at start-up
 (without one they are disabled); ``protect_reads=True`` puts every other endpoint except
-``/healthz`` behind the same token.  Errors are JSON ``{"error": {"code", "message", "type"}}``
-with a 4xx status that says what is wrong; a full queue answers 503 with ``Retry-After``.
+``/healthz`` (the docs and schema included) behind the same token, checked before any body
+is read.  Errors are JSON ``{"error": {"code", "message", "type"}}`` with a 4xx status that
+says what is wrong; a full queue or too many requests in flight answer 503 (too many uploads
+429) with ``Retry-After``.  A client that disconnects has its work cancelled.  Every limit,
+its default and flag: docs/serving.md, "Limits and guarantees".
 """
 from __future__ import annotations
 
@@ -118,7 +121,8 @@ class CompletionRequest(BaseModel):
     stream: StrictBool = False
     stop: Union[Annotated[StrictStr, Field(min_length=1, max_length=64)],
                 Annotated[list[Annotated[StrictStr, Field(min_length=1, max_length=64)]], Field(max_length=4)], None] = None
-    logprobs: StrictInt | None = Field(None, ge=0, le=5)
+    logprobs: StrictInt | None = Field(None, ge=0, le=5, description=(
+        "classification tasks: the labels' log-probabilities are returned; generation tasks: not supported (422)"))
     echo: StrictBool = False
     user: StrictStr | None = None
 
@@ -174,64 +178,143 @@ def _validation_message(errors: list[dict]) -> tuple[str, str, list[dict]]:
 
 
 # ----------------------------------------------------------------------------- middleware
+def token_problem(authorization: str | None, token: str) -> str | None:
+    """Why an ``Authorization`` header does not carry ``token`` (None when it does)."""
+    header = authorization or ""
+    scheme, _, cred = header.partition(" ")
+    if not header or scheme.lower() != "bearer" or not cred.strip():
+        return "this endpoint needs 'Authorization: Bearer <token>'"
+    if not hmac.compare_digest(cred.strip().encode("utf-8", "surrogateescape"), token.encode()):
+        return "wrong token"
+    return None
+
+
+def is_admin_path(method: str, path: str) -> bool:
+    return (method in ("PUT", "DELETE") and path.startswith("/v1/tasks/")) or path.startswith("/v1/admin/")
+
+
+OPEN_PATHS = frozenset({"/healthz"})
+
+
 class _Guard:
-    """Pure ASGI middleware: bounds request bodies (read before the app sees them) and
-    records per-route HTTP metrics."""
+    """Pure ASGI middleware in front of every route: records per-route HTTP metrics and
+    refuses what must never cost memory, before one byte of a body is read:
 
-    def __init__(self, app, *, metrics, max_body: int, max_upload: int):
+    * a request that needs the token and lacks it (401; 403 when admin is disabled),
+    * a body over the limit by its Content-Length (413), an upload without one (411),
+    * an upload while ``max_uploads`` others are being received (429 + Retry-After),
+    * a body-carrying request while ``max_requests`` are in flight (503 + Retry-After).
+
+    Bodies are then read (bounded again while reading) and replayed to the app."""
+
+    def __init__(self, app, *, metrics, max_body: int, max_upload: int, token: str | None = None,
+                 protect_reads: bool = False, max_uploads: int = 2, max_requests: int = 256):
         self.app, self.metrics, self.max_body, self.max_upload = app, metrics, max_body, max_upload
+        self.token, self.protect_reads = token, protect_reads
+        self.max_uploads, self.max_requests = max_uploads, max_requests
+        self.uploads = self.requests = 0  # in flight (one event loop: plain counters are enough)
 
-    async def _reject(self, send, status: int, code: str, message: str) -> None:
-        resp = error_response(status, code, message)
+    async def _reject(self, send, status: int, code: str, message: str, headers: dict | None = None) -> None:
+        resp = error_response(status, code, message, headers=headers)
         await send({"type": "http.response.start", "status": status, "headers": resp.raw_headers})
         await send({"type": "http.response.body", "body": resp.body})
+
+    def _auth_error(self, scope, headers: dict) -> tuple[int, str, str] | None:
+        method, path = scope["method"], scope["path"]
+        if path in OPEN_PATHS:
+            return None
+        admin = is_admin_path(method, path)
+        if admin and self.token is None:
+            return 403, "admin_disabled", "admin endpoints are disabled: start the server with a token"
+        if self.token is None or not (admin or self.protect_reads):
+            return None
+        why = token_problem(headers.get(b"authorization", b"").decode("latin-1"), self.token)
+        return None if why is None else (401, "unauthorized", why)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
         status = [500]
+        counted: list[str] = []
+        finished = gone = False
 
         async def send_wrapper(msg):
+            nonlocal finished
             if msg["type"] == "http.response.start":
                 status[0] = msg["status"]
+            elif msg["type"] == "http.response.body" and not msg.get("more_body", False):
+                finished = True
             await send(msg)
 
+        async def watched_receive():
+            nonlocal gone
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                gone = True
+            return msg
+
         try:
+            headers = dict(scope.get("headers") or [])
+            problem = self._auth_error(scope, headers)
+            if problem is not None:
+                hdrs = {"WWW-Authenticate": "Bearer"} if problem[0] == 401 else None
+                return await self._reject(send_wrapper, *problem, headers=hdrs)
             is_upload = scope["method"] == "PUT" and scope["path"].startswith("/v1/tasks/")
             limit = self.max_upload if is_upload else self.max_body
-            headers = dict(scope.get("headers") or [])
             cl = headers.get(b"content-length")
+            code = "upload_too_large" if is_upload else "body_too_large"
             if cl is not None and (not cl.isdigit() or int(cl) > limit):
-                code = "upload_too_large" if is_upload else "body_too_large"
-                await self._reject(send_wrapper, 413, code, f"the request body exceeds the limit of {limit} bytes")
-                return
-            if scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
-                body = bytearray()
-                more = True
-                while more:
-                    msg = await receive()
-                    if msg["type"] == "http.disconnect":
-                        return
-                    body += msg.get("body", b"")
-                    if len(body) > limit:
-                        code = "upload_too_large" if is_upload else "body_too_large"
-                        await self._reject(send_wrapper, 413, code, f"the request body exceeds the limit of {limit} bytes")
-                        return
-                    more = msg.get("more_body", False)
-                replayed = False
-
-                async def replay():
-                    nonlocal replayed
-                    if not replayed:
-                        replayed = True
-                        return {"type": "http.request", "body": bytes(body), "more_body": False}
-                    return await receive()
-
-                await self.app(scope, replay, send_wrapper)
+                return await self._reject(send_wrapper, 413, code, f"the request body exceeds the limit of {limit} bytes")
+            if is_upload and cl is None:
+                return await self._reject(send_wrapper, 411, "length_required",
+                                          "an upload needs a Content-Length header (chunked uploads are not accepted)")
+            if scope["method"] not in ("POST", "PUT", "PATCH", "DELETE"):
+                return await self.app(scope, watched_receive, send_wrapper)
+            if is_upload:
+                if self.uploads >= self.max_uploads:
+                    self.metrics.rejected.inc(reason="uploads_busy")
+                    return await self._reject(
+                        send_wrapper, 429, "too_many_uploads",
+                        f"{self.uploads} uploads are being received (limit {self.max_uploads}); retry later",
+                        headers={"Retry-After": "1"})
+                self.uploads += 1
+                counted.append("uploads")
             else:
-                await self.app(scope, receive, send_wrapper)
+                if self.requests >= self.max_requests:
+                    self.metrics.rejected.inc(reason="requests_in_flight")
+                    return await self._reject(
+                        send_wrapper, 503, "overloaded",
+                        f"{self.requests} requests are in flight (limit {self.max_requests}); retry later",
+                        headers={"Retry-After": "1"})
+                self.requests += 1
+                counted.append("requests")
+            body = bytearray()
+            more = True
+            while more:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    status[0] = 499
+                    return
+                body += msg.get("body", b"")
+                if len(body) > limit:
+                    return await self._reject(send_wrapper, 413, code, f"the request body exceeds the limit of {limit} bytes")
+                more = msg.get("more_body", False)
+            replayed = False
+
+            async def replay():
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": bytes(body), "more_body": False}
+                return await watched_receive()
+
+            await self.app(scope, replay, send_wrapper)
         finally:
+            for name in counted:
+                setattr(self, name, getattr(self, name) - 1)
+            if gone and not finished:  # the client left before its answer was complete (a dropped stream too)
+                status[0] = 499
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
             self.metrics.http_requests.inc(route=path, method=scope.get("method", ""), status=str(status[0]))
@@ -260,14 +343,42 @@ def _sse(obj) -> bytes:
     return f"data: {json.dumps(obj) if not isinstance(obj, str) else obj}\n\n".encode()
 
 
-async def _gather(futures):
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready (its work has been cancelled)."""
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Return when the client disconnects (the body has been read already, so the next
+    ASGI message is the disconnect; servers send it when the connection closes)."""
+    while True:
+        msg = await request.receive()
+        if msg["type"] == "http.disconnect":
+            return
+
+
+async def _gather(futures, request: Request | None = None):
+    """Await the engine's futures; if the client disconnects first, cancel them all (queued
+    work is skipped, running generation stops) and raise :class:`ClientGone`."""
     wrapped = [asyncio.wrap_future(f) for f in futures]
+    work = asyncio.gather(*wrapped)
+    watcher = asyncio.ensure_future(_wait_disconnect(request)) if request is not None else None
     try:
-        return await asyncio.gather(*wrapped)
+        if watcher is None:
+            return await work
+        done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if work in done:
+            return work.result()
+        raise ClientGone()
     except BaseException:
+        for f in futures:
+            f.cancel()
         for w in wrapped:
             w.cancel()
+        work.cancel()
         raise
+    finally:
+        if watcher is not None:
+            watcher.cancel()
 
 
 # ----------------------------------------------------------------------------- app
@@ -280,10 +391,13 @@ def create_app(
     max_inputs: int = 64,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_upload_bytes: int | None = None,
+    max_concurrent_uploads: int = 2,
+    max_concurrent_requests: int = 256,
     manage_engine: bool = True,
 ) -> FastAPI:
     """Build the FastAPI app.  ``manage_engine``: start the engine with the app and stop it
-    (draining the queue) at shutdown."""
+    (draining the queue) at shutdown.  ``max_concurrent_uploads`` / ``max_concurrent_requests``
+    bound the bodies being received at once (beyond: 429 / 503 with Retry-After)."""
     max_upload = int(max_upload_bytes or (registry.max_upload_bytes if registry else DEFAULT_MAX_UPLOAD_BYTES))
     if registry is not None:
         registry.max_upload_bytes = max_upload
@@ -314,13 +428,10 @@ def create_app(
     app.state.registry = registry
 
     # ---------------------------------------------------------------- auth
-    def _check_token(request: Request) -> None:
-        header = request.headers.get("authorization", "")
-        scheme, _, cred = header.partition(" ")
-        if not header or scheme.lower() != "bearer" or not cred.strip():
-            raise AuthError("this endpoint needs 'Authorization: Bearer <token>'")
-        if not hmac.compare_digest(cred.strip().encode("utf-8", "surrogateescape"), token.encode()):  # type: ignore[union-attr]
-            raise AuthError("wrong token")
+    def _check_token(request: Request) -> None:  # the guard checked already; kept for apps mounted without it
+        why = token_problem(request.headers.get("authorization"), token)  # type: ignore[arg-type]
+        if why is not None:
+            raise AuthError(why)
 
     async def read_auth(request: Request) -> None:
         if token is not None and protect_reads:
@@ -344,6 +455,11 @@ def create_app(
             headers["WWW-Authenticate"] = "Bearer"
         extra = {k: v for k, v in exc.extra.items() if isinstance(v, (str, int, float))}
         return error_response(exc.status, exc.code, exc.message, headers=headers or None, **extra)
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, exc: ClientGone):
+        # nobody reads this; 499 (nginx's "client closed request") keeps the metrics honest
+        return error_response(499, "cancelled", "the client went away; its work was cancelled")
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
@@ -393,10 +509,10 @@ def create_app(
 
     @app.post("/v1/classify", tags=["inference"], dependencies=Read, response_model=ClassifyResponse,
               response_model_exclude_none=True)
-    async def classify(req: ClassifyRequest):
+    async def classify(req: ClassifyRequest, request: Request):
         _check_inputs(len(req.inputs))
         futures = engine.submit_classify(req.task, req.inputs, vote=req.vote)
-        results: list[ClassifyResult] = await _gather(futures)
+        results: list[ClassifyResult] = await _gather(futures, request)
         return ClassifyResponse(task=req.task, version=results[0].version, model=base,
                                 results=[_label_result(r) for r in results])
 
@@ -453,7 +569,7 @@ def create_app(
 
     @app.post("/v1/generate", tags=["inference"], dependencies=Read, response_model=GenerateResponse,
               response_model_exclude_none=True)
-    async def generate(req: GenerateRequest):
+    async def generate(req: GenerateRequest, request: Request):
         stops = tuple(req.stop or ())
         kw = dict(max_new_tokens=req.max_new_tokens, stop_at_newline=req.stop_at_newline, stop=stops)
 
@@ -470,7 +586,7 @@ def create_app(
                                       "members": r.members},
                 stops=stops,
             )
-        (res,) = await _gather([engine.submit_generate(req.task, req.input, **kw)])
+        (res,) = await _gather([engine.submit_generate(req.task, req.input, **kw)], request)
         return GenerateResponse(task=res.task, version=res.version, model=base, text=res.text,
                                 finish_reason=res.finish_reason, usage=Usage(**usage(res)), members=res.members)
 
@@ -490,7 +606,7 @@ def create_app(
         return task
 
     @app.post("/v1/completions", tags=["openai"], dependencies=Read)
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         task = _task_of_model(req.model)
         spec = engine.task(task)
         prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
@@ -508,7 +624,7 @@ def create_app(
             return out
 
         if spec.kind == "classification":
-            results: list[ClassifyResult] = await _gather(engine.submit_classify(task, prompts))
+            results: list[ClassifyResult] = await _gather(engine.submit_classify(task, prompts), request)
             choices = []
             for i, r in enumerate(results):
                 lp = {lab: (math.log(p) if p > 0 else -1e30) for lab, p in r.probabilities.items()}
@@ -525,8 +641,15 @@ def create_app(
                 return StreamingResponse(cls_events(), media_type="text/event-stream")
             return envelope(choices, {"prompt_tokens": 0, "completion_tokens": len(choices), "total_tokens": len(choices)})
 
+        if req.logprobs is not None:
+            raise InvalidInputError("logprobs is not supported for generation tasks (decoding is greedy); leave it out",
+                                    param="logprobs")
         stops = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-        kw = dict(max_new_tokens=min(req.max_tokens or 16, engine.max_new_tokens_limit), stop_at_newline=False, stop=stops)
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        if max_tokens > engine.max_new_tokens_limit:  # as /v1/generate: refused, never silently capped
+            raise InvalidInputError(f"max_tokens must be between 1 and {engine.max_new_tokens_limit}, got {max_tokens}",
+                                    param="max_tokens")
+        kw = dict(max_new_tokens=max_tokens, stop_at_newline=False, stop=stops)
         if req.stream:
             if len(prompts) != 1:
                 raise InvalidInputError("streaming needs a single prompt", param="prompt")
@@ -537,7 +660,7 @@ def create_app(
                 stops=stops, trailer="[DONE]",
             )
         futures = [engine.submit_generate(task, p, **kw) for p in prompts]
-        gens: list[GenerateResult] = await _gather(futures)
+        gens: list[GenerateResult] = await _gather(futures, request)
         choices = [{"text": g.text, "index": i, "logprobs": None, "finish_reason": g.finish_reason} for i, g in enumerate(gens)]
         pt = sum(g.prompt_tokens for g in gens)
         ct = sum(len(g.token_ids) for g in gens)
@@ -565,15 +688,16 @@ def create_app(
     async def delete_task(name: str):
         validate_task_name(name)
         if registry is not None:
-            spec = await asyncio.to_thread(registry.delete, name)
-        else:
-            engine.task(name)
-            spec = await asyncio.to_thread(engine.unregister, name)
-        return {"deleted": spec.name, "version": spec.version}
+            return await asyncio.to_thread(registry.delete, name)
+        engine.task(name)
+        spec = await asyncio.to_thread(engine.unregister, name)
+        return {"deleted": spec.name, "version": spec.version, "files": []}
 
     @app.post("/v1/admin/reload", tags=["admin"], dependencies=Admin)
     async def reload_prompts():
         return await asyncio.to_thread(_need_registry().sync)
 
-    app.add_middleware(_Guard, metrics=metrics, max_body=int(max_body_bytes), max_upload=max_upload)
+    app.add_middleware(_Guard, metrics=metrics, max_body=int(max_body_bytes), max_upload=max_upload, token=token,
+                       protect_reads=protect_reads, max_uploads=int(max_concurrent_uploads),
+                       max_requests=int(max_concurrent_requests))
     return app

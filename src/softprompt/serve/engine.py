@@ -133,6 +133,12 @@ class OverloadedError(ServeError):
         self.retry_after = retry_after
 
 
+class CancelledByClientError(ServeError):
+    """The client went away (or cancelled the future); its work was dropped."""
+
+    status, code = 499, "cancelled"
+
+
 class ShuttingDownError(ServeError):
     status, code = 503, "shutting_down"
 
@@ -208,6 +214,21 @@ class GenerateResult:
 
 
 # ----------------------------------------------------------------------------- items
+class _ItemFuture(cf.Future):
+    """A future whose ``cancel()`` also stops work that is already running: a queued item
+    is skipped when a batch is formed (plain future cancellation), a running one is marked
+    abandoned and its generation rows leave the decode loop at the next step.  asyncio's
+    ``wrap_future`` calls ``cancel()`` here when the awaiting task is cancelled."""
+
+    def __init__(self, item: "_Item"):
+        super().__init__()
+        self._item = item
+
+    def cancel(self) -> bool:
+        self._item.abandoned = True
+        return super().cancel()
+
+
 class _Item:
     """One example waiting for (or being run in) a batch: one row per ensemble member."""
 
@@ -223,7 +244,7 @@ class _Item:
         self.spec = spec
         self.suffixes = suffixes
         self.rows = len(suffixes)
-        self.future: cf.Future = cf.Future()
+        self.future: cf.Future = _ItemFuture(self)
         self.t_submit = time.perf_counter()
         self.vote: str | None = None
         self.max_new_tokens = 0
@@ -598,7 +619,15 @@ class Engine:
 
     def _make_item(self, op: str, spec: TaskSpec, value, extra_tokens: int = 0) -> _Item:
         fields = self._fields(spec, value)
-        return _Item(op, spec.name, fields, spec, self._suffixes(spec, fields, extra_tokens))
+        it = _Item(op, spec.name, fields, spec, self._suffixes(spec, fields, extra_tokens))
+        it.future.add_done_callback(self._count_cancelled)
+        return it
+
+    def _count_cancelled(self, fut: cf.Future) -> None:
+        """Queued work cancelled before it ran (running work is counted by ``_fail``)."""
+        if fut.cancelled():
+            it = fut._item  # type: ignore[attr-defined]
+            self.metrics.requests.inc(task=it.task, kind=it.op, status="cancelled")
 
     def submit_classify(
         self, task: str, inputs: Sequence[str | Mapping[str, str]], *, vote: str | None = None
@@ -779,6 +808,9 @@ class Engine:
     def _finish(self, it: _Item, result: Any) -> None:
         if it.future.done():
             return
+        if it.abandoned:  # nobody is waiting: not an answer ("ok"), a cancellation
+            self._fail(it, CancelledByClientError("the client went away"))
+            return
         self.metrics.requests.inc(task=it.task, kind=it.op, status="ok")
         self.metrics.latency.observe(time.perf_counter() - it.t_submit)
         it.future.set_result(result)
@@ -824,6 +856,9 @@ class Engine:
         live: list[_Item] = []
         for it in items:
             if it.future.done():
+                continue
+            if it.abandoned:
+                self._fail(it, CancelledByClientError("the client went away"))
                 continue
             spec = self._specs.get(it.task)
             if spec is None:

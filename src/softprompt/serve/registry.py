@@ -17,11 +17,27 @@ Uploads (:meth:`Registry.put`) are checked completely before anything changes: t
 the size, the safetensors framing, the artifact's metadata and its base-model identity,
 and finally the engine's own checks.  Only then is the file moved into place with an
 atomic ``os.replace``, so a rejected upload leaves both the folder and the serving task
-table as they were.  Deletions rename the files aside first and only remove them once the
-engine has dropped the task.
+table as they were.
+
+Crash safety (``kill -9`` at any point leaves a folder that :meth:`Registry.recover`, run at
+start-up, makes consistent again):
+
+* an upload is written to ``.upload-<name>.*.tmp`` and fsynced; its commit point is the
+  ``os.replace`` onto ``<name>.safetensors``.  Other definitions of the same name (an
+  ensemble folder, a manifest) are first renamed to ``.replaced-<id>-<file>``; recovery
+  deletes those when the new file is in place and renames them back when it is not, and
+  always deletes ``.upload-*.tmp``.
+* a delete first waits for the engine to drop the task, then renames its files to
+  ``.trash-<id>-<file>`` and fsyncs the folder (the commit point), then removes them.
+  Killed before the commit, the task is still there after a restart (the client had no
+  answer); killed after it, recovery finishes the delete.
+* one server per folder: :class:`FolderLock` takes an exclusive ``fcntl`` lock on
+  ``.softprompt-serve.lock``, so a second server on the same folder refuses to start
+  instead of silently disagreeing with the first about what is served.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -42,7 +58,23 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_UPLOAD_BYTES = 8 << 20
 MAX_MEMBERS = 32
 TASK_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
-TASK_NAME_RULE = "1-64 characters: letters, digits, '_', '-' and '.', starting with a letter or digit, no '..'"
+#: a task is stored as <name>.safetensors, <name>/ or <name>.json, so a name with one of these
+#: suffixes would address another task's files (``demo.safetensors`` is task ``demo``'s file)
+RESERVED_SUFFIXES = (".safetensors", ".json")
+TASK_NAME_RULE = ("1-64 characters: letters, digits, '_', '-' and '.', starting with a letter or digit, no '..', "
+                  "not ending in '.safetensors' or '.json'")
+
+
+LOCK_NAME = ".softprompt-serve.lock"
+_ASIDE_RE = re.compile(r"\.(trash|replaced)-[0-9a-f]{32}-(.+)")
+
+
+class FolderLockedError(ServeError):
+    status, code = 409, "folder_locked"
+
+
+class TaskInUseError(ServeError):
+    status, code = 409, "task_in_use"
 
 
 class InvalidTaskNameError(ServeError):
@@ -59,7 +91,8 @@ class NotSafetensorsError(ServeError):
 
 def validate_task_name(name: Any) -> str:
     """Return ``name`` if it is a safe task name (usable as a file name), else raise."""
-    if not isinstance(name, str) or not TASK_NAME_RE.fullmatch(name) or ".." in name:
+    if (not isinstance(name, str) or not TASK_NAME_RE.fullmatch(name) or ".." in name
+            or name.lower().endswith(RESERVED_SUFFIXES)):
         shown = name if isinstance(name, str) and len(name) <= 80 else f"{str(name)[:80]}..."
         raise InvalidTaskNameError(f"invalid task name {shown!r}: use {TASK_NAME_RULE}")
     return name
@@ -73,6 +106,46 @@ def check_safetensors_bytes(data: bytes) -> None:
     if n < 2 or 8 + n > len(data) or data[8:9] != b"{":
         raise NotSafetensorsError(
             "the upload is not a safetensors file (bad header); only .safetensors prompt artifacts are accepted")
+
+
+class FolderLock:
+    """An exclusive ``fcntl`` lock on ``<folder>/.softprompt-serve.lock`` (released by
+    :meth:`release` or when the process dies, even by ``kill -9``): one server per folder."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser()
+        self._fd: int | None = None
+
+    def acquire(self) -> "FolderLock":
+        """Raise :class:`FolderLockedError` (naming the holder's pid) if another process holds it."""
+        if self._fd is not None:
+            return self
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise FolderLockedError(
+                f"the prompts folder {self.root} is already served by another softprompt server (pid {holder}); "
+                "one server per folder: stop it, or give this one its own --prompts folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 @dataclass(frozen=True)
@@ -226,15 +299,56 @@ class Registry:
                     report["removed"].append(name)
             return report
 
+    # ------------------------------------------------------------------ one writer, crash recovery
+    def recover(self) -> dict[str, list[str]]:
+        """Finish or undo what a crash interrupted (see the module docstring); returns the
+        names removed and restored.  Only safe while no other server writes to the folder
+        (hold its :class:`FolderLock`)."""
+        report: dict[str, list[str]] = {"removed": [], "restored": []}
+        with self._lock:
+            for entry in sorted(self.root.iterdir()):
+                name = entry.name
+                m = _ASIDE_RE.fullmatch(name)
+                if name.startswith(".upload-") and name.endswith(".tmp") or (m and m.group(1) == "trash"):
+                    _remove(entry)
+                    report["removed"].append(name)
+                elif m:  # set aside by an upload: back if the upload never landed, else gone
+                    orig = m.group(2)
+                    task = orig[: -len(".json")] if orig.endswith(".json") else orig
+                    target = self.root / orig
+                    if not (self.root / f"{task}.safetensors").exists() and not (target.exists() or target.is_symlink()):
+                        os.replace(entry, target)
+                        report["restored"].append(orig)
+                    else:
+                        _remove(entry)
+                        report["removed"].append(name)
+            if report["removed"] or report["restored"]:
+                _fsync_dir(self.root)
+                logger.warning("recovered the prompts folder after a crash: %s", report)
+        return report
+
     # ------------------------------------------------------------------ admin
     def _definitions(self, name: str) -> list[Path]:
         return [p for p in (self.root / f"{name}.safetensors", self.root / name, self.root / f"{name}.json")
                 if p.exists() or p.is_symlink()]
 
-    def _trash(self, paths: list[Path]) -> list[tuple[Path, Path]]:
-        moved = []
+    def _check_unused(self, name: str, paths: list[Path], doing: str) -> None:
+        """Refuse to remove files that another served task (a manifest) uses."""
+        gone = [p.resolve() for p in paths]
+        for other, src in self._loaded.items():
+            if other == name:
+                continue
+            for f in src.files:
+                f = f.resolve()
+                for p in gone:
+                    if f == p or f.is_relative_to(p):
+                        raise TaskInUseError(
+                            f"cannot {doing} task {name!r}: {p.name} is a member of task {other!r} "
+                            f"({src.origin.relative_to(self.root)}); delete {other!r} first", task=name, used_by=other)
+
+    def _aside(self, paths: list[Path], kind: str, moved: list[tuple[Path, Path]]) -> list[tuple[Path, Path]]:
         for p in paths:
-            t = self.root / f".trash-{uuid.uuid4().hex}-{p.name}"
+            t = self.root / f".{kind}-{uuid.uuid4().hex}-{p.name}"
             os.replace(p, t)
             moved.append((p, t))
         return moved
@@ -242,10 +356,7 @@ class Registry:
     @staticmethod
     def _empty_trash(moved: list[tuple[Path, Path]]) -> None:
         for _, t in moved:
-            if t.is_dir() and not t.is_symlink():
-                shutil.rmtree(t, ignore_errors=True)
-            else:
-                t.unlink(missing_ok=True)
+            _remove(t)
 
     def put(self, name: str, data: bytes) -> tuple[TaskSpec, bool]:
         """Validate an uploaded single-prompt artifact, serve it as task ``name`` and store
@@ -257,6 +368,8 @@ class Registry:
         check_safetensors_bytes(data)
         final = self.root / f"{name}.safetensors"
         with self._lock:
+            others = [p for p in self._definitions(name) if p != final]
+            self._check_unused(name, others, "replace")
             fd, tmp_name = tempfile.mkstemp(prefix=f".upload-{name}.", suffix=".tmp", dir=self.root)
             tmp = Path(tmp_name)
             try:
@@ -270,12 +383,14 @@ class Registry:
                     raise PromptRejectedError(f"not a usable prompt artifact: {str(e).replace(str(tmp), 'the upload')}") from None
                 old_spec = self.engine.tasks().get(name)
                 spec = self.engine.register(name, [prompt], source=str(final))  # raises if rejected
-                others = [p for p in self._definitions(name) if p != final]
+                moved: list[tuple[Path, Path]] = []
                 try:
-                    moved = self._trash(others)
-                    os.replace(tmp, final)
+                    self._aside(others, "replaced", moved)
+                    os.replace(tmp, final)  # the commit point
                     _fsync_dir(self.root)
                 except OSError:
+                    for p, t in moved:
+                        os.replace(t, p)
                     if old_spec is not None:
                         self.engine.register(name, list(old_spec.prompts), member_names=old_spec.member_names,
                                              vote=old_spec.vote, source=old_spec.source)
@@ -288,27 +403,41 @@ class Registry:
             finally:
                 tmp.unlink(missing_ok=True)
 
-    def delete(self, name: str) -> TaskSpec:
-        """Stop serving task ``name`` and remove its files from the folder."""
+    def delete(self, name: str) -> dict[str, Any]:
+        """Stop serving task ``name``, then remove its files; returns what was done
+        (``{"deleted", "version", "files"}``).  Refused (409) while a manifest uses them."""
         validate_task_name(name)
         with self._lock:
             if name not in self.engine.tasks():
                 raise UnknownTaskError(f"unknown task {name!r}", task=name)
-            moved = self._trash(self._definitions(name))
+            paths = self._definitions(name)
+            self._check_unused(name, paths, "delete")
+            spec = self.engine.unregister(name)  # waits for the batch in flight; files untouched so far
+            moved: list[tuple[Path, Path]] = []
             try:
-                spec = self.engine.unregister(name)
-            except BaseException:
+                self._aside(paths, "trash", moved)
+                _fsync_dir(self.root)  # the commit point: recovery finishes the delete from here
+            except OSError:
                 for p, t in moved:
                     os.replace(t, p)
+                self.engine.register(name, list(spec.prompts), member_names=spec.member_names, vote=spec.vote,
+                                     source=spec.source)
                 raise
             self._empty_trash(moved)
             _fsync_dir(self.root)
             self._loaded.pop(name, None)
-            return spec
+            return {"deleted": name, "version": spec.version, "files": sorted(p.name for p in paths)}
 
     def listing(self) -> list[str]:
         """Names of the files in the folder (for tests and diagnostics)."""
         return sorted(p.name for p in self.root.iterdir())
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,0 +1,110 @@
+"""The schema of a prompt artifact's metadata (the JSON under ``"softprompt"`` in the
+safetensors header), checked before any of it is used.
+
+An artifact can come from anywhere (an upload to the server, a file someone hands you), so
+its header is untrusted input: a wrong type must be a clear :class:`PromptFileError`, not an
+``AttributeError`` deep inside loading (which a server answers with 500).  One schema serves
+every reader (``SoftPrompt.load``, hence ``PromptBank``, the CLI and the server).  Unknown keys
+are kept and ignored, so newer writers stay readable.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+
+#: the longest metadata JSON accepted (bytes); real headers are a few KB
+MAX_META_CHARS = 4 << 20
+#: nesting depth accepted in the metadata JSON (real headers nest 3-4 levels)
+MAX_META_DEPTH = 64
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class BaseModelMeta(_Lenient):
+    name: StrictStr
+    hidden_size: StrictInt = Field(ge=1)
+    vocab_size: StrictInt = Field(ge=1)
+    embedding_fingerprint: StrictStr
+
+
+class HeadMeta(_Lenient):
+    pooling: StrictStr | None = None
+    tensors: list[StrictStr] = []
+
+
+class CalibrationMeta(_Lenient):
+    """``calibration.Calibration.to_dict()``."""
+
+    method: StrictStr = "none"
+    log_prior: list[float] | None = None
+
+
+class PromptMeta(_Lenient):
+    """What ``SoftPrompt.load`` reads; every other key is allowed and ignored."""
+
+    format_version: StrictInt
+    base_model: BaseModelMeta
+    template: StrictStr
+    verbalizer: dict[StrictStr, StrictStr] | None = None
+    task: StrictStr | None = ""
+    kind: StrictStr = "classification"
+    method: StrictStr = "prompt_tuning"
+    init: StrictStr | None = ""
+    training: dict[str, Any] | None = None
+    metrics: dict[str, Any] | None = None
+    head: HeadMeta | None = None
+    calibration: CalibrationMeta | None = None  # absent = none
+
+
+def _depth(text: str) -> int:
+    """Deepest bracket nesting outside strings (checked before ``json.loads``, which would
+    recurse once per level and raise RecursionError on a 100k-deep document)."""
+    depth = best = 0
+    in_str = esc = False
+    for ch in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            if depth > best:
+                best = depth
+                if best > MAX_META_DEPTH:
+                    return best
+        elif ch in "]}":
+            depth -= 1
+    return best
+
+
+def parse_meta(text: Any, where: str) -> PromptMeta:
+    """Parse and validate the metadata JSON of the artifact at ``where``."""
+    from .prompts import PromptFileError
+
+    if not isinstance(text, str):
+        raise PromptFileError(f"{where}: the softprompt metadata must be a JSON string")
+    if len(text) > MAX_META_CHARS:
+        raise PromptFileError(f"{where}: the softprompt metadata is {len(text)} characters; the limit is {MAX_META_CHARS}")
+    if _depth(text) > MAX_META_DEPTH:
+        raise PromptFileError(f"{where}: the softprompt metadata nests deeper than {MAX_META_DEPTH} levels")
+    try:
+        raw = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise PromptFileError(f"{where}: the softprompt metadata is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise PromptFileError(f"{where}: the softprompt metadata must be a JSON object, got {type(raw).__name__}")
+    try:
+        return PromptMeta.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'metadata'}: {err['msg']}" for err in e.errors()[:5])
+        raise PromptFileError(f"{where}: invalid softprompt metadata ({problems})") from None
