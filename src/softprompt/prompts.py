@@ -29,6 +29,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .calibration import Calibration
+
 FORMAT_VERSION = 1
 #: Version written for artifacts with a classification head (encoder models).
 HEAD_FORMAT_VERSION = 2
@@ -113,6 +115,8 @@ class SoftPrompt:
     # applied to the pooled last hidden state ("mean" or "cls" pooling)
     head: dict[str, torch.Tensor] | None = None
     pooling: str | None = None
+    # rank-classification calibration (per-label log-prior); saved only when not "none"
+    calibration: Calibration = field(default_factory=Calibration)
 
     @property
     def n_tokens(self) -> int:
@@ -158,6 +162,8 @@ class SoftPrompt:
         }
         if self.head is not None:  # only then: files without a head stay byte-for-byte as before
             meta["head"] = {"pooling": self.pooling, "tensors": sorted(self.head)}
+        if self.calibration is not None and self.calibration.active:  # absent = "none", as in older files
+            meta["calibration"] = self.calibration.to_dict()
         return meta
 
     def save(self, path: str | os.PathLike) -> int:
@@ -229,6 +235,10 @@ class SoftPrompt:
             head=head or None,
             pooling=(meta.get("head") or {}).get("pooling"),
         )
+        try:
+            prompt.calibration = Calibration.from_dict(meta.get("calibration"))
+        except ValueError as e:
+            raise PromptFileError(f"{path}: bad calibration in the metadata ({e})") from e
         if model is not None:
             prompt.identity.check(ModelIdentity.of(model), what=f"prompt {path}")
         return prompt

@@ -34,8 +34,10 @@ class Classification:
     labels: list[str]
     predictions: list[str]
     probabilities: torch.Tensor  # [N, n_labels], softmax over the label scores
-    scores: torch.Tensor  # [N, n_labels], summed label log-probs
+    scores: torch.Tensor  # [N, n_labels], summed label log-probs (minus the calibration's log-prior, if any)
     metrics: dict = field(default_factory=dict)
+    raw_scores: torch.Tensor | None = None  # [N, n_labels], the uncalibrated scores
+    calibration: str = "none"
 
 
 def _entries_for(bank: PromptBank, entry: int | str | list[int], n: int) -> list[int]:
@@ -56,8 +58,27 @@ def classify(
     *,
     batch_size: int = 32,
     progress: bool | str = False,
+    calibration=None,
 ) -> Classification:
-    """Label each example with its entry's verbalizer; metrics are filled when examples carry labels."""
+    """Label each example with its entry's verbalizer; metrics are filled when examples carry labels.
+
+    ``calibration`` (a ``calibration.Calibration``) is subtracted from the label scores before
+    the argmax and the softmax; the uncalibrated scores stay on the result as ``raw_scores``."""
+    result = _classify_raw(bank, entry, examples, batch_size=batch_size, progress=progress)
+    result.raw_scores = result.scores
+    if calibration is None or not calibration.active:
+        return result
+    scores = calibration.apply(result.scores)
+    result.scores, result.probabilities = scores, scores.softmax(-1)
+    result.predictions = [result.labels[j] for j in scores.argmax(-1).tolist()]
+    result.calibration = calibration.method
+    gold = [ex.label for ex in examples]
+    if all(g is not None for g in gold):
+        result.metrics = classification_metrics(gold, result.predictions, result.labels)
+    return result
+
+
+def _classify_raw(bank: PromptBank, entry, examples, *, batch_size: int, progress: bool | str) -> Classification:
     if getattr(bank, "is_encoder", False):  # encoder models read classes with a head, not a verbalizer
         from .encoder import classify as classify_encoder
 

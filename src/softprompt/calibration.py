@@ -1,0 +1,148 @@
+"""Calibration of rank classification: a per-label log-prior subtracted from label log-probs.
+
+Uncalibrated rank classification on a small model often predicts one class for nearly every
+input (the label words differ in prior probability). Each method here estimates that prior
+``p(y)`` once, *without reading any label*, and a prediction becomes
+``argmax_y log p(y|x) - log p(y)``; the calibrated probabilities are ``p(y|x) / p(y)``
+renormalised over the labels:
+
+* ``contextual`` (Zhao et al. 2021): the mean label distribution of the template filled with
+  each content-free string (:data:`CONTENT_FREE`, in every input field);
+* ``batch`` (Zhou et al. 2023): the mean label distribution over unlabelled inputs (e.g. the
+  very inputs being classified);
+* ``pmi`` (domain-conditional PMI, Holtzman et al. 2021): the label distribution after the
+  template's *domain premise*: its example-independent head (BOS, soft tokens, instruction)
+  followed by the text after its last input field (the answer cue, e.g. ``"\\nSentiment:"``),
+  i.e. the template with the input removed.
+
+Label distributions are softmaxes over the entry's label scores, so multi-token label words are
+handled as in ``scoring.classify``. A calibration is plain data (``to_dict``) stored in a
+prompt artifact's metadata and applied by ``scoring.classify`` and the server alike.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+CALIBRATIONS = ("none", "contextual", "batch", "pmi")
+#: Content-free inputs for contextual calibration (Zhao et al. 2021).
+CONTENT_FREE = ("N/A", "", "[MASK]")
+
+
+@dataclass
+class Calibration:
+    """``method`` and the per-label log-prior (entry's label order) it estimated."""
+
+    method: str = "none"
+    log_prior: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in CALIBRATIONS:
+            raise ValueError(f"unknown calibration {self.method!r}; choose one of {', '.join(CALIBRATIONS)}")
+        if self.method != "none" and self.log_prior is None:
+            raise ValueError(f"calibration {self.method!r} needs a log_prior (fit it with fit_calibration)")
+        if self.log_prior is not None:
+            self.log_prior = [float(v) for v in self.log_prior]
+            if not all(math.isfinite(v) for v in self.log_prior):
+                raise ValueError(f"calibration {self.method!r}: log_prior has non-finite values {self.log_prior}")
+
+    @property
+    def active(self) -> bool:
+        return self.method != "none" and self.log_prior is not None
+
+    def apply(self, scores: torch.Tensor) -> torch.Tensor:
+        """[N, L] (or [L]) label log-probs -> calibrated scores; ``none`` returns ``scores`` itself."""
+        if not self.active:
+            return scores
+        prior = torch.tensor(self.log_prior, dtype=scores.dtype, device=scores.device)
+        if scores.shape[-1] != prior.shape[0]:
+            raise ValueError(f"calibration has {prior.shape[0]} labels but the scores have {scores.shape[-1]}")
+        return scores - prior
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "log_prior": self.log_prior}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "Calibration":
+        """Inverse of :meth:`to_dict`; ``None`` (an artifact saved before calibrations) is ``none``."""
+        if not d:
+            return cls()
+        if not isinstance(d, dict):
+            raise ValueError(f"a calibration must be a mapping with 'method' and 'log_prior', got {type(d).__name__}")
+        return cls(method=d.get("method", "none"), log_prior=d.get("log_prior"))
+
+
+def log_prior_from_scores(scores: torch.Tensor) -> list[float]:
+    """log of the mean label distribution of the rows of ``scores`` [N, L] (label log-probs)."""
+    if scores.ndim != 2 or scores.shape[0] == 0:
+        raise ValueError("a calibration needs at least one row of label scores")
+    return scores.float().softmax(-1).mean(0).log().tolist()
+
+
+def premise_suffix_ids(template, tokenizer) -> list[int]:
+    """Ids of what follows a template's last input field (text and soft slots, soft tokens as
+    negative ids numbered as in the full template): the domain premise's per-example part,
+    scored on top of the entry's cached head. Falls back to the template with its fields
+    rendered empty when nothing follows the last field."""
+    from .templates import _encode, soft_id
+
+    segs = template.segments
+    last = max((i for i, s in enumerate(segs) if s.kind == "field"), default=None)
+    if last is None:
+        raise ValueError(f"template {template.text!r} has no input field")
+    soft_k = sum(s.value for s in segs[:last] if s.kind == "soft")
+    ids: list[int] = []
+    for seg in segs[last + 1:]:
+        if seg.kind == "soft":
+            ids.extend(soft_id(soft_k + j) for j in range(seg.value))
+            soft_k += seg.value
+        else:
+            ids.extend(_encode(tokenizer, seg.value))
+    if not ids:
+        ids = template.suffix_ids(tokenizer, {f: "" for f in template.fields})
+    if not ids:
+        raise ValueError(f"template {template.text!r}: nothing to score without the input (no domain premise)")
+    return ids
+
+
+def _entry_index(bank, entry) -> int:
+    return bank.index(entry) if isinstance(entry, str) else int(entry)
+
+
+@torch.no_grad()
+def fit_calibration(bank, entry, method: str, *, inputs=None, batch_size: int = 32) -> "Calibration":
+    """Estimate ``method``'s log-prior for bank entry ``entry`` (name or index). Labels are never read.
+
+    contextual: mean label probs of the template filled with each :data:`CONTENT_FREE` string;
+    batch: mean label probs over ``inputs`` (examples or field dicts; their labels are ignored);
+    pmi (domain-conditional PMI, Holtzman et al. 2021): label probs after the template's domain
+    premise, the template with the input removed (:func:`premise_suffix_ids`)."""
+    from .scoring import classify
+    from .tasks import Example
+
+    if method not in CALIBRATIONS:
+        raise ValueError(f"unknown calibration {method!r}; choose one of {', '.join(CALIBRATIONS)}")
+    if method == "none":
+        return Calibration()
+    e = _entry_index(bank, entry)
+    if method == "batch":
+        if not inputs:
+            raise ValueError("batch calibration needs unlabelled inputs (e.g. the inputs to classify)")
+        unlabelled = [Example(fields=dict(x.fields if isinstance(x, Example) else x)) for x in inputs]
+        raw = classify(bank, e, unlabelled, batch_size=batch_size).scores
+        return Calibration("batch", log_prior_from_scores(raw))
+    if getattr(bank, "is_encoder", False):
+        raise ValueError(f"{method} calibration needs a language-model verbalizer; encoder heads support batch only")
+    template = bank.entries[e].template
+    if method == "contextual":
+        fields = template.fields
+        raw = classify(bank, e, [Example(fields={f: cf for f in fields}) for cf in CONTENT_FREE],
+                       batch_size=batch_size).scores
+        return Calibration("contextual", log_prior_from_scores(raw))
+    from .scoring import _label_scores
+
+    suffix = premise_suffix_ids(template, bank.tokenizer)
+    raw = _label_scores(bank, torch.tensor([e]), [suffix])[0].float().cpu()[None]
+    return Calibration("pmi", log_prior_from_scores(raw))
