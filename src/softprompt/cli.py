@@ -23,6 +23,7 @@ from rich.table import Table
 app = typer.Typer(
     help="Train, evaluate and serve soft prompts for frozen language models.",
     no_args_is_help=True,
+    context_settings={"max_content_width": 160},  # option lists ("zero_shot,few_shot,...") are not cut at 80 columns
     add_completion=False,
     pretty_exceptions_enable=False,
 )
@@ -61,8 +62,10 @@ def _load_task_data(
     task: Optional[str], train_file: Optional[Path], test_file: Optional[Path], valid_file: Optional[Path],
     field: list[str] | None, label_column: Optional[str], target_column: Optional[str],
     template: Optional[str], verbalizer: list[str] | None, instruction: Optional[str], limit: Optional[int],
+    encoding: str = "utf-8", name: Optional[str] = None,
 ):
-    """A TaskData from a built-in name or from user files (with template and verbalizer)."""
+    """A TaskData from a built-in name or from user files (with template and verbalizer).  User
+    files are named ``name``, else after the files (``sms_train.csv`` + ``sms_test.csv`` -> ``sms``)."""
     from .tasks import DataError, DataNotFoundError, Task, TaskData, load_examples, load_task
 
     try:
@@ -84,18 +87,48 @@ def _load_task_data(
         kind = "generation" if target_column else "classification"
         if kind == "classification" and not verb:
             _fail("classification needs --verbalizer LABEL=WORD for every label (e.g. --verbalizer positive=great)")
-        t = Task(name=(train_file or test_file).stem, kind=kind, template=template, verbalizer=verb or None,
-                 instruction=instruction or "")
+        t = Task(name=name or _files_name(train_file, test_file, valid_file), kind=kind, template=template,
+                 verbalizer=verb or None, instruction=instruction or "")
         splits = {}
         for name, path in (("train", train_file), ("validation", valid_file), ("test", test_file)):
             if path:
                 exs = load_examples(path, fields=fields, label_column=label_column or ("label" if kind == "classification" else None),
-                                    target_column=target_column, limit=limit)
+                                    target_column=target_column, limit=limit, encoding=encoding)
                 t.check(exs, source=str(path))
                 splits[name] = exs
         return TaskData(task=t, splits=splits)
     except (DataError, DataNotFoundError, FileNotFoundError, ValueError, KeyError) as e:
         _fail(str(e))
+
+
+def _files_name(*paths: Optional[Path]) -> str:
+    """A task name for user files: their stems' common part without train/test/valid words
+    (``sms_train``, ``sms_test`` -> ``sms``), else the first stem."""
+    import re
+
+    files = [p for p in paths if p]
+    cleaned = [re.sub(r"(?i)[-_. ]?(train(ing)?|test(ing)?|valid(ation)?|dev|eval)$", "", p.stem) for p in files]
+    if not all(cleaned):  # train.csv, test.csv: the folder says what they are
+        return files[0].resolve().parent.name or files[0].stem
+    prefix = os.path.commonprefix(cleaned).rstrip("-_. ")
+    return prefix if len(prefix) >= 2 else cleaned[0]
+
+
+def default_instruction(task) -> str:
+    """An instruction built from the label words, for user files given without --instruction."""
+    words = [w.strip() for w in (task.verbalizer or {}).values()]
+    if len(words) < 2:
+        return ""
+    listed = ", ".join(words[:-1]) + f" or {words[-1]}"
+    field = task.input_fields[0] if len(task.input_fields) == 1 else "input"
+    return f"Classify the {field}. Answer {listed}."
+
+
+def _set_threads(threads: Optional[int]) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _device(device: str | None = None) -> str:
@@ -500,21 +533,25 @@ def compare(
     target_column: Optional[str] = typer.Option(None, help="Column holding the answer: makes your files a generation task (EM / F1)."),
     template: Optional[str] = typer.Option(None, help="Template with soft slot, e.g. '{soft:20} Text: {text}\\nLabel:'."),
     verbalizer: Optional[list[str]] = typer.Option(None, help="LABEL=WORD, one per label. Repeatable."),
-    instruction: Optional[str] = typer.Option(None, help="Zero-shot instruction (default: the task's own)."),
+    instruction: Optional[str] = typer.Option(None, help="Zero-shot instruction (default: the task's own; for your own files one "
+                                              "built from the label words, e.g. 'Classify the text. Answer no or yes.')."),
+    name: Optional[str] = typer.Option(None, help="Task name in the report title (default: your files' common name, e.g. sms)."),
+    encoding: str = typer.Option("utf-8", help="Text encoding of your files, e.g. latin-1 or cp1252."),
     methods: str = typer.Option("all", help="Comma list from: zero_shot,few_shot,cot,soft,length,init,hybrid,ensemble,curve,transfer,"
                                 "ptuning,prefix. 'all' = every method but ptuning and prefix (opt-in: they train "
                                 "one prompt per seed each), e.g. 'all,ptuning,prefix'."),
     eval_task: Optional[str] = typer.Option(None, help="Transfer: also score the prompts on this built-in task's test split."),
     eval_label_map: Optional[list[str]] = typer.Option(None, help="Transfer: EVAL_LABEL=PROMPT_LABEL when the label names differ. Repeatable."),
-    shots: int = typer.Option(4, help="Few-shot: demonstrations per prompt (0 skips few-shot)."),
+    shots: Optional[int] = typer.Option(None, help="Few-shot: demonstrations per prompt (default: 4, or the number of classes "
+                                        "when larger, so every class is shown; 0 skips few-shot)."),
     sampling: str = typer.Option("balanced", help="Few-shot: balanced | random demonstration sampling."),
     fewshot_seeds: str = typer.Option("0,1,2", help="Few-shot: sampling seeds."),
     fewshot_orders: int = typer.Option(2, help="Few-shot: orders of the demonstrations per seed."),
     cot_max_new_tokens: int = typer.Option(48, help="Chain-of-thought: tokens generated per answer."),
     cot_limit: Optional[int] = typer.Option(None, help="Chain-of-thought: score only the first N test examples (generation is slow)."),
     prompt_length: int = typer.Option(20, help="Soft tokens of the main prompt-tuning method and hybrids (the template's soft slot is resized to this)."),
-    init: Optional[str] = typer.Option(None, help="Init of the main method: random | vocab | text | labels "
-                                       "(default: labels for classification, text for generation)."),
+    init: Optional[str] = typer.Option(None, help="Init of the main method: random | vocab | text | labels (default: text "
+                                       "from the chosen hard prompt's instruction; labels without one; text for generation)."),
     seeds: str = typer.Option("0,1,2", help="Seeds of the main method (the ensemble uses one prompt per seed)."),
     sweep_seeds: str = typer.Option("0", help="Seeds of the length / init / hybrid sweeps."),
     lengths: str = typer.Option("1,5,20,100", help="Prompt lengths of the length sweep."),
@@ -522,7 +559,22 @@ def compare(
     positions: str = typer.Option("prefix,between,answer", help="Hybrid positions of the soft tokens."),
     epochs: int = typer.Option(15, help="Training epochs per prompt."),
     min_steps: int = typer.Option(60, help="At least this many training steps (small sets get more epochs)."),
-    lr: float = typer.Option(0.03),
+    lr: float = typer.Option(0.3, help="Learning rate of the sweeps (length, init, hybrid, curve, ensemble members); "
+                             "the one default of `train`, `compare` and `demo`."),
+    lrs: str = typer.Option("0.03,0.1,0.3", help="Learning rates of the main prompt-tuning method (x --seeds); validation "
+                            "data picks the best, and the whole grid counts as its training cost."),
+    calibration: str = typer.Option("none,contextual,batch,pmi", help="Calibrations every rank-classified prompt is scored "
+                                    "under (comma list); validation data picks one per prompt."),
+    select_metric: str = typer.Option("macro_f1", help="Metric that chooses each family's best prompt on validation data: "
+                                      "macro_f1 | balanced_accuracy | accuracy (a constant predictor can win accuracy)."),
+    valid_fraction: float = typer.Option(0.25, help="Without validation data (--valid-file or a validation split): hold out "
+                                         "this share of the training pool (stratified, at most --valid-limit) to choose on."),
+    start_from_hard: bool = typer.Option(True, help="Soft prompts start from the hard prompt chosen on validation (its "
+                                         "instruction as text init and hybrid text)."),
+    chat: str = typer.Option("auto", help="Hand-written prompts in the model's chat format (from its tokenizer's chat "
+                             "template), plain format as a second zero-shot row: auto (when the model has one and no "
+                             "--template is given) | on | off."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: torch's choice)."),
     batch_size: int = typer.Option(8),
     warmup_steps: int = typer.Option(10),
     optimizer: str = typer.Option("adamw", help="adamw | adafactor"),
@@ -566,8 +618,16 @@ def compare(
                                  for m in (DEFAULT_METHODS if word.lower() == "all" else (word,))))
     cap = (lambda n: n if limit is None else (min(n, limit) if n else limit))
     data = _load_task_data(task, train_file, test_file, valid_file, field, label_column, target_column, template,
-                           verbalizer, None, None)
-    init = init or ("labels" if data.task.kind == "classification" else "text")
+                           verbalizer, None, None, encoding=encoding, name=name)
+    notes = []
+    if instruction is None and not task and data.task.kind == "classification":
+        instruction = default_instruction(data.task)
+        notes.append(f"Instruction built from the label words (no --instruction given): `{instruction}`")
+    if shots is None:
+        shots = max(4, len(data.task.labels))
+    if chat == "auto" and template:
+        chat = "off"  # your own --template wins
+    _set_threads(threads)
     try:
         cfg = CompareConfig(
             methods=chosen, instruction=instruction, train_limit=cap(train_limit) or None,
@@ -575,6 +635,8 @@ def compare(
             data_seed=data_seed, shots=shots, sampling=sampling, fewshot_seeds=_cmp_list(fewshot_seeds, int, "fewshot-seeds"),
             fewshot_orders=fewshot_orders, cot_max_new_tokens=cot_max_new_tokens, cot_limit=cot_limit,
             prompt_length=prompt_length, init=init, seeds=_cmp_list(seeds, int, "seeds"),
+            lrs=_cmp_list(lrs, float, "lrs"), calibrations=_cmp_list(calibration, what="calibration"),
+            select_metric=select_metric, valid_fraction=valid_fraction, start_from_hard=start_from_hard, chat=chat,
             sweep_seeds=_cmp_list(sweep_seeds, int, "sweep-seeds"), lengths=_cmp_list(lengths, int, "lengths"),
             inits=_cmp_list(inits, what="inits"), positions=_cmp_list(positions, what="positions"), epochs=epochs,
             min_steps=min_steps, lr=lr, batch_size=batch_size, warmup_steps=warmup_steps, optimizer=optimizer,
@@ -593,7 +655,7 @@ def compare(
     m, tok = _load_model(model, device)
     try:
         results = run_compare(cfg, data, m, tok, out, eval_data=eval_data, model_name=model, progress=progress,
-                              log=lambda s: err.print(s), command=_command_line(ctx))
+                              log=lambda s: err.print(s), command=_command_line(ctx), notes=notes)
     except ValueError as e:
         _fail(str(e))
     (_, first), (_, second) = metric_names(results)
@@ -602,6 +664,9 @@ def compare(
              second: f"{100 * r['secondary']['mean']:.1f}", "runs": r["n_done"]}
             for r in summarize(results) if r["primary"] and (r["in_table"] or r["section"] == "transfer")]
     console.print(_results_table(rows, f"{data.task.name}: test {first} % ({results['data']['test']} examples)"))
+    dec = results.get("decision") or {}
+    if dec.get("recommendation"):
+        console.print(f"[bold]Recommendation:[/] {dec['recommendation']}", highlight=False)
     console.print(f"report: {out / 'report.md'}, {out / 'report.html'}; every number: {out / RESULTS}")
     _cmp_publish(out, publish)
 

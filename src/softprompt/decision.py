@@ -243,3 +243,74 @@ def decide(hard: dict | None, soft: dict | None, gold, n_labels: int, *, metric:
                 "soft_beats_hard_on_validation": beats_on_valid, "recommendation": text,
                 "bootstrap": {"resamples": n_boot, "level": LEVEL, "seed": seed, "kind": "paired percentile"}})
     return out
+
+
+# ----------------------------------------------------------------------------- from a comparison's results.json
+HARD_FAMILIES = ("prompt engineering",)
+SOFT_FAMILIES = ("prompt tuning", "hybrid", "ensemble")
+SELECT_SECTIONS = ("main", "length", "init", "position", "ensemble")
+"""Report sections whose runs compete (the learning curve trains on less data; transfer is another task)."""
+
+
+def candidates(results: dict[str, Any]) -> tuple[list[dict], list[dict]]:
+    """(hard, soft) candidates of a comparison: one per finished run x calibration variant of the
+    rows in :data:`SELECT_SECTIONS`.  Each family's cost is its whole search: a soft candidate
+    carries the training time of every soft run that competed (``train_s``, ``search_runs``),
+    a hard candidate the validation scoring of every hard prompt that competed (``search_s``)."""
+    runs = results.get("runs", {})
+    fams: dict[str, list[tuple[str, dict]]] = {"hard": [], "soft": []}
+    seen: set[str] = set()
+    for row in results.get("rows", []):
+        side = "hard" if row["family"] in HARD_FAMILIES else "soft" if row["family"] in SOFT_FAMILIES else None
+        if side is None or row["section"] not in SELECT_SECTIONS or row.get("variant") == "vote":
+            continue
+        for rid in row["runs"]:
+            rec = runs.get(rid) or {}
+            if rid in seen or rec.get("status") != "done" or not rec.get("variants"):
+                continue
+            seen.add(rid)
+            fams[side].append((rid, rec))
+    search_s = sum((r.get("valid_wall_s") or 0.0) + ((r.get("search") or {}).get("seconds") or 0.0)
+                   for _, r in fams["hard"])
+    train_s = sum(((r.get("train") or {}).get("wall_s") or 0.0) + (r.get("valid_wall_s") or 0.0)
+                  for _, r in fams["soft"] if r.get("kind") != "ensemble")
+    n_soft = sum(1 for _, r in fams["soft"] if r.get("kind") != "ensemble")
+    out: dict[str, list[dict]] = {"hard": [], "soft": []}
+    for side, recs in fams.items():
+        for rid, rec in recs:
+            lat = (rec.get("latency") or {}).get("batch1_ms")
+            for cal, v in rec["variants"].items():
+                cost = {"tokens_added": rec.get("tokens_added"), "latency_ms": lat}
+                if side == "soft":
+                    cost.update({"train_s": train_s, "search_runs": n_soft,
+                                 "kept_run_train_s": (rec.get("train") or {}).get("wall_s")})
+                else:
+                    cost.update({"search_s": search_s, "search_runs": len(recs)})
+                out[side].append({"name": rec.get("label", rid) + ("" if cal == "none" else f", {cal} calibration"),
+                                  "run": rid, "calibration": cal, "template": rec.get("template"),
+                                  "instruction": rec.get("instruction"), "valid": v.get("valid"), "test": v["test"],
+                                  "predictions": v["predictions"], "cost": cost})
+    return out["hard"], out["soft"]
+
+
+def from_results(results: dict[str, Any], metric: str | None = None, *, n_boot: int = N_BOOT,
+                 seed: int = 0) -> dict[str, Any] | None:
+    """The decision block of a comparison, a function of its ``results.json`` alone (classification
+    tasks; None for generation or when nothing competed)."""
+    data = results.get("data") or {}
+    gold = data.get("test_gold")
+    if (results.get("task") or {}).get("kind") != "classification" or not gold:
+        return None
+    metric = metric or (results.get("config") or {}).get("select_metric") or "macro_f1"
+    hard, soft = candidates(results)
+    h, s = select(hard, metric), select(soft, metric)
+    if (h is None and hard) or (s is None and soft):  # no validation data: nothing may be chosen on test
+        return {"select_metric": metric, "deploy": None, "recommendation": (
+            "No decision: without validation data no prompt can be chosen except by its test score, which "
+            "this comparison does not do. Give validation data (--valid-file, or a training pool large enough "
+            "to hold some out).")}
+    n_labels = len((results.get("task") or {}).get("verbalizer") or {}) or (max(gold) + 1)
+    out = decide(h, s, gold, n_labels, metric=metric, majority=data.get("majority_accuracy"), n_boot=n_boot, seed=seed)
+    if out is not None:
+        out["candidates"] = {"hard": len(hard), "soft": len(soft)}
+    return out

@@ -1,0 +1,80 @@
+"""Score one prompt under every calibration, on validation and test, from one pass each.
+
+Why: a comparison treats "this prompt with that calibration" as one deployable candidate and
+chooses among them on validation data (``decision.select``).  The label scores of a prompt do
+not depend on the calibration, so each split is scored once (``scoring.classify`` keeps the
+raw scores) and each calibration is a subtraction of its log-prior (``calibration.py``):
+contextual and PMI priors cost a few extra passes, batch calibration is fitted on the
+unlabelled inputs of the split it scores (validation inputs for the validation score, test
+inputs for the test score), and no calibration ever reads a label.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from .calibration import Calibration, fit_calibration
+from .decision import metric_value, select
+from .scoring import classification_metrics, classify
+
+__all__ = ["score_variants", "summary_metrics"]
+
+
+def summary_metrics(gold: list[str], pred: list[str], labels: list[str], *, confusion: bool = False) -> dict[str, Any]:
+    """classification_metrics plus balanced accuracy (the confusion matrix only when asked)."""
+    m = classification_metrics(gold, pred, labels)
+    pos = {lab: i for i, lab in enumerate(labels)}
+    m["balanced_accuracy"] = metric_value([pos[g] for g in gold], [pos[p] for p in pred], len(labels),
+                                          "balanced_accuracy")
+    if not confusion:
+        m.pop("confusion", None)
+    return m
+
+
+def _predict(scores: torch.Tensor, cal: Calibration, labels: list[str]) -> list[str]:
+    return [labels[j] for j in cal.apply(scores).argmax(-1).tolist()]
+
+
+def score_variants(bank, entry, valid, test, calibrations, *, batch_size: int = 32,
+                   select_metric: str = "macro_f1") -> dict[str, Any]:
+    """``{"variants": {cal: {"valid", "test", "predictions", "calibration"}}, "calibration": chosen,
+    "metrics": chosen test metrics (with confusion), "valid_metrics": chosen validation metrics,
+    "valid_s": seconds spent scoring validation (the selection's cost)}``.
+
+    ``predictions`` are label indices on ``test`` (for the paired test of ``decision``);
+    ``calibration`` is the fitted prior applied to test (what a deployed prompt would carry).
+    The run's own choice among its calibrations is the best on validation by ``select_metric``
+    (without validation data: the first of ``calibrations``)."""
+    cals = list(dict.fromkeys(calibrations)) or ["none"]
+    res_test = classify(bank, entry, test, batch_size=batch_size)
+    labels = res_test.labels
+    raw_test = res_test.raw_scores if res_test.raw_scores is not None else res_test.scores
+    raw_valid, valid_s = None, 0.0
+    if valid:
+        t0 = time.perf_counter()
+        r = classify(bank, entry, valid, batch_size=batch_size)
+        raw_valid = r.raw_scores if r.raw_scores is not None else r.scores
+        valid_s = time.perf_counter() - t0
+    gold_test = [ex.label for ex in test]
+    variants: dict[str, dict[str, Any]] = {}
+    for method in cals:
+        if method == "batch":
+            cal_test = fit_calibration(bank, entry, "batch", inputs=test, batch_size=batch_size)
+            t0 = time.perf_counter()
+            cal_valid = fit_calibration(bank, entry, "batch", inputs=valid, batch_size=batch_size) if valid else None
+            valid_s += time.perf_counter() - t0
+        else:
+            cal_test = cal_valid = fit_calibration(bank, entry, method, batch_size=batch_size)
+        pred = _predict(raw_test, cal_test, labels)
+        v = {"test": summary_metrics(gold_test, pred, labels), "calibration": cal_test.to_dict(),
+             "predictions": [labels.index(p) for p in pred], "valid": None}
+        if raw_valid is not None:
+            v["valid"] = summary_metrics([ex.label for ex in valid], _predict(raw_valid, cal_valid, labels), labels)
+        variants[method] = v
+    chosen = select([{"name": k, **v} for k, v in variants.items()], select_metric) if valid else None
+    name = chosen["name"] if chosen else cals[0]
+    pred = [labels[i] for i in variants[name]["predictions"]]
+    return {"variants": variants, "calibration": name, "metrics": summary_metrics(gold_test, pred, labels, confusion=True),
+            "valid_metrics": variants[name]["valid"], "valid_s": valid_s}
