@@ -23,7 +23,10 @@ from rich.table import Table
 app = typer.Typer(
     help="Train, evaluate and serve soft prompts for frozen language models.",
     no_args_is_help=True,
-    context_settings={"max_content_width": 160},  # option lists ("zero_shot,few_shot,...") are not cut at 80 columns
+    # plain click help, wrapped to the terminal (up to 160 columns): rich's option panels cut long
+    # words such as "zero_shot,few_shot,cot,..." with an ellipsis on an 80-column terminal
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 160},
     add_completion=False,
     pretty_exceptions_enable=False,
 )
@@ -81,8 +84,7 @@ def _load_task_data(
         if not train_file and not test_file:
             _fail("give a built-in --task (see `softprompt tasks`) or your own --train-file/--test-file")
         fields = _parse_pairs(field, "--field") or {"text": "text"}
-        if not template:
-            _fail("with your own files, give --template, e.g. '{soft:20} Text: {text}\\nLabel:'")
+        template = template or default_template(list(fields))
         verb = _verbalizer(verbalizer, template)
         kind = "generation" if target_column else "classification"
         if kind == "classification" and not verb:
@@ -112,6 +114,13 @@ def _files_name(*paths: Optional[Path]) -> str:
         return files[0].resolve().parent.name or files[0].stem
     prefix = os.path.commonprefix(cleaned).rstrip("-_. ")
     return prefix if len(prefix) >= 2 else cleaned[0]
+
+
+def default_template(fields: list[str]) -> str:
+    """The template for user files given without --template: 20 soft tokens, each field on its
+    own line under its name, then an answer cue (e.g. ``{soft:20}Text: {text}\nAnswer:``)."""
+    lines = "".join(f"{f.replace('_', ' ').capitalize()}: {{{f}}}\n" for f in fields)
+    return "{soft:20}" + lines + "Answer:"
 
 
 def default_instruction(task) -> str:
@@ -531,7 +540,8 @@ def compare(
     field: Optional[list[str]] = typer.Option(None, help="Template field = file column. Repeatable."),
     label_column: Optional[str] = typer.Option(None, help="Column holding the class label (default 'label')."),
     target_column: Optional[str] = typer.Option(None, help="Column holding the answer: makes your files a generation task (EM / F1)."),
-    template: Optional[str] = typer.Option(None, help="Template with soft slot, e.g. '{soft:20} Text: {text}\\nLabel:'."),
+    template: Optional[str] = typer.Option(None, help="Template with soft slot, e.g. '{soft:20} Text: {text}\\nLabel:' "
+                                           "(default for your files: '{soft:20}Text: {text}\\nAnswer:', one line per --field)."),
     verbalizer: Optional[list[str]] = typer.Option(None, help="LABEL=WORD, one per label. Repeatable."),
     instruction: Optional[str] = typer.Option(None, help="Zero-shot instruction (default: the task's own; for your own files one "
                                               "built from the label words, e.g. 'Classify the text. Answer no or yes.')."),

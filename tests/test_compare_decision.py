@@ -1,0 +1,195 @@
+"""Issue 14 in `softprompt compare`: validation held out from the pool, calibrated hard-prompt
+candidates, an lr grid, soft prompts that start from the chosen hard prompt, a decision block
+chosen without test data, the model's chat format, and one-command use on a user's CSV files."""
+import copy
+import json
+import random
+
+import pytest
+from typer.testing import CliRunner
+
+from softprompt import compare as C
+from softprompt import decision as D
+from softprompt.chat import chat_template, chat_verbalizer
+from softprompt.cli import _files_name, app, default_instruction, default_template
+from softprompt.report import load_results
+from softprompt.splits import holdout_split
+from softprompt.tasks import Example, Task, TaskData
+from softprompt.testing import tiny_causal_lm, tiny_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+POS = ["good", "great", "love", "amazing", "happy", "fast", "thanks"]
+NEG = ["bad", "awful", "hate", "terrible", "sad", "slow", "broken"]
+TASK = Task(name="toy", kind="classification", template="{soft:4} review : {text} label :",
+            verbalizer={"neg": " no", "pos": " yes"}, instruction="is the review good ? answer yes or no .")
+CHAT = ("{% for m in messages %}<|user|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def mk(n, seed=0):
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        lab = "pos" if i % 2 else "neg"
+        out.append(Example({"text": " ".join(rng.choice(POS if lab == "pos" else NEG) for _ in range(2))}, lab))
+    return out
+
+
+def small_config(**kw):
+    base = dict(methods=("zero_shot", "few_shot", "soft"), train_limit=None, valid_limit=8, test_limit=None, shots=2,
+                fewshot_seeds=(0,), fewshot_orders=1, prompt_length=2, seeds=(0,), lrs=(0.1, 0.3), epochs=1,
+                min_steps=2, batch_size=8, warmup_steps=1, latency_examples=1, eval_batch_size=16)
+    base.update(kw)
+    return C.CompareConfig(**base)
+
+
+def test_holdout_split_is_stratified_disjoint_and_seeded():
+    pool = mk(40) + [Example({"text": "rare"}, "rare")]
+    train, valid = holdout_split(pool, ["neg", "pos", "rare"], 0.25, 64, seed=3)
+    assert len(valid) == 10 and len(train) == 31 and not {id(e) for e in train} & {id(e) for e in valid}
+    assert sorted(e.label for e in valid) == ["neg"] * 5 + ["pos"] * 5  # the single "rare" example stays in training
+    assert [e.fields for e in holdout_split(pool, None, 0.25, 64, seed=3)[1]] == [e.fields for e in valid]
+    assert len(holdout_split(pool, None, 0.25, 4, seed=3)[1]) == 4  # capped by the limit
+    assert holdout_split(pool, None, 0.0, 64) == (pool, [])
+
+
+def test_compare_chooses_on_validation_and_starts_soft_prompts_from_the_hard_prompt(tmp_path):
+    model, tok = tiny_causal_lm(), tiny_tokenizer()
+    data = TaskData(TASK, {"train": mk(24), "test": mk(12, seed=1)})  # no validation split
+    out = tmp_path / "rep"
+    res = C.run_compare(small_config(methods=("zero_shot", "few_shot", "soft", "hybrid"), positions=("answer",)),
+                        data, model, tok, out, progress=False, log=lambda s: None)
+    d = res["data"]
+    assert d["valid"] == 6 and d["train_pool"] == 18 and d["valid_source"] == "held out from the training pool"
+    assert len(d["test_gold"]) == 12
+    hard_runs = [r for r in res["runs"].values() if r["kind"] == "hard"]
+    for r in hard_runs:  # every calibration, on validation and test
+        assert set(r["variants"]) == set(C.CALIBRATIONS)
+        assert all(v["valid"]["n"] == 6 and len(v["predictions"]) == 12 for v in r["variants"].values())
+    # the start is the hard candidate best on validation; soft prompts start from its instruction
+    hard, soft = D.candidates(res)
+    best = D.select(hard, "macro_f1")
+    assert res["start"]["run"] == best["run"] and res["start"]["calibration"] == best["calibration"]
+    softs = [r for r in res["runs"].values() if r["kind"] == "soft"]
+    assert {r["spec"]["lr"] for r in softs if "/main/" in r["id"]} == {0.1, 0.3}
+    assert all(r["spec"]["init"] == "text" and r["spec"]["init_text"] == TASK.instruction
+               for r in softs if "/main/" in r["id"])
+    assert any(r["spec"]["template"].startswith(TASK.instruction) for r in softs if "hybrid" in r["id"])
+    # the decision: chosen on validation, paired on test, soft cost = every training of the search
+    dec = res["decision"]
+    assert dec["hard"]["name"] == best["name"] and dec["soft"]["name"] == D.select(soft, "macro_f1")["name"]
+    assert dec["soft"]["cost"]["search_runs"] == 3  # 2 learning rates + 1 hybrid
+    assert dec["soft"]["cost"]["train_s"] >= sum(r["train"]["wall_s"] for r in softs) - 1e-6
+    assert set(dec["difference"]) == {"macro_f1", "accuracy"} and dec["deploy"] in ("hard", "soft")
+    assert json.loads((out / "results.json").read_text())["decision"]["recommendation"] == dec["recommendation"]
+    md = (out / "report.md").read_text()
+    assert "## Decision" in md and "**Recommendation.**" in md and "## Calibration" in md and "Headline" not in md
+    # test labels do not move the choice: perturb every test score, recompute
+    shuffled = copy.deepcopy(res)
+    rng = random.Random(0)
+    for r in shuffled["runs"].values():
+        for v in (r.get("variants") or {}).values():
+            v["test"] = {"accuracy": rng.random(), "macro_f1": rng.random()}
+            v["predictions"] = [rng.randrange(2) for _ in v["predictions"]]
+    again = D.from_results(shuffled)
+    assert (again["hard"]["name"], again["soft"]["name"]) == (dec["hard"]["name"], dec["soft"]["name"])
+
+
+def test_selection_by_validation_when_the_test_best_is_another_method():
+    """A comparison's results where the test-best hard prompt is not the validation-best one: the
+    decision takes the validation-best, and reports the other's better test score nowhere as chosen."""
+    gold = [0, 1] * 10
+
+    def run(rid, valid_f1, preds):
+        test = D.metric_value(gold, preds, 2, "macro_f1")
+        return {"id": rid, "label": rid, "kind": "hard", "status": "done", "tokens_added": 5,
+                "variants": {"none": {"valid": {"macro_f1": valid_f1, "accuracy": valid_f1},
+                                      "test": {"macro_f1": test, "accuracy": test}, "predictions": preds}}}
+
+    perfect, poor = list(gold), [0] * 20
+    results = {"task": {"kind": "classification", "verbalizer": {"a": " a", "b": " b"}},
+               "config": {"select_metric": "macro_f1"}, "data": {"test_gold": gold, "majority_accuracy": 0.5},
+               "rows": [{"name": "x", "family": "prompt engineering", "section": "main", "runs": ["test-best", "valid-best"]}],
+               "runs": {"test-best": run("test-best", 0.4, perfect), "valid-best": run("valid-best", 0.9, poor)}}
+    dec = D.from_results(results)
+    assert dec["hard"]["name"] == "valid-best" and dec["hard"]["test"]["macro_f1"] < 0.5
+    assert dec["hard"]["at_or_below_majority"] and dec["deploy"] == "hard"
+    # without validation scores nothing is chosen (never by test)
+    for r in results["runs"].values():
+        r["variants"]["none"]["valid"] = None
+    assert D.from_results(results)["deploy"] is None
+
+
+def test_chat_format_rows_from_the_tokenizer_chat_template(tmp_path):
+    model, tok = tiny_causal_lm(), tiny_tokenizer()
+    tok.chat_template = CHAT
+    tpl = chat_template(tok, "Q : {text} A :")
+    assert tpl == "<|user|>Q : {text} A :\n<|assistant|>\n"
+    assert chat_verbalizer({"pos": " yes"}, tpl) == {"pos": "yes"}  # after a line break: no leading space
+    data = TaskData(TASK, {"train": mk(16), "validation": mk(4, 2), "test": mk(6, 1)})
+    comp = C.Comparison(small_config(methods=("zero_shot", "few_shot")), data, model, tok, tmp_path, progress=False,
+                        log=lambda s: None)
+    runs, rows = comp.plan()
+    assert [r.name for r in rows][:2] == ["zero-shot instruction (chat format)", "zero-shot instruction (plain format)"]
+    chat = runs["zero_shot/chat"].spec
+    assert chat["template"].startswith("<|user|>" + TASK.instruction) and chat["template"].endswith("<|assistant|>\n")
+    assert chat["verbalizer"] == {"neg": "no", "pos": "yes"}
+    assert runs["zero_shot"].spec["verbalizer"] == TASK.verbalizer
+    assert all(r.endswith("/chat") for r in runs if r.startswith("few_shot"))
+    off = C.Comparison(small_config(methods=("zero_shot",), chat="off"), data, model, tok, tmp_path, progress=False)
+    assert sorted(off.plan()[0]) == ["zero_shot"]
+
+
+def test_user_file_defaults():
+    from pathlib import Path
+
+    assert default_template(["text"]) == "{soft:20}Text: {text}\nAnswer:"
+    assert default_template(["premise", "hypothesis"]) == "{soft:20}Premise: {premise}\nHypothesis: {hypothesis}\nAnswer:"
+    t = Task(name="x", kind="classification", template="{soft:2}Text: {text}\nAnswer:",
+             verbalizer={"a": " ham", "b": " spam", "c": " other"})
+    assert default_instruction(t) == "Classify the text. Answer ham, spam or other."
+    assert _files_name(Path("d/sms_train.csv"), Path("d/sms_test.csv")) == "sms"
+    assert _files_name(Path("data/train.csv"), Path("data/test.csv")) == "data"
+
+
+def test_cli_compare_on_user_csv_in_one_command(tmp_path):
+    """The README's one command on a user's CSV files (latin-1, other column names, no template,
+    no instruction): defaults fill in the rest, and the report says how."""
+    folder = tmp_path / "tiny"
+    tiny_causal_lm().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    for split, n, seed in (("train", 16, 0), ("test", 8, 1)):
+        rows = ["message;kind"] + [f"{e.fields['text']} café;{'spam' if e.label == 'pos' else 'ham'}"
+                                   for e in mk(n, seed)]
+        (tmp_path / f"sms_{split}.csv").write_bytes(("\n".join(rows) + "\n").replace(";", ",").encode("latin-1"))
+    out = tmp_path / "rep"
+    args = ["compare", "--model", str(folder), "--train-file", str(tmp_path / "sms_train.csv"),
+            "--test-file", str(tmp_path / "sms_test.csv"), "--field", "text=message", "--label-column", "kind",
+            "--verbalizer", "ham=no", "--verbalizer", "spam=yes", "--encoding", "latin-1", "--threads", "1",
+            "--methods", "zero_shot,few_shot,soft", "--seeds", "0", "--lrs", "0.3", "--fewshot-seeds", "0",
+            "--prompt-length", "2", "--epochs", "1", "--min-steps", "1", "--latency-examples", "1", "--no-progress",
+            "--out", str(out)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    res = load_results(out)
+    assert res["task"]["name"] == "sms" and res["task"]["template"] == "{soft:20}Text: {text}\nAnswer:"
+    assert res["instruction"] == "Classify the text. Answer no or yes."
+    assert res["config"]["shots"] == 4 and res["config"]["lr"] == 0.3 and res["environment"]["threads"] == 1
+    assert res["decision"]["recommendation"] and "Recommendation:" in r.output
+    md = (out / "report.md").read_text()
+    assert md.startswith("# Hard prompts vs soft prompts: sms on ")
+    assert "Instruction built from the label words" in md and "## Decision" in md
+
+
+def test_one_default_learning_rate():
+    from softprompt.train import TrainConfig
+
+    assert TrainConfig().lr == C.DEFAULT_LR == C.CompareConfig().lr == 0.3
+    assert C.DEFAULT_LR in C.CompareConfig().lrs
+
+
+def test_help_is_not_cut_at_80_columns():
+    r = CliRunner().invoke(app, ["compare", "--help"], terminal_width=80, env={"COLUMNS": "80"})
+    assert r.exit_code == 0
+    assert "zero_shot,few_shot,cot,soft" in r.output.replace("\n", "").replace(" ", "").replace("│", "")
