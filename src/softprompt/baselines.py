@@ -27,6 +27,14 @@ same verbalizer, same rank classification.
   maps the text to a label.  Outputs that name no label (or several, with no explicit
   answer) are *unparseable*: they are counted, reported and scored as wrong, never
   dropped.
+
+* **Two-stage chain-of-thought** (:func:`cot_two_stage`, as in Kojima et al. 2022's answer
+  extraction): stage 1 generates the reasoning as above; stage 2 appends the reasoning and an
+  answer cue to the prompt and rank-classifies the label words, so every example gets a label.
+  The free-text parse of stage 1 stays as a diagnostic.
+
+* **Nearest-neighbour demonstrations** (``demo_selection.py``): per query, the most similar
+  training examples as its demonstrations (:func:`select_demos_knn`).
 """
 from __future__ import annotations
 
@@ -37,12 +45,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .scoring import classification_metrics, generate
+from .calibration import CALIBRATIONS, Calibration, fit_calibration
+from .demo_selection import knn_few_shot_classify, select_demos_knn
+from .scoring import classification_metrics, classify, generate
 from .tasks import Example, Task
 from .templates import Template, encode_text
 
 __all__ = [
+    "ANSWER_CUE",
     "COT_TRIGGER",
+    "CotTwoStageResult",
+    "cot_two_stage",
+    "knn_few_shot_classify",
+    "select_demos_knn",
     "PARSE_RULE",
     "UNPARSEABLE",
     "CotResult",
@@ -283,6 +298,73 @@ def cot_classify(
     if all(g is not None for g in gold):
         res.metrics = metrics_with_unparseable(gold, preds, list(verbalizer))  # type: ignore[arg-type]
     return res
+
+
+ANSWER_CUE = "Therefore, the answer is"
+REASONING_FIELD = "cot_reasoning"
+
+
+def cot_answer_template(task: Task, instruction: str | None = None, trigger: str = COT_TRIGGER,
+                        cue: str = ANSWER_CUE) -> str:
+    """Stage 2 of two-stage CoT: the stage-1 prompt, its reasoning (field ``cot_reasoning``),
+    then the answer cue; the label words continue the cue."""
+    if REASONING_FIELD in Template(task.template).fields:
+        raise ValueError(f"task template already uses the field {REASONING_FIELD!r}")
+    return f"{cot_template(task, instruction, trigger)} {{{REASONING_FIELD}}}\n{escape(cue)}"
+
+
+@dataclass
+class CotTwoStageResult:
+    texts: list[str]  # stage-1 reasoning
+    predictions: list[str]  # stage-2 rank classification: always a label
+    probabilities: torch.Tensor  # [N, n_labels] stage-2 (calibrated) label probabilities
+    parsed: list[str | None]  # diagnostic: the stage-1 free-text parse (None = unparseable)
+    n_unparseable: int  # diagnostic: stage-1 texts that name no label
+    generated_tokens: float
+    labels: list[str] = field(default_factory=list)
+    calibration: str = "none"
+    metrics: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def cot_two_stage(
+    bank, task: Task, examples: list[Example], *, instruction: str | None = None, max_new_tokens: int = 48,
+    batch_size: int = 16, calibration: str = "none", cue: str = ANSWER_CUE, progress: bool | str = False,
+) -> CotTwoStageResult:
+    """Two-stage chain-of-thought that always answers: generate the reasoning (stage 1), then
+    rank-classify the label words after reasoning + answer cue (stage 2), optionally calibrated
+    (contextual/pmi on the stage-2 prompt, batch on these examples' stage-2 inputs, no labels).
+    Metrics (when examples carry labels) are those of stage 2, plus the stage-1 parse's
+    ``parse_accuracy``/``n_unparseable`` and ``parse_agreement`` (share where both agree)."""
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"unknown calibration {calibration!r}; choose one of {', '.join(CALIBRATIONS)}")
+    verb = task.verbalizer or {}
+    gen_name, cls_name = "__cot_stage1__", "__cot_stage2__"
+    bank.add(gen_name, cot_template(task, instruction), kind="generation")
+    bank.add(cls_name, cot_answer_template(task, instruction, cue=cue), verbalizer=verb)
+    try:
+        gen = generate(bank, gen_name, examples, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       stop_at_newline=False, progress=progress)
+        stage2 = [Example({**ex.fields, REASONING_FIELD: t}, ex.label) for ex, t in zip(examples, gen.texts)]
+        cal = fit_calibration(bank, cls_name, calibration, inputs=[Example(ex.fields) for ex in stage2],
+                              batch_size=batch_size) if calibration != "none" else Calibration()
+        res = classify(bank, cls_name, stage2, batch_size=batch_size, calibration=cal)
+    finally:
+        bank.remove(cls_name)
+        bank.remove(gen_name)
+    parsed = [parse_label(t, verb) for t in gen.texts]
+    n_tok = [len(encode_text(bank.tokenizer, t)) for t in gen.texts]
+    out = CotTwoStageResult(texts=gen.texts, predictions=res.predictions, probabilities=res.probabilities,
+                            parsed=parsed, n_unparseable=sum(p is None for p in parsed),
+                            generated_tokens=sum(n_tok) / max(len(n_tok), 1), labels=res.labels,
+                            calibration=cal.method)
+    if res.metrics:
+        gold = [ex.label for ex in examples]
+        diag = metrics_with_unparseable(gold, parsed, res.labels)  # type: ignore[arg-type]
+        out.metrics = {**res.metrics, "parse_accuracy": diag["accuracy"], "n_unparseable": out.n_unparseable,
+                       "unparseable_rate": diag["unparseable_rate"],
+                       "parse_agreement": sum(p == q for p, q in zip(parsed, res.predictions)) / max(len(parsed), 1)}
+    return out
 
 
 def template_overhead_tokens(template: str | Template, tokenizer) -> int:

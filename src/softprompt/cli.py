@@ -181,15 +181,37 @@ def _split(data, name: str):
     return data.splits[name]
 
 
-def _evaluate(bank, entry, examples, kind: str, batch_size: int, desc: str) -> dict:
+CALIBRATION_HELP = ("Calibration of the label scores: saved (the artifact's own, default), none, contextual "
+                    "(content-free inputs), batch (fit on the inputs being scored, labels unused) or pmi "
+                    "(domain-conditional PMI: the template without its input).")
+
+
+def _calibration(bank, entry, choice: str, saved, inputs, batch_size: int = 32):
+    """The Calibration to apply: the artifact's ``saved`` one, or ``choice`` fitted here
+    (batch on ``inputs``, whose labels are never read)."""
+    from .calibration import CALIBRATIONS, Calibration, fit_calibration
+
+    if choice == "saved":
+        return saved if saved is not None else Calibration()
+    if choice not in CALIBRATIONS:
+        _fail(f"--calibration must be saved or one of {', '.join(CALIBRATIONS)}, got {choice!r}")
+    try:
+        return fit_calibration(bank, entry, choice, inputs=inputs, batch_size=batch_size)
+    except ValueError as e:
+        _fail(str(e))
+
+
+def _evaluate(bank, entry, examples, kind: str, batch_size: int, desc: str, calibration=None) -> dict:
     from .scoring import classify, generate
 
     t = time.perf_counter()
     if kind == "classification":
-        res = classify(bank, entry, examples, batch_size=batch_size, progress=desc)
+        res = classify(bank, entry, examples, batch_size=batch_size, progress=desc, calibration=calibration)
     else:
         res = generate(bank, entry, examples, batch_size=max(batch_size // 2, 1), progress=desc)
     m = dict(res.metrics)
+    if kind == "classification" and calibration is not None:
+        m["calibration"] = calibration.to_dict()
     m["ms_per_example"] = 1000 * (time.perf_counter() - t) / max(len(examples), 1)
     return m
 
@@ -309,6 +331,7 @@ def eval_(
     target_column: Optional[str] = typer.Option(None),
     batch_size: int = typer.Option(32),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics here."),
+    calibration: str = typer.Option("saved", help=CALIBRATION_HELP),
 ):
     """Score a saved prompt (and optionally the hard template) on a task's split."""
     from .prompts import PromptFileError, PromptMismatchError, SoftPrompt
@@ -337,15 +360,21 @@ def eval_(
             entry = bank.add_prompt(sp, "prompt")
         except PromptMismatchError as e:
             _fail(str(e))
-        results["soft"] = _evaluate(bank, entry, examples, sp.kind, batch_size, "soft prompt")
-        rows.append(_row(f"soft prompt ({prompt.name})", results["soft"]))
+        cal = _calibration(bank, entry, calibration, sp.calibration, examples, batch_size) \
+            if sp.kind == "classification" else None
+        results["soft"] = _evaluate(bank, entry, examples, sp.kind, batch_size, "soft prompt", cal)
+        rows.append(_row(f"soft prompt ({prompt.name})", results["soft"],
+                         {"calibration": cal.method} if cal is not None else None))
     if hard:
         if getattr(bank, "is_encoder", False):
             _fail("--hard needs a decoder model: an encoder has no zero-shot reading without a trained head")
         tmpl = Template(sp.template if sp else data.task.template).without_soft()
         e = bank.add("hard", tmpl, verbalizer=(sp.verbalizer if sp else data.task.verbalizer), kind=data.task.kind)
-        results["hard"] = _evaluate(bank, e, examples, data.task.kind, batch_size, "hard template")
-        rows.append(_row(f"hard template: {tmpl.text!r}", results["hard"]))
+        cal = _calibration(bank, e, calibration, None, examples, batch_size) \
+            if data.task.kind == "classification" else None
+        results["hard"] = _evaluate(bank, e, examples, data.task.kind, batch_size, "hard template", cal)
+        rows.append(_row(f"hard template: {tmpl.text!r}", results["hard"],
+                         {"calibration": cal.method} if cal is not None else None))
     console.print(_results_table(rows, f"{data.task.name}: {split} ({len(examples)} examples)"))
     if json_out:
         json_out.write_text(json.dumps(results, indent=1))
@@ -358,6 +387,7 @@ def predict(
     input_file: Optional[Path] = typer.Option(None, help="A .jsonl file of objects with the template's fields."),
     model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
     max_new_tokens: int = typer.Option(24),
+    calibration: str = typer.Option("saved", help=CALIBRATION_HELP),
 ):
     """Print the prompt's answer for each input (label and probabilities, or generated text)."""
     from .prompts import PromptFileError, PromptMismatchError, SoftPrompt
@@ -396,7 +426,7 @@ def predict(
         _fail(str(e))
     exs = [Example(fields={k: str(v) for k, v in obj.items()}) for obj in inputs]
     if sp.kind == "classification":
-        res = classify(bank, entry, exs)
+        res = classify(bank, entry, exs, calibration=_calibration(bank, entry, calibration, sp.calibration, exs))
         for obj, pred, probs in zip(inputs, res.predictions, res.probabilities.tolist()):
             console.print_json(json.dumps({"input": obj, "label": pred,
                                            "probabilities": dict(zip(res.labels, [round(p, 4) for p in probs]))}))

@@ -855,13 +855,17 @@ class Engine:
     def _vote_classify(self, it: _Item, member_scores: list[torch.Tensor]) -> ClassifyResult:
         spec = it.spec
         labels = list(spec.labels)
+        raw = member_scores
+        # each member's stored calibration (calibration.py), before its probabilities and the vote
+        member_scores = [s if p.calibration is None else p.calibration.apply(s) for p, s in zip(spec.prompts, raw)] \
+            if spec.prompts else raw
         probs_m, preds = [], []
         for labs, s in zip(spec.member_labels, member_scores):
             p = s.softmax(-1)
             probs_m.append({lab: float(v) for lab, v in zip(labs, p.tolist())})
             preds.append(labs[int(s.argmax())])
         if not spec.ensemble:
-            s = member_scores[0]
+            s = raw[0]  # summed label log-probs, before calibration
             return ClassifyResult(task=spec.name, version=spec.version, label=preds[0], probabilities=probs_m[0],
                                   scores={lab: float(v) for lab, v in zip(spec.member_labels[0], s.tolist())})
         mean = {lab: sum(pm[lab] for pm in probs_m) / len(probs_m) for lab in labels}
