@@ -74,7 +74,7 @@ def test_compare_end_to_end_resume_and_report(tmp_path):
                         log=lambda s: None)
     runs, rows = comp.plan()
     kinds = sorted({r.kind for r in runs.values()})
-    assert kinds == ["cot", "ensemble", "hard", "soft", "transfer"]
+    assert kinds == ["cot", "ensemble", "hard", "knn", "search", "soft", "transfer"]  # knn, search: issue 14
     # the main prompt-tuning runs are shared by the length/init/curve rows, not trained twice
     main = next(r for r in rows if r.section == "main" and r.family == C.FAMILY_PT)
     assert len(main.runs) == 2
@@ -97,7 +97,9 @@ def test_compare_end_to_end_resume_and_report(tmp_path):
         else:
             assert rec["kind"] != "hard" or rec["trainable_params"] == 0
     cot = on_disk["runs"]["cot"]
-    assert cot["cot"]["n_unparseable"] == cot["metrics"]["n_unparseable"]
+    # issue 14: two-stage chain-of-thought answers every example; the free-text parse is a diagnostic
+    assert cot["cot"]["two_stage"] and cot["metrics"]["n"] == 12 and 0 <= cot["cot"]["n_unparseable"] <= 12
+    assert len(cot["variants"]["none"]["predictions"]) == 12
     ens = on_disk["runs"][next(r for r in runs if r.startswith("ensemble"))]
     assert set(ens["ensemble"]["variants"]) == {"mean", "vote"} and ens["ensemble"]["context_passes"] == 1
     assert ens["trainable_params"] == 2 * 2 * model.config.hidden_size

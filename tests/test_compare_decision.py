@@ -193,3 +193,30 @@ def test_help_is_not_cut_at_80_columns():
     r = CliRunner().invoke(app, ["compare", "--help"], terminal_width=80, env={"COLUMNS": "80"})
     assert r.exit_code == 0
     assert "zero_shot,few_shot,cot,soft" in r.output.replace("\n", "").replace(" ", "").replace("│", "")
+
+
+def test_searched_instruction_knn_and_two_stage_cot_are_hard_candidates(tmp_path):
+    model, tok = tiny_causal_lm(), tiny_tokenizer()
+    data = TaskData(TASK, {"train": mk(16), "validation": mk(6, 2), "test": mk(8, 1)})
+    cfg = small_config(methods=("zero_shot", "search", "knn", "cot"), induce=1, instructions=("say yes or no .",),
+                       cot_max_new_tokens=3)
+    res = C.run_compare(cfg, data, model, tok, tmp_path / "rep", progress=False, log=lambda s: None)
+    search = res["runs"]["search"]
+    assert search["search"]["n_candidates"] >= 3 and search["search"]["forward_passes"] > 0
+    assert search["instruction"] in [c["instruction"] for c in search["search"]["candidates"]]
+    assert search["search"]["n_train"] == 16  # the training pool only
+    knn = res["runs"]["knn/k2"]
+    assert {"none", "contextual", "batch"} <= set(knn["variants"]) and knn["valid_metrics"]["n"] == 6
+    assert res["runs"]["cot"]["metrics"]["n"] == 8 and set(res["runs"]["cot"]["variants"]) == {"none", "batch"}
+    hard, soft = D.candidates(res)
+    assert {c["run"] for c in hard} == {"zero_shot", "search", "knn/k2", "cot"} and not soft
+    assert res["decision"]["deploy"] == "hard" and res["decision"]["soft"] is None
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "searched instruction" in md and "nearest-neighbour" in md and "ranked answer" in md
+    # the search never sees validation or test labels: shuffled, the same instruction is chosen
+    rng = random.Random(5)
+    shuffled = TaskData(TASK, {"train": mk(16), "validation": [Example(e.fields, rng.choice(["pos", "neg"])) for e in mk(6, 2)],
+                               "test": [Example(e.fields, rng.choice(["pos", "neg"])) for e in mk(8, 1)]})
+    again = C.run_compare(small_config(methods=("search",), induce=1, instructions=("say yes or no .",)), shuffled,
+                          model, tok, tmp_path / "again", progress=False, log=lambda s: None, report=False)
+    assert again["runs"]["search"]["instruction"] == search["instruction"]

@@ -537,6 +537,17 @@ def _cmp_list(text: str, cast=str, what: str = "list") -> tuple:
         _fail(f"--{what} {text!r}: expected comma-separated values, e.g. 1,5,20")
 
 
+def _read_instructions(path: Optional[Path]) -> list[str]:
+    if path is None:
+        return []
+    from .instruction_search import read_instructions_file
+
+    try:
+        return read_instructions_file(path)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+
+
 def _cmp_sizes(text: str) -> tuple:
     return tuple(0 if t.strip().lower() == "all" else int(t) for t in str(text).split(",") if t.strip())
 
@@ -577,7 +588,10 @@ def compare(
                                               "built from the label words, e.g. 'Classify the text. Answer no or yes.')."),
     name: Optional[str] = typer.Option(None, help="Task name in the report title (default: your files' common name, e.g. sms)."),
     encoding: str = typer.Option("utf-8", help="Text encoding of your files, e.g. latin-1 or cp1252."),
-    methods: str = typer.Option("all", help="Comma list from: zero_shot,few_shot,cot,soft,length,init,hybrid,ensemble,curve,transfer,"
+    instructions_file: Optional[Path] = typer.Option(None, help="Instruction search (method search): your candidate "
+                                                    "instructions, one per line (# comments)."),
+    induce: int = typer.Option(3, help="Instruction search: instructions the frozen model writes from labelled examples."),
+    methods: str = typer.Option("all", help="Comma list from: zero_shot,few_shot,knn,search,cot,soft,length,init,hybrid,ensemble,curve,transfer,"
                                 "ptuning,prefix. 'all' = every method but ptuning and prefix (opt-in: they train "
                                 "one prompt per seed each), e.g. 'all,ptuning,prefix'."),
     eval_task: Optional[str] = typer.Option(None, help="Transfer: also score the prompts on this built-in task's test split."),
@@ -640,10 +654,12 @@ def compare(
     progress: bool = typer.Option(True, help="Show the progress bar."),
     publish: Optional[Path] = typer.Option(None, help="Also copy report.md and the PNGs (small; no HTML, JSON or prompts) here, e.g. docs/reports/raft."),
 ):
-    """Run hand-written prompts (zero-shot, few-shot, chain-of-thought) and soft prompts (prompt tuning
+    """Run hand-written prompts (zero-shot, few-shot with random or nearest-neighbour demonstrations, a
+    searched instruction, two-stage chain-of-thought; each under every calibration) and soft prompts (prompt tuning
     at several lengths and inits, hybrids, ensembles, learning curve, transfer; opt-in: P-tuning and
-    prefix tuning) on the same splits with the same scorer, and write a report folder. Finished runs are kept in OUT/results.json and
-    skipped when the command is run again."""
+    prefix tuning) on the same splits with the same scorer, and write a report folder. Each family's best prompt is
+    chosen on validation data; the report ends with a paired test of the two and a recommendation. Finished runs
+    are kept in OUT/results.json and skipped when the command is run again."""
     from .compare import DEFAULT_METHODS, RESULTS, CompareConfig, run_compare
     from .report import load_results, metric_names, summarize, write_report
 
@@ -677,6 +693,7 @@ def compare(
             prompt_length=prompt_length, init=init, seeds=_cmp_list(seeds, int, "seeds"),
             lrs=_cmp_list(lrs, float, "lrs"), calibrations=_cmp_list(calibration, what="calibration"),
             select_metric=select_metric, valid_fraction=valid_fraction, start_from_hard=start_from_hard, chat=chat,
+            instructions=tuple(_read_instructions(instructions_file)), induce=induce,
             sweep_seeds=_cmp_list(sweep_seeds, int, "sweep-seeds"), lengths=_cmp_list(lengths, int, "lengths"),
             inits=_cmp_list(inits, what="inits"), positions=_cmp_list(positions, what="positions"), epochs=epochs,
             min_steps=min_steps, lr=lr, batch_size=batch_size, warmup_steps=warmup_steps, optimizer=optimizer,

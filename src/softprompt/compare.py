@@ -104,12 +104,14 @@ __all__ = [
     "with_soft_length",
 ]
 
-DEFAULT_METHODS = ("zero_shot", "few_shot", "cot", "soft", "length", "init", "hybrid", "ensemble", "curve", "transfer")
+DEFAULT_METHODS = ("zero_shot", "few_shot", "knn", "search", "cot", "soft", "length", "init", "hybrid", "ensemble", "curve",
+                   "transfer")
 ALL_METHODS = (*DEFAULT_METHODS, "ptuning", "prefix")  # the last two are opt-in (see the module docstring)
 POSITIONS = ("prefix", "between", "answer")
 RESULTS = "results.json"
 FORMAT = 1
-CLASSIFICATION_ONLY = ("cot", "ensemble", "transfer")  # methods that need label words
+CLASSIFICATION_ONLY = ("cot", "ensemble", "transfer", "search", "knn")  # methods that need label words
+HARD_KINDS = ("hard", "cot", "search", "knn")  # run first: the hard prompt chosen among them is where soft prompts start
 ENCODER_HIDDEN = 128  # width of the P-tuning encoder / prefix MLP (TrainConfig.encoder_hidden)
 DEFAULT_LR = 0.3  # the one default learning rate of prompt tuning: train, compare and demo (train.TrainConfig.lr)
 LR_GRID = (0.03, 0.1, 0.3)  # the main method's learning rates; validation data picks among them
@@ -137,7 +139,11 @@ class CompareConfig:
     sampling: str = "balanced"  # balanced | random
     fewshot_seeds: tuple[int, ...] = (0, 1, 2)
     fewshot_orders: int = 2
-    # chain-of-thought
+    # instruction search (method search; instruction_search.py): candidates scored on the training pool only
+    instructions: tuple[str, ...] = ()  # the user's candidate instructions (--instructions-file)
+    induce: int = 3  # instructions the frozen model writes from labelled examples (APE-style)
+    search_calibration: str = "contextual"
+    # chain-of-thought (two stages: reasoning, then the labels ranked after an answer cue)
     cot_max_new_tokens: int = 48
     cot_limit: int | None = None  # score CoT on the first N test examples only (generation is slow)
     # prompt tuning
@@ -605,13 +611,31 @@ class Comparison:
             rows.append(Row(f"few-shot k={cfg.shots} ({sampling}, {_tokens(len(cfg.fewshot_seeds), 'seed')} x "
                             f"{_tokens(cfg.fewshot_orders, 'order')}" + (", chat format" if chat else "") + ")",
                             FAMILY_PE, "main", ids))
+        if "knn" in methods and cfg.shots > 0:
+            spec = {"kind": "knn", "shots": cfg.shots, "demo_fp": fingerprint(self.demo_pool), "valid_fp": self.fp["valid"],
+                    "test_fp": self.fp["test"], "model": self.fp["model"], "instruction": self.instruction,
+                    "calibrations": list(cfg.calibrations)}
+            cost = (len(self.test) + len(self.valid)) * (2 + cfg.shots) + 2 * cfg.latency_examples
+            rid = self._add(Run(f"knn/k{cfg.shots}", "knn", f"few-shot k={cfg.shots} (nearest neighbours)", spec, cost))
+            rows.append(Row(f"few-shot k={cfg.shots} (nearest-neighbour demonstrations per input)", FAMILY_PE, "main", [rid]))
+        if "search" in methods:
+            metric = cfg.select_metric if cfg.select_metric in ("macro_f1", "accuracy") else "macro_f1"
+            spec = {"kind": "search", "train_fp": self.fp["train"], "valid_fp": self.fp["valid"], "test_fp": self.fp["test"],
+                    "model": self.fp["model"], "instruction": self.instruction, "calibration": cfg.search_calibration,
+                    "induce": cfg.induce, "metric": metric, "user_instructions": list(cfg.instructions),
+                    "chat": bool(chat), "calibrations": list(cfg.calibrations)}
+            cost = (12 + len(cfg.instructions) + cfg.induce) * len(self.pool) + 8 * cfg.induce + len(self.test) + len(self.valid)
+            rid = self._add(Run("search", "search", "searched instruction", spec, cost))
+            rows.append(Row("searched instruction" + (" (chat format)" if chat else ""), FAMILY_PE, "main", [rid]))
         if "cot" in methods:
             test = self.test[: cfg.cot_limit] if cfg.cot_limit else self.test
             spec = {"kind": "cot", "template": B.cot_template(task, self.instruction), "verbalizer": task.verbalizer,
-                    "test_fp": fingerprint(test), "model": self.fp["model"], "max_new_tokens": cfg.cot_max_new_tokens}
-            cost = len(test) * (1 + cfg.cot_max_new_tokens / 4) + 8 * cfg.cot_max_new_tokens / 4
-            rid = self._add(Run("cot", "cot", "chain-of-thought (zero-shot)", spec, cost))
-            rows.append(Row("chain-of-thought (zero-shot, parsed)", FAMILY_PE, "main", [rid]))
+                    "test_fp": fingerprint(test), "model": self.fp["model"], "max_new_tokens": cfg.cot_max_new_tokens,
+                    "two_stage": True, "valid_fp": self.fp["valid"], "calibrations": list(cfg.calibrations)}
+            n = len(test) + (len(self.valid) if len(test) == len(self.test) else 0)
+            cost = n * (1 + cfg.cot_max_new_tokens / 4) + 8 * cfg.cot_max_new_tokens / 4
+            rid = self._add(Run("cot", "cot", "chain-of-thought (zero-shot, two-stage)", spec, cost))
+            rows.append(Row("chain-of-thought (zero-shot; reasoning, then ranked answer)", FAMILY_PE, "main", [rid]))
         main: list[str] = []
         if methods & {"soft", "ensemble", "transfer"}:
             main = main_runs()
@@ -789,7 +813,7 @@ class Comparison:
         self.save()
         self.executed = []
         # phase 1: hand-written prompts; the one chosen on validation is where soft prompts start
-        self._run_pending([r for r in pending if r.kind in ("hard", "cot")])
+        self._run_pending([r for r in pending if r.kind in HARD_KINDS])
         if self.cfg.start_from_hard and not self.generative:
             start = self._choose_start()
             if start is not None and start != self.start:
@@ -840,7 +864,17 @@ class Comparison:
         if run.kind == "hard":
             return self._exec_hard(run)
         if run.kind == "cot":
-            return self._exec_cot(run)
+            from .hard_runs import exec_cot_two_stage
+
+            return exec_cot_two_stage(self, run)
+        if run.kind == "search":
+            from .hard_runs import exec_search
+
+            return exec_search(self, run)
+        if run.kind == "knn":
+            from .hard_runs import exec_knn
+
+            return exec_knn(self, run)
         if run.kind == "soft":
             return self._exec_soft(run)
         if run.kind == "ensemble":
@@ -927,31 +961,6 @@ class Comparison:
         return {**scored, "template": tpl, "trainable_params": 0,
                 "artifact_bytes": len(tpl.encode("utf-8")), "artifact": None,
                 "tokens_added": B.template_overhead_tokens(tpl, self.tok), "train": None}
-
-    def _exec_cot(self, run: Run) -> dict[str, Any]:
-        tpl, verb = run.spec["template"], run.spec["verbalizer"]
-        test = self.test[: self.cfg.cot_limit] if self.cfg.cot_limit else self.test
-        name = f"run:{run.id}"
-        self.bank.add(name, tpl, kind="generation")
-        bs = max(self.cfg.eval_batch_size // 2, 1)
-        mnt = run.spec["max_new_tokens"]
-        try:
-            t = time.perf_counter()
-            res = B.cot_classify(self.bank, name, test, verb, max_new_tokens=mnt, batch_size=bs)
-            wall = time.perf_counter() - t
-            lat = self._latency(lambda exs, b: B.cot_classify(self.bank, name, exs, verb, max_new_tokens=mnt, batch_size=b),
-                                test, min(self.cfg.latency_examples, 8))
-        finally:
-            self.bank.remove(name)
-        samples = [{"gold": ex.label, "parsed": p, "text": txt}
-                   for ex, p, txt in list(zip(test, res.predictions, res.texts))[:8]]
-        bad = [{"gold": ex.label, "text": txt} for ex, p, txt in zip(test, res.predictions, res.texts) if p is None][:5]
-        overhead = B.template_overhead_tokens(tpl, self.tok)
-        return {"metrics": res.metrics, "template": tpl, "trainable_params": 0, "artifact_bytes": len(tpl.encode("utf-8")),
-                "artifact": None, "tokens_added": overhead + res.generated_tokens, "latency": lat, "eval_wall_s": wall,
-                "train": None, "cot": {"n_unparseable": res.n_unparseable, "generated_tokens": res.generated_tokens,
-                                       "template_tokens": overhead, "samples": samples, "unparseable_samples": bad,
-                                       "rule": B.PARSE_RULE}}
 
     def _exec_soft(self, run: Run) -> dict[str, Any]:
         from .restarts import train_with_restarts

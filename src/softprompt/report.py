@@ -504,6 +504,21 @@ def _blocks(results: dict[str, Any], plots: list[tuple[str, str]]) -> list[tuple
     for r in cot:
         m, c = r["metrics"], r["cot"]
         b.append(("h", 2, "Chain-of-thought"))
+        if c.get("two_stage"):
+            pa = c.get("parse_accuracy")
+            b.append(("p", (f"Two stages: the model writes its reasoning (at most {results['config'].get('cot_max_new_tokens')} "
+                            f"tokens; mean {c['generated_tokens']:.1f}), then the label words are ranked after the reasoning "
+                            f"and the cue \"{c.get('cue', '')}\", so every one of the {c.get('n', m['n'])} examples gets a label "
+                            f"(accuracy {100 * m['accuracy']:.1f}%). Diagnostic only: parsing the reasoning's free text "
+                            f"would leave {c['n_unparseable']} answers unreadable"
+                            + (f" and score {100 * pa:.1f}%" if pa is not None else "")
+                            + (f"; it agrees with the ranked answer on {100 * c['parse_agreement']:.1f}% of examples"
+                               if c.get("parse_agreement") is not None else "") + f". Parsing rule: {c['rule']}")))
+            samples = [[s["gold"], s["answer"], s["parsed"] or "unparseable", s["text"][:160].replace("\n", " ")]
+                       for s in c["samples"][:5]]
+            b.append(("table", ["gold", "ranked answer", "parsed (diagnostic)", "reasoning (first 160 characters)"],
+                      samples, "llll"))
+            continue
         b.append(("p", (f"{c['n_unparseable']} of {m['n']} generated answers ({100 * m['unparseable_rate']:.1f}%) named no "
                         f"label and are scored as wrong; accuracy on the parseable ones: {100 * m['accuracy_parsed']:.1f}%. "
                         f"Mean generated tokens: {c['generated_tokens']:.1f} (max {results['config'].get('cot_max_new_tokens')}). "

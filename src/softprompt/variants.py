@@ -19,7 +19,7 @@ from .calibration import Calibration, fit_calibration
 from .decision import metric_value, select
 from .scoring import classification_metrics, classify
 
-__all__ = ["score_variants", "summary_metrics"]
+__all__ = ["score_variants", "summary_metrics", "variants_from_scores"]
 
 
 def summary_metrics(gold: list[str], pred: list[str], labels: list[str], *, confusion: bool = False) -> dict[str, Any]:
@@ -78,3 +78,25 @@ def score_variants(bank, entry, valid, test, calibrations, *, batch_size: int = 
     pred = [labels[i] for i in variants[name]["predictions"]]
     return {"variants": variants, "calibration": name, "metrics": summary_metrics(gold_test, pred, labels, confusion=True),
             "valid_metrics": variants[name]["valid"], "valid_s": valid_s}
+
+
+def variants_from_scores(labels: list[str], valid, test, valid_scores: dict | None, test_scores: dict,
+                         calibrations, select_metric: str = "macro_f1") -> dict[str, Any]:
+    """As :func:`score_variants`, from label scores already calibrated per method
+    (``{calibration: [N, L] scores}`` for test, and for validation when there is any): for methods
+    whose prompt differs per input (nearest-neighbour demonstrations, two-stage reasoning)."""
+    gold_test = [ex.label for ex in test]
+    variants: dict[str, dict[str, Any]] = {}
+    for method in calibrations:
+        pred = [labels[j] for j in test_scores[method].argmax(-1).tolist()]
+        v = {"test": summary_metrics(gold_test, pred, labels), "calibration": {"method": method},
+             "predictions": [labels.index(p) for p in pred], "valid": None}
+        if valid_scores is not None and valid:
+            vp = [labels[j] for j in valid_scores[method].argmax(-1).tolist()]
+            v["valid"] = summary_metrics([ex.label for ex in valid], vp, labels)
+        variants[method] = v
+    chosen = select([{"name": k, **v} for k, v in variants.items()], select_metric) if valid_scores else None
+    name = chosen["name"] if chosen else list(variants)[0]
+    pred = [labels[i] for i in variants[name]["predictions"]]
+    return {"variants": variants, "calibration": name, "metrics": summary_metrics(gold_test, pred, labels, confusion=True),
+            "valid_metrics": variants[name]["valid"]}
