@@ -220,3 +220,31 @@ def test_searched_instruction_knn_and_two_stage_cot_are_hard_candidates(tmp_path
     again = C.run_compare(small_config(methods=("search",), induce=1, instructions=("say yes or no .",)), shuffled,
                           model, tok, tmp_path / "again", progress=False, log=lambda s: None, report=False)
     assert again["runs"]["search"]["instruction"] == search["instruction"]
+
+
+def test_training_and_restarts_choose_by_macro_f1_not_accuracy(monkeypatch):
+    """A prompt stuck on the majority class (accuracy 0.8, macro-F1 0.44) must score below a
+    balanced one (accuracy 0.7, macro-F1 0.67) in validate(), which picks the best step and restart."""
+    import torch
+
+    from softprompt import train as T
+    from softprompt.scoring import Classification, classification_metrics
+
+    gold = ["a"] * 8 + ["b"] * 2
+    preds = {"stuck": ["a"] * 10, "balanced": ["a"] * 5 + ["b"] * 3 + ["b"] * 2}
+
+    class Entry:
+        kind = "classification"
+
+    class Bank:
+        entries = {"stuck": Entry(), "balanced": Entry()}
+
+    def fake_classify(bank, entry, examples, batch_size=32):
+        p = preds[entry]
+        scores = torch.tensor([[0.0, -1.0] if x == "a" else [-1.0, 0.0] for x in p])
+        return Classification(["a", "b"], p, scores.softmax(-1), scores, classification_metrics(gold, p, ["a", "b"]))
+
+    monkeypatch.setattr(T, "classify", fake_classify)
+    exs = [Example({"text": "x"}, g) for g in gold]
+    stuck, balanced = (T.validate(Bank(), e, exs, T.TrainConfig()) for e in ("stuck", "balanced"))
+    assert stuck["accuracy"] > balanced["accuracy"] and balanced["score"] > stuck["score"]

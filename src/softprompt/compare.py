@@ -87,6 +87,7 @@ from .prompts import ModelIdentity, SoftPrompt
 from .scoring import classify, generate
 from .tasks import Example, Task, TaskData
 from .templates import Segment, Template
+from .train import DEFAULT_LR  # the one default learning rate (train, compare, demo)
 
 __all__ = [
     "ALL_METHODS",
@@ -113,7 +114,6 @@ FORMAT = 1
 CLASSIFICATION_ONLY = ("cot", "ensemble", "transfer", "search", "knn")  # methods that need label words
 HARD_KINDS = ("hard", "cot", "search", "knn")  # run first: the hard prompt chosen among them is where soft prompts start
 ENCODER_HIDDEN = 128  # width of the P-tuning encoder / prefix MLP (TrainConfig.encoder_hidden)
-DEFAULT_LR = 0.3  # the one default learning rate of prompt tuning: train, compare and demo (train.TrainConfig.lr)
 LR_GRID = (0.03, 0.1, 0.3)  # the main method's learning rates; validation data picks among them
 
 FAMILY_PE = "prompt engineering"

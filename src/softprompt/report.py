@@ -558,7 +558,7 @@ def _restart_blocks(runs: dict[str, Any]) -> list[tuple]:
         return []
     return [("h", 2, "Restarts"),
             ("p", ("Each soft-prompt run trained several seeds and kept the prompt that scored best on the validation "
-                   "examples, or on its own training examples when there were none (accuracy first, then macro-F1, "
+                   "examples, or on its own training examples when there were none (macro-F1 first, then accuracy, "
                    "then lower loss); only the kept prompt is scored on the test set.")),
             ("table", ["run", "seed", "judged on", "fit %", "fit loss", ""], table, "lrlrrl")]
 
