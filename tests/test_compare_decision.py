@@ -248,3 +248,30 @@ def test_training_and_restarts_choose_by_macro_f1_not_accuracy(monkeypatch):
     exs = [Example({"text": "x"}, g) for g in gold]
     stuck, balanced = (T.validate(Bank(), e, exs, T.TrainConfig()) for e in ("stuck", "balanced"))
     assert stuck["accuracy"] > balanced["accuracy"] and balanced["score"] > stuck["score"]
+
+
+def _tiny_folder(tmp_path):
+    folder = tmp_path / "tiny"
+    tiny_causal_lm().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_cli_eval_takes_a_verbalizer(tmp_path):
+    folder = _tiny_folder(tmp_path)
+    (tmp_path / "t.csv").write_text("text,label\n" + "".join(f"{e.fields['text']},{e.label}\n" for e in mk(6)))
+    out = tmp_path / "m.json"
+    args = ["eval", "--hard", "--model", str(folder), "--test-file", str(tmp_path / "t.csv"), "--verbalizer", "neg=no",
+            "--verbalizer", "pos=yes", "--json", str(out)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["hard"]["n"] == 6
+
+
+def test_cli_demo_shows_the_searched_calibrated_hard_prompt(tmp_path):
+    r = CliRunner().invoke(app, ["demo", "--model", str(_tiny_folder(tmp_path)), "--epochs", "1", "--out",
+                                 str(tmp_path / "demo")])
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.replace("│", " ").split())
+    assert "searched instruction (" in text and "contextual calibration" in text and "soft prompt" in text
+    assert (tmp_path / "demo" / "prompt.safetensors").exists()
