@@ -7,16 +7,19 @@ crash loses at most the run in progress and calling it again skips finished runs
 data fingerprints, budgets, seed, model).  ``report.write_report`` then renders
 ``report.md``, ``report.html`` and the plots from ``results.json`` alone.
 
-Methods (``--methods``), all scored by ``scoring.classify`` (or, for chain-of-thought,
-``scoring.generate`` + ``baselines.parse_label``) on the SAME test sample:
+Methods (``--methods``), all scored by ``scoring.classify`` on the SAME test sample:
 
 ==============  ==========================================================================
-zero_shot       the task instruction + hard template (``baselines.zero_shot_template``)
+zero_shot       the task instruction + hard template (``baselines.zero_shot_template``); for a
+                model with a chat template in its format (``chat.py``) and plain as a 2nd row
 few_shot        k demonstrations, class-balanced or random, several sampling seeds x
                 several orders (reported as mean +/- std and min..max)
-cot             zero-shot chain-of-thought, generated and parsed; unparseable counted
+knn             few-shot with each input's k nearest training examples (``demo_selection``)
+search          the best instruction found on the training pool (``instruction_search``)
+cot             two-stage chain-of-thought: reasoning, then the labels ranked after it
+                (``baselines.cot_two_stage``); the free-text parse is a diagnostic
 soft            prompt tuning with the task template, ``prompt_length`` tokens,
-                ``init``, one run per seed in ``seeds``
+                ``init``, one run per learning rate in ``lrs`` x seed in ``seeds``
 length          prompt tuning at each of ``lengths`` (seeds ``sweep_seeds``)
 init            prompt tuning with each of ``inits``
 hybrid          instruction text + soft tokens at each of ``positions``: ``prefix``
@@ -36,6 +39,14 @@ prefix          prefix tuning: ``prompt_length`` learned key/value positions at 
                 (``prefix_reparam`` none) or through an MLP at ``encoder_lr`` (mlp); one run
                 per seed in ``seeds`` (opt-in; not for encoder-decoder models)
 ==============  ==========================================================================
+
+**Choosing** (issue 14; ``decision.py``).  Every classification prompt is scored under each
+of ``calibrations`` on validation and test (``variants.py``); validation is the task's split or,
+without one, a stratified ``valid_fraction`` of the training pool (``splits.py``).  Hard runs
+go first; the hard prompt best on validation (``select_metric``, default macro-F1) is where
+soft prompts start (``start_from_hard``: its instruction as text init and hybrid text).  At the
+end ``results["decision"]`` holds each family's prompt chosen on validation, their paired
+bootstrap interval and McNemar test on the test set, and the recommendation.
 
 ``DEFAULT_METHODS`` (what the CLI's ``--methods all`` means) is every method except
 ``ptuning`` and ``prefix``: each adds one training per seed, and a default comparison
