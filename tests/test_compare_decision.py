@@ -192,7 +192,7 @@ def test_one_default_learning_rate():
 def test_help_is_not_cut_at_80_columns():
     r = CliRunner().invoke(app, ["compare", "--help"], terminal_width=80, env={"COLUMNS": "80"})
     assert r.exit_code == 0
-    assert "zero_shot,few_shot,cot,soft" in r.output.replace("\n", "").replace(" ", "").replace("│", "")
+    assert "zero_shot,few_shot,knn,search,cot,soft,length,init,hybrid" in r.output.replace("\n", "").replace(" ", "").replace("│", "")
 
 
 def test_searched_instruction_knn_and_two_stage_cot_are_hard_candidates(tmp_path):

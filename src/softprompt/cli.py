@@ -265,13 +265,16 @@ def train(
     restarts: int = typer.Option(1, min=1, help="Train N times (seeds SEED, SEED+1000, ...) and keep the prompt that scores best on the validation data, or on the training data without any: guards against a run stuck at the majority class. Costs N times the training."),
     resume: bool = typer.Option(False, help="Continue from OUT/checkpoint.safetensors (with --restarts: each run from its own OUT/restartN)."),
     eval_batch_size: int = typer.Option(32),
+    encoding: str = typer.Option("utf-8", help="Text encoding of your files, e.g. latin-1 or cp1252."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: torch's choice)."),
 ):
     """Train a soft prompt (the base model stays frozen), then score it on held-out data."""
     from .restarts import train_with_restarts
     from .train import TrainConfig, encoders_for
 
     data = _load_task_data(task, train_file, test_file, valid_file, field, label_column, target_column,
-                           template, verbalizer, instruction, None)
+                           template, verbalizer, instruction, None, encoding=encoding)
+    _set_threads(threads)
     train_ex = list(_split(data, "train"))
     if train_limit and train_limit < len(train_ex):
         train_ex = random.Random(seed).sample(train_ex, train_limit)

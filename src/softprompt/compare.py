@@ -622,31 +622,9 @@ class Comparison:
             rows.append(Row(f"few-shot k={cfg.shots} ({sampling}, {_tokens(len(cfg.fewshot_seeds), 'seed')} x "
                             f"{_tokens(cfg.fewshot_orders, 'order')}" + (", chat format" if chat else "") + ")",
                             FAMILY_PE, "main", ids))
-        if "knn" in methods and cfg.shots > 0:
-            spec = {"kind": "knn", "shots": cfg.shots, "demo_fp": fingerprint(self.demo_pool), "valid_fp": self.fp["valid"],
-                    "test_fp": self.fp["test"], "model": self.fp["model"], "instruction": self.instruction,
-                    "calibrations": list(cfg.calibrations)}
-            cost = (len(self.test) + len(self.valid)) * (2 + cfg.shots) + 2 * cfg.latency_examples
-            rid = self._add(Run(f"knn/k{cfg.shots}", "knn", f"few-shot k={cfg.shots} (nearest neighbours)", spec, cost))
-            rows.append(Row(f"few-shot k={cfg.shots} (nearest-neighbour demonstrations per input)", FAMILY_PE, "main", [rid]))
-        if "search" in methods:
-            metric = cfg.select_metric if cfg.select_metric in ("macro_f1", "accuracy") else "macro_f1"
-            spec = {"kind": "search", "train_fp": self.fp["train"], "valid_fp": self.fp["valid"], "test_fp": self.fp["test"],
-                    "model": self.fp["model"], "instruction": self.instruction, "calibration": cfg.search_calibration,
-                    "induce": cfg.induce, "metric": metric, "user_instructions": list(cfg.instructions),
-                    "chat": bool(chat), "calibrations": list(cfg.calibrations)}
-            cost = (12 + len(cfg.instructions) + cfg.induce) * len(self.pool) + 8 * cfg.induce + len(self.test) + len(self.valid)
-            rid = self._add(Run("search", "search", "searched instruction", spec, cost))
-            rows.append(Row("searched instruction" + (" (chat format)" if chat else ""), FAMILY_PE, "main", [rid]))
-        if "cot" in methods:
-            test = self.test[: cfg.cot_limit] if cfg.cot_limit else self.test
-            spec = {"kind": "cot", "template": B.cot_template(task, self.instruction), "verbalizer": task.verbalizer,
-                    "test_fp": fingerprint(test), "model": self.fp["model"], "max_new_tokens": cfg.cot_max_new_tokens,
-                    "two_stage": True, "valid_fp": self.fp["valid"], "calibrations": list(cfg.calibrations)}
-            n = len(test) + (len(self.valid) if len(test) == len(self.test) else 0)
-            cost = n * (1 + cfg.cot_max_new_tokens / 4) + 8 * cfg.cot_max_new_tokens / 4
-            rid = self._add(Run("cot", "cot", "chain-of-thought (zero-shot, two-stage)", spec, cost))
-            rows.append(Row("chain-of-thought (zero-shot; reasoning, then ranked answer)", FAMILY_PE, "main", [rid]))
+        from .hard_runs import plan_hard_extras
+
+        rows += plan_hard_extras(self, methods, chat)
         main: list[str] = []
         if methods & {"soft", "ensemble", "transfer"}:
             main = main_runs()
@@ -935,17 +913,9 @@ class Comparison:
         return res.metrics, lat, wall, samples
 
     def _score_calibrated(self, name: str, calibrations) -> dict[str, Any]:
-        """Classification on validation and test under each calibration (variants.py); the record
-        fields shared by hard and soft runs."""
-        from .variants import score_variants
+        from .variants import score_calibrated
 
-        t = time.perf_counter()
-        sv = score_variants(self.bank, name, self.valid, self.test, calibrations, batch_size=self.cfg.eval_batch_size,
-                            select_metric=self.cfg.select_metric)
-        wall = time.perf_counter() - t - sv["valid_s"]
-        lat = self._latency(lambda exs, bs: classify(self.bank, name, exs, batch_size=bs), self.test)
-        return {"metrics": sv["metrics"], "latency": lat, "eval_wall_s": wall, "valid_wall_s": sv["valid_s"],
-                "valid_metrics": sv["valid_metrics"], "calibration": sv["calibration"], "variants": sv["variants"]}
+        return score_calibrated(self, name, calibrations)
 
     def _score_entry(self, name: str, examples: list[Example]) -> dict[str, Any]:
         """Score a bank entry the task's way; the record fields shared by every run kind."""
@@ -1071,20 +1041,9 @@ class Comparison:
         }
 
     def _ensemble_variants(self, names: list[str], res) -> tuple[dict, float]:
-        """The mean-probability ensemble as one uncalibrated candidate (validation + test predictions)."""
-        from .ensemble import ensemble_classify
-        from .variants import summary_metrics
+        from .variants import ensemble_variants
 
-        labels = res.labels
-        pred = res.predictions["mean"]
-        v: dict[str, Any] = {"test": summary_metrics([ex.label for ex in self.test], pred, labels),
-                             "predictions": [labels.index(p) for p in pred], "calibration": {"method": "none"},
-                             "valid": None}
-        t = time.perf_counter()
-        if self.valid:
-            rv = ensemble_classify(self.bank, names, self.valid, batch_size=self.cfg.eval_batch_size * len(names))
-            v["valid"] = summary_metrics([ex.label for ex in self.valid], rv.predictions["mean"], labels)
-        return {"none": v}, time.perf_counter() - t
+        return ensemble_variants(self, names, res)
 
     def _exec_transfer(self, run: Run) -> dict[str, Any]:
         src = self._load_member(run.deps[0])

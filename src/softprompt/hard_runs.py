@@ -18,7 +18,7 @@ from .calibration import Calibration, log_prior_from_scores
 from .tasks import Example, Task
 from .variants import variants_from_scores
 
-__all__ = ["exec_cot_two_stage", "exec_knn", "exec_search"]
+__all__ = ["exec_cot_two_stage", "exec_knn", "exec_search", "plan_hard_extras"]
 
 
 def _task(comp, instruction: str | None = None) -> Task:
@@ -139,3 +139,37 @@ def exec_cot_two_stage(comp, run) -> dict[str, Any]:
                     "template_tokens": overhead, "samples": samples, "rule": B.PARSE_RULE, "n": len(test),
                     "cue": B.ANSWER_CUE}}
 
+
+def plan_hard_extras(comp, methods: set[str], chat) -> list:
+    """Plan the knn, search and cot runs of ``comp`` (when in ``methods``); returns their report rows."""
+    from .compare import FAMILY_PE, Row, Run, fingerprint
+
+    task, cfg = comp.task, comp.cfg
+    rows: list = []
+    if "knn" in methods and cfg.shots > 0:
+        spec = {"kind": "knn", "shots": cfg.shots, "demo_fp": fingerprint(comp.demo_pool),
+                "valid_fp": comp.fp["valid"], "test_fp": comp.fp["test"], "model": comp.fp["model"], "instruction": comp.instruction,
+                "calibrations": list(cfg.calibrations)}
+        cost = (len(comp.test) + len(comp.valid)) * (2 + cfg.shots) + 2 * cfg.latency_examples
+        rid = comp._add(Run(f"knn/k{cfg.shots}", "knn", f"few-shot k={cfg.shots} (nearest neighbours)", spec, cost))
+        rows.append(Row(f"few-shot k={cfg.shots} (nearest-neighbour demonstrations per input)", FAMILY_PE, "main", [rid]))
+    if "search" in methods:
+        metric = cfg.select_metric if cfg.select_metric in ("macro_f1", "accuracy") else "macro_f1"
+        spec = {"kind": "search", "train_fp": comp.fp["train"], "valid_fp": comp.fp["valid"], "test_fp": comp.fp["test"],
+                "model": comp.fp["model"], "instruction": comp.instruction, "calibration": cfg.search_calibration,
+                "induce": cfg.induce, "metric": metric, "user_instructions": list(cfg.instructions),
+                "chat": bool(chat), "calibrations": list(cfg.calibrations)}
+        cost = ((12 + len(cfg.instructions) + cfg.induce) * len(comp.pool) + 8 * cfg.induce + len(comp.test)
+                + len(comp.valid))
+        rid = comp._add(Run("search", "search", "searched instruction", spec, cost))
+        rows.append(Row("searched instruction" + (" (chat format)" if chat else ""), FAMILY_PE, "main", [rid]))
+    if "cot" in methods:
+        test = comp.test[: cfg.cot_limit] if cfg.cot_limit else comp.test
+        spec = {"kind": "cot", "template": B.cot_template(task, comp.instruction), "verbalizer": task.verbalizer,
+                "test_fp": fingerprint(test), "model": comp.fp["model"], "max_new_tokens": cfg.cot_max_new_tokens,
+                "two_stage": True, "valid_fp": comp.fp["valid"], "calibrations": list(cfg.calibrations)}
+        n = len(test) + (len(comp.valid) if len(test) == len(comp.test) else 0)
+        cost = n * (1 + cfg.cot_max_new_tokens / 4) + 8 * cfg.cot_max_new_tokens / 4
+        rid = comp._add(Run("cot", "cot", "chain-of-thought (zero-shot, two-stage)", spec, cost))
+        rows.append(Row("chain-of-thought (zero-shot; reasoning, then ranked answer)", FAMILY_PE, "main", [rid]))
+    return rows

@@ -19,7 +19,7 @@ from .calibration import Calibration, fit_calibration
 from .decision import metric_value, select
 from .scoring import classification_metrics, classify
 
-__all__ = ["score_variants", "summary_metrics", "variants_from_scores"]
+__all__ = ["ensemble_variants", "score_calibrated", "score_variants", "summary_metrics", "variants_from_scores"]
 
 
 def summary_metrics(gold: list[str], pred: list[str], labels: list[str], *, confusion: bool = False) -> dict[str, Any]:
@@ -100,3 +100,31 @@ def variants_from_scores(labels: list[str], valid, test, valid_scores: dict | No
     pred = [labels[i] for i in variants[name]["predictions"]]
     return {"variants": variants, "calibration": name, "metrics": summary_metrics(gold_test, pred, labels, confusion=True),
             "valid_metrics": variants[name]["valid"]}
+
+
+def score_calibrated(comp, name: str, calibrations) -> dict[str, Any]:
+    """Classification on validation and test under each calibration (variants.py); the record
+    fields shared by hard and soft runs."""
+    t = time.perf_counter()
+    sv = score_variants(comp.bank, name, comp.valid, comp.test, calibrations, batch_size=comp.cfg.eval_batch_size,
+                        select_metric=comp.cfg.select_metric)
+    wall = time.perf_counter() - t - sv["valid_s"]
+    lat = comp._latency(lambda exs, bs: classify(comp.bank, name, exs, batch_size=bs), comp.test)
+    return {"metrics": sv["metrics"], "latency": lat, "eval_wall_s": wall, "valid_wall_s": sv["valid_s"],
+            "valid_metrics": sv["valid_metrics"], "calibration": sv["calibration"], "variants": sv["variants"]}
+
+
+def ensemble_variants(comp, names: list[str], res) -> tuple[dict, float]:
+    """The mean-probability ensemble as one uncalibrated candidate (validation + test predictions)."""
+    from .ensemble import ensemble_classify
+
+    labels = res.labels
+    pred = res.predictions["mean"]
+    v: dict[str, Any] = {"test": summary_metrics([ex.label for ex in comp.test], pred, labels),
+                         "predictions": [labels.index(p) for p in pred], "calibration": {"method": "none"},
+                         "valid": None}
+    t = time.perf_counter()
+    if comp.valid:
+        rv = ensemble_classify(comp.bank, names, comp.valid, batch_size=comp.cfg.eval_batch_size * len(names))
+        v["valid"] = summary_metrics([ex.label for ex in comp.valid], rv.predictions["mean"], labels)
+    return {"none": v}, time.perf_counter() - t
