@@ -197,6 +197,12 @@ def _ref_lines(ax, rows: list[dict], results: dict, horizontal: bool = True) -> 
     maj = results.get("data", {}).get("majority_accuracy")
     if maj is not None:
         line(maj, color="#999999", linestyle=":", linewidth=1.2, label=f"majority class ({100 * maj:.1f}%)")
+    chosen = ((results.get("decision") or {}).get("hard") or {})
+    if chosen.get("test"):  # the hard prompt chosen on validation, not the best on test
+        acc = chosen["test"]["accuracy"]
+        line(acc, color=FAMILY_COLORS["prompt engineering"], linestyle="--", linewidth=1.2,
+             label=f"hard prompt chosen on validation ({100 * acc:.1f}%)")
+        return
     pe = _best(rows, {"prompt engineering"}, {"main"})
     if pe:
         line(pe["primary"]["mean"], color=FAMILY_COLORS["prompt engineering"], linestyle="--", linewidth=1.2,
