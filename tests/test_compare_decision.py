@@ -275,3 +275,21 @@ def test_cli_demo_shows_the_searched_calibrated_hard_prompt(tmp_path):
     text = " ".join(r.output.replace("│", " ").split())
     assert "searched instruction (" in text and "contextual calibration" in text and "soft prompt" in text
     assert (tmp_path / "demo" / "prompt.safetensors").exists()
+
+
+def test_score_variants_batch_prior_equals_fit_calibration(lm):
+    """The batch prior taken from the scores already computed is fit_calibration's own."""
+    from softprompt.bank import PromptBank
+    from softprompt.calibration import fit_calibration
+    from softprompt.variants import score_variants
+
+    model, tok = lm
+    bank = PromptBank(model, tok)
+    bank.add("p", "review : {text} label :", verbalizer=TASK.verbalizer)
+    valid, test = mk(6, 2), mk(8, 1)
+    sv = score_variants(bank, "p", valid, test, ["none", "batch", "contextual"])
+    ref = fit_calibration(bank, "p", "batch", inputs=test).log_prior
+    assert sv["variants"]["batch"]["calibration"]["log_prior"] == pytest.approx(ref, abs=1e-5)
+    assert sv["variants"]["contextual"]["calibration"]["log_prior"] == pytest.approx(
+        fit_calibration(bank, "p", "contextual").log_prior, abs=1e-6)
+    assert sv["valid_s"] >= 0 and sv["calibration"] in ("none", "batch", "contextual")

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .calibration import Calibration, fit_calibration
+from .calibration import Calibration, fit_calibration, log_prior_from_scores
 from .decision import metric_value, select
 from .scoring import classification_metrics, classify
 
@@ -60,11 +60,9 @@ def score_variants(bank, entry, valid, test, calibrations, *, batch_size: int = 
     gold_test = [ex.label for ex in test]
     variants: dict[str, dict[str, Any]] = {}
     for method in cals:
-        if method == "batch":
-            cal_test = fit_calibration(bank, entry, "batch", inputs=test, batch_size=batch_size)
-            t0 = time.perf_counter()
-            cal_valid = fit_calibration(bank, entry, "batch", inputs=valid, batch_size=batch_size) if valid else None
-            valid_s += time.perf_counter() - t0
+        if method == "batch":  # fit_calibration(..., "batch", inputs=split) from the scores already computed
+            cal_test = Calibration("batch", log_prior_from_scores(raw_test))
+            cal_valid = Calibration("batch", log_prior_from_scores(raw_valid)) if raw_valid is not None else None
         else:
             cal_test = cal_valid = fit_calibration(bank, entry, method, batch_size=batch_size)
         pred = _predict(raw_test, cal_test, labels)
