@@ -584,10 +584,9 @@ class Comparison:
 
         def main_runs(lr: float | None = None) -> list[str]:
             lr = cfg.lr if lr is None else lr
-            tag = "main"
             at = f", lr {lr:g}" if "soft" in methods and len(cfg.lrs) > 1 and self.valid else ""
-            return [self._soft_run(main_tpl, main_init, s, label=f"{main_label}{at}, seed {s}", tag=tag, lr=lr, grid=True)
-                    for s in cfg.seeds]
+            return [self._soft_run(main_tpl, main_init, s, label=f"{main_label}{at}, seed {s}", tag="main", lr=lr,
+                                   grid=True) for s in cfg.seeds]
 
         chat = self._chat_format if self.chat else None
         if "few_shot" in methods and not self.generative and 0 < cfg.shots < len(task.labels):
@@ -633,8 +632,7 @@ class Comparison:
                 for lr in lrs:
                     ids = main if lr == cfg.lr else main_runs(lr)
                     name = main_label + (f", lr {lr:g}" if len(lrs) > 1 else "")
-                    rows.append(Row(name, FAMILY_PT, "main", ids, x=cfg.prompt_length,
-                                    in_table=True))
+                    rows.append(Row(name, FAMILY_PT, "main", ids, x=cfg.prompt_length))
         if "ptuning" in methods:
             enc = cfg.ptuning_encoder
             name = f"P-tuning ({_tokens(cfg.prompt_length, 'soft token')}, {enc} encoder{best_of})"
