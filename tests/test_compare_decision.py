@@ -136,7 +136,18 @@ def test_chat_format_rows_from_the_tokenizer_chat_template(tmp_path):
     assert chat["template"].startswith("<|user|>" + TASK.instruction) and chat["template"].endswith("<|assistant|>\n")
     assert chat["verbalizer"] == {"neg": "no", "pos": "yes"}
     assert runs["zero_shot"].spec["verbalizer"] == TASK.verbalizer
-    assert all(r.endswith("/chat") for r in runs if r.startswith("few_shot"))
+    fs = sorted(r for r in runs if r.startswith("few_shot"))
+    assert fs == ["few_shot/k2/balanced/seed0/order0", "few_shot/k2/balanced/seed0/order0/chat"]
+    assert [r.name for r in rows][2:] == ["few-shot k=2 (balanced, 1 seed x 1 order, chat format)",
+                                          "few-shot k=2 (balanced, 1 seed x 1 order, plain format)"]
+    searched = C.Comparison(small_config(methods=("search",)), data, model, tok, tmp_path, progress=False).plan()[0]
+    assert searched["search"].spec["chat"] and searched["search/plain"].deps == ["search"]
+    res = C.run_compare(small_config(methods=("search",), induce=0), data, model, tok, tmp_path / "s", progress=False,
+                        log=lambda s: None, report=False)
+    chat_run, plain_run = res["runs"]["search"], res["runs"]["search/plain"]
+    assert chat_run["instruction"] == plain_run["instruction"] and chat_run["template"].startswith("<|user|>")
+    assert plain_run["template"] == plain_run["instruction"] + "\nreview : {text} label :"
+    assert {c["run"] for c in D.candidates(res)[0]} == {"search", "search/plain"}
     off = C.Comparison(small_config(methods=("zero_shot",), chat="off"), data, model, tok, tmp_path, progress=False)
     assert sorted(off.plan()[0]) == ["zero_shot"]
 

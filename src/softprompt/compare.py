@@ -123,7 +123,7 @@ POSITIONS = ("prefix", "between", "answer")
 RESULTS = "results.json"
 FORMAT = 1
 CLASSIFICATION_ONLY = ("cot", "ensemble", "transfer", "search", "knn")  # methods that need label words
-HARD_KINDS = ("hard", "cot", "search", "knn")  # run first: the hard prompt chosen among them is where soft prompts start
+HARD_KINDS = ("hard", "cot", "search", "search_plain", "knn")  # run first: the hard prompt chosen among them is where soft prompts start
 ENCODER_HIDDEN = 128  # width of the P-tuning encoder / prefix MLP (TrainConfig.encoder_hidden)
 LR_GRID = (0.03, 0.1, 0.3)  # the main method's learning rates; validation data picks among them
 
@@ -604,23 +604,24 @@ class Comparison:
             if cfg.shots > len(self.demo_pool):
                 raise ValueError(f"{cfg.shots} demonstrations requested but the pool has {len(self.demo_pool)}")
             sampling = "random" if self.generative else cfg.sampling
-            ids = []
-            for s in cfg.fewshot_seeds:
-                demos = B.sample_demos(self.demo_pool, cfg.shots, sampling=sampling, seed=s, labels=task.labels)
-                for o in range(cfg.fewshot_orders):
-                    ordered = B.order_demos(demos, o, seed=s)
-                    tpl = (few_shot_answer_template(task, ordered, self.instruction) if self.generative
-                           else B.few_shot_template(task, ordered, self.instruction))
-                    verb = None
-                    if chat:
-                        tpl, verb = chat(tpl)
-                    ids.append(self._hard_run(
-                        f"few_shot/k{cfg.shots}/{sampling}/seed{s}/order{o}" + ("/chat" if chat else ""), tpl,
-                        f"few-shot k={cfg.shots} ({sampling}), seed {s}, order {o}" + (", chat format" if chat else ""),
-                        extra={"shots": cfg.shots, "sampling": sampling, "seed": s, "order": o}, verbalizer=verb))
-            rows.append(Row(f"few-shot k={cfg.shots} ({sampling}, {_tokens(len(cfg.fewshot_seeds), 'seed')} x "
-                            f"{_tokens(cfg.fewshot_orders, 'order')}" + (", chat format" if chat else "") + ")",
-                            FAMILY_PE, "main", ids))
+            for fmt in (("chat", "plain") if chat else (None,)):
+                ids = []
+                tag, name = (f"/{fmt}", f", {fmt} format") if fmt == "chat" else ("", ", plain format" if fmt else "")
+                for s in cfg.fewshot_seeds:
+                    demos = B.sample_demos(self.demo_pool, cfg.shots, sampling=sampling, seed=s, labels=task.labels)
+                    for o in range(cfg.fewshot_orders):
+                        ordered = B.order_demos(demos, o, seed=s)
+                        tpl = (few_shot_answer_template(task, ordered, self.instruction) if self.generative
+                               else B.few_shot_template(task, ordered, self.instruction))
+                        verb = None
+                        if fmt == "chat":
+                            tpl, verb = chat(tpl)
+                        ids.append(self._hard_run(
+                            f"few_shot/k{cfg.shots}/{sampling}/seed{s}/order{o}{tag}", tpl,
+                            f"few-shot k={cfg.shots} ({sampling}), seed {s}, order {o}{name}",
+                            extra={"shots": cfg.shots, "sampling": sampling, "seed": s, "order": o}, verbalizer=verb))
+                rows.append(Row(f"few-shot k={cfg.shots} ({sampling}, {_tokens(len(cfg.fewshot_seeds), 'seed')} x "
+                                f"{_tokens(cfg.fewshot_orders, 'order')}{name})", FAMILY_PE, "main", ids))
         from .hard_runs import plan_hard_extras
 
         rows += plan_hard_extras(self, methods, chat)
@@ -858,6 +859,10 @@ class Comparison:
             from .hard_runs import exec_search
 
             return exec_search(self, run)
+        if run.kind == "search_plain":
+            from .hard_runs import exec_search_plain
+
+            return exec_search_plain(self, run)
         if run.kind == "knn":
             from .hard_runs import exec_knn
 

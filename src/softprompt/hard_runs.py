@@ -18,7 +18,7 @@ from .calibration import Calibration, log_prior_from_scores
 from .tasks import Example, Task
 from .variants import variants_from_scores
 
-__all__ = ["exec_cot_two_stage", "exec_knn", "exec_search", "plan_hard_extras"]
+__all__ = ["exec_cot_two_stage", "exec_knn", "exec_search", "exec_search_plain", "plan_hard_extras"]
 
 
 def _task(comp, instruction: str | None = None) -> Task:
@@ -48,6 +48,22 @@ def exec_search(comp, run) -> dict[str, Any]:
     return {**scored, "template": tpl, "instruction": res.best, "trainable_params": 0,
             "artifact_bytes": len(tpl.encode("utf-8")), "artifact": None,
             "tokens_added": B.template_overhead_tokens(tpl, comp.tok), "train": None, "search": res.to_dict()}
+
+
+def exec_search_plain(comp, run) -> dict[str, Any]:
+    """The instruction the search found (its run, ``run.deps[0]``), in the plain format."""
+    instr = comp.results["runs"][run.deps[0]]["instruction"]
+    tpl = B.zero_shot_template(comp.task, instr)
+    name = f"run:{run.id}"
+    comp.bank.add(name, tpl, verbalizer=comp.task.verbalizer)
+    try:
+        scored = comp._score_calibrated(name, run.spec["calibrations"])
+    finally:
+        comp.bank.remove(name)
+    return {**scored, "template": tpl, "instruction": instr, "trainable_params": 0,
+            "artifact_bytes": len(tpl.encode("utf-8")), "artifact": None,
+            "tokens_added": B.template_overhead_tokens(tpl, comp.tok), "train": None,
+            "search": {"source": run.deps[0]}}
 
 
 def _knn_scores(comp, examples: list[Example], k: int, with_contextual: bool):
@@ -161,8 +177,13 @@ def plan_hard_extras(comp, methods: set[str], chat) -> list:
                 "chat": bool(chat), "calibrations": list(cfg.calibrations)}
         cost = ((12 + len(cfg.instructions) + cfg.induce) * len(comp.pool) + 8 * cfg.induce + len(comp.test)
                 + len(comp.valid))
-        rid = comp._add(Run("search", "search", "searched instruction", spec, cost))
+        rid = comp._add(Run("search", "search", "searched instruction" + (" (chat format)" if chat else ""), spec, cost))
         rows.append(Row("searched instruction" + (" (chat format)" if chat else ""), FAMILY_PE, "main", [rid]))
+        if chat:  # the same instruction in the plain format: the second row, as for zero-shot
+            plain = {"kind": "search_plain", "source": spec, "calibrations": list(cfg.calibrations)}
+            pid = comp._add(Run("search/plain", "search_plain", "searched instruction (plain format)", plain,
+                                len(comp.test) + len(comp.valid), deps=[rid]))
+            rows.append(Row("searched instruction (plain format)", FAMILY_PE, "main", [pid]))
     if "cot" in methods:
         test = comp.test[: cfg.cot_limit] if cfg.cot_limit else comp.test
         spec = {"kind": "cot", "template": B.cot_template(task, comp.instruction), "verbalizer": task.verbalizer,
