@@ -176,14 +176,18 @@ def _public(c: dict | None, majority: float | None) -> dict | None:
     return out
 
 
+def _secs(x: float) -> str:
+    return f"{x:.0f} s" if x >= 10 else f"{x:.1f} s"
+
+
 def _cost_text(c: dict) -> str:
     cost = c.get("cost") or {}
     parts = []
     if cost.get("train_s"):
-        parts.append(f"{cost['train_s']:.0f} s of training" + (f" ({cost['search_runs']} trainings searched)"
+        parts.append(f"{_secs(cost['train_s'])} of training" + (f" ({cost['search_runs']} trainings searched)"
                                                             if cost.get("search_runs", 0) > 1 else ""))
     elif cost.get("search_s"):
-        parts.append(f"{cost['search_s']:.0f} s of search, no training")
+        parts.append(f"{_secs(cost['search_s'])} of search and validation, no training")
     else:
         parts.append("no training")
     if cost.get("tokens_added") is not None:
@@ -239,6 +243,8 @@ def decide(hard: dict | None, soft: dict | None, gold, n_labels: int, *, metric:
         deploy = "hard"
         text = (f"Deploy the hard prompt *{hard['name']}*: the soft prompt is worse on test, {interval}; "
                 "and the hard prompt needs no training.")
+    if deploy == "hard":
+        text += f" Costs: the hard prompt {_cost_text(hard)}; the soft prompt {_cost_text(soft)}."
     out.update({"deploy": deploy, "difference": diff, "mcnemar": mc, "significant": significant,
                 "soft_beats_hard_on_validation": beats_on_valid, "recommendation": text,
                 "bootstrap": {"resamples": n_boot, "level": LEVEL, "seed": seed, "kind": "paired percentile"}})
