@@ -304,3 +304,16 @@ def test_score_variants_batch_prior_equals_fit_calibration(lm):
     assert sv["variants"]["contextual"]["calibration"]["log_prior"] == pytest.approx(
         fit_calibration(bank, "p", "contextual").log_prior, abs=1e-6)
     assert sv["valid_s"] >= 0 and sv["calibration"] in ("none", "batch", "contextual")
+
+
+def test_no_validation_means_no_decision_and_the_report_says_why(tmp_path):
+    from softprompt.report import write_report
+
+    model, tok = tiny_causal_lm(), tiny_tokenizer()
+    data = TaskData(TASK, {"train": mk(12), "test": mk(6, 1)})
+    res = C.run_compare(small_config(methods=("zero_shot", "soft"), valid_limit=0), data, model, tok, tmp_path,
+                        progress=False, log=lambda s: None, report=False)
+    assert res["data"]["valid"] == 0 and res["decision"]["deploy"] is None
+    assert [r for r in res["runs"] if r.startswith("soft")] == ["soft/main/len2/text/n12/seed0"]  # no lr grid
+    md = write_report(res, tmp_path)["markdown"].read_text()
+    assert "No decision: without validation data" in md

@@ -44,9 +44,10 @@ def decision_blocks(results: dict[str, Any]) -> list[tuple]:
                      _p(t.get("macro_f1")), (f"{train:.0f}" if train >= 10 else f"{train:.1f}") if train else "0",
                      "–" if cost.get("tokens_added") is None else f"{cost['tokens_added']:.0f}",
                      "–" if cost.get("latency_ms") is None else f"{cost['latency_ms']:.1f}"])
-    out.append(("table", ["family", "chosen prompt", "calibration", f"validation {mname} %", "test accuracy %",
-                          "test macro-F1 %", "training s (whole search)", "tokens / query", "latency ms (batch 1)"],
-                rows, "lllrrrrrr"))
+    if rows:
+        out.append(("table", ["family", "chosen prompt", "calibration", f"validation {mname} %", "test accuracy %",
+                              "test macro-F1 %", "training s (whole search)", "tokens / query", "latency ms (batch 1)"],
+                    rows, "lllrrrrrr"))
     if dec.get("difference"):
         mc = dec["mcnemar"]
         drows = [[METRIC_NAMES.get(m, m), _p(d["a"]), _p(d["b"]), _signed(d["difference"]),
