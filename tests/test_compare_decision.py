@@ -83,6 +83,17 @@ def test_compare_chooses_on_validation_and_starts_soft_prompts_from_the_hard_pro
     assert dec["soft"]["cost"]["train_s"] >= sum(r["train"]["wall_s"] for r in softs) - 1e-6
     assert set(dec["difference"]) == {"macro_f1", "accuracy"} and dec["deploy"] in ("hard", "soft")
     assert json.loads((out / "results.json").read_text())["decision"]["recommendation"] == dec["recommendation"]
+    # the chosen hard prompt is saved as an artifact that scores as the decision says
+    from softprompt.bank import PromptBank
+    from softprompt.prompts import SoftPrompt
+    from softprompt.scoring import classify
+
+    hp = SoftPrompt.load(out / dec["hard"]["artifact"])
+    assert hp.calibration.method == dec["hard"]["calibration"] and hp.n_tokens == 0
+    bank = PromptBank(model, tok)
+    bank.add_prompt(hp, "chosen")
+    again = classify(bank, "chosen", C._sample(data["test"], None, 0), calibration=hp.calibration)
+    assert again.metrics["accuracy"] == pytest.approx(dec["hard"]["test"]["accuracy"])
     md = (out / "report.md").read_text()
     assert "## Decision" in md and "**Recommendation.**" in md and "## Calibration" in md and "Headline" not in md
     # test labels do not move the choice: perturb every test score, recompute

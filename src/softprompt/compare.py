@@ -815,6 +815,9 @@ class Comparison:
             from .decision import from_results
 
             self.results["decision"] = from_results(self.results)
+            from .hard_runs import save_chosen_hard_prompt
+
+            save_chosen_hard_prompt(self)
             self.save()
         return self.results
 

@@ -295,7 +295,8 @@ def candidates(results: dict[str, Any]) -> tuple[list[dict], list[dict]]:
                 out[side].append({"name": rec.get("label", rid) + ("" if cal == "none" else f", {cal} calibration"),
                                   "run": rid, "calibration": cal, "template": rec.get("template"),
                                   "instruction": rec.get("instruction"), "valid": v.get("valid"), "test": v["test"],
-                                  "predictions": v["predictions"], "cost": cost})
+                                  "predictions": v["predictions"], "cost": cost,
+                                  **({"artifact": rec["artifact"]} if rec.get("artifact") else {})})
     return out["hard"], out["soft"]
 
 

@@ -48,6 +48,10 @@ def decision_blocks(results: dict[str, Any]) -> list[tuple]:
         out.append(("table", ["family", "chosen prompt", "calibration", f"validation {mname} %", "test accuracy %",
                               "test macro-F1 %", "training s (whole search)", "tokens / query", "latency ms (batch 1)"],
                     rows, "lllrrrrrr"))
+    files = [f"{side}: `{dec[side]['artifact']}`" for side in ("hard", "soft") if (dec.get(side) or {}).get("artifact")]
+    if files:
+        out.append(("p", "Prompt files (in the report folder, for `softprompt eval`, `predict` and `serve`; the "
+                         "calibration is saved in them): " + "; ".join(files) + "."))
     if dec.get("difference"):
         mc = dec["mcnemar"]
         drows = [[METRIC_NAMES.get(m, m), _p(d["a"]), _p(d["b"]), _signed(d["difference"]),

@@ -18,7 +18,8 @@ from .calibration import Calibration, log_prior_from_scores
 from .tasks import Example, Task
 from .variants import variants_from_scores
 
-__all__ = ["exec_cot_two_stage", "exec_knn", "exec_search", "exec_search_plain", "plan_hard_extras"]
+__all__ = ["exec_cot_two_stage", "exec_knn", "exec_search", "exec_search_plain", "plan_hard_extras",
+           "save_chosen_hard_prompt"]
 
 
 def _task(comp, instruction: str | None = None) -> Task:
@@ -45,7 +46,7 @@ def exec_search(comp, run) -> dict[str, Any]:
         scored = comp._score_calibrated(name, sp["calibrations"])
     finally:
         comp.bank.remove(name)
-    return {**scored, "template": tpl, "instruction": res.best, "trainable_params": 0,
+    return {**scored, "template": tpl, "verbalizer": verb, "instruction": res.best, "trainable_params": 0,
             "artifact_bytes": len(tpl.encode("utf-8")), "artifact": None,
             "tokens_added": B.template_overhead_tokens(tpl, comp.tok), "train": None, "search": res.to_dict()}
 
@@ -60,7 +61,7 @@ def exec_search_plain(comp, run) -> dict[str, Any]:
         scored = comp._score_calibrated(name, run.spec["calibrations"])
     finally:
         comp.bank.remove(name)
-    return {**scored, "template": tpl, "instruction": instr, "trainable_params": 0,
+    return {**scored, "template": tpl, "verbalizer": comp.task.verbalizer, "instruction": instr, "trainable_params": 0,
             "artifact_bytes": len(tpl.encode("utf-8")), "artifact": None,
             "tokens_added": B.template_overhead_tokens(tpl, comp.tok), "train": None,
             "search": {"source": run.deps[0]}}
@@ -194,3 +195,26 @@ def plan_hard_extras(comp, methods: set[str], chat) -> list:
         rid = comp._add(Run("cot", "cot", "chain-of-thought (zero-shot, two-stage)", spec, cost))
         rows.append(Row("chain-of-thought (zero-shot; reasoning, then ranked answer)", FAMILY_PE, "main", [rid]))
     return rows
+
+
+def save_chosen_hard_prompt(comp) -> None:
+    """Save the hard prompt the decision chose as a prompt artifact (template + verbalizer +
+    calibration; ``instruction_search.hard_prompt``) at ``OUT/chosen/hard_prompt.safetensors``, for
+    ``eval``, ``predict`` and ``serve``; its path goes into the decision block.  Prompts whose text
+    differs per input (nearest-neighbour demonstrations, two-stage reasoning) have no such artifact."""
+    from .instruction_search import hard_prompt
+
+    dec = comp.results.get("decision") or {}
+    chosen = dec.get("hard")
+    if not chosen:
+        return
+    rec = comp.results["runs"].get(chosen["run"]) or {}
+    if rec.get("kind") not in ("hard", "search", "search_plain") or not rec.get("template"):
+        return
+    verbalizer = rec.get("verbalizer") or (rec.get("spec") or {}).get("verbalizer") or comp.task.verbalizer
+    task = Task(name=comp.task.name, kind=comp.task.kind, template=rec["template"], verbalizer=verbalizer,
+                instruction=rec.get("instruction") or "")
+    cal = Calibration.from_dict(rec["variants"][chosen["calibration"]]["calibration"])
+    path = comp.out / "chosen" / "hard_prompt.safetensors"
+    hard_prompt(comp.model, task, rec["template"], cal, chosen_by=dec.get("select_metric")).save(path)
+    chosen["artifact"] = str(path.relative_to(comp.out))
