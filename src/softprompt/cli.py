@@ -472,8 +472,9 @@ def demo(
     zs = bank.add("zero-shot", zero_shot_template(task), verbalizer=task.verbalizer)
     rows = [_row("zero-shot instruction (uncalibrated)", _evaluate(bank, zs, test, task.kind, 32, "zero-shot"),
                  {"trained params": 0, "artifact bytes": 0})]
-    with console.status("searching instructions (scored on the training messages only) ..."):
-        found = search_instructions(m, tok, task, train, calibration="contextual", induce=2, seed=seed)
+    with console.status("searching instructions (scored on 64 training messages only) ..."):
+        sample = random.Random(seed).sample(train, min(64, len(train)))  # a quick search: the demo takes minutes
+        found = search_instructions(m, tok, task, sample, calibration="contextual", induce=2, seed=seed)
     hard = bank.add("searched", found.template, verbalizer=task.verbalizer)
     rows.append(_row(f"searched instruction, {found.calibration} calibration",
                      _evaluate(bank, hard, test, task.kind, 32, "searched", found.fitted),
