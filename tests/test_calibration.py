@@ -1,6 +1,7 @@
 """Calibration of rank classification on a tiny random model: each estimate equals a hand
 computation (a plain forward pass over the whole token sequence, not the bank's cached path),
 no estimate reads a label, and the calibration travels with a prompt artifact."""
+import math
 import random
 
 import pytest
@@ -8,7 +9,9 @@ import torch
 
 from softprompt import baselines as B
 from softprompt.bank import PromptBank
-from softprompt.calibration import CONTENT_FREE, Calibration, fit_calibration, premise_suffix_ids
+from softprompt.calibration import (
+    CONTENT_FREE, Calibration, class_prior_from, fit_calibration, premise_suffix_ids,
+)
 from softprompt.prompts import ModelIdentity, PromptFileError, SoftPrompt
 from softprompt.scoring import classify
 from softprompt.tasks import Example, Task
@@ -175,6 +178,10 @@ def test_artifact_carries_calibration_and_old_files_load_as_none(tmp_path, lm):
     save_file({"prompt": p.embeddings}, str(tmp_path / "c.safetensors"), metadata={"softprompt": json.dumps(meta)})
     with pytest.raises(PromptFileError, match="bad calibration"):
         SoftPrompt.load(tmp_path / "c.safetensors")
+    meta["calibration"] = {"method": "batch", "log_prior": [-0.1, -2.0]}  # 2 priors, 3 labels
+    save_file({"prompt": p.embeddings}, str(tmp_path / "d.safetensors"), metadata={"softprompt": json.dumps(meta)})
+    with pytest.raises(PromptFileError, match="2 log-priors for 3 labels"):
+        SoftPrompt.load(tmp_path / "d.safetensors")
 
 
 @torch.no_grad()
@@ -195,3 +202,47 @@ def test_hard_prompt_artifact_end_to_end(tmp_path, lm):
     a = classify(bank, "zs", DATA, calibration=cal)
     b = classify(bank, "loaded", DATA, calibration=back.calibration)
     assert a.predictions == b.predictions and torch.allclose(a.probabilities, b.probabilities)
+
+
+@torch.no_grad()
+def test_encoder_decoder_and_encoder_banks():
+    """T5: every calibration fits through the decoder scorer, and pmi equals scoring the premise
+    as the encoder input; an encoder head has no label words, so only batch applies there."""
+    from softprompt.seq2seq import encode, label_logprobs
+    from softprompt.testing import tiny_t5, tiny_tokenizer
+
+    model, tok = tiny_t5(), tiny_tokenizer()
+    bank = PromptBank(model, tok)
+    bank.add("t5", B.zero_shot_template(TASK), verbalizer=TASK.verbalizer)
+    for method in ("contextual", "batch", "pmi"):
+        cal = fit_calibration(bank, "t5", method, inputs=DATA)
+        assert len(cal.log_prior) == 3 and classify(bank, "t5", DATA, calibration=cal).calibration == method
+    pmi = fit_calibration(bank, "t5", "pmi")
+    raw = label_logprobs(bank, encode(bank, torch.tensor([0]), [encode_text(tok, " \n label :")]))[0]
+    assert pmi.log_prior == pytest.approx(raw.log_softmax(-1).tolist(), abs=1e-5)
+
+    class EncoderLike:
+        is_encoder = True
+
+    with pytest.raises(ValueError, match="batch only"):
+        fit_calibration(EncoderLike(), 0, "contextual")
+
+
+@torch.no_grad()
+def test_class_prior_aims_at_the_training_label_distribution(setup):
+    _, _, bank, _ = setup
+    pi = class_prior_from(DATA, TASK.labels)  # neg 3, pos 3, meh 1, each +1 -> 4/10, 4/10, 2/10
+    assert pi == pytest.approx([0.4, 0.4, 0.2])
+    plain = fit_calibration(bank, "zs", "batch", inputs=DATA)
+    aimed = fit_calibration(bank, "zs", "batch", inputs=DATA, class_prior=pi)
+    assert aimed.log_prior == pytest.approx([a - math.log(p) for a, p in zip(plain.log_prior, pi)], abs=1e-6)
+    # the shift moves probability towards the frequent labels, by exactly pi
+    raw = classify(bank, "zs", DATA).scores
+    q_plain = plain.apply(raw).softmax(-1)
+    q_aimed = aimed.apply(raw).softmax(-1)
+    want = q_plain * torch.tensor(pi)
+    assert torch.allclose(q_aimed, want / want.sum(-1, keepdim=True), atol=1e-5)
+    with pytest.raises(ValueError, match="3 positive"):
+        fit_calibration(bank, "zs", "pmi", class_prior=[0.5, 0.5])
+    with pytest.raises(ValueError, match="labelled"):
+        class_prior_from([Example({"text": "x"})], TASK.labels)

@@ -120,6 +120,14 @@ def test_eval_and_predict_use_the_saved_calibration(user_folder):
         m = json.loads(out.read_text())["soft"]
         assert m["accuracy"] == pytest.approx(ref.metrics["accuracy"]) and m["confusion"] == ref.metrics["confusion"]
         assert m["calibration"]["method"] == ("pmi" if choice == "saved" else choice)
+    out = user_folder / "m-several.json"
+    r = CliRunner().invoke(app, ["eval", str(path), "--model", str(user_folder / "tiny"), "--test-file",
+                                 str(user_folder / "test.csv"), "--calibration", "none, batch", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    several = json.loads(out.read_text())
+    assert sorted(several) == ["soft/batch", "soft/none"]
+    for choice in ("none", "batch"):
+        assert several[f"soft/{choice}"]["confusion"] == want[choice].metrics["confusion"]
     r = CliRunner().invoke(app, ["predict", str(path), "--model", str(user_folder / "tiny")]
                            + [a for t in texts for a in ("--text", t)])
     assert r.exit_code == 0, r.output

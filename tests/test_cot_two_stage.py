@@ -39,6 +39,7 @@ def test_two_stage_cot_labels_every_example(lm, cal):
     want = classify(ref, "c", stage2, calibration=c)
     assert res.predictions == want.predictions
     assert torch.allclose(res.probabilities, want.probabilities, atol=1e-5)
+    assert torch.allclose(res.raw_scores, want.raw_scores, atol=1e-5)
 
 
 def test_answer_template_shape_and_field_clash():

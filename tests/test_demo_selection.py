@@ -78,3 +78,26 @@ def test_knn_few_shot_equals_each_querys_own_prompt(lm, cal):
     assert torch.allclose(res.raw_scores, raw, atol=1e-4) and torch.allclose(res.scores, want, atol=1e-4)
     assert res.predictions == [TASK.labels[j] for j in want.argmax(-1).tolist()]
     assert res.metrics["n"] == len(QUERIES) and res.calibration == cal
+
+
+def test_mean_pooled_with_an_encoder_model():
+    """The MiniLM option: any encoder whose base_model gives last_hidden_state (a tiny BERT here);
+    its [CLS] token opens each text."""
+    from test_encoder import tiny_bert, tiny_bert_tokenizer
+
+    model, tok = tiny_bert(), tiny_bert_tokenizer()
+    texts = ["good movie", "bad film", "great"]
+    emb = D.mean_pooled(model, tok, texts, batch_size=2)
+    for e, t in zip(emb, texts):
+        ids = [tok.cls_token_id] + encode_text(tok, t)
+        h = model(input_ids=torch.tensor([ids])).last_hidden_state[0].mean(0)
+        assert torch.allclose(e, torch.nn.functional.normalize(h, dim=0), atol=1e-5)
+
+
+def test_knn_batch_calibration_with_a_class_prior(lm):
+    model, tok = lm
+    bank = PromptBank(model, tok)
+    plain = B.knn_few_shot_classify(bank, TASK, QUERIES, POOL, 2, calibration="batch")
+    aimed = B.knn_few_shot_classify(bank, TASK, QUERIES, POOL, 2, calibration="batch", class_prior=[0.2, 0.8])
+    want = plain.scores + torch.tensor([0.2, 0.8]).log()
+    assert torch.allclose(aimed.scores, want, atol=1e-5)

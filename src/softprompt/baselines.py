@@ -324,12 +324,14 @@ class CotTwoStageResult:
     labels: list[str] = field(default_factory=list)
     calibration: str = "none"
     metrics: dict = field(default_factory=dict)
+    raw_scores: torch.Tensor | None = None  # [N, n_labels] stage-2 label log-probs before calibration
 
 
 @torch.no_grad()
 def cot_two_stage(
     bank, task: Task, examples: list[Example], *, instruction: str | None = None, max_new_tokens: int = 48,
     batch_size: int = 16, calibration: str = "none", cue: str = ANSWER_CUE, progress: bool | str = False,
+    class_prior=None,
 ) -> CotTwoStageResult:
     """Two-stage chain-of-thought that always answers: generate the reasoning (stage 1), then
     rank-classify the label words after reasoning + answer cue (stage 2), optionally calibrated
@@ -347,7 +349,7 @@ def cot_two_stage(
                        stop_at_newline=False, progress=progress)
         stage2 = [Example({**ex.fields, REASONING_FIELD: t}, ex.label) for ex, t in zip(examples, gen.texts)]
         cal = fit_calibration(bank, cls_name, calibration, inputs=[Example(ex.fields) for ex in stage2],
-                              batch_size=batch_size) if calibration != "none" else Calibration()
+                              batch_size=batch_size, class_prior=class_prior) if calibration != "none" else Calibration()
         res = classify(bank, cls_name, stage2, batch_size=batch_size, calibration=cal)
     finally:
         bank.remove(cls_name)
@@ -357,7 +359,7 @@ def cot_two_stage(
     out = CotTwoStageResult(texts=gen.texts, predictions=res.predictions, probabilities=res.probabilities,
                             parsed=parsed, n_unparseable=sum(p is None for p in parsed),
                             generated_tokens=sum(n_tok) / max(len(n_tok), 1), labels=res.labels,
-                            calibration=cal.method)
+                            calibration=cal.method, raw_scores=res.raw_scores)
     if res.metrics:
         gold = [ex.label for ex in examples]
         diag = metrics_with_unparseable(gold, parsed, res.labels)  # type: ignore[arg-type]

@@ -15,6 +15,11 @@ renormalised over the labels:
   followed by the text after its last input field (the answer cue, e.g. ``"\\nSentiment:"``),
   i.e. the template with the input removed.
 
+Each method assumes roughly balanced classes (it pushes predictions towards a uniform label
+distribution). On an imbalanced task, ``fit_calibration(..., class_prior=...)`` (e.g.
+:func:`class_prior_from` the *training* labels) aims the calibrated predictions at that prior
+instead: the stored log-prior becomes ``log p(y) - log pi(y)``.
+
 Label distributions are softmaxes over the entry's label scores, so multi-token label words are
 handled as in ``scoring.classify``. A calibration is plain data (``to_dict``) stored in a
 prompt artifact's metadata and applied by ``scoring.classify`` and the server alike.
@@ -81,6 +86,19 @@ def log_prior_from_scores(scores: torch.Tensor) -> list[float]:
     return scores.float().softmax(-1).mean(0).log().tolist()
 
 
+def class_prior_from(examples, labels: list[str], *, smoothing: float = 1.0) -> list[float]:
+    """Label frequencies of labelled (training) examples, add-``smoothing`` smoothed, in ``labels`` order."""
+    counts = {lab: smoothing for lab in labels}
+    for ex in examples:
+        if ex.label is None:
+            raise ValueError("a class prior is estimated from labelled examples; one has no label")
+        if ex.label not in counts:
+            raise ValueError(f"label {ex.label!r} is not one of {labels}")
+        counts[ex.label] += 1
+    total = sum(counts.values())
+    return [counts[lab] / total for lab in labels]
+
+
 def premise_suffix_ids(template, tokenizer) -> list[int]:
     """Ids of what follows a template's last input field (text and soft slots, soft tokens as
     negative ids numbered as in the full template): the domain premise's per-example part,
@@ -112,13 +130,26 @@ def _entry_index(bank, entry) -> int:
 
 
 @torch.no_grad()
-def fit_calibration(bank, entry, method: str, *, inputs=None, batch_size: int = 32) -> "Calibration":
+def fit_calibration(bank, entry, method: str, *, inputs=None, batch_size: int = 32,
+                    class_prior=None) -> "Calibration":
     """Estimate ``method``'s log-prior for bank entry ``entry`` (name or index). Labels are never read.
 
     contextual: mean label probs of the template filled with each :data:`CONTENT_FREE` string;
     batch: mean label probs over ``inputs`` (examples or field dicts; their labels are ignored);
     pmi (domain-conditional PMI, Holtzman et al. 2021): label probs after the template's domain
-    premise, the template with the input removed (:func:`premise_suffix_ids`)."""
+    premise, the template with the input removed (:func:`premise_suffix_ids`).
+    ``class_prior`` (probabilities in the entry's label order) is the label distribution to aim
+    at instead of a uniform one (see the module doc)."""
+    cal = _fit(bank, entry, method, inputs=inputs, batch_size=batch_size)
+    if class_prior is None or not cal.active:
+        return cal
+    pi = torch.tensor([float(v) for v in class_prior])
+    if pi.shape[0] != len(cal.log_prior) or bool((pi <= 0).any()):
+        raise ValueError(f"class_prior needs {len(cal.log_prior)} positive probabilities, got {list(class_prior)}")
+    return Calibration(cal.method, (torch.tensor(cal.log_prior) - (pi / pi.sum()).log()).tolist())
+
+
+def _fit(bank, entry, method: str, *, inputs, batch_size: int) -> "Calibration":
     from .scoring import classify
     from .tasks import Example
 

@@ -184,6 +184,7 @@ def _split(data, name: str):
 CALIBRATION_HELP = ("Calibration of the label scores: saved (the artifact's own, default), none, contextual "
                     "(content-free inputs), batch (fit on the inputs being scored, labels unused) or pmi "
                     "(domain-conditional PMI: the template without its input).")
+EVAL_CALIBRATION_HELP = CALIBRATION_HELP + " Several, comma-separated, give a row each (e.g. none,contextual,batch,pmi)."
 
 
 def _calibration(bank, entry, choice: str, saved, inputs, batch_size: int = 32):
@@ -214,6 +215,16 @@ def _evaluate(bank, entry, examples, kind: str, batch_size: int, desc: str, cali
         m["calibration"] = calibration.to_dict()
     m["ms_per_example"] = 1000 * (time.perf_counter() - t) / max(len(examples), 1)
     return m
+
+
+def _eval_calibrated(bank, entry, examples, kind, batch_size, choices, saved, key, title, rows, results) -> None:
+    """One result (and table row) per calibration choice; keys ``key`` or ``key/choice`` when several."""
+    several = kind == "classification" and len(choices) > 1
+    for choice in (choices if kind == "classification" else ["none"]):
+        cal = _calibration(bank, entry, choice, saved, examples, batch_size) if kind == "classification" else None
+        k = f"{key}/{choice}" if several else key
+        results[k] = _evaluate(bank, entry, examples, kind, batch_size, title, cal)
+        rows.append(_row(title, results[k], {"calibration": cal.method} if cal is not None else None))
 
 
 def _row(name: str, m: dict, extra: dict | None = None) -> dict:
@@ -334,7 +345,7 @@ def eval_(
     target_column: Optional[str] = typer.Option(None),
     batch_size: int = typer.Option(32),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics here."),
-    calibration: str = typer.Option("saved", help=CALIBRATION_HELP),
+    calibration: str = typer.Option("saved", help=EVAL_CALIBRATION_HELP),
     verbalizer: Optional[list[str]] = typer.Option(None, help="LABEL=WORD, one per label: score with these label words "
                                                    "instead of the prompt's or the task's. Repeatable."),
     encoding: str = typer.Option("utf-8", help="Text encoding of --test-file, e.g. latin-1."),
@@ -364,26 +375,21 @@ def eval_(
     m, tok = _load_model(model)
     bank = _bank(m, tok)
     rows, results = [], {}
+    choices = [c.strip() for c in calibration.split(",") if c.strip()] or ["saved"]
     if sp is not None:
         try:
             entry = bank.add_prompt(sp, "prompt")
         except PromptMismatchError as e:
             _fail(str(e))
-        cal = _calibration(bank, entry, calibration, sp.calibration, examples, batch_size) \
-            if sp.kind == "classification" else None
-        results["soft"] = _evaluate(bank, entry, examples, sp.kind, batch_size, "soft prompt", cal)
-        rows.append(_row(f"soft prompt ({prompt.name})", results["soft"],
-                         {"calibration": cal.method} if cal is not None else None))
+        _eval_calibrated(bank, entry, examples, sp.kind, batch_size, choices, sp.calibration, "soft",
+                         f"soft prompt ({prompt.name})", rows, results)
     if hard:
         if getattr(bank, "is_encoder", False):
             _fail("--hard needs a decoder model: an encoder has no zero-shot reading without a trained head")
         tmpl = Template(sp.template if sp else data.task.template).without_soft()
         e = bank.add("hard", tmpl, verbalizer=(sp.verbalizer if sp else data.task.verbalizer), kind=data.task.kind)
-        cal = _calibration(bank, e, calibration, None, examples, batch_size) \
-            if data.task.kind == "classification" else None
-        results["hard"] = _evaluate(bank, e, examples, data.task.kind, batch_size, "hard template", cal)
-        rows.append(_row(f"hard template: {tmpl.text!r}", results["hard"],
-                         {"calibration": cal.method} if cal is not None else None))
+        _eval_calibrated(bank, e, examples, data.task.kind, batch_size, choices, None, "hard",
+                         f"hard template: {tmpl.text!r}", rows, results)
     console.print(_results_table(rows, f"{data.task.name}: {split} ({len(examples)} examples)"))
     if json_out:
         json_out.write_text(json.dumps(results, indent=1))

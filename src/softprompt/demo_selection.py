@@ -96,11 +96,12 @@ def select_demos_knn(queries: list[Example], pool: list[Example], k: int, *, mod
 @torch.no_grad()
 def knn_few_shot_classify(bank, task: Task, queries: list[Example], pool: list[Example], k: int, *,
                           instruction: str | None = None, calibration: str = "none", embedder=None,
-                          order: str = "nearest_last", batch_size: int = 16, chunk: int = 32) -> Classification:
+                          order: str = "nearest_last", batch_size: int = 16, chunk: int = 32,
+                          class_prior=None) -> Classification:
     """Few-shot rank classification with each query's own nearest demonstrations.
 
     ``embedder``: a ``(model, tokenizer)`` pair for the similarities (default: the bank's frozen
-    LM). The result has ``demos`` (pool indices per query, in prompt order) set as an attribute."""
+    LM). ``class_prior``: see ``calibration.fit_calibration``. The result has ``demos`` (pool indices per query, in prompt order) set as an attribute."""
     from .baselines import few_shot_template
 
     if calibration not in CALIBRATIONS:
@@ -120,14 +121,18 @@ def knn_few_shot_classify(bank, task: Task, queries: list[Example], pool: list[E
             part = classify(bank, entries, [Example(queries[i].fields) for i in rows], batch_size=batch_size)
             for j, (i, n) in enumerate(zip(rows, names)):
                 raw[i] = part.scores[j]
-                cal = (fit_calibration(bank, n, calibration, batch_size=batch_size)
+                cal = (fit_calibration(bank, n, calibration, batch_size=batch_size, class_prior=class_prior)
                        if calibration in ("contextual", "pmi") else Calibration())
                 scores[i] = cal.apply(part.scores[j])
         finally:
             for n in names:
                 bank.remove(n)
     if calibration == "batch":
-        scores = Calibration("batch", log_prior_from_scores(raw)).apply(raw)
+        log_prior = torch.tensor(log_prior_from_scores(raw))
+        if class_prior is not None:
+            pi = torch.tensor([float(v) for v in class_prior])
+            log_prior = log_prior - (pi / pi.sum()).log()
+        scores = Calibration("batch", log_prior.tolist()).apply(raw)
     preds = [labels[j] for j in scores.argmax(-1).tolist()]
     res = Classification(labels=labels, predictions=preds, probabilities=scores.softmax(-1), scores=scores,
                          raw_scores=raw, calibration=calibration)

@@ -212,10 +212,12 @@ def _metric_value(metrics: dict, metric: str) -> tuple[float, float]:
 @torch.no_grad()
 def search_instructions(model, tokenizer, task: Task, train_examples: list[Example], *, instructions_file=None,
                         calibration: str = "contextual", induce: int = 3, metric: str = "macro_f1", seed: int = 0,
-                        batch_size: int = 32, user_instructions=(), induce_k: int = 4) -> InstructionSearchResult:
+                        batch_size: int = 32, user_instructions=(), induce_k: int = 4,
+                        class_prior=None) -> InstructionSearchResult:
     """Score every candidate instruction on the labelled ``train_examples`` (the only data it
     sees) with ``calibration`` and keep the best by ``metric`` (ties: the other metric, then the
-    earlier candidate, so the task's own instruction wins a tie)."""
+    earlier candidate, so the task's own instruction wins a tie). ``class_prior``: see
+    ``calibration.fit_calibration``."""
     from .baselines import zero_shot_template
 
     if calibration not in CALIBRATIONS:
@@ -238,7 +240,7 @@ def search_instructions(model, tokenizer, task: Task, train_examples: list[Examp
             name = f"__candidate{i}__"
             bank.add(name, template, verbalizer=task.verbalizer)
             cal = fit_calibration(bank, name, calibration, inputs=[Example(ex.fields) for ex in train_examples],
-                                  batch_size=batch_size)
+                                  batch_size=batch_size, class_prior=class_prior)
             res = classify(bank, name, train_examples, batch_size=batch_size, calibration=cal)
             bank.remove(name)  # one candidate's cached key/values at a time
             key = _metric_value(res.metrics, metric)

@@ -239,6 +239,9 @@ class SoftPrompt:
             prompt.calibration = Calibration.from_dict(meta.get("calibration"))
         except ValueError as e:
             raise PromptFileError(f"{path}: bad calibration in the metadata ({e})") from e
+        if prompt.calibration.active and len(prompt.calibration.log_prior) != len(prompt.labels):
+            raise PromptFileError(f"{path}: calibration has {len(prompt.calibration.log_prior)} log-priors for "
+                                  f"{len(prompt.labels)} labels")
         if model is not None:
             prompt.identity.check(ModelIdentity.of(model), what=f"prompt {path}")
         return prompt
