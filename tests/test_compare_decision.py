@@ -202,6 +202,13 @@ def test_cli_compare_on_user_csv_in_one_command(tmp_path):
     md = (out / "report.md").read_text()
     assert md.startswith("# Hard prompts vs soft prompts: sms on ")
     assert "Instruction built from the label words" in md and "## Decision" in md
+    # --report-only recomputes the decision from results.json (e.g. after a rule changed)
+    stale = dict(res, decision={"recommendation": "stale", "select_metric": "macro_f1"})
+    (out / "results.json").write_text(json.dumps(stale))
+    r = CliRunner().invoke(app, ["compare", "--out", str(out), "--report-only"])
+    assert r.exit_code == 0, r.output
+    md = (out / "report.md").read_text()
+    assert "stale" not in md and res["decision"]["recommendation"] in md
 
 
 def test_one_default_learning_rate():

@@ -127,7 +127,10 @@ def test_decide_recommendations():
     assert "predictions" not in d["soft"]
     # the same test gain, but training did not beat the hard prompt on validation: keep the hard prompt
     d = D.decide(_cand("hard", coin, 0.8), _cand("soft", good, 0.7), gold, 2)
-    assert d["deploy"] == "hard" and "did not beat it on validation" in d["recommendation"]
+    assert d["deploy"] == "hard" and "did worse on validation" in d["recommendation"]
+    # a tie on validation does not discard the trained prompt: the paired test decides
+    d = D.decide(_cand("hard", coin, 0.8), _cand("soft", good, 0.8), gold, 2)
+    assert d["deploy"] == "soft" and d["soft_worse_on_validation"] is False
     # no difference: the interval spans zero -> the hard prompt
     d = D.decide(_cand("hard", good, 0.5), _cand("soft", good, 0.9), gold, 2)
     assert d["deploy"] == "hard" and not d["significant"]

@@ -695,7 +695,18 @@ def compare(
     if report_only:
         if not (out / RESULTS).exists():
             _fail(f"no {out / RESULTS} to render; run without --report-only first")
-        paths = write_report(load_results(out), out)
+        res = load_results(out)
+        if res.get("data", {}).get("test_gold"):  # the decision is a function of results.json: recompute it
+            from .decision import from_results
+
+            old = res.get("decision") or {}
+            res["decision"] = from_results(res)
+            for side in ("hard", "soft"):  # a saved prompt file stays valid while the same prompt is chosen
+                new_c, old_c = (res["decision"] or {}).get(side), old.get(side) or {}
+                if new_c and old_c.get("artifact") and (new_c["run"], new_c["calibration"]) == (
+                        old_c.get("run"), old_c.get("calibration")):
+                    new_c["artifact"] = old_c["artifact"]
+        paths = write_report(res, out)
         console.print("wrote " + ", ".join(str(p) for p in paths.values()))
         _cmp_publish(out, publish)
         return

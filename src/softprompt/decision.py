@@ -204,8 +204,9 @@ def decide(hard: dict | None, soft: dict | None, gold, n_labels: int, *, metric:
     ``hard`` and ``soft`` are the candidates :func:`select` chose, each a dict with ``name``,
     ``valid`` and ``test`` metrics, ``predictions`` (label indices on the test examples, in
     ``gold``'s order) and ``cost`` (``train_s``, ``search_s``, ``tokens_added``, ``latency_ms``).
-    The rule: deploy the soft prompt only when it beat the hard prompt on validation (when
-    there is validation data) AND the test interval of the ``metric`` difference lies above zero."""
+    The rule: deploy the soft prompt only when it is not worse than the hard prompt on validation
+    (when there is validation data; ``metric``, then the other metric) AND the test interval of
+    the ``metric`` difference lies above zero."""
     if hard is None and soft is None:
         return None
     name = METRIC_NAMES.get(metric, metric)
@@ -223,12 +224,16 @@ def decide(hard: dict | None, soft: dict | None, gold, n_labels: int, *, metric:
     mc = mcnemar_exact(gold, hard["predictions"], soft["predictions"])
     d = diff[metric]
     significant = d["low"] > 0 or d["high"] < 0
+    other = "accuracy" if metric != "accuracy" else "macro_f1"
     hv, sv = (hard.get("valid") or {}).get(metric), (soft.get("valid") or {}).get(metric)
-    beats_on_valid = None if hv is None or sv is None else sv > hv
+    # worse on validation (the metric, then the other one): the hard prompt is kept.  A tie, common on a
+    # few dozen validation examples, does not discard the trained prompt: the paired test decides.
+    worse_on_valid = None if hv is None or sv is None else (
+        (sv, (soft["valid"].get(other) or 0.0)) < (hv, (hard["valid"].get(other) or 0.0)))
     interval = f"{_pts(d['difference'])} {name} points (95% CI {_pts(d['low'])} to {_pts(d['high'])}, McNemar p = {mc['p_value']:.3g})"
-    if beats_on_valid is False:
+    if worse_on_valid:
         deploy = "hard"
-        text = (f"Deploy the hard prompt *{hard['name']}*: the trained prompt did not beat it on validation "
+        text = (f"Deploy the hard prompt *{hard['name']}*: the trained prompt did worse on validation "
                 f"({name} {100 * sv:.1f} vs {100 * hv:.1f}), so the hard prompt is kept; it needs no training. "
                 f"On test the trained prompt's difference is {interval}.")
     elif not significant:
@@ -246,7 +251,7 @@ def decide(hard: dict | None, soft: dict | None, gold, n_labels: int, *, metric:
     if deploy == "hard":
         text += f" Costs: the hard prompt {_cost_text(hard)}; the soft prompt {_cost_text(soft)}."
     out.update({"deploy": deploy, "difference": diff, "mcnemar": mc, "significant": significant,
-                "soft_beats_hard_on_validation": beats_on_valid, "recommendation": text,
+                "soft_worse_on_validation": worse_on_valid, "recommendation": text,
                 "bootstrap": {"resamples": n_boot, "level": LEVEL, "seed": seed, "kind": "paired percentile"}})
     return out
 
