@@ -59,7 +59,7 @@ def test_validation_examples_decide_when_given():
     chosen = train_with_restarts(model, tok, TASK, TRAIN, valid, CFG, 2, progress=False)
     runs = chosen.prompt.training["restarts"]
     assert all(r["judged_on"] == "validation" for r in runs)
-    best = max(runs, key=lambda r: (r["accuracy"], r["macro_f1"], -r["loss"]))
+    best = max(runs, key=lambda r: (r["macro_f1"], r["accuracy"], -r["loss"]))  # macro-F1 first since issue 14
     assert best["chosen"]
 
 

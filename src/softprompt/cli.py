@@ -23,6 +23,10 @@ from rich.table import Table
 app = typer.Typer(
     help="Train, evaluate and serve soft prompts for frozen language models.",
     no_args_is_help=True,
+    # plain click help, wrapped to the terminal (up to 160 columns): rich's option panels cut long
+    # words such as "zero_shot,few_shot,cot,..." with an ellipsis on an 80-column terminal
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 160},
     add_completion=False,
     pretty_exceptions_enable=False,
 )
@@ -61,8 +65,10 @@ def _load_task_data(
     task: Optional[str], train_file: Optional[Path], test_file: Optional[Path], valid_file: Optional[Path],
     field: list[str] | None, label_column: Optional[str], target_column: Optional[str],
     template: Optional[str], verbalizer: list[str] | None, instruction: Optional[str], limit: Optional[int],
+    encoding: str = "utf-8", name: Optional[str] = None,
 ):
-    """A TaskData from a built-in name or from user files (with template and verbalizer)."""
+    """A TaskData from a built-in name or from user files (with template and verbalizer).  User
+    files are named ``name``, else after the files (``sms_train.csv`` + ``sms_test.csv`` -> ``sms``)."""
     from .tasks import DataError, DataNotFoundError, Task, TaskData, load_examples, load_task
 
     try:
@@ -78,24 +84,60 @@ def _load_task_data(
         if not train_file and not test_file:
             _fail("give a built-in --task (see `softprompt tasks`) or your own --train-file/--test-file")
         fields = _parse_pairs(field, "--field") or {"text": "text"}
-        if not template:
-            _fail("with your own files, give --template, e.g. '{soft:20} Text: {text}\\nLabel:'")
+        template = template or default_template(list(fields))
         verb = _verbalizer(verbalizer, template)
         kind = "generation" if target_column else "classification"
         if kind == "classification" and not verb:
             _fail("classification needs --verbalizer LABEL=WORD for every label (e.g. --verbalizer positive=great)")
-        t = Task(name=(train_file or test_file).stem, kind=kind, template=template, verbalizer=verb or None,
-                 instruction=instruction or "")
+        t = Task(name=name or _files_name(train_file, test_file, valid_file), kind=kind, template=template,
+                 verbalizer=verb or None, instruction=instruction or "")
         splits = {}
         for name, path in (("train", train_file), ("validation", valid_file), ("test", test_file)):
             if path:
                 exs = load_examples(path, fields=fields, label_column=label_column or ("label" if kind == "classification" else None),
-                                    target_column=target_column, limit=limit)
+                                    target_column=target_column, limit=limit, encoding=encoding)
                 t.check(exs, source=str(path))
                 splits[name] = exs
         return TaskData(task=t, splits=splits)
     except (DataError, DataNotFoundError, FileNotFoundError, ValueError, KeyError) as e:
         _fail(str(e))
+
+
+def _files_name(*paths: Optional[Path]) -> str:
+    """A task name for user files: their stems' common part without train/test/valid words
+    (``sms_train``, ``sms_test`` -> ``sms``), else the first stem."""
+    import re
+
+    files = [p for p in paths if p]
+    cleaned = [re.sub(r"(?i)[-_. ]?(train(ing)?|test(ing)?|valid(ation)?|dev|eval)$", "", p.stem) for p in files]
+    if not all(cleaned):  # train.csv, test.csv: the folder says what they are
+        return files[0].resolve().parent.name or files[0].stem
+    prefix = os.path.commonprefix(cleaned).rstrip("-_. ")
+    return prefix if len(prefix) >= 2 else cleaned[0]
+
+
+def default_template(fields: list[str]) -> str:
+    """The template for user files given without --template: 20 soft tokens, each field on its
+    own line under its name, then an answer cue (e.g. ``{soft:20}Text: {text}\nAnswer:``)."""
+    lines = "".join(f"{f.replace('_', ' ').capitalize()}: {{{f}}}\n" for f in fields)
+    return "{soft:20}" + lines + "Answer:"
+
+
+def default_instruction(task) -> str:
+    """An instruction built from the label words, for user files given without --instruction."""
+    words = [w.strip() for w in (task.verbalizer or {}).values()]
+    if len(words) < 2:
+        return ""
+    listed = ", ".join(words[:-1]) + f" or {words[-1]}"
+    field = task.input_fields[0] if len(task.input_fields) == 1 else "input"
+    return f"Classify the {field}. Answer {listed}."
+
+
+def _set_threads(threads: Optional[int]) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _device(device: str | None = None) -> str:
@@ -234,13 +276,16 @@ def train(
     restarts: int = typer.Option(1, min=1, help="Train N times (seeds SEED, SEED+1000, ...) and keep the prompt that scores best on the validation data, or on the training data without any: guards against a run stuck at the majority class. Costs N times the training."),
     resume: bool = typer.Option(False, help="Continue from OUT/checkpoint.safetensors (with --restarts: each run from its own OUT/restartN)."),
     eval_batch_size: int = typer.Option(32),
+    encoding: str = typer.Option("utf-8", help="Text encoding of your files, e.g. latin-1 or cp1252."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: torch's choice)."),
 ):
     """Train a soft prompt (the base model stays frozen), then score it on held-out data."""
     from .restarts import train_with_restarts
     from .train import TrainConfig, encoders_for
 
     data = _load_task_data(task, train_file, test_file, valid_file, field, label_column, target_column,
-                           template, verbalizer, instruction, None)
+                           template, verbalizer, instruction, None, encoding=encoding)
+    _set_threads(threads)
     train_ex = list(_split(data, "train"))
     if train_limit and train_limit < len(train_ex):
         train_ex = random.Random(seed).sample(train_ex, train_limit)
@@ -301,6 +346,9 @@ def eval_(
     batch_size: int = typer.Option(32),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics here."),
     calibration: str = typer.Option("saved", help=EVAL_CALIBRATION_HELP),
+    verbalizer: Optional[list[str]] = typer.Option(None, help="LABEL=WORD, one per label: score with these label words "
+                                                   "instead of the prompt's or the task's. Repeatable."),
+    encoding: str = typer.Option("utf-8", help="Text encoding of --test-file, e.g. latin-1."),
 ):
     """Score a saved prompt (and optionally the hard template) on a task's split."""
     from .prompts import PromptFileError, PromptMismatchError, SoftPrompt
@@ -315,10 +363,13 @@ def eval_(
         except (PromptFileError, FileNotFoundError) as e:
             _fail(str(e))
     name = task or (sp.task if sp else None)
+    if sp is not None and verbalizer:
+        sp.verbalizer = _verbalizer(verbalizer, sp.template)
     data = _load_task_data(name if not test_file else None, None, test_file, None, field, label_column, target_column,
                            sp.template if (sp and test_file) else None,
-                           [f"{k}={v}" for k, v in (sp.verbalizer or {}).items()] if (sp and test_file) else None,
-                           None, None)
+                           verbalizer or ([f"{k}={v}" for k, v in (sp.verbalizer or {}).items()] if (sp and test_file)
+                                          else None),
+                           None, None, encoding=encoding)
     examples = _split(data, "test" if test_file else split)
     examples = examples[:limit] if limit else examples
     m, tok = _load_model(model)
@@ -405,33 +456,47 @@ def predict(
 def demo(
     model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
     out: Path = typer.Option(Path("runs/demo"), help="Where the trained prompt is saved."),
-    epochs: int = typer.Option(2, help="2 epochs at lr 0.1 measured 0.80 vs 0.47 zero-shot (2026-11-22)."),
+    epochs: int = typer.Option(2, help="Training epochs of the soft prompt."),
+    lr: float = typer.Option(0.3, help="Learning rate of the soft prompt (the one default of train and compare)."),
     seed: int = typer.Option(0),
 ):
-    """The quickstart: train a soft prompt on the bundled demo set (hand-written customer messages,
-    complaint vs praise), compare it with a zero-shot instruction on held-out messages, save it."""
+    """The quickstart: on the bundled demo set (hand-written customer messages, complaint vs praise),
+    score a zero-shot instruction as written, the best hard prompt found by instruction search
+    (calibrated, chosen on the training messages only), and a trained soft prompt, on held-out
+    messages; save the soft prompt."""
+    from .baselines import zero_shot_template
     from .bank import PromptBank
+    from .instruction_search import search_instructions
     from .tasks import load_task
-    from .templates import Template
     from .train import TrainConfig, train_prompt
 
     data = load_task("demo")
     task = data.task
     m, tok = _load_model(model)
     bank = PromptBank(m, tok)
-    test = data.splits["test"]
-    zs_template = Template(f"{task.instruction}\n" + Template(task.template).without_soft().text)
-    zs = bank.add("zero-shot", zs_template, verbalizer=task.verbalizer)
-    rows = [_row("zero-shot instruction", _evaluate(bank, zs, test, task.kind, 32, "zero-shot"), {"trained params": 0, "artifact bytes": 0})]
-    cfg = TrainConfig(epochs=epochs, lr=0.1, batch_size=8, init="labels", seed=seed, warmup_steps=5)
-    result = train_prompt(m, tok, task, data.splits["train"], None, cfg, out_dir=out)
+    train, test = data.splits["train"], data.splits["test"]
+    zs = bank.add("zero-shot", zero_shot_template(task), verbalizer=task.verbalizer)
+    rows = [_row("zero-shot instruction (uncalibrated)", _evaluate(bank, zs, test, task.kind, 32, "zero-shot"),
+                 {"trained params": 0, "artifact bytes": 0})]
+    with console.status("searching instructions (scored on 64 training messages only) ..."):
+        sample = random.Random(seed).sample(train, min(64, len(train)))  # a quick search: the demo takes minutes
+        found = search_instructions(m, tok, task, sample, calibration="contextual", induce=2, seed=seed)
+    hard = bank.add("searched", found.template, verbalizer=task.verbalizer)
+    rows.append(_row(f"searched instruction, {found.calibration} calibration",
+                     _evaluate(bank, hard, test, task.kind, 32, "searched", found.fitted),
+                     {"trained params": 0, "artifact bytes": len(found.template.encode())}))
+    cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=8, init="labels", seed=seed, warmup_steps=5)
+    result = train_prompt(m, tok, task, train, None, cfg, out_dir=out)
     size = result.prompt.save(out / "prompt.safetensors")
     e = bank.add_prompt(result.prompt, "soft")
     metrics = _evaluate(bank, e, test, task.kind, 32, "soft prompt")
     rows.append(_row("soft prompt (trained)", metrics, {"trained params": result.prompt.embeddings.numel(), "artifact bytes": size}))
-    console.print(_results_table(rows, f"demo: {len(data.splits['train'])} train / {len(test)} held-out messages"))
+    console.print(_results_table(rows, f"demo: {len(train)} train / {len(test)} held-out messages"))
+    console.print(f"searched instruction ({len(found.candidates)} candidates, {found.seconds:.0f}s): {found.best!r}",
+                  markup=False)
     console.print(f"prompt saved to {out / 'prompt.safetensors'}; try:\n  softprompt predict {out / 'prompt.safetensors'} "
                   "--text 'My parcel arrived crushed and nobody answers my emails.'")
+    console.print("a full comparison with confidence intervals and a recommendation: softprompt compare --task demo")
 
 
 # ----------------------------------------------------------------------------- serve
@@ -526,6 +591,17 @@ def _cmp_list(text: str, cast=str, what: str = "list") -> tuple:
         _fail(f"--{what} {text!r}: expected comma-separated values, e.g. 1,5,20")
 
 
+def _read_instructions(path: Optional[Path]) -> list[str]:
+    if path is None:
+        return []
+    from .instruction_search import read_instructions_file
+
+    try:
+        return read_instructions_file(path)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+
+
 def _cmp_sizes(text: str) -> tuple:
     return tuple(0 if t.strip().lower() == "all" else int(t) for t in str(text).split(",") if t.strip())
 
@@ -559,23 +635,31 @@ def compare(
     field: Optional[list[str]] = typer.Option(None, help="Template field = file column. Repeatable."),
     label_column: Optional[str] = typer.Option(None, help="Column holding the class label (default 'label')."),
     target_column: Optional[str] = typer.Option(None, help="Column holding the answer: makes your files a generation task (EM / F1)."),
-    template: Optional[str] = typer.Option(None, help="Template with soft slot, e.g. '{soft:20} Text: {text}\\nLabel:'."),
+    template: Optional[str] = typer.Option(None, help="Template with soft slot, e.g. '{soft:20} Text: {text}\\nLabel:' "
+                                           "(default for your files: '{soft:20}Text: {text}\\nAnswer:', one line per --field)."),
     verbalizer: Optional[list[str]] = typer.Option(None, help="LABEL=WORD, one per label. Repeatable."),
-    instruction: Optional[str] = typer.Option(None, help="Zero-shot instruction (default: the task's own)."),
-    methods: str = typer.Option("all", help="Comma list from: zero_shot,few_shot,cot,soft,length,init,hybrid,ensemble,curve,transfer,"
+    instruction: Optional[str] = typer.Option(None, help="Zero-shot instruction (default: the task's own; for your own files one "
+                                              "built from the label words, e.g. 'Classify the text. Answer no or yes.')."),
+    name: Optional[str] = typer.Option(None, help="Task name in the report title (default: your files' common name, e.g. sms)."),
+    encoding: str = typer.Option("utf-8", help="Text encoding of your files, e.g. latin-1 or cp1252."),
+    instructions_file: Optional[Path] = typer.Option(None, help="Instruction search (method search): your candidate "
+                                                    "instructions, one per line (# comments)."),
+    induce: int = typer.Option(3, help="Instruction search: instructions the frozen model writes from labelled examples."),
+    methods: str = typer.Option("all", help="Comma list from: zero_shot,few_shot,knn,search,cot,soft,length,init,hybrid,ensemble,curve,transfer,"
                                 "ptuning,prefix. 'all' = every method but ptuning and prefix (opt-in: they train "
                                 "one prompt per seed each), e.g. 'all,ptuning,prefix'."),
     eval_task: Optional[str] = typer.Option(None, help="Transfer: also score the prompts on this built-in task's test split."),
     eval_label_map: Optional[list[str]] = typer.Option(None, help="Transfer: EVAL_LABEL=PROMPT_LABEL when the label names differ. Repeatable."),
-    shots: int = typer.Option(4, help="Few-shot: demonstrations per prompt (0 skips few-shot)."),
+    shots: Optional[int] = typer.Option(None, help="Few-shot: demonstrations per prompt (default: 4, or the number of classes "
+                                        "when larger, so every class is shown; 0 skips few-shot)."),
     sampling: str = typer.Option("balanced", help="Few-shot: balanced | random demonstration sampling."),
     fewshot_seeds: str = typer.Option("0,1,2", help="Few-shot: sampling seeds."),
     fewshot_orders: int = typer.Option(2, help="Few-shot: orders of the demonstrations per seed."),
     cot_max_new_tokens: int = typer.Option(48, help="Chain-of-thought: tokens generated per answer."),
     cot_limit: Optional[int] = typer.Option(None, help="Chain-of-thought: score only the first N test examples (generation is slow)."),
     prompt_length: int = typer.Option(20, help="Soft tokens of the main prompt-tuning method and hybrids (the template's soft slot is resized to this)."),
-    init: Optional[str] = typer.Option(None, help="Init of the main method: random | vocab | text | labels "
-                                       "(default: labels for classification, text for generation)."),
+    init: Optional[str] = typer.Option(None, help="Init of the main method: random | vocab | text | labels (default: text "
+                                       "from the chosen hard prompt's instruction; labels without one; text for generation)."),
     seeds: str = typer.Option("0,1,2", help="Seeds of the main method (the ensemble uses one prompt per seed)."),
     sweep_seeds: str = typer.Option("0", help="Seeds of the length / init / hybrid sweeps."),
     lengths: str = typer.Option("1,5,20,100", help="Prompt lengths of the length sweep."),
@@ -583,7 +667,22 @@ def compare(
     positions: str = typer.Option("prefix,between,answer", help="Hybrid positions of the soft tokens."),
     epochs: int = typer.Option(15, help="Training epochs per prompt."),
     min_steps: int = typer.Option(60, help="At least this many training steps (small sets get more epochs)."),
-    lr: float = typer.Option(0.03),
+    lr: float = typer.Option(0.3, help="Learning rate of the sweeps (length, init, hybrid, curve, ensemble members); "
+                             "the one default of `train`, `compare` and `demo`."),
+    lrs: str = typer.Option("0.03,0.1,0.3", help="Learning rates of the main prompt-tuning method (x --seeds); validation "
+                            "data picks the best, and the whole grid counts as its training cost."),
+    calibration: str = typer.Option("none,contextual,batch,pmi", help="Calibrations every rank-classified prompt is scored "
+                                    "under (comma list); validation data picks one per prompt."),
+    select_metric: str = typer.Option("macro_f1", help="Metric that chooses each family's best prompt on validation data: "
+                                      "macro_f1 | balanced_accuracy | accuracy (a constant predictor can win accuracy)."),
+    valid_fraction: float = typer.Option(0.25, help="Without validation data (--valid-file or a validation split): hold out "
+                                         "this share of the training pool (stratified, at most --valid-limit) to choose on."),
+    start_from_hard: bool = typer.Option(True, help="Soft prompts start from the hard prompt chosen on validation (its "
+                                         "instruction as text init and hybrid text)."),
+    chat: str = typer.Option("auto", help="Hand-written prompts in the model's chat format (from its tokenizer's chat "
+                             "template), plain format as a second zero-shot row: auto (when the model has one and no "
+                             "--template is given) | on | off."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: torch's choice)."),
     batch_size: int = typer.Option(8),
     warmup_steps: int = typer.Option(10),
     optimizer: str = typer.Option("adamw", help="adamw | adafactor"),
@@ -609,17 +708,30 @@ def compare(
     progress: bool = typer.Option(True, help="Show the progress bar."),
     publish: Optional[Path] = typer.Option(None, help="Also copy report.md and the PNGs (small; no HTML, JSON or prompts) here, e.g. docs/reports/raft."),
 ):
-    """Run hand-written prompts (zero-shot, few-shot, chain-of-thought) and soft prompts (prompt tuning
+    """Run hand-written prompts (zero-shot, few-shot with random or nearest-neighbour demonstrations, a
+    searched instruction, two-stage chain-of-thought; each under every calibration) and soft prompts (prompt tuning
     at several lengths and inits, hybrids, ensembles, learning curve, transfer; opt-in: P-tuning and
-    prefix tuning) on the same splits with the same scorer, and write a report folder. Finished runs are kept in OUT/results.json and
-    skipped when the command is run again."""
+    prefix tuning) on the same splits with the same scorer, and write a report folder. Each family's best prompt is
+    chosen on validation data; the report ends with a paired test of the two and a recommendation. Finished runs
+    are kept in OUT/results.json and skipped when the command is run again."""
     from .compare import DEFAULT_METHODS, RESULTS, CompareConfig, run_compare
     from .report import load_results, metric_names, summarize, write_report
 
     if report_only:
         if not (out / RESULTS).exists():
             _fail(f"no {out / RESULTS} to render; run without --report-only first")
-        paths = write_report(load_results(out), out)
+        res = load_results(out)
+        if res.get("data", {}).get("test_gold"):  # the decision is a function of results.json: recompute it
+            from .decision import from_results
+
+            old = res.get("decision") or {}
+            res["decision"] = from_results(res)
+            for side in ("hard", "soft"):  # a saved prompt file stays valid while the same prompt is chosen
+                new_c, old_c = (res["decision"] or {}).get(side), old.get(side) or {}
+                if new_c and old_c.get("artifact") and (new_c["run"], new_c["calibration"]) == (
+                        old_c.get("run"), old_c.get("calibration")):
+                    new_c["artifact"] = old_c["artifact"]
+        paths = write_report(res, out)
         console.print("wrote " + ", ".join(str(p) for p in paths.values()))
         _cmp_publish(out, publish)
         return
@@ -627,8 +739,16 @@ def compare(
                                  for m in (DEFAULT_METHODS if word.lower() == "all" else (word,))))
     cap = (lambda n: n if limit is None else (min(n, limit) if n else limit))
     data = _load_task_data(task, train_file, test_file, valid_file, field, label_column, target_column, template,
-                           verbalizer, None, None)
-    init = init or ("labels" if data.task.kind == "classification" else "text")
+                           verbalizer, None, None, encoding=encoding, name=name)
+    notes = []
+    if instruction is None and not task and data.task.kind == "classification":
+        instruction = default_instruction(data.task)
+        notes.append(f"Instruction built from the label words (no --instruction given): `{instruction}`")
+    if shots is None:
+        shots = max(4, len(data.task.labels))
+    if chat == "auto" and template:
+        chat = "off"  # your own --template wins
+    _set_threads(threads)
     try:
         cfg = CompareConfig(
             methods=chosen, instruction=instruction, train_limit=cap(train_limit) or None,
@@ -636,6 +756,9 @@ def compare(
             data_seed=data_seed, shots=shots, sampling=sampling, fewshot_seeds=_cmp_list(fewshot_seeds, int, "fewshot-seeds"),
             fewshot_orders=fewshot_orders, cot_max_new_tokens=cot_max_new_tokens, cot_limit=cot_limit,
             prompt_length=prompt_length, init=init, seeds=_cmp_list(seeds, int, "seeds"),
+            lrs=_cmp_list(lrs, float, "lrs"), calibrations=_cmp_list(calibration, what="calibration"),
+            select_metric=select_metric, valid_fraction=valid_fraction, start_from_hard=start_from_hard, chat=chat,
+            instructions=tuple(_read_instructions(instructions_file)), induce=induce,
             sweep_seeds=_cmp_list(sweep_seeds, int, "sweep-seeds"), lengths=_cmp_list(lengths, int, "lengths"),
             inits=_cmp_list(inits, what="inits"), positions=_cmp_list(positions, what="positions"), epochs=epochs,
             min_steps=min_steps, lr=lr, batch_size=batch_size, warmup_steps=warmup_steps, optimizer=optimizer,
@@ -654,7 +777,7 @@ def compare(
     m, tok = _load_model(model, device)
     try:
         results = run_compare(cfg, data, m, tok, out, eval_data=eval_data, model_name=model, progress=progress,
-                              log=lambda s: err.print(s), command=_command_line(ctx))
+                              log=lambda s: err.print(s), command=_command_line(ctx), notes=notes)
     except ValueError as e:
         _fail(str(e))
     (_, first), (_, second) = metric_names(results)
@@ -663,6 +786,9 @@ def compare(
              second: f"{100 * r['secondary']['mean']:.1f}", "runs": r["n_done"]}
             for r in summarize(results) if r["primary"] and (r["in_table"] or r["section"] == "transfer")]
     console.print(_results_table(rows, f"{data.task.name}: test {first} % ({results['data']['test']} examples)"))
+    dec = results.get("decision") or {}
+    if dec.get("recommendation"):
+        console.print(f"[bold]Recommendation:[/] {dec['recommendation']}", highlight=False)
     console.print(f"report: {out / 'report.md'}, {out / 'report.html'}; every number: {out / RESULTS}")
     _cmp_publish(out, publish)
 

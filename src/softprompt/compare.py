@@ -7,16 +7,19 @@ crash loses at most the run in progress and calling it again skips finished runs
 data fingerprints, budgets, seed, model).  ``report.write_report`` then renders
 ``report.md``, ``report.html`` and the plots from ``results.json`` alone.
 
-Methods (``--methods``), all scored by ``scoring.classify`` (or, for chain-of-thought,
-``scoring.generate`` + ``baselines.parse_label``) on the SAME test sample:
+Methods (``--methods``), all scored by ``scoring.classify`` on the SAME test sample:
 
 ==============  ==========================================================================
-zero_shot       the task instruction + hard template (``baselines.zero_shot_template``)
+zero_shot       the task instruction + hard template (``baselines.zero_shot_template``); for a
+                model with a chat template in its format (``chat.py``) and plain as a 2nd row
 few_shot        k demonstrations, class-balanced or random, several sampling seeds x
                 several orders (reported as mean +/- std and min..max)
-cot             zero-shot chain-of-thought, generated and parsed; unparseable counted
+knn             few-shot with each input's k nearest training examples (``demo_selection``)
+search          the best instruction found on the training pool (``instruction_search``)
+cot             two-stage chain-of-thought: reasoning, then the labels ranked after it
+                (``baselines.cot_two_stage``); the free-text parse is a diagnostic
 soft            prompt tuning with the task template, ``prompt_length`` tokens,
-                ``init``, one run per seed in ``seeds``
+                ``init``, one run per learning rate in ``lrs`` x seed in ``seeds``
 length          prompt tuning at each of ``lengths`` (seeds ``sweep_seeds``)
 init            prompt tuning with each of ``inits``
 hybrid          instruction text + soft tokens at each of ``positions``: ``prefix``
@@ -36,6 +39,14 @@ prefix          prefix tuning: ``prompt_length`` learned key/value positions at 
                 (``prefix_reparam`` none) or through an MLP at ``encoder_lr`` (mlp); one run
                 per seed in ``seeds`` (opt-in; not for encoder-decoder models)
 ==============  ==========================================================================
+
+**Choosing** (issue 14; ``decision.py``).  Every classification prompt is scored under each
+of ``calibrations`` on validation and test (``variants.py``); validation is the task's split or,
+without one, a stratified ``valid_fraction`` of the training pool (``splits.py``).  Hard runs
+go first; the hard prompt best on validation (``select_metric``, default macro-F1) is where
+soft prompts start (``start_from_hard``: its instruction as text init and hybrid text).  At the
+end ``results["decision"]`` holds each family's prompt chosen on validation, their paired
+bootstrap interval and McNemar test on the test set, and the recommendation.
 
 ``DEFAULT_METHODS`` (what the CLI's ``--methods all`` means) is every method except
 ``ptuning`` and ``prefix``: each adds one training per seed, and a default comparison
@@ -82,10 +93,12 @@ import torch
 
 from . import baselines as B
 from .bank import PromptBank
+from .calibration import CALIBRATIONS
 from .prompts import ModelIdentity, SoftPrompt
 from .scoring import classify, generate
 from .tasks import Example, Task, TaskData
 from .templates import Segment, Template
+from .train import DEFAULT_LR  # the one default learning rate (train, compare, demo)
 
 __all__ = [
     "ALL_METHODS",
@@ -103,13 +116,16 @@ __all__ = [
     "with_soft_length",
 ]
 
-DEFAULT_METHODS = ("zero_shot", "few_shot", "cot", "soft", "length", "init", "hybrid", "ensemble", "curve", "transfer")
+DEFAULT_METHODS = ("zero_shot", "few_shot", "knn", "search", "cot", "soft", "length", "init", "hybrid", "ensemble", "curve",
+                   "transfer")
 ALL_METHODS = (*DEFAULT_METHODS, "ptuning", "prefix")  # the last two are opt-in (see the module docstring)
 POSITIONS = ("prefix", "between", "answer")
 RESULTS = "results.json"
 FORMAT = 1
-CLASSIFICATION_ONLY = ("cot", "ensemble", "transfer")  # methods that need label words
+CLASSIFICATION_ONLY = ("cot", "ensemble", "transfer", "search", "knn")  # methods that need label words
+HARD_KINDS = ("hard", "cot", "search", "search_plain", "knn")  # run first: the hard prompt chosen among them is where soft prompts start
 ENCODER_HIDDEN = 128  # width of the P-tuning encoder / prefix MLP (TrainConfig.encoder_hidden)
+LR_GRID = (0.03, 0.1, 0.3)  # the main method's learning rates; validation data picks among them
 
 FAMILY_PE = "prompt engineering"
 FAMILY_PT = "prompt tuning"
@@ -134,12 +150,16 @@ class CompareConfig:
     sampling: str = "balanced"  # balanced | random
     fewshot_seeds: tuple[int, ...] = (0, 1, 2)
     fewshot_orders: int = 2
-    # chain-of-thought
+    # instruction search (method search; instruction_search.py): candidates scored on the training pool only
+    instructions: tuple[str, ...] = ()  # the user's candidate instructions (--instructions-file)
+    induce: int = 3  # instructions the frozen model writes from labelled examples (APE-style)
+    search_calibration: str = "contextual"
+    # chain-of-thought (two stages: reasoning, then the labels ranked after an answer cue)
     cot_max_new_tokens: int = 48
     cot_limit: int | None = None  # score CoT on the first N test examples only (generation is slow)
     # prompt tuning
     prompt_length: int = 20
-    init: str = "labels"
+    init: str | None = None  # None: text init from the chosen hard prompt (start_from_hard), else labels
     seeds: tuple[int, ...] = (0, 1, 2)
     sweep_seeds: tuple[int, ...] = (0,)
     lengths: tuple[int, ...] = (1, 5, 20, 100)
@@ -147,7 +167,8 @@ class CompareConfig:
     positions: tuple[str, ...] = POSITIONS
     epochs: int = 15
     min_steps: int = 60  # small training sets get more epochs, so every run takes >= this many steps
-    lr: float = 0.03
+    lr: float = DEFAULT_LR  # sweeps (length, init, hybrid, curve, ensemble members) train at this lr
+    lrs: tuple[float, ...] = LR_GRID  # the main method trains at each, and validation picks (decision.py)
     batch_size: int = 8
     warmup_steps: int = 10
     optimizer: str = "adamw"
@@ -165,6 +186,13 @@ class CompareConfig:
     eval_label_map: dict[str, str] = field(default_factory=dict)  # eval-task label -> prompt label
     # generation tasks: greedy answers of at most this many tokens
     max_new_tokens: int = 16
+    # choosing (decision.py): every rank-classified prompt is scored under each calibration;
+    # each family's best is chosen on validation data by select_metric, never on test
+    calibrations: tuple[str, ...] = CALIBRATIONS
+    select_metric: str = "macro_f1"
+    valid_fraction: float = 0.25  # without a validation split: this share of the pool is held out (stratified)
+    start_from_hard: bool = True  # soft prompts start from the chosen hard prompt (instruction, calibration)
+    chat: str = "auto"  # hand-written prompts in the model's chat format: auto (when it has one) | on | off
     # measurement
     eval_batch_size: int = 32
     latency_examples: int = 16
@@ -192,6 +220,19 @@ class CompareConfig:
             raise ValueError(f"encoder_lr must be positive, got {self.encoder_lr}")
         if self.restarts < 1:
             raise ValueError(f"restarts must be at least 1, got {self.restarts}")
+        from .decision import SELECT_METRICS
+
+        if self.select_metric not in SELECT_METRICS:
+            raise ValueError(f"unknown selection metric {self.select_metric!r}; choose from {', '.join(SELECT_METRICS)}")
+        bad = [c for c in self.calibrations if c not in CALIBRATIONS]
+        if bad or not self.calibrations:
+            raise ValueError(f"unknown calibrations {bad}; choose from {', '.join(CALIBRATIONS)}")
+        if not self.lrs or any(not lr > 0 for lr in (*self.lrs, self.lr)):
+            raise ValueError("learning rates must be positive (and --lrs needs at least one)")
+        if self.chat not in ("auto", "on", "off"):
+            raise ValueError(f"chat must be auto, on or off, got {self.chat!r}")
+        if not 0 <= self.valid_fraction < 1:
+            raise ValueError(f"valid_fraction must be in [0, 1), got {self.valid_fraction}")
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -369,7 +410,15 @@ class Comparison:
             raise ValueError(f"task {self.task.name!r} needs train and test splits; it has {list(data.splits)}")
         self.pool = _sample(data["train"], config.train_limit, config.data_seed)
         valid = data.splits.get("validation") or []
-        self.valid = _sample(valid, config.valid_limit, config.data_seed) if config.valid_limit else []
+        self.valid, self.valid_source = [], "none"
+        if valid and config.valid_limit:
+            self.valid, self.valid_source = _sample(valid, config.valid_limit, config.data_seed), "validation split"
+        elif config.valid_limit and config.valid_fraction and not self.generative:
+            from .splits import holdout_split
+
+            self.pool, self.valid = holdout_split(self.pool, self.task.labels, config.valid_fraction,
+                                                  config.valid_limit, config.data_seed)
+            self.valid_source = "held out from the training pool" if self.valid else "none"
         self.test = _sample(data["test"], config.test_limit, config.data_seed)
         self.demo_pool = data.splits.get("demonstrations") or self.pool
         if not self.pool or not self.test:
@@ -384,6 +433,11 @@ class Comparison:
         from .seq2seq import is_encoder_decoder
 
         self._seq2seq = is_encoder_decoder(model)
+        self.start: dict[str, Any] | None = None  # the chosen hard prompt soft prompts start from (run())
+        from .chat import has_chat_template
+
+        self.chat = not self.generative and (config.chat == "on" or (config.chat == "auto" and has_chat_template(tokenizer)))
+        self.notes: list[str] = []  # shown under "Setup" in the report (e.g. how the instruction was made)
         self.runs: dict[str, Run] = {}
         self.rows: list[Row] = []
         self.results: dict[str, Any] = {}
@@ -423,13 +477,47 @@ class Comparison:
         return B.sample_demos(self.pool, n, sampling="random" if self.generative else "balanced", seed=seed,
                               labels=self.task.labels)
 
+    # ------------------------------------------------------------------ the hard prompt soft prompts start from
+    def _start_instruction(self) -> str:
+        """The instruction soft prompts start from: the chosen hard prompt's (``start_from_hard``),
+        else the comparison's own."""
+        if self.cfg.start_from_hard and self.start and self.start.get("instruction") is not None:
+            return self.start["instruction"]
+        return self.instruction
+
+    def _main_init(self) -> str:
+        """The main method's init: the user's, else text (from the chosen hard prompt's instruction)
+        when starting from the hard prompt, else label words (text for generation tasks)."""
+        if self.cfg.init is not None:
+            return self.cfg.init
+        if self.generative:
+            return "text"
+        return "text" if self.cfg.start_from_hard and self._start_instruction() else "labels"
+
+    def _chat_format(self, plain: str) -> tuple[str, dict[str, str]]:
+        from .chat import chat_template, chat_verbalizer
+
+        tpl = chat_template(self.tok, plain)
+        return tpl, chat_verbalizer(self.task.verbalizer or {}, tpl)
+
+    def _choose_start(self) -> dict[str, Any] | None:
+        """The hard prompt chosen on validation among the finished hard runs (decision.select)."""
+        from .decision import candidates, select
+
+        hard, _ = candidates({"rows": [asdict(r) for r in self.rows], "runs": self.results.get("runs", {})})
+        best = select(hard, self.cfg.select_metric)
+        if best is None:
+            return None
+        return {"name": best["name"], "run": best["run"], "instruction": best.get("instruction"),
+                "calibration": best["calibration"], "valid": best["valid"]}
+
     # ------------------------------------------------------------------ plan
     def _add(self, run: Run) -> str:
         self.runs.setdefault(run.id, run)
         return run.id
 
     def _soft_run(self, template: str, init: str, seed: int, *, n_train: int = 0, label: str, tag: str,
-                  method: dict[str, Any] | None = None, lr: float | None = None) -> str:
+                  method: dict[str, Any] | None = None, lr: float | None = None, grid: bool = False) -> str:
         """Plan one prompt training.  ``method``: TrainConfig fields of P-tuning / prefix tuning,
         added to the spec only for those runs, so prompt-tuning specs and ids stay as they were
         (and old ``results.json`` files still resume)."""
@@ -438,7 +526,7 @@ class Comparison:
         steps = epochs * math.ceil(len(train) / self.cfg.batch_size)
         # validate as often as `epochs` nominal epochs, however many epochs small sets get
         eval_every = math.ceil(steps / self.cfg.epochs) if self.valid else 0
-        init_text = self.instruction or B.hard_template(self.task.template).render_text({})
+        init_text = self._start_instruction() or B.hard_template(self.task.template).render_text({})
         spec = {
             "kind": "soft", "template": template, "init": init, "init_text": init_text if init == "text" else None,
             "seed": seed, "n_train": len(train), "train_fp": fingerprint(train), "valid_fp": self.fp["valid"],
@@ -449,9 +537,13 @@ class Comparison:
         }
         if self.generative:
             spec["max_new_tokens"] = self.cfg.max_new_tokens
+        else:
+            spec["calibrations"] = list(self.cfg.calibrations)
         spec.update(method or {})
         n_soft = (method or {}).get("prefix_tokens") or Template(template).n_soft
         run_id = f"soft/{tag}/len{n_soft}/{init}/n{len(train)}/seed{seed}"
+        if grid and spec["lr"] != self.cfg.lr:  # the lr grid: only other rates are named, so default ids stay as they were
+            run_id += f"/lr{spec['lr']:g}"
         restarts = self.cfg.restarts
         if restarts > 1:  # only then in the spec and id: single-run specs and ids stay as they were
             spec["restarts"] = restarts
@@ -461,13 +553,17 @@ class Comparison:
                 + 3 * self.cfg.latency_examples)
         return self._add(Run(run_id, "soft", label, spec, cost))
 
-    def _hard_run(self, run_id: str, template: str, label: str, *, on_eval: bool = False, extra: dict | None = None) -> str:
+    def _hard_run(self, run_id: str, template: str, label: str, *, on_eval: bool = False, extra: dict | None = None,
+                  verbalizer: dict | None = None) -> str:
         test = self.eval_test if on_eval else self.test
-        verbalizer = self._eval_verbalizer() if on_eval else self.task.verbalizer
+        verbalizer = verbalizer or (self._eval_verbalizer() if on_eval else self.task.verbalizer)
         spec = {"kind": "hard", "template": template, "verbalizer": verbalizer, "test_fp": fingerprint(test),
                 "model": self.fp["model"], "on_eval": on_eval, **(extra or {})}
         if self.generative:
             spec["max_new_tokens"] = self.cfg.max_new_tokens
+        elif not on_eval:  # scored under each calibration on validation and test (variants.py)
+            spec.update({"calibrations": list(self.cfg.calibrations), "valid_fp": self.fp["valid"],
+                         "instruction": spec.get("instruction", self.instruction)})
         return self._add(Run(run_id, "hard", label, spec, len(test) + 2 * self.cfg.latency_examples))
 
     def plan(self) -> tuple[dict[str, Run], list[Row]]:
@@ -481,48 +577,68 @@ class Comparison:
         rows: list[Row] = []
         main_tpl = with_soft_length(task.template, cfg.prompt_length)
         best_of = f", best of {cfg.restarts} runs" if cfg.restarts > 1 else ""
-        main_label = f"prompt tuning ({_tokens(cfg.prompt_length)}, {cfg.init} init{best_of})"
+        main_init = self._main_init()
+        init_name = ("text init from the chosen hard prompt" if main_init == "text" and self.start and cfg.init is None
+                     else f"{main_init} init")
+        main_label = f"prompt tuning ({_tokens(cfg.prompt_length)}, {init_name}{best_of})"
 
-        def main_runs() -> list[str]:
-            return [self._soft_run(main_tpl, cfg.init, s, label=f"{main_label}, seed {s}", tag="main") for s in cfg.seeds]
+        def main_runs(lr: float | None = None) -> list[str]:
+            lr = cfg.lr if lr is None else lr
+            at = f", lr {lr:g}" if "soft" in methods and len(cfg.lrs) > 1 and self.valid else ""
+            return [self._soft_run(main_tpl, main_init, s, label=f"{main_label}{at}, seed {s}", tag="main", lr=lr,
+                                   grid=True) for s in cfg.seeds]
 
+        chat = self._chat_format if self.chat else None
+        if "few_shot" in methods and not self.generative and 0 < cfg.shots < len(task.labels):
+            self.log(f"few-shot: k={cfg.shots} demonstrations cannot show all {len(task.labels)} classes; "
+                     f"consider --shots {len(task.labels)} or more")
         if "zero_shot" in methods:
-            rid = self._hard_run("zero_shot", B.zero_shot_template(task, self.instruction), "zero-shot instruction")
-            rows.append(Row("zero-shot instruction", FAMILY_PE, "main", [rid]))
+            zs = B.zero_shot_template(task, self.instruction)
+            if chat:
+                tpl, verb = chat(zs)
+                rid = self._hard_run("zero_shot/chat", tpl, "zero-shot instruction (chat format)", verbalizer=verb)
+                rows.append(Row("zero-shot instruction (chat format)", FAMILY_PE, "main", [rid]))
+            rid = self._hard_run("zero_shot", zs, "zero-shot instruction" + (" (plain format)" if chat else ""))
+            rows.append(Row("zero-shot instruction" + (" (plain format)" if chat else ""), FAMILY_PE, "main", [rid]))
         if "few_shot" in methods and cfg.shots > 0:
             if cfg.shots > len(self.demo_pool):
                 raise ValueError(f"{cfg.shots} demonstrations requested but the pool has {len(self.demo_pool)}")
             sampling = "random" if self.generative else cfg.sampling
-            ids = []
-            for s in cfg.fewshot_seeds:
-                demos = B.sample_demos(self.demo_pool, cfg.shots, sampling=sampling, seed=s, labels=task.labels)
-                for o in range(cfg.fewshot_orders):
-                    ordered = B.order_demos(demos, o, seed=s)
-                    tpl = (few_shot_answer_template(task, ordered, self.instruction) if self.generative
-                           else B.few_shot_template(task, ordered, self.instruction))
-                    ids.append(self._hard_run(
-                        f"few_shot/k{cfg.shots}/{sampling}/seed{s}/order{o}", tpl,
-                        f"few-shot k={cfg.shots} ({sampling}), seed {s}, order {o}",
-                        extra={"shots": cfg.shots, "sampling": sampling, "seed": s, "order": o}))
-            rows.append(Row(f"few-shot k={cfg.shots} ({sampling}, {_tokens(len(cfg.fewshot_seeds), 'seed')} x "
-                            f"{_tokens(cfg.fewshot_orders, 'order')})", FAMILY_PE, "main", ids))
-        if "cot" in methods:
-            test = self.test[: cfg.cot_limit] if cfg.cot_limit else self.test
-            spec = {"kind": "cot", "template": B.cot_template(task, self.instruction), "verbalizer": task.verbalizer,
-                    "test_fp": fingerprint(test), "model": self.fp["model"], "max_new_tokens": cfg.cot_max_new_tokens}
-            cost = len(test) * (1 + cfg.cot_max_new_tokens / 4) + 8 * cfg.cot_max_new_tokens / 4
-            rid = self._add(Run("cot", "cot", "chain-of-thought (zero-shot)", spec, cost))
-            rows.append(Row("chain-of-thought (zero-shot, parsed)", FAMILY_PE, "main", [rid]))
+            for fmt in (("chat", "plain") if chat else (None,)):
+                ids = []
+                tag, name = (f"/{fmt}", f", {fmt} format") if fmt == "chat" else ("", ", plain format" if fmt else "")
+                for s in cfg.fewshot_seeds:
+                    demos = B.sample_demos(self.demo_pool, cfg.shots, sampling=sampling, seed=s, labels=task.labels)
+                    for o in range(cfg.fewshot_orders):
+                        ordered = B.order_demos(demos, o, seed=s)
+                        tpl = (few_shot_answer_template(task, ordered, self.instruction) if self.generative
+                               else B.few_shot_template(task, ordered, self.instruction))
+                        verb = None
+                        if fmt == "chat":
+                            tpl, verb = chat(tpl)
+                        ids.append(self._hard_run(
+                            f"few_shot/k{cfg.shots}/{sampling}/seed{s}/order{o}{tag}", tpl,
+                            f"few-shot k={cfg.shots} ({sampling}), seed {s}, order {o}{name}",
+                            extra={"shots": cfg.shots, "sampling": sampling, "seed": s, "order": o}, verbalizer=verb))
+                rows.append(Row(f"few-shot k={cfg.shots} ({sampling}, {_tokens(len(cfg.fewshot_seeds), 'seed')} x "
+                                f"{_tokens(cfg.fewshot_orders, 'order')}{name})", FAMILY_PE, "main", ids))
+        from .hard_runs import plan_hard_extras
+
+        rows += plan_hard_extras(self, methods, chat)
         main: list[str] = []
         if methods & {"soft", "ensemble", "transfer"}:
             main = main_runs()
+            lrs = tuple(dict.fromkeys(cfg.lrs)) if self.valid else (cfg.lr,)  # no validation data: nothing to pick with
             if "soft" in methods:
-                rows.append(Row(main_label, FAMILY_PT, "main", main, x=cfg.prompt_length))
+                for lr in lrs:
+                    ids = main if lr == cfg.lr else main_runs(lr)
+                    name = main_label + (f", lr {lr:g}" if len(lrs) > 1 else "")
+                    rows.append(Row(name, FAMILY_PT, "main", ids, x=cfg.prompt_length))
         if "ptuning" in methods:
             enc = cfg.ptuning_encoder
             name = f"P-tuning ({_tokens(cfg.prompt_length, 'soft token')}, {enc} encoder{best_of})"
             spec = {"method": "ptuning", "encoder": enc, "encoder_hidden": ENCODER_HIDDEN}
-            ids = [self._soft_run(main_tpl, cfg.init, s, label=f"{name}, seed {s}", tag=f"ptuning-{enc}",
+            ids = [self._soft_run(main_tpl, main_init, s, label=f"{name}, seed {s}", tag=f"ptuning-{enc}",
                                   method=spec, lr=cfg.encoder_lr) for s in cfg.seeds]
             rows.append(Row(name, FAMILY_PT, "main", ids, x=cfg.prompt_length))
         if "prefix" in methods and self._seq2seq:
@@ -537,7 +653,7 @@ class Comparison:
             if rp != "none":
                 spec["encoder_hidden"] = ENCODER_HIDDEN
             tpl = Template(task.template).without_soft().text
-            ids = [self._soft_run(tpl, cfg.init, s, label=f"{name}, seed {s}",
+            ids = [self._soft_run(tpl, main_init, s, label=f"{name}, seed {s}",
                                   tag="prefix" if rp == "none" else f"prefix-{rp}", method=spec,
                                   lr=cfg.lr if rp == "none" else cfg.encoder_lr) for s in cfg.seeds]
             rows.append(Row(name, FAMILY_PT, "main", ids, x=cfg.prompt_length))
@@ -546,15 +662,15 @@ class Comparison:
                 if n == cfg.prompt_length:
                     rows.append(Row(main_label, FAMILY_PT, "length", main or main_runs(), x=n, in_table="soft" not in methods))
                     continue
-                ids = [self._soft_run(with_soft_length(task.template, n), cfg.init, s,
+                ids = [self._soft_run(with_soft_length(task.template, n), main_init, s,
                                       label=f"prompt tuning ({_tokens(n)}), seed {s}", tag="length") for s in cfg.sweep_seeds]
-                rows.append(Row(f"prompt tuning ({_tokens(n)}, {cfg.init} init)", FAMILY_PT, "length", ids, x=n))
+                rows.append(Row(f"prompt tuning ({_tokens(n)}, {main_init} init)", FAMILY_PT, "length", ids, x=n))
         if "init" in methods:
             for init in cfg.inits:
                 if self.generative and init == "labels":
                     self.log("init 'labels' skipped: a generation task has no label words")
                     continue
-                if init == cfg.init:
+                if init == main_init:
                     rows.append(Row(main_label, FAMILY_PT, "init", main or main_runs(), x=init,
                                     in_table="soft" not in methods and "length" not in methods))
                     continue
@@ -565,8 +681,8 @@ class Comparison:
             names = {"prefix": "before the instruction", "between": "after the first input field",
                      "answer": "right before the answer"}
             for pos in cfg.positions:
-                tpl = hybrid_template(task, cfg.prompt_length, pos, self.instruction)
-                ids = [self._soft_run(tpl, cfg.init, s, label=f"hybrid ({pos}), seed {s}", tag=f"hybrid-{pos}")
+                tpl = hybrid_template(task, cfg.prompt_length, pos, self._start_instruction())
+                ids = [self._soft_run(tpl, main_init, s, label=f"hybrid ({pos}), seed {s}", tag=f"hybrid-{pos}")
                        for s in cfg.sweep_seeds]
                 rows.append(Row(f"hybrid: instruction + {_tokens(cfg.prompt_length, 'soft token')} {names[pos]}", FAMILY_HY,
                                 "position", ids, x=pos))
@@ -585,7 +701,7 @@ class Comparison:
                 if n <= 0 or n >= len(self.pool):
                     rows.append(Row(main_label, FAMILY_PT, "curve", main or main_runs(), x=len(self.pool), in_table=False))
                     continue
-                ids = [self._soft_run(main_tpl, cfg.init, s, n_train=n, label=f"prompt tuning, {n} examples, seed {s}",
+                ids = [self._soft_run(main_tpl, main_init, s, n_train=n, label=f"prompt tuning, {n} examples, seed {s}",
                                       tag="curve") for s in cfg.curve_seeds]
                 rows.append(Row(f"prompt tuning, {n} training examples", FAMILY_PT, "curve", ids, x=n))
         if "transfer" in methods:
@@ -671,17 +787,48 @@ class Comparison:
             "started": old.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S"),
             "runs": dict(old.get("runs", {})),
         }
+        if not self.generative:
+            pos = {lab: i for i, lab in enumerate(self.task.labels)}
+            self.results["data"].update({
+                "test_gold": [pos[ex.label] for ex in self.test], "valid_source": self.valid_source,
+                "valid_label_counts": {lab: sum(ex.label == lab for ex in self.valid) for lab in self.task.labels}})
+        if self.notes:
+            self.results["notes"] = list(self.notes)
         pending = [r for r in self.runs.values() if not self._done(r)]
         skipped = len(self.runs) - len(pending)
         if skipped:
             self.log(f"{skipped} of {len(self.runs)} runs already in {self.out / RESULTS}; skipping them")
         self.save()
+        self.executed = []
+        # phase 1: hand-written prompts; the one chosen on validation is where soft prompts start
+        self._run_pending([r for r in pending if r.kind in HARD_KINDS])
+        if self.cfg.start_from_hard and not self.generative:
+            start = self._choose_start()
+            if start is not None and start != self.start:
+                self.start = start
+                self.runs, self.rows = {}, []
+                self.plan()  # hard runs keep their ids and specs; soft runs now start from `start`
+            self.results["start"] = self.start
+            self.save()
+        self._run_pending([r for r in self.runs.values() if not self._done(r)])
+        if not self.generative:
+            from .decision import from_results
+
+            self.results["decision"] = from_results(self.results)
+            from .hard_runs import save_chosen_hard_prompt
+
+            save_chosen_hard_prompt(self)
+            self.save()
+        return self.results
+
+    def _run_pending(self, pending: list[Run]) -> None:
         from tqdm.auto import tqdm
 
+        if not pending:
+            return
         total = sum(r.cost for r in pending)
         bar = tqdm(total=total, disable=not self.progress, unit="u", dynamic_ncols=True,
                    bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
-        self.executed = []
         try:
             for i, run in enumerate(pending, 1):
                 bar.set_description_str(f"[{i}/{len(pending)}] {run.label}")
@@ -699,7 +846,6 @@ class Comparison:
                 (bar.write if self.progress else self.log)(msg)
         finally:
             bar.close()
-        return self.results
 
     def _cleanup(self, run: Run) -> None:
         if run.kind == "soft":
@@ -709,7 +855,21 @@ class Comparison:
         if run.kind == "hard":
             return self._exec_hard(run)
         if run.kind == "cot":
-            return self._exec_cot(run)
+            from .hard_runs import exec_cot_two_stage
+
+            return exec_cot_two_stage(self, run)
+        if run.kind == "search":
+            from .hard_runs import exec_search
+
+            return exec_search(self, run)
+        if run.kind == "search_plain":
+            from .hard_runs import exec_search_plain
+
+            return exec_search_plain(self, run)
+        if run.kind == "knn":
+            from .hard_runs import exec_knn
+
+            return exec_knn(self, run)
         if run.kind == "soft":
             return self._exec_soft(run)
         if run.kind == "ensemble":
@@ -758,6 +918,11 @@ class Comparison:
                    for ex, txt in list(zip(examples, res.texts))[:12]]
         return res.metrics, lat, wall, samples
 
+    def _score_calibrated(self, name: str, calibrations) -> dict[str, Any]:
+        from .variants import score_calibrated
+
+        return score_calibrated(self, name, calibrations)
+
     def _score_entry(self, name: str, examples: list[Example]) -> dict[str, Any]:
         """Score a bank entry the task's way; the record fields shared by every run kind."""
         if self.generative:
@@ -773,37 +938,16 @@ class Comparison:
         name = f"run:{run.id}"
         self.bank.add(name, tpl, verbalizer=run.spec["verbalizer"], kind=self.task.kind)
         try:
-            scored = self._score_entry(name, test)
+            if run.spec.get("calibrations"):
+                scored = self._score_calibrated(name, run.spec["calibrations"])
+                scored["instruction"] = run.spec.get("instruction")
+            else:
+                scored = self._score_entry(name, test)
         finally:
             self.bank.remove(name)
         return {**scored, "template": tpl, "trainable_params": 0,
                 "artifact_bytes": len(tpl.encode("utf-8")), "artifact": None,
                 "tokens_added": B.template_overhead_tokens(tpl, self.tok), "train": None}
-
-    def _exec_cot(self, run: Run) -> dict[str, Any]:
-        tpl, verb = run.spec["template"], run.spec["verbalizer"]
-        test = self.test[: self.cfg.cot_limit] if self.cfg.cot_limit else self.test
-        name = f"run:{run.id}"
-        self.bank.add(name, tpl, kind="generation")
-        bs = max(self.cfg.eval_batch_size // 2, 1)
-        mnt = run.spec["max_new_tokens"]
-        try:
-            t = time.perf_counter()
-            res = B.cot_classify(self.bank, name, test, verb, max_new_tokens=mnt, batch_size=bs)
-            wall = time.perf_counter() - t
-            lat = self._latency(lambda exs, b: B.cot_classify(self.bank, name, exs, verb, max_new_tokens=mnt, batch_size=b),
-                                test, min(self.cfg.latency_examples, 8))
-        finally:
-            self.bank.remove(name)
-        samples = [{"gold": ex.label, "parsed": p, "text": txt}
-                   for ex, p, txt in list(zip(test, res.predictions, res.texts))[:8]]
-        bad = [{"gold": ex.label, "text": txt} for ex, p, txt in zip(test, res.predictions, res.texts) if p is None][:5]
-        overhead = B.template_overhead_tokens(tpl, self.tok)
-        return {"metrics": res.metrics, "template": tpl, "trainable_params": 0, "artifact_bytes": len(tpl.encode("utf-8")),
-                "artifact": None, "tokens_added": overhead + res.generated_tokens, "latency": lat, "eval_wall_s": wall,
-                "train": None, "cot": {"n_unparseable": res.n_unparseable, "generated_tokens": res.generated_tokens,
-                                       "template_tokens": overhead, "samples": samples, "unparseable_samples": bad,
-                                       "rule": B.PARSE_RULE}}
 
     def _exec_soft(self, run: Run) -> dict[str, Any]:
         from .restarts import train_with_restarts
@@ -835,7 +979,13 @@ class Comparison:
         name = f"run:{run.id}"
         self.bank.add_prompt(res.prompt, name)
         try:
-            scored = self._score_entry(name, self.test)
+            if sp.get("calibrations"):
+                from .calibration import Calibration
+
+                scored = self._score_calibrated(name, sp["calibrations"])
+                res.prompt.calibration = Calibration.from_dict(scored["variants"][scored["calibration"]]["calibration"])
+            else:
+                scored = self._score_entry(name, self.test)
         finally:
             self.bank.remove(name)
         metrics = scored["metrics"]
@@ -878,6 +1028,7 @@ class Comparison:
             res = ensemble_classify(self.bank, names, self.test, batch_size=self.cfg.eval_batch_size * m)
             wall = time.perf_counter() - t
             lat = self._latency(lambda exs, bs: ensemble_classify(self.bank, names, exs, batch_size=bs * m), self.test)
+            variants, valid_s = self._ensemble_variants(names, res)
         finally:
             for n in names:
                 self.bank.remove(n)
@@ -887,11 +1038,18 @@ class Comparison:
             "trainable_params": sum(x["trainable_params"] for x in members),
             "artifact_bytes": sum(x["artifact_bytes"] for x in members), "artifact": None,
             "tokens_added": sum(x["tokens_added"] for x in members), "latency": lat, "eval_wall_s": wall,
+            "variants": variants, "valid_wall_s": valid_s,
+            "valid_metrics": (variants.get("none") or {}).get("valid"),
             "train": {"wall_s": sum(x["train"]["wall_s"] for x in members), "members": run.deps},
             "ensemble": {"members": run.deps, "variants": {c: res.metrics[c] for c in ("mean", "vote")},
                          "member_accuracy": [x["accuracy"] for x in res.metrics["members"]],
                          "context_passes": res.n_batches},
         }
+
+    def _ensemble_variants(self, names: list[str], res) -> tuple[dict, float]:
+        from .variants import ensemble_variants
+
+        return ensemble_variants(self, names, res)
 
     def _exec_transfer(self, run: Run) -> dict[str, Any]:
         src = self._load_member(run.deps[0])
@@ -923,6 +1081,7 @@ def run_compare(
     report: bool = True,
     log: Callable[[str], None] | None = None,
     command: str | None = None,
+    notes: list[str] | None = None,
 ) -> dict[str, Any]:
     """Plan, run (skipping finished runs) and, with ``report``, write the report folder.
     ``command`` (the command line that ran it) is kept in ``results.json`` and shown in the
@@ -930,6 +1089,7 @@ def run_compare(
     comp = Comparison(config, data, model, tokenizer, out_dir, eval_data=eval_data, model_name=model_name,
                       progress=progress, log=log)
     comp.command = command
+    comp.notes = list(notes or [])
     comp.plan()
     results = comp.run()
     if report:

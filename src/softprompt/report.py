@@ -25,6 +25,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .decision_report import calibration_blocks, decision_blocks
+
 __all__ = ["METRICS", "PLOTS", "load_results", "make_plots", "metric_names", "plot_names", "summarize", "write_report"]
 
 PLOTS = ("accuracy_by_method.png", "accuracy_vs_length.png", "accuracy_vs_init.png", "learning_curve.png",
@@ -87,6 +89,8 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
     """One dict per report row: aggregated metrics and costs of its finished runs."""
     runs = results.get("runs", {})
     (k1, _), (k2, _) = metric_names(results)
+    majority = (results.get("data") or {}).get("majority_accuracy")
+    select = (results.get("config") or {}).get("select_metric") if k1 == "accuracy" else None
     out = []
     for row in results.get("rows", []):
         recs = [runs[r] for r in row["runs"] if r in runs and runs[r].get("status") == "done"]
@@ -107,6 +111,10 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
             "train_s": _agg([t.get("wall_s") for t in tr]),
             "n_unparseable": _agg([m.get("n_unparseable") for m in ms]) if any("n_unparseable" in m for m in ms) else None,
             "n_test": ms[0]["n"] if ms else None,
+            "valid": _agg([(r.get("valid_metrics") or {}).get(select) for r in recs]) if select else None,
+            "calibrations": sorted({r["calibration"] for r in recs if r.get("calibration")}),
+            "at_or_below_majority": bool(primary and majority is not None and k1 == "accuracy"
+                                         and primary["mean"] <= majority + 1e-9),
         })
     return out
 
@@ -189,6 +197,12 @@ def _ref_lines(ax, rows: list[dict], results: dict, horizontal: bool = True) -> 
     maj = results.get("data", {}).get("majority_accuracy")
     if maj is not None:
         line(maj, color="#999999", linestyle=":", linewidth=1.2, label=f"majority class ({100 * maj:.1f}%)")
+    chosen = ((results.get("decision") or {}).get("hard") or {})
+    if chosen.get("test"):  # the hard prompt chosen on validation, not the best on test
+        acc = chosen["test"]["accuracy"]
+        line(acc, color=FAMILY_COLORS["prompt engineering"], linestyle="--", linewidth=1.2,
+             label=f"hard prompt chosen on validation ({100 * acc:.1f}%)")
+        return
     pe = _best(rows, {"prompt engineering"}, {"main"})
     if pe:
         line(pe["primary"]["mean"], color=FAMILY_COLORS["prompt engineering"], linestyle="--", linewidth=1.2,
@@ -395,20 +409,30 @@ def _integral(a: dict | None) -> bool:
 
 def _table_head(results: dict[str, Any]) -> list[str]:
     (_, lab1), (_, lab2) = metric_names(results)
-    return ["method", f"{lab1} %", f"{lab2} %", *TABLE_HEAD[3:]]
+    head = ["method", f"{lab1} %", f"{lab2} %", *TABLE_HEAD[3:]]
+    sel = (results.get("config") or {}).get("select_metric")
+    if sel and any(r.get("valid_metrics") for r in results.get("runs", {}).values()):
+        from .decision import METRIC_NAMES
+
+        head += [f"validation {METRIC_NAMES.get(sel, sel)} %", "calibration"]
+    return head
 
 
-def _table_row(r: dict) -> list[str]:
+def _table_row(r: dict, width: int | None = None) -> list[str]:
     acc = _pct(r["primary"])
     if r.get("n_unparseable"):
         acc += f" [{r['n_unparseable']['mean']:.0f} unparseable]"
+    if r.get("at_or_below_majority"):
+        acc += " (≤ majority)"
     lat_b = _num(r["latency_batched"], "{:,.1f}")
     if r["latency_batched"] is not None and r.get("latency_batch_size"):
         lat_b += f" (b={r['latency_batch_size']})"
     return [r["name"], acc, _pct(r["secondary"]), _num(r["trainable_params"]), _bytes(r["artifact_bytes"]),
             _num(r["tokens_added"], "{:,.0f}" if _integral(r["tokens_added"]) else "{:,.1f}"),
             _num(r["latency_b1"], "{:,.1f}"), lat_b, _num(r["train_s"], "{:,.1f}"),
-            f"{r['n_done']}" + (f"/{r['n_planned']}" if r["n_done"] != r["n_planned"] else "")]
+            f"{r['n_done']}" + (f"/{r['n_planned']}" if r["n_done"] != r["n_planned"] else "")] + (
+        [] if width is None or width <= len(TABLE_HEAD) else
+        [_pct(r.get("valid")) if r.get("valid") else "–", ", ".join(r.get("calibrations") or []) or "–"])
 
 
 def _blocks(results: dict[str, Any], plots: list[tuple[str, str]]) -> list[tuple]:
@@ -430,7 +454,7 @@ def _blocks(results: dict[str, Any], plots: list[tuple[str, str]]) -> list[tuple
     b.append(("p", (f"Every method is scored by the same code ({scorer}) on the same {d.get('test')} test examples "
                     f"(a seeded sample of {d.get('test_total')}); prompts are trained on a pool of "
                     f"{d.get('train_pool')} labelled examples (of {d.get('train_total')}), validated on "
-                    f"{d.get('valid')}. {base}"
+                    f"{d.get('valid')}" + (f" ({d['valid_source']})" if d.get("valid_source") else "") + f". {base}"
                     f"Device: {env.get('cuda') or env.get('device')} ({env.get('threads')} threads), torch {env.get('torch')}.")))
     notes = list(results.get("notes") or [])
     if results.get("command"):
@@ -438,7 +462,8 @@ def _blocks(results: dict[str, Any], plots: list[tuple[str, str]]) -> list[tuple
     if notes:  # set by whoever ran the comparison (e.g. a benchmark script): data preparation, commands
         b.append(("h", 2, "Setup"))
         b += [("p", str(n)) for n in notes]
-    h = headline(rows)
+    h = None if results.get("decision") else headline(rows)
+    b += decision_blocks(results)
     if h:
         diff = h["difference_points"]
         verb = "beats" if diff > 0 else "does not beat"
@@ -452,7 +477,7 @@ def _blocks(results: dict[str, Any], plots: list[tuple[str, str]]) -> list[tuple
                         f"({spread}). Both are picked by test {lab1} among the rows below (the learning curve excluded), "
                         "which flatters the family with more rows; the per-seed spread is in the table and the plot.")))
     b.append(("h", 2, "Results"))
-    table = [_table_row(r) for r in rows if r["in_table"] and r["section"] != "transfer"]
+    table = [_table_row(r, len(head)) for r in rows if r["in_table"] and r["section"] != "transfer"]
     b.append(("table", head, table))
     b.append(("p", (f"{lab1[0].upper() + lab1[1:]} and {lab2}: mean ± sample std over runs (seeds, or demonstration sampling seeds x "
                     "orders), with min..max. *Artifact*: the saved `.safetensors` prompt for soft prompts, the UTF-8 "
@@ -465,7 +490,10 @@ def _blocks(results: dict[str, Any], plots: list[tuple[str, str]]) -> list[tuple
                        "them in one batch (per query), with each prompt's prefix key/values cached as when serving. "
                        if cfg.get("latency_examples") else "*Latency*: not measured in this run. ")
                     + "*Training time*: wall time of the training loop per prompt (an ensemble: all members; with "
-                    "restarts: every candidate run).")))
+                    "restarts: every candidate run). "
+                    + ("*(≤ majority)*: test accuracy at or below always answering the majority class. "
+                       "*Validation*: the score each prompt is chosen on (mean over the row's runs); *calibration*: "
+                       "the one each run kept on validation (see Calibration)." if len(head) > len(TABLE_HEAD) else ""))))
     tr = [r for r in rows if r["section"] == "transfer"]
     if tr:
         b.append(("h", 2, "Transfer"))
@@ -473,14 +501,30 @@ def _blocks(results: dict[str, Any], plots: list[tuple[str, str]]) -> list[tuple
         lm = cfg.get("eval_label_map") or {}
         b.append(("p", f"Prompts trained on {task['name']}, scored on {d.get('eval_test')} examples of {et.get('name')}"
                        + (f" (labels mapped: {json.dumps(lm)})" if lm else "") + "."))
-        b.append(("table", head, [_table_row(r) for r in tr]))
+        b.append(("table", head, [_table_row(r, len(head)) for r in tr]))
     for name, caption in plots:
         b.append(("img", name, caption))
+    b += calibration_blocks(results)
     runs = results.get("runs", {})
     cot = [r for r in runs.values() if r.get("kind") == "cot" and r.get("status") == "done"]
     for r in cot:
         m, c = r["metrics"], r["cot"]
         b.append(("h", 2, "Chain-of-thought"))
+        if c.get("two_stage"):
+            pa = c.get("parse_accuracy")
+            b.append(("p", (f"Two stages: the model writes its reasoning (at most {results['config'].get('cot_max_new_tokens')} "
+                            f"tokens; mean {c['generated_tokens']:.1f}), then the label words are ranked after the reasoning "
+                            f"and the cue \"{c.get('cue', '')}\", so every one of the {c.get('n', m['n'])} examples gets a label "
+                            f"(accuracy {100 * m['accuracy']:.1f}%). Diagnostic only: parsing the reasoning's free text "
+                            f"would leave {c['n_unparseable']} answers unreadable"
+                            + (f" and score {100 * pa:.1f}%" if pa is not None else "")
+                            + (f"; it agrees with the ranked answer on {100 * c['parse_agreement']:.1f}% of examples"
+                               if c.get("parse_agreement") is not None else "") + f". Parsing rule: {c['rule']}")))
+            samples = [[s["gold"], s["answer"], s["parsed"] or "unparseable", s["text"][:160].replace("\n", " ")]
+                       for s in c["samples"][:5]]
+            b.append(("table", ["gold", "ranked answer", "parsed (diagnostic)", "reasoning (first 160 characters)"],
+                      samples, "llll"))
+            continue
         b.append(("p", (f"{c['n_unparseable']} of {m['n']} generated answers ({100 * m['unparseable_rate']:.1f}%) named no "
                         f"label and are scored as wrong; accuracy on the parseable ones: {100 * m['accuracy_parsed']:.1f}%. "
                         f"Mean generated tokens: {c['generated_tokens']:.1f} (max {results['config'].get('cot_max_new_tokens')}). "
@@ -520,7 +564,7 @@ def _restart_blocks(runs: dict[str, Any]) -> list[tuple]:
         return []
     return [("h", 2, "Restarts"),
             ("p", ("Each soft-prompt run trained several seeds and kept the prompt that scored best on the validation "
-                   "examples, or on its own training examples when there were none (accuracy first, then macro-F1, "
+                   "examples, or on its own training examples when there were none (macro-F1 first, then accuracy, "
                    "then lower loss); only the kept prompt is scored on the test set.")),
             ("table", ["run", "seed", "judged on", "fit %", "fit loss", ""], table, "lrlrrl")]
 
