@@ -75,7 +75,7 @@ def case_fsdp(out: Path, resume: bool = False):
 
     model = tiny_causal_lm()
     if launched():
-        shard_frozen_model(model)
+        shard_frozen_model(model, "cpu")
     return train_prompt(model, tiny_tokenizer(), TOY, TRAIN, TRAIN[::2], PROMPT_CFG, out_dir=out, resume=resume,
                         progress=False)
 
@@ -202,23 +202,28 @@ def test_two_processes_train_the_same_prompt_as_one(tmp_path, monkeypatch):
 
 def test_cli_processes_flag_launches_a_data_parallel_run(tmp_path):
     """`softprompt train --processes 2` re-runs itself under accelerate launch and gives the
-    1-process prompt; only the main process writes (one prompt, one metrics file)."""
+    1-process prompt, with the frozen model replicated or sharded (--shard-model); only the
+    main process writes and reports (one prompt, one metrics file, one report)."""
     model_dir = tmp_path / "tiny"
     tiny_causal_lm().save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"text": ex.fields["text"], "label": ex.label}) + "\n" for ex in TRAIN))
     args = ["train", "--model", str(model_dir), "--train-file", str(data), "--valid-file", str(data),
-            "--template", TOY.template, "--verbalizer", "pos=yes", "--verbalizer", "neg=no", "--epochs", "3",
-            "--batch-size", "5", "--lr", "0.1", "--init", "vocab", "--warmup-steps", "2", "--eval-every", "2"]
+            "--test-file", str(data), "--template", TOY.template, "--verbalizer", "pos=yes", "--verbalizer", "neg=no",
+            "--epochs", "3", "--batch-size", "5", "--lr", "0.1", "--init", "vocab", "--warmup-steps", "2",
+            "--eval-every", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
-    for out, extra in (("one", []), ("two", ["--processes", "2"])):
+    for out, extra in (("one", []), ("two", ["--processes", "2"]), ("sharded", ["--processes=2", "--shard-model"])):
         proc = subprocess.run([sys.executable, "-m", "softprompt", *args, "--out", str(tmp_path / out), *extra],
                               env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert "launching 2 processes" in proc.stderr
-    assert proc.stdout.count("saved ") == 1, proc.stdout  # the main process reports, once
-    assert_same_run(tmp_path / "one", tmp_path / "two")
+        if extra:
+            assert "launching 2 processes" in proc.stderr
+            assert proc.stdout.count("saved ") == 1, proc.stdout  # the main process reports, once
+            assert_same_run(tmp_path / "one", tmp_path / out)
+            got, want = (json.loads((tmp_path / d / "metrics.json").read_text())["test"] for d in (out, "one"))
+            assert {k: got[k] for k in ("accuracy", "macro_f1")} == pytest.approx({k: want[k] for k in ("accuracy", "macro_f1")})
 
 
 def test_help_documents_the_distributed_options():

@@ -267,12 +267,14 @@ def train(
         encoders_for(cfg)  # a bad method/encoder combination fails before the model loads
     except ValueError as e:
         _fail(str(e))
-    m, tok = _load_model(model, process_device(_device()))
+    device = process_device(_device())
+    # a sharded model is loaded on the CPU, and only its shard moves to the device
+    m, tok = _load_model(model, "cpu" if shard_model else device)
     if shard_model:
         try:
             if method != "prompt":
                 raise ValueError(f"--shard-model supports --method prompt only, not {method!r}")
-            shard_frozen_model(m)
+            shard_frozen_model(m, device)
         except ValueError as e:
             _fail(str(e))
     dp = DataParallel.current(m)

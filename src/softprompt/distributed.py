@@ -158,23 +158,42 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__} to shard")
 
 
-def shard_frozen_model(model, *, reshard_after_forward: bool = True):
+def shard_frozen_model(model, device: str | torch.device | None = None, *, reshard_after_forward: bool = True):
     """Shard the frozen model's decoder layers over the processes of the launch (FSDP2,
     ``fully_shard``): each rank then holds 1/world of every layer, and a layer's weights are
     all-gathered only while it runs.  Embeddings, final norm and LM head stay whole on every
     rank (the soft prompt is built from the embedding table outside any forward).
 
-    Needs a launched process group; use one process per GPU, or gloo on CPUs (tested)."""
+    For a model larger than one device, load it on the CPU and pass ``device`` (this process's
+    GPU, :func:`process_device`): each layer's shard, and the unsharded rest, move there.
+    Needs a launched process group; one process per GPU, or gloo on CPUs (tested on CPUs only)."""
     import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
 
     if not launched():
         raise ValueError("sharding the frozen model needs several processes: run under `accelerate launch` or torchrun")
-    DataParallel.current()  # joins the process group
+    dp = DataParallel.current()  # joins the process group
     if not dist.is_initialized():
         raise ValueError("no process group: run under `accelerate launch` or torchrun")
-    for layer in decoder_layers(model):
-        fully_shard(layer, reshard_after_forward=reshard_after_forward)
+    device = torch.device(device) if device is not None else None
+    mesh = init_device_mesh(device.type, (dp.world,)) if device is not None else None
+    layers = decoder_layers(model)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    if device is not None:  # the rest (embeddings, norm, head, rotary buffers) whole on this device
+        inside = {id(m) for layer in layers for m in layer.modules()}
+        with torch.no_grad():
+            for m in model.modules():
+                if id(m) in inside:
+                    continue
+                for p in m._parameters.values():  # in place: tied weights stay tied
+                    if p is not None and not isinstance(p, DTensor):
+                        p.data = p.data.to(device)
+                for k, b in m._buffers.items():
+                    if b is not None:
+                        m._buffers[k] = b.to(device)
     model.softprompt_sharded = True
     return model
 

@@ -1,0 +1,78 @@
+"""Data-parallel training throughput: the same run on 1 and on N processes (issue 15).
+
+Runs `softprompt train` (the CLI, as a user would) once per process count with the same
+seed and global batch, reads the training tokens/s it reports (training seconds only:
+not the model load or the launch), and compares the saved prompts, which must agree to float
+rounding.  On a CPU host each process gets ``--threads`` torch threads; the 1-process run
+is also measured with ``procs x threads`` threads, the fair baseline on the same cores.
+
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_train_dp.py --model smollm2-135m --processes 2 \\
+        --max-steps 12 --batch-size 8 --json dp.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def run(args: list[str], out: Path, processes: int, threads: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, "-m", "softprompt", "train", *args, "--out", str(out)]
+    if processes > 1:
+        cmd += ["--processes", str(processes)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    m = re.search(r"(\d+) steps in (\d+)s, (\d+) training tokens/s", proc.stdout.replace("\n", " "))
+    if not m:
+        raise SystemExit(f"no throughput line in:\n{proc.stdout[-2000:]}")
+    return {"processes": processes, "threads_per_process": threads, "steps": int(m[1]), "train_s": int(m[2]),
+            "tokens_per_s": int(m[3]), "command_wall_s": round(wall, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--task", default="demo")
+    ap.add_argument("--processes", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    ap.add_argument("--max-steps", type=int, default=12)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+
+    import torch
+
+    from softprompt.prompts import SoftPrompt
+
+    args = ["--task", a.task, "--model", a.model, "--max-steps", str(a.max_steps), "--batch-size", str(a.batch_size),
+            "--epochs", "100", "--test-split", "none", "--valid-split", "none", "--warmup-steps", "2", "--seed", "0"]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        plan = [(1, a.threads), (1, a.threads * a.processes), (a.processes, a.threads)]
+        for procs, threads in dict.fromkeys(plan):
+            out = root / f"p{procs}t{threads}"
+            rows.append(run(args, out, procs, threads))
+            rows[-1]["prompt"] = SoftPrompt.load(out / "prompt.safetensors").embeddings
+    base, ref = rows[0], rows[0]["prompt"]
+    for r in rows:
+        r["speedup_vs_1_process_1_thread"] = round(r["tokens_per_s"] / base["tokens_per_s"], 2)
+        r["max_abs_prompt_diff_vs_1_process"] = float((r.pop("prompt") - ref).abs().max())
+        print(json.dumps(r))
+    if a.json:
+        a.json.write_text(json.dumps({"args": vars(a) | {"json": str(a.json)}, "torch": torch.__version__, "rows": rows,
+                                      "load_average": os.getloadavg()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
