@@ -39,6 +39,28 @@ def run(args: list[str], out: Path, processes: int, threads: int) -> dict:
             "tokens_per_s": int(m[3]), "command_wall_s": round(wall, 1)}
 
 
+def sensitivity(a) -> dict:
+    """How far two 1-process runs drift apart when the initial prompt differs by ~1e-6: the scale
+    of difference that rounding alone produces, against which the N-process run is compared."""
+    import torch
+
+    from softprompt import load_model, load_task
+    from softprompt.train import TrainConfig, initial_prompt, train_prompt
+
+    torch.set_num_threads(a.threads)
+    model, tok = load_model(a.model)
+    data = load_task(a.task)
+    cfg = TrainConfig(seed=0, max_steps=a.max_steps, epochs=100, batch_size=a.batch_size, warmup_steps=2, lr=0.3)
+    init = initial_prompt(model, tok, data.task, cfg).float()
+    noise = torch.randn(init.shape, generator=torch.Generator().manual_seed(1)) * 1e-6
+    runs = [train_prompt(model, tok, data.task, data.splits["train"], None, cfg, init=x, progress=False)
+            for x in (init, init + noise)]
+    la, lb = ([h["loss"] for h in r.history] for r in runs)
+    return {"init_perturbation_maxabs": float(noise.abs().max()),
+            "final_prompt_maxabs_diff": float((runs[0].prompt.embeddings - runs[1].prompt.embeddings).abs().max()),
+            "max_rel_loss_diff": max(abs(x - y) / abs(x) for x, y in zip(la, lb))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -48,7 +70,14 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--no-thread-baseline", action="store_true",
+                    help="skip the 1-process run with procs x threads threads")
+    ap.add_argument("--sensitivity", action="store_true",
+                    help="instead: two 1-process runs whose initial prompts differ by ~1e-6 (rounding's scale)")
     a = ap.parse_args()
+    if a.sensitivity:
+        print(json.dumps(sensitivity(a)))
+        return
 
     import torch
 
@@ -59,13 +88,18 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        plan = [(1, a.threads), (1, a.threads * a.processes), (a.processes, a.threads)]
+        plan = [(1, a.threads)] + ([] if a.no_thread_baseline else [(1, a.threads * a.processes)]) + [
+            (a.processes, a.threads)]
         for procs, threads in dict.fromkeys(plan):
             out = root / f"p{procs}t{threads}"
             rows.append(run(args, out, procs, threads))
             rows[-1]["prompt"] = SoftPrompt.load(out / "prompt.safetensors").embeddings
-    base, ref = rows[0], rows[0]["prompt"]
+            rows[-1]["losses"] = [h["loss"] for h in json.loads((out / "history.json").read_text())]
+    base, ref, ref_losses = rows[0], rows[0]["prompt"], rows[0]["losses"]
     for r in rows:
+        # Adam steps a coordinate by ~lr * sign(gradient) whatever its size, so a coordinate whose
+        # gradient is ~0 can move differently on rounding alone; the losses show whether the runs agree
+        r["max_rel_loss_diff_vs_1_process"] = max(abs(x - y) / abs(y) for x, y in zip(r.pop("losses"), ref_losses))
         r["speedup_vs_1_process_1_thread"] = round(r["tokens_per_s"] / base["tokens_per_s"], 2)
         r["max_abs_prompt_diff_vs_1_process"] = float((r.pop("prompt") - ref).abs().max())
         print(json.dumps(r))
