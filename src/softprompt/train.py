@@ -46,8 +46,8 @@ from tqdm.auto import tqdm
 
 from . import seq2seq
 from .bank import PromptBank
-from .distributed import DataParallel
 from .conditioning import continuation_logprobs, full_context, label_logprobs, run_context
+from .distributed import DataParallel
 from .losses import answer_loss, answer_targets, classification_loss
 from .prompts import ModelIdentity, SoftPrompt, init_embeddings
 from .reparam import ENCODERS, PromptTensors
