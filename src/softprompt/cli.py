@@ -240,7 +240,9 @@ def train(
 ):
     """Train a soft prompt (the base model stays frozen), then score it on held-out data.
 
-    Data-parallel: `--processes N`, or `accelerate launch [--num_processes N] -m softprompt train ...`."""
+    Data-parallel: `--processes N`, or `accelerate launch --multi_gpu --num_processes N -m softprompt train ...`
+    (accelerate's torchrun launcher; on a host without GPUs it starts N CPU processes with gloo) or
+    `torchrun --nproc_per_node N -m softprompt train ...`."""
     from .distributed import DataParallel, launched, process_device, shard_frozen_model
     from .restarts import train_with_restarts
     from .train import TrainConfig, encoders_for
