@@ -69,6 +69,17 @@ def case_encoder(out: Path, resume: bool = False):  # soft prompt + head on a ti
                                 toy_examples(9, seed=2), cfg, head_lr=0.2, out_dir=out, resume=resume, progress=False)
 
 
+def case_probe(out: Path, resume: bool = False):  # head only on a tiny BERT: pooled features sharded and gathered
+    from test_encoder import SENTIMENT, tiny_bert, tiny_bert_tokenizer, toy_examples
+
+    from softprompt.encoder import train_encoder_prompt
+
+    cfg = TrainConfig(epochs=2, batch_size=7, lr=0.1, warmup_steps=2, eval_every=2, seed=0)
+    return train_encoder_prompt(tiny_bert(), tiny_bert_tokenizer(), SENTIMENT, toy_examples(15, seed=1),
+                                toy_examples(9, seed=2), cfg, n_tokens=0, head_lr=0.2, out_dir=out, resume=resume,
+                                progress=False)
+
+
 def case_fsdp(out: Path, resume: bool = False):
     """Prompt tuning with the frozen model's layers sharded over the processes (FSDP2 on gloo)."""
     from softprompt.distributed import launched, shard_frozen_model
@@ -81,7 +92,7 @@ def case_fsdp(out: Path, resume: bool = False):
 
 
 CASES = {"prompt": case_prompt, "ptuning": case_ptuning, "prefix": case_prefix, "encoder": case_encoder,
-         "fsdp": case_fsdp, "resume": case_prompt}
+         "probe": case_probe, "fsdp": case_fsdp, "resume": case_prompt}
 
 WORKER = textwrap.dedent("""
     import json, os, sys, torch
@@ -149,7 +160,7 @@ def test_two_processes_train_the_same_prompt_as_one(tmp_path, monkeypatch):
     import softprompt.train as T
 
     one, two = tmp_path / "one", tmp_path / "two"
-    names = ["prompt", "ptuning", "prefix", "encoder", "fsdp"]
+    names = ["prompt", "ptuning", "prefix", "encoder", "probe", "fsdp"]
     for name in names:
         CASES[name](one / name)
     # a 1-process run that dies after its checkpoint at step 4, to be resumed by 2 processes
