@@ -252,8 +252,24 @@ def test_help_documents_the_distributed_options():
     assert "--processes" in out and "--shard-model" in out
 
 
-def test_shard_model_refuses_a_single_process(tmp_path):
+def test_shard_model_refuses_a_single_process_and_other_methods(tmp_path):
     from softprompt.distributed import shard_frozen_model
 
     with pytest.raises(ValueError, match="several processes"):
         shard_frozen_model(tiny_causal_lm())
+    model = tiny_causal_lm()
+    model.softprompt_sharded = True  # as shard_frozen_model leaves it
+    with pytest.raises(ValueError, match="method 'prompt' only"):
+        train_prompt(model, tiny_tokenizer(), TOY, TRAIN, None, TrainConfig(method="prefix", epochs=1), progress=False)
+    with pytest.raises(ValueError, match="context 'cached'"):
+        train_prompt(model, tiny_tokenizer(), TOY, TRAIN, None, TrainConfig(context="cached", epochs=1), progress=False)
+
+
+def test_processes_flag_must_match_the_launcher(monkeypatch):
+    from typer.testing import CliRunner
+
+    from softprompt.cli import app
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    res = CliRunner().invoke(app, ["train", "--task", "demo", "--processes", "3"])
+    assert res.exit_code == 2 and "launcher that started 2" in res.output

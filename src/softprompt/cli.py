@@ -247,6 +247,9 @@ def train(
     from .restarts import train_with_restarts
     from .train import TrainConfig, encoders_for
 
+    if processes > 1 and launched() and processes != int(os.environ["WORLD_SIZE"]):
+        _fail(f"--processes {processes} under a launcher that started {os.environ['WORLD_SIZE']} processes; "
+              "drop --processes (the launcher decides)")
     if processes > 1 and not launched():
         raise typer.Exit(_launch(processes, [w for w in shlex.split(_command_line(ctx))[1:]], "--processes"))
     if shard_model and not launched():

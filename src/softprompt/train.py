@@ -466,6 +466,10 @@ def train_prompt(
     if seq2seq.is_encoder_decoder(model):
         seq2seq.check_method(cfg.method)  # before any work: prefix tuning has no encoder-decoder form here
     encoders = encoders_for(cfg)
+    from .distributed import is_sharded
+
+    if is_sharded(model) and cfg.method != "prompt":
+        raise ValueError(f"a sharded frozen model trains method 'prompt' only, not {cfg.method!r}")
     context = resolve_context(cfg.context, model)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     dp = DataParallel.current(model)
