@@ -39,6 +39,33 @@ def run(args: list[str], out: Path, processes: int, threads: int) -> dict:
             "tokens_per_s": int(m[3]), "command_wall_s": round(wall, 1)}
 
 
+def first_step(model, tok, data, cfg, init, shards: int) -> dict:
+    """The first global batch's loss and gradient, whole and as the sum of ``shards`` weighted
+    shard losses (what the processes of a data-parallel run add up), in one process."""
+    import torch
+
+    from softprompt.bank import PromptBank
+    from softprompt.train import batch_loss, batch_plan, loss_weight
+
+    p = torch.nn.Parameter(init.clone())
+    bank = PromptBank(model, tok)
+    bank.add(data.task.name, data.task.template, p, verbalizer=data.task.verbalizer, kind=data.task.kind)
+    entry = bank.index(data.task.name)
+    train = data.splits["train"]
+    batch = [train[i] for i in batch_plan(len(train), cfg.batch_size, 1, cfg.seed)[0][1]]
+    loss, _ = batch_loss(bank, entry, batch)
+    loss.backward()
+    whole, p.grad = p.grad.clone(), None
+    summed, parts = torch.zeros_like(p), 0.0
+    for r in range(shards):
+        shard = batch[r::shards]
+        part = batch_loss(bank, entry, shard)[0] * (loss_weight(data.task, shard) / loss_weight(data.task, batch))
+        part.backward()
+        summed, p.grad, parts = summed + p.grad, None, parts + float(part.detach())
+    return {"first_step_loss_abs_diff": abs(float(loss.detach()) - parts),
+            "first_step_grad_rel_diff": float((summed - whole).norm() / whole.norm())}
+
+
 def sensitivity(a) -> dict:
     """How far two 1-process runs drift apart when the initial prompt differs by ~1e-6: the scale
     of difference that rounding alone produces, against which the N-process run is compared."""
@@ -56,7 +83,7 @@ def sensitivity(a) -> dict:
     runs = [train_prompt(model, tok, data.task, data.splits["train"], None, cfg, init=x, progress=False)
             for x in (init, init + noise)]
     la, lb = ([h["loss"] for h in r.history] for r in runs)
-    return {"init_perturbation_maxabs": float(noise.abs().max()),
+    return {**first_step(model, tok, data, cfg, init, a.processes), "init_perturbation_maxabs": float(noise.abs().max()),
             "final_prompt_maxabs_diff": float((runs[0].prompt.embeddings - runs[1].prompt.embeddings).abs().max()),
             "max_rel_loss_diff": max(abs(x - y) / abs(x) for x, y in zip(la, lb))}
 
