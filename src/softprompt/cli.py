@@ -240,6 +240,7 @@ def _row(name: str, m: dict, extra: dict | None = None) -> dict:
 # ----------------------------------------------------------------------------- train
 @app.command()
 def train(
+    ctx: typer.Context,
     task: Optional[str] = typer.Option(None, help="Built-in task name (see `softprompt tasks`)."),
     model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
     out: Path = typer.Option(Path("runs/prompt"), help="Output folder: prompt.safetensors, checkpoint, history, metrics."),
@@ -278,10 +279,25 @@ def train(
     eval_batch_size: int = typer.Option(32),
     encoding: str = typer.Option("utf-8", help="Text encoding of your files, e.g. latin-1 or cp1252."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: torch's choice)."),
+    processes: int = typer.Option(1, min=1, help="Train data-parallel on N processes of this host: re-runs this command under `accelerate launch --num_processes N` (one per GPU; on CPUs, gloo). Each process takes 1/N of every batch; the result equals a 1-process run to float rounding, and --resume works across process counts. Several hosts: run `accelerate launch -m softprompt train ...` yourself (README, 'Scaling out')."),
+    shard_model: bool = typer.Option(False, help="Under several processes: shard the frozen model's decoder layers over them (FSDP2), for a model larger than one device. Prompt tuning on decoder models only."),
 ):
-    """Train a soft prompt (the base model stays frozen), then score it on held-out data."""
+    """Train a soft prompt (the base model stays frozen), then score it on held-out data.
+
+    Data-parallel: `--processes N`, or `accelerate launch --multi_gpu --num_processes N -m softprompt train ...`
+    (accelerate's torchrun launcher; on a host without GPUs it starts N CPU processes with gloo) or
+    `torchrun --nproc_per_node N -m softprompt train ...`."""
+    from .distributed import DataParallel, launched, process_device, shard_frozen_model
     from .restarts import train_with_restarts
     from .train import TrainConfig, encoders_for
+
+    if processes > 1 and launched() and processes != int(os.environ["WORLD_SIZE"]):
+        _fail(f"--processes {processes} under a launcher that started {os.environ['WORLD_SIZE']} processes; "
+              "drop --processes (the launcher decides)")
+    if processes > 1 and not launched():
+        raise typer.Exit(_launch(processes, [w for w in shlex.split(_command_line(ctx))[1:]], "--processes"))
+    if shard_model and not launched():
+        _fail("--shard-model needs several processes: add --processes N or run under `accelerate launch`")
 
     data = _load_task_data(task, train_file, test_file, valid_file, field, label_column, target_column,
                            template, verbalizer, instruction, None, encoding=encoding)
@@ -301,11 +317,24 @@ def train(
         encoders_for(cfg)  # a bad method/encoder combination fails before the model loads
     except ValueError as e:
         _fail(str(e))
-    m, tok = _load_model(model)
+    device = process_device(_device())
+    # a sharded model is loaded on the CPU, and only its shard moves to the device
+    m, tok = _load_model(model, "cpu" if shard_model else device)
+    if shard_model:
+        try:
+            if method != "prompt":
+                raise ValueError(f"--shard-model supports --method prompt only, not {method!r}")
+            shard_frozen_model(m, device)
+        except ValueError as e:
+            _fail(str(e))
+    dp = DataParallel.current(m)
     try:
-        result = train_with_restarts(m, tok, data.task, train_ex, valid_ex, cfg, restarts, out_dir=out, resume=resume)
+        result = train_with_restarts(m, tok, data.task, train_ex, valid_ex, cfg, restarts, out_dir=out, resume=resume,
+                                     progress=dp.is_main)
     except ValueError as e:
         _fail(str(e))
+    if not dp.is_main and not dp.lockstep:
+        return  # the main process scores, saves and reports
     for run in result.prompt.training.get("restarts", []):
         fit = ", ".join(f"{k} {v:.4f}" for k, v in run.items() if isinstance(v, float))
         console.print(f"restart seed {run['seed']}: {run['judged_on']} {fit}{'  <- kept' if run['chosen'] else ''}")
@@ -318,6 +347,8 @@ def train(
         metrics = _evaluate(bank, entry, test_ex, data.task.kind, eval_batch_size, f"scoring {test_split}")
         result.prompt.metrics = {test_split: {k: v for k, v in metrics.items() if k != "confusion"}}
         rows.append(_row("soft prompt", metrics))
+    if not dp.is_main:
+        return  # a sharded model: every rank ran the test forwards above, the main one reports
     size = result.prompt.save(out / "prompt.safetensors")
     (out / "metrics.json").write_text(json.dumps(result.prompt.metrics, indent=1))
     shape = f"{result.prompt.n_tokens} tokens x {result.prompt.hidden_size} floats"
@@ -328,6 +359,41 @@ def train(
                   f"{result.tokens_per_s:.0f} training tokens/s, best step {result.best_step}")
     if rows:
         console.print(_results_table(rows, f"{data.task.name}: {test_split} ({len(test_ex)} examples)"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(processes: int, args: list[str], port: int | None = None) -> list[str]:
+    """``accelerate launch`` running ``python -m softprompt ARGS`` on ``processes`` processes of
+    this host.  ``--multi_gpu`` selects accelerate's torchrun launcher, which is also the one that
+    starts several CPU processes (gloo) on a host without GPUs."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_ip", "127.0.0.1", "--main_process_port", str(port or _free_port()),
+            "-m", "softprompt", *args]
+
+
+def _launch(processes: int, words: list[str], option: str) -> int:
+    """Run this command again under ``accelerate launch`` without ``option`` (its own value)."""
+    import subprocess
+
+    args, skip = [], False
+    for w in words:
+        if skip:
+            skip = False
+        elif w == option:
+            skip = True
+        elif not w.startswith(option + "="):
+            args.append(w)
+    cmd = launch_command(processes, args)
+    err.print(f"launching {processes} processes: {shlex.join(cmd)}", markup=False)
+    return subprocess.run(cmd).returncode
 
 
 # ----------------------------------------------------------------------------- eval / predict

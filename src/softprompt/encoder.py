@@ -311,6 +311,15 @@ def _features(bank: EncoderBank, entry: int, examples, batch_size: int) -> torch
                           for i in range(0, len(examples), batch_size)])
 
 
+def _features_sharded(bank: EncoderBank, entry: int, examples, batch_size: int, dp) -> torch.Tensor:
+    """:func:`_features` with each process pooling its shard (``distributed.DataParallel``)."""
+    if not dp.shards_evaluation:
+        return _features(bank, entry, examples, batch_size)
+    mine = dp.shard(examples)
+    local = list(_features(bank, entry, mine, batch_size).cpu()) if mine else []
+    return torch.stack(dp.gather(local, len(examples))).to(bank._device())
+
+
 def fold_standardised(weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, std: torch.Tensor):
     """(W, b) applied to ``(x - mean) / std`` as an equal plain head on ``x``: (W / std, b - W @ (mean / std))."""
     w = weight / std
@@ -358,6 +367,9 @@ def train_encoder_prompt(
 
     check_training_inputs(model, task, train_examples, valid_examples)
 
+    from .distributed import DataParallel
+
+    dp = DataParallel.current(model)  # under accelerate launch: this process's shard of each batch
     torch.manual_seed(cfg.seed)
     n = Template(task.template).n_soft if n_tokens is None else int(n_tokens)
     if n < 0:
@@ -383,6 +395,7 @@ def train_encoder_prompt(
     groups = [{"params": [params["weight"], params["bias"]], "base_lr": head_lr}]
     if n:
         groups.insert(0, {"params": [params["prompt"]], "base_lr": cfg.lr})
+    dp.broadcast_(params.values())  # every rank starts from the main process's tensors
     optimizer = make_optimizer(groups, cfg)
     entry = bank.add(task.name, labels, fields=task.input_fields, soft=params["prompt"], weight=params["weight"],
                      bias=params["bias"], pooling=pooling, verbalizer=task.verbalizer)
@@ -394,9 +407,9 @@ def train_encoder_prompt(
     gold_all = torch.tensor([labels.index(ex.label) for ex in train_examples], device=device)
     run = RunProgress()  # history, best score, clock: what a checkpoint saves (train.py)
     run.start_clock()  # wall time includes the one-off feature pass of a head-only run
-    feats = _features(bank, entry, train_examples, cfg.eval_batch_size) if n == 0 else None
-    sample = feats if feats is not None else _features(bank, entry, train_examples[:STANDARDISE_EXAMPLES],
-                                                       cfg.eval_batch_size)
+    feats = _features_sharded(bank, entry, train_examples, cfg.eval_batch_size, dp) if n == 0 else None
+    sample = feats if feats is not None else _features_sharded(bank, entry, train_examples[:STANDARDISE_EXAMPLES],
+                                                               cfg.eval_batch_size, dp)
     mean = sample.mean(0)
     std = sample.std(0).clamp(min=1e-4) if len(sample) > 1 else torch.ones(hidden, device=device)
 
@@ -405,7 +418,7 @@ def train_encoder_prompt(
         e = bank.entries[entry]
         e.weight, e.bias = fold_standardised(params["weight"], params["bias"], mean, std)
 
-    valid_feats = (_features(bank, entry, valid_examples, cfg.eval_batch_size) if n == 0 and valid_examples
+    valid_feats = (_features_sharded(bank, entry, valid_examples, cfg.eval_batch_size, dp) if n == 0 and valid_examples
                    else None)
 
     plan = batch_plan(len(train_examples), cfg.batch_size, cfg.epochs, cfg.seed)
@@ -420,6 +433,11 @@ def train_encoder_prompt(
         with torch.no_grad():
             if valid_feats is not None:
                 logits = bank.head_logits([entry] * len(valid_examples), valid_feats).cpu()
+                preds = [labels[j] for j in logits.argmax(-1).tolist()]
+            elif dp.shards_evaluation:
+                mine = dp.shard(valid_examples)
+                local = list(classify(bank, entry, mine, batch_size=cfg.eval_batch_size).scores) if mine else []
+                logits = torch.stack(dp.gather(local, len(valid_examples)))
                 preds = [labels[j] for j in logits.argmax(-1).tolist()]
             else:
                 res = classify(bank, entry, valid_examples, batch_size=cfg.eval_batch_size)
@@ -449,39 +467,49 @@ def train_encoder_prompt(
     ckpt_every = cfg.checkpoint_every or eval_every
 
     def checkpoint() -> None:
-        if out is not None:
+        if out is not None and dp.is_main:
             run.tick()
             save_checkpoint(out / CHECKPOINT, params=dict(params), best=best, optimizer=optimizer,
                             meta=run.meta(run_config))
 
     bar = tqdm(total=total, initial=run.step, desc=f"training {task.name} ({'prompt + head' if n else 'head only'})",
-               disable=not progress, unit="step")
+               disable=not (progress and dp.is_main), unit="step")
     for step in range(run.step, total):
         epoch, idx = plan[step]
         lr_scale = lr_at(step, total, cfg) / cfg.lr if cfg.lr else 1.0
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * lr_scale
-        batch = [train_examples[i] for i in idx]
         sync_head()
+        if feats is None:
+            run.tokens_seen += sum(len(r[0]) for r in bank.encode(entry, [train_examples[i] for i in idx]))
+        # data-parallel: this rank's shard; an empty one runs one example with weight 0 (distributed.py)
+        mine = dp.shard(idx) if dp.active else idx
+        rows = mine or idx[:1]
         if feats is not None:
-            logits = bank.head_logits([entry] * len(idx), feats[idx])
+            logits = bank.head_logits([entry] * len(rows), feats[rows])
         else:
-            logits = bank.logits([entry] * len(idx), batch)
-            run.tokens_seen += sum(len(r[0]) for r in bank.encode(entry, batch))
-        gold = gold_all[idx]
+            logits = bank.logits([entry] * len(rows), [train_examples[i] for i in rows])
+        gold = gold_all[rows]
         per = F.cross_entropy(logits, gold, reduction="none")
         w = class_weights[gold] if class_weights is not None else torch.ones_like(per)
-        loss = (per * w).sum() / w.sum()
+        if dp.active:  # this shard's part of the global batch's weighted mean; the parts sum to it
+            total_weight = class_weights[gold_all[idx]].sum() if class_weights is not None else len(idx)
+            loss = (per * w).sum() / total_weight * (1.0 if mine else 0.0)
+        else:
+            loss = (per * w).sum() / w.sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        loss_value = float(loss.detach())
+        if dp.active:
+            (loss_value,) = dp.sum_gradients(trainable, [loss_value])
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         optimizer.step()
         run.step = step + 1
-        record: dict[str, Any] = {"step": step + 1, "epoch": epoch, "loss": float(loss.detach()),
+        record: dict[str, Any] = {"step": step + 1, "epoch": epoch, "loss": loss_value,
                                   "lr": optimizer.param_groups[0]["lr"]}
         if valid_examples and ((step + 1) % eval_every == 0 or step + 1 == total):
-            m = evaluate()
+            m = dp.from_main(evaluate())  # every rank judges the same numbers
             record["valid"] = m
             if run.judge((m["accuracy"], m["macro_f1"], -m["loss"])):
                 best = {k: p.detach().clone() for k, p in params.items()}
@@ -517,9 +545,10 @@ def train_encoder_prompt(
     result = TrainResult(prompt=prompt, history=run.history, best_step=best_step, steps=len(run.history),
                          wall_time_s=run.elapsed, tokens_per_s=run.tokens_per_s,
                          stopped_early=stopped_early, trainable_params=sum(p.numel() for p in trainable))
-    if out is not None:
+    if out is not None and dp.is_main:
         prompt.save(out / "prompt.safetensors")
         (out / "history.json").write_text(json.dumps(run.history, indent=1))
+    dp.barrier()  # the files exist when any rank returns
     return result
 
 

@@ -25,6 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .bank import PromptBank
+from .distributed import DataParallel
 from .tasks import Task
 from .train import TrainConfig, TrainResult, train_prompt, validate
 
@@ -94,6 +95,6 @@ def train_with_restarts(
     # each run's own training time (a resumed run's includes the time before its checkpoint) + the choosing
     chosen.wall_time_s = sum(res.wall_time_s for res, _ in runs) + judging
     chosen.prompt.training = {**chosen.prompt.training, "restarts": summary}
-    if out is not None:
+    if out is not None and DataParallel.current().is_main:  # data-parallel: the main process writes
         chosen.prompt.save(out / "prompt.safetensors")
     return chosen

@@ -19,6 +19,12 @@ the answer), and the LM head only at those positions (``conditioning.py``).  P-t
 prefix tuning with ``reparam="mlp"`` train the prompt through a small network
 (``reparam.py``): the checkpoint holds that network and its optimizer state, the saved
 prompt only the network's output.
+
+Under ``accelerate launch`` (or torchrun) the same loop runs data-parallel: each process
+takes its shard of every global batch and the trainable tensors' gradients are summed over
+processes (``distributed.py``); the batch plan, the checkpoint and the result do not depend
+on the process count, so 2 processes end at the prompt 1 process reaches, to float rounding,
+and a run can resume with another process count.  Only the main process writes files.
 """
 from __future__ import annotations
 
@@ -41,10 +47,11 @@ from tqdm.auto import tqdm
 from . import seq2seq
 from .bank import PromptBank
 from .conditioning import continuation_logprobs, full_context, label_logprobs, run_context
+from .distributed import DataParallel
 from .losses import answer_loss, answer_targets, classification_loss
 from .prompts import ModelIdentity, SoftPrompt, init_embeddings
 from .reparam import ENCODERS, PromptTensors
-from .scoring import classify, generate
+from .scoring import classification_metrics, classify, generate, qa_metrics
 from .tasks import Task
 from .templates import Template
 
@@ -200,6 +207,12 @@ def resolve_context(mode: str, model) -> str:
     about twice as many kernels per step (docs/benchmarks.md, "On a GPU")."""
     if mode not in CONTEXT_MODES:
         raise ValueError(f"context must be one of {CONTEXT_MODES}, got {mode!r}")
+    from .distributed import is_sharded
+
+    if is_sharded(model):  # FSDP cannot backpropagate into a cache built by an earlier forward of a sharded layer
+        if mode == "cached":
+            raise ValueError("context 'cached' does not work with a sharded frozen model; use 'full' or 'auto'")
+        return "full"
     if mode != "auto":
         return mode
     return "cached" if model.get_input_embeddings().weight.device.type == "cpu" else "full"
@@ -231,8 +244,35 @@ def batch_loss(
     return answer_loss(lp, targets), n_tokens
 
 
-def validate(bank: PromptBank, entry: int, examples, cfg: TrainConfig) -> dict:
-    """Validation metrics, plus a ``score`` tuple where larger is better (for model selection)."""
+def loss_weight(task: Task, examples, class_weights: torch.Tensor | None = None) -> float:
+    """The denominator of ``batch_loss``'s mean over ``examples``: their number, or their summed
+    class weights.  A shard's mean times its weight over the global batch's weight, summed over
+    processes, is the global batch's mean."""
+    if class_weights is None or task.kind != "classification":
+        return float(len(examples))
+    return float(sum(float(class_weights[task.labels.index(ex.label)]) for ex in examples))
+
+
+def sharded_loss(bank: PromptBank, entry: int, task: Task, batch, cfg: TrainConfig, class_weights, context: str,
+                 dp: DataParallel) -> tuple[torch.Tensor, int]:
+    """This rank's part of the global ``batch``'s mean loss (the parts sum to it over ranks) and
+    its token count.  A rank whose shard is empty runs one example with weight 0: it adds
+    nothing, and a sharded frozen model still sees every rank run the same forwards."""
+    mine = dp.shard(batch)
+    if not mine:
+        loss, _ = batch_loss(bank, entry, batch[:1], cfg.loss, class_weights, context)
+        return loss * 0.0, 0
+    loss, n_tok = batch_loss(bank, entry, mine, cfg.loss, class_weights, context)
+    return loss * (loss_weight(task, mine, class_weights) / loss_weight(task, batch, class_weights)), n_tok
+
+
+def validate(bank: PromptBank, entry: int, examples, cfg: TrainConfig, dp: DataParallel | None = None) -> dict:
+    """Validation metrics, plus a ``score`` tuple where larger is better (for model selection).
+
+    With an active ``dp`` each process scores its shard and the results are gathered, so every
+    rank gets the metrics of the whole set."""
+    if dp is not None and dp.shards_evaluation:
+        return _validate_sharded(bank, entry, list(examples), cfg, dp)
     e = bank.entries[entry]
     if e.kind == "classification":
         res = classify(bank, entry, examples, batch_size=cfg.eval_batch_size)
@@ -244,6 +284,29 @@ def validate(bank: PromptBank, entry: int, examples, cfg: TrainConfig) -> dict:
         return m
     res = generate(bank, entry, examples, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
     m = dict(res.metrics)
+    m["score"] = (m["f1"], m["exact_match"])
+    return m
+
+
+def _validate_sharded(bank: PromptBank, entry: int, examples: list, cfg: TrainConfig, dp: DataParallel) -> dict:
+    """:func:`validate` with each process scoring every ``world``-th example."""
+    e = bank.entries[entry]
+    mine = dp.shard(examples)
+    if e.kind == "classification":
+        local = classify(bank, entry, mine, batch_size=cfg.eval_batch_size).scores if mine else []
+        scores = torch.stack(dp.gather(list(local), len(examples)))
+        labels = list(e.labels)
+        preds = [labels[j] for j in scores.argmax(-1).tolist()]
+        metrics = classification_metrics([ex.label for ex in examples], preds, labels)
+        gold = torch.tensor([labels.index(ex.label) for ex in examples])
+        nll = float(F.cross_entropy(scores, gold))
+        m = {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "loss": nll}
+        m["score"] = (m["accuracy"], m["macro_f1"], -nll)
+        return m
+    local = generate(bank, entry, mine, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size).texts \
+        if mine else []
+    texts = dp.gather(local, len(examples))
+    m = dict(qa_metrics(texts, [ex.answers or ((ex.target,) if ex.target is not None else ()) for ex in examples]))
     m["score"] = (m["f1"], m["exact_match"])
     return m
 
@@ -410,8 +473,13 @@ def train_prompt(
     if seq2seq.is_encoder_decoder(model):
         seq2seq.check_method(cfg.method)  # before any work: prefix tuning has no encoder-decoder form here
     encoders = encoders_for(cfg)
+    from .distributed import is_sharded
+
+    if is_sharded(model) and cfg.method != "prompt":
+        raise ValueError(f"a sharded frozen model trains method 'prompt' only, not {cfg.method!r}")
     context = resolve_context(cfg.context, model)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    dp = DataParallel.current(model)
     torch.manual_seed(cfg.seed)
     weight = model.get_input_embeddings().weight
     bank = PromptBank(model, tokenizer)
@@ -423,6 +491,7 @@ def train_prompt(
         start_values["kv"] = initial_prefix_kv(model, tokenizer, task, cfg).to(weight.device)
     trained = PromptTensors(start_values, encoders, hidden=cfg.encoder_hidden, seed=cfg.seed)
     params = trained.parameters()
+    dp.broadcast_(trained.state().values())  # every rank starts from the main process's tensors
     optimizer = accelerator.prepare(make_optimizer(list(params.values()), cfg))
     no_soft = torch.zeros(0, weight.shape[1], device=weight.device)
 
@@ -464,11 +533,12 @@ def train_prompt(
         run = RunProgress.from_meta(meta)
 
     def checkpoint() -> None:
-        if out is not None:
+        if out is not None and dp.is_main:
             save_checkpoint(out / CHECKPOINT, params=trained.state(), best=best, optimizer=optimizer,
                             meta=run.meta(cfg.to_dict()))
 
-    bar = tqdm(total=total, initial=run.step, desc=f"training {task.name}", disable=not progress, unit="step")
+    bar = tqdm(total=total, initial=run.step, desc=f"training {task.name}", disable=not (progress and dp.is_main),
+               unit="step")
     stopped_early = False
     run.start_clock()
     running = None
@@ -478,22 +548,29 @@ def train_prompt(
             g["lr"] = lr_at(step, total, cfg)
         if trained.reparameterised:
             condition()
-        loss, n_tok = batch_loss(bank, entry, [train_examples[i] for i in idx], cfg.loss, class_weights, context)
         optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
+        if dp.active:  # this rank's shard; its gradients and loss are summed over ranks below
+            loss, n_tok = sharded_loss(bank, entry, task, [train_examples[i] for i in idx], cfg, class_weights, context,
+                                       dp)
+            accelerator.backward(loss)
+            loss, n_tok = dp.sum_gradients(params.values(), [float(loss.detach()), n_tok])
+            n_tok = round(n_tok)
+        else:
+            loss, n_tok = batch_loss(bank, entry, [train_examples[i] for i in idx], cfg.loss, class_weights, context)
+            accelerator.backward(loss)
         if cfg.grad_clip:
             accelerator.clip_grad_norm_(list(params.values()), cfg.grad_clip)
         optimizer.step()
         run.step = step + 1
         run.tokens_seen += n_tok
         run.tick()
-        loss_value = float(loss.detach())
+        loss_value = float(loss.detach()) if torch.is_tensor(loss) else loss
         running = loss_value if running is None else 0.9 * running + 0.1 * loss_value
         record = {"step": step + 1, "epoch": epoch, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"]}
         done = step + 1 == total
         if valid_examples and ((step + 1) % eval_every == 0 or done):
             values = condition() if trained.reparameterised else values
-            m = validate(bank, entry, valid_examples, cfg)
+            m = dp.from_main(validate(bank, entry, valid_examples, cfg, dp))  # every rank judges the same numbers
             score = m.pop("score")
             record["valid"] = m
             if run.judge(score):
@@ -533,7 +610,8 @@ def train_prompt(
         tokens_per_s=run.tokens_per_s, stopped_early=stopped_early,
         trainable_params=sum(p.numel() for p in params.values()),
     )
-    if out is not None:
+    if out is not None and dp.is_main:
         prompt.save(out / "prompt.safetensors")
         (out / "history.json").write_text(json.dumps(run.history, indent=1))
+    dp.barrier()  # the files exist when any rank returns
     return result
