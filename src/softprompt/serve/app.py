@@ -106,7 +106,8 @@ class GenerateResponse(BaseModel):
 
 class CompletionRequest(BaseModel):
     """The OpenAI legacy completions request; unknown OpenAI fields are accepted and ignored.
-    Decoding is greedy (``temperature``/``top_p`` are ignored)."""
+    Decoding is greedy (``temperature``/``top_p`` are ignored), except on the vLLM backend,
+    which samples when ``temperature`` > 0 (with ``top_p`` and ``seed``)."""
 
     model_config = ConfigDict(extra="allow")
     model: Annotated[StrictStr, Field(min_length=1, max_length=200, description='"<base>:<task>", see GET /v1/models')]
@@ -527,6 +528,8 @@ def create_app(
 
         stops = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
         kw = dict(max_new_tokens=min(req.max_tokens or 16, engine.max_new_tokens_limit), stop_at_newline=False, stop=stops)
+        if getattr(engine, "supports_sampling", False) and req.temperature:  # backends/vllm.py samples
+            kw.update(temperature=req.temperature, top_p=req.top_p, seed=(req.model_extra or {}).get("seed"))
         if req.stream:
             if len(prompts) != 1:
                 raise InvalidInputError("streaming needs a single prompt", param="prompt")

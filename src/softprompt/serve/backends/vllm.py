@@ -36,6 +36,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -469,12 +470,16 @@ class _SampledItem(_Item):
 
 # ----------------------------------------------------------------------------- construction
 def make_vllm_backend(model: str, *, urls: Sequence[str] = (), max_model_len: int | None = None,
-                      health_interval_s: float = 5.0, api_key: str | None = None, **engine_kw) -> VllmBackend:
-    """``urls`` given: remote vLLM OpenAI servers; none: vLLM's async engine in this process."""
+                      enforce_eager: bool = False, health_interval_s: float = 5.0, api_key: str | None = None,
+                      **engine_kw) -> VllmBackend:
+    """``urls`` given: remote vLLM OpenAI servers; none: vLLM's async engine in this process
+    (``enforce_eager`` skips its torch.compile warm-up: minutes on a small CPU)."""
     front = load_front_model(model)
     if urls:
-        transport = RemoteTransport(list(urls), health_interval_s=health_interval_s, api_key=api_key)
+        transport = RemoteTransport(list(urls), health_interval_s=health_interval_s,
+                                    api_key=api_key or os.environ.get("SOFTPROMPT_VLLM_API_KEY"))
     else:
         max_logprobs = max(20, int(engine_kw.get("max_labels", 100)) + 1)
-        transport = InProcessTransport(front.path, max_model_len=max_model_len, max_logprobs=max_logprobs)
+        transport = InProcessTransport(front.path, max_model_len=max_model_len, max_logprobs=max_logprobs,
+                                       engine_kwargs={"enforce_eager": True} if enforce_eager else None)
     return VllmBackend(front, transport, base_name=model, **engine_kw)
