@@ -145,8 +145,9 @@ def setup(tmp_path_factory):
         "api": subprocess.Popen(
             [str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--dtype", "float32",
              "--enable-prompt-embeds", "--max-logprobs", "128", "--enforce-eager", "--max-model-len", "2048",
-             "--host", "127.0.0.1", "--port", str(api_port)],
-            stdout=logs["api"].open("w"), stderr=subprocess.STDOUT, env=_env()),
+             "--distributed-executor-backend", "uni", "--host", "127.0.0.1", "--port", str(api_port)],
+            # one process instead of three (API server, engine core, worker): starts in half the time
+            stdout=logs["api"].open("w"), stderr=subprocess.STDOUT, env={**_env(), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}),
         "sp": subprocess.Popen(
             [str(VLLM_PY.parent / "softprompt"), "serve", "--backend", "vllm", "--vllm-eager",
              "--vllm-max-model-len", "2048", "--prompts", str(pdir), "--port", str(sp_port), "--token", "t0k"],

@@ -460,6 +460,7 @@ def serve_cmd(
                                                  "SOFTPROMPT_VLLM_API_KEY). None: vLLM runs in this process."),
     vllm_max_model_len: Optional[int] = typer.Option(None, help="In-process vLLM: context length to reserve KV cache for (default: the model's)."),
     vllm_eager: bool = typer.Option(False, help="In-process vLLM: skip torch.compile (starts in seconds instead of minutes on a small CPU; slower per token)."),
+    vllm_tensor_parallel_size: int = typer.Option(1, help="In-process vLLM: shard the model over this many GPUs (tensor parallelism)."),
 ):
     """Serve every prompt in a folder from ONE frozen model over HTTP (FastAPI; docs at /docs).
 
@@ -477,7 +478,8 @@ def serve_cmd(
           max_wait_ms=max_wait_ms, protect_reads=protect_reads, device=_device(), max_batch_tokens=max_batch_tokens,
           max_input_tokens=max_input_tokens, max_labels=max_labels, max_label_tokens=max_label_tokens,
           max_template_tokens=max_template_tokens, backend=backend, vllm_urls=tuple(vllm_url or ()),
-          vllm_max_model_len=vllm_max_model_len, vllm_eager=vllm_eager)
+          vllm_max_model_len=vllm_max_model_len, vllm_eager=vllm_eager,
+          vllm_tensor_parallel_size=vllm_tensor_parallel_size)
 
 
 # ----------------------------------------------------------------------------- models / tasks

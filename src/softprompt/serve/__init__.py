@@ -54,6 +54,7 @@ def serve(
     vllm_urls: tuple[str, ...] | list[str] = (),
     vllm_max_model_len: int | None = None,
     vllm_eager: bool = False,
+    vllm_tensor_parallel_size: int = 1,
 ) -> None:
     """Load ``model`` once and every prompt in ``prompts``, then serve them with uvicorn.
 
@@ -76,6 +77,7 @@ def serve(
 
         engine = make_vllm_backend(
             model, urls=list(vllm_urls), max_model_len=vllm_max_model_len, enforce_eager=vllm_eager,
+            tensor_parallel_size=vllm_tensor_parallel_size,
             max_queue=max_queue, max_input_tokens=max_input_tokens, max_new_tokens_limit=max_new_tokens_limit,
             max_labels=max_labels, max_label_tokens=max_label_tokens, max_template_tokens=max_template_tokens)
     elif backend != "engine":

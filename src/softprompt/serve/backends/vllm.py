@@ -470,8 +470,8 @@ class _SampledItem(_Item):
 
 # ----------------------------------------------------------------------------- construction
 def make_vllm_backend(model: str, *, urls: Sequence[str] = (), max_model_len: int | None = None,
-                      enforce_eager: bool = False, health_interval_s: float = 5.0, api_key: str | None = None,
-                      **engine_kw) -> VllmBackend:
+                      enforce_eager: bool = False, tensor_parallel_size: int = 1, health_interval_s: float = 5.0,
+                      api_key: str | None = None, **engine_kw) -> VllmBackend:
     """``urls`` given: remote vLLM OpenAI servers; none: vLLM's async engine in this process
     (``enforce_eager`` skips its torch.compile warm-up: minutes on a small CPU)."""
     front = load_front_model(model)
@@ -481,5 +481,5 @@ def make_vllm_backend(model: str, *, urls: Sequence[str] = (), max_model_len: in
     else:
         max_logprobs = max(20, int(engine_kw.get("max_labels", 100)) + 1)
         transport = InProcessTransport(front.path, max_model_len=max_model_len, max_logprobs=max_logprobs,
-                                       engine_kwargs={"enforce_eager": True} if enforce_eager else None)
+                                       tensor_parallel_size=tensor_parallel_size, engine_kwargs={"enforce_eager": True} if enforce_eager else None)
     return VllmBackend(front, transport, base_name=model, **engine_kw)

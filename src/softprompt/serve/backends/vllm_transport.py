@@ -50,10 +50,11 @@ class InProcessTransport:
     the program that builds it needs the ``if __name__ == "__main__"`` guard)."""
 
     def __init__(self, model_path: str, *, max_model_len: int | None = None, max_logprobs: int = 128,
-                 engine_kwargs: dict[str, Any] | None = None):
+                 tensor_parallel_size: int = 1, engine_kwargs: dict[str, Any] | None = None):
         self.model_path = model_path
         self.kwargs = dict(model=model_path, tokenizer=model_path, dtype="float32", enable_prompt_embeds=True,
-                           max_logprobs=max_logprobs, enable_prefix_caching=False, **(engine_kwargs or {}))
+                           max_logprobs=max_logprobs, enable_prefix_caching=False,
+                           tensor_parallel_size=int(tensor_parallel_size), **(engine_kwargs or {}))
         if max_model_len:
             self.kwargs["max_model_len"] = int(max_model_len)
         self.llm = None
@@ -212,7 +213,7 @@ class RemoteTransport:
                         raise _ReplicaAnswer(resp.status_code, resp.text)
                     choice = resp.json()["choices"][0]
                 else:
-                    choice = await self._stream(r, payload, on_ids, lambda: None)
+                    choice = await self._stream(r, payload, on_ids)
                     streamed = True
                 r.served += 1
                 return choice
@@ -228,7 +229,7 @@ class RemoteTransport:
             finally:
                 r.inflight -= 1
 
-    async def _stream(self, r: _Replica, payload: dict, on_ids, _mark) -> dict:
+    async def _stream(self, r: _Replica, payload: dict, on_ids) -> dict:
         ids: list[int] = []
         finish = None
         async with self._client.stream("POST", f"{r.url}/v1/completions", json={**payload, "stream": True}) as resp:
