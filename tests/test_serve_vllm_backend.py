@@ -4,7 +4,6 @@ what the backend sends and how it turns the answers into the engine's results.  
 vLLM is compared with the engine in ``test_vllm_equivalence.py``."""
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 
