@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import pytest
 import torch
@@ -228,6 +229,16 @@ def _fake_vllm_app(model, eos):
             lp = await inner.next_logprobs(embeds, body["logprob_token_ids"])
             return {"choices": [{"logprobs": {"top_logprobs": [{f"token_id:{k}": v for k, v in lp.items()}]}}]}
         ids, finish = await inner.generate(embeds, body)
+        if body.get("stream"):  # vLLM's streaming shape: token_ids deltas, finish_reason on the last chunk
+            from fastapi.responses import StreamingResponse
+
+            async def events():
+                for k, t in enumerate(ids):
+                    last = k == len(ids) - 1
+                    c = {"token_ids": [t], "text": "", "finish_reason": finish if last else None}
+                    yield f"data: {json.dumps({'choices': [c]})}\n\n"
+                yield "data: [DONE]\n\n"
+            return StreamingResponse(events(), media_type="text/event-stream")
         return {"choices": [{"token_ids": ids, "finish_reason": finish, "text": ""}]}
 
     return app
@@ -254,6 +265,20 @@ def test_remote_transport_balances_replicas_and_skips_dead_ones(lm):
             assert apps[0].state.served > 0 and apps[1].state.served > 0  # load-balanced
             state = {r["url"]: r for r in remote.describe()["replicas"]}
             assert not state[dead]["healthy"] and state[dead]["served"] == 0
+            # streaming: the same tokens, delivered as they come
+            seen: list[list[int]] = []
+            r = remote.generate("g", "a b", max_new_tokens=4, stop_at_newline=False, on_token=seen.append)
+            assert seen and seen[-1] == r.token_ids == local.generate("g", "a b", max_new_tokens=4,
+                                                                      stop_at_newline=False).token_ids
+
+            # a streaming client that goes away drops its request, not the replica
+            def gone(ids):
+                raise RuntimeError("client went away")
+
+            fut = remote.submit_generate("g", "c d", max_new_tokens=4, stop_at_newline=False, on_token=gone)
+            with pytest.raises(Exception):
+                fut.result(30)
+            assert all(r["healthy"] for r in remote.describe()["replicas"] if r["url"] != dead)
         finally:
             remote.stop()
     local.stop()

@@ -36,6 +36,10 @@ class VllmUnavailableError(RuntimeError):
     """No vLLM engine or replica can take the request."""
 
 
+class ClientGoneError(RuntimeError):
+    """The token callback failed (a streaming client went away): the request is dropped."""
+
+
 def encode_embeds(embeds: torch.Tensor) -> str:
     """A [T, hidden] tensor as vLLM's OpenAI server reads ``prompt_embeds``: ``torch.save``
     bytes, base64.  Costs about T x hidden x 4 x 4/3 bytes (fp32) plus ~1.5 KB of framing."""
@@ -217,6 +221,8 @@ class RemoteTransport:
                     streamed = True
                 r.served += 1
                 return choice
+            except ClientGoneError:  # our caller stopped listening: the replica is fine
+                raise
             except _ReplicaAnswer as e:  # the replica answered: the request itself is at fault
                 raise VllmUnavailableError(f"vLLM at {r.url} refused the request ({e.status}): {e.text[:300]}") from None
             except Exception as e:  # noqa: BLE001 - connection-level: mark down, try another replica
@@ -245,7 +251,10 @@ class RemoteTransport:
                     ids.extend(c.get("token_ids") or [])
                     finish = c.get("finish_reason") or finish
                 if finish is None:
-                    on_ids(list(ids))
+                    try:
+                        on_ids(list(ids))
+                    except Exception as e:  # noqa: BLE001 - closing the stream aborts the request in vLLM
+                        raise ClientGoneError(str(e)) from e
         return {"token_ids": ids, "finish_reason": finish}
 
     async def next_logprobs(self, embeds: torch.Tensor, token_ids: list[int]) -> dict[int, float]:
