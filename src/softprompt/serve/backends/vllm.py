@@ -54,7 +54,7 @@ from ..engine import (
     UnknownTaskError, WrongKindError, _Item,
 )
 from ..metrics import Gauge, Metrics
-from .vllm_transport import InProcessTransport, RemoteTransport, VllmUnavailableError
+from .vllm_transport import ClientGoneError, InProcessTransport, RemoteTransport, VllmUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -396,19 +396,26 @@ class VllmBackend(Engine):
         stops = self._stops_newline if it.stop_at_newline else self._stops_eos
         leading = self._newlines if it.stop_at_newline else frozenset()
         sampling = getattr(it, "sampling", None) or {}
-        used, skipped = 0, []
+        used, skipped, seen = 0, [], []
         while True:
             on_ids = None
             if it.on_token is not None and single:
                 def on_ids(ids, _cb=it.on_token):
                     ans = [t for t in ids if t not in stops]
                     if ans:
-                        _cb(ans)
+                        seen[:] = ans
+                        try:
+                            _cb(ans)
+                        except Exception as e:  # noqa: BLE001 - the client went away: stop this request
+                            raise ClientGoneError(str(e)) from e
             params = dict(max_tokens=it.max_new_tokens - used, stop_token_ids=sorted(stops - self._stops_eos),
                           stop=list(it.stop_strings) or None, temperature=sampling.get("temperature", 0.0),
                           top_p=sampling.get("top_p", 1.0), seed=sampling.get("seed"))
-            ids, finish = await self.transport.generate(
-                embeds if not skipped else torch.cat([embeds, self.front.embeddings[skipped]]), params, on_ids)
+            try:
+                ids, finish = await self.transport.generate(
+                    embeds if not skipped else torch.cat([embeds, self.front.embeddings[skipped]]), params, on_ids)
+            except ClientGoneError:  # as the engine does: the answer so far, marked abandoned
+                return list(seen), "abandoned"
             if not ids and finish == "length":
                 return [], "length"
             lead = 0
