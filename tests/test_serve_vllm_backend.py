@@ -14,7 +14,8 @@ import torch
 from softprompt.calibration import Calibration
 from softprompt.conditioning import newline_ids
 from softprompt.prompts import ModelIdentity
-from softprompt.serve import Engine, InvalidInputError, PromptRejectedError
+from softprompt.serve import Engine, InvalidInputError, OverloadedError, PromptRejectedError
+from softprompt.serve.engine import ShuttingDownError
 from softprompt.serve.backends.vllm import FrontModel, VllmBackend, label_trie, trie_scores
 from softprompt.serve.backends.vllm_transport import RemoteTransport, encode_embeds
 from softprompt.serve.testing import ServerThread, random_prompt
@@ -319,3 +320,25 @@ def test_serve_app_runs_on_the_backend(pair, lm):
         gen_params = [c[2] for c in transport.calls if c[0] == "generate"]
         assert gen_params and gen_params[0]["temperature"] == 0.5 and gen_params[0]["seed"] == 11
         assert httpx.get(f"{srv.url}/healthz").json()["status"] == "ok"
+
+
+class StuckTransport(ModelTransport):
+    """Never answers a generation (a vLLM that is busy for good)."""
+
+    async def generate(self, embeds, params, on_ids=None):
+        import asyncio
+
+        await asyncio.Event().wait()
+
+
+def test_full_queue_is_refused_with_retry_after_and_stop_answers_the_rest(lm):
+    model, tok = lm
+    b = VllmBackend(_front(model, tok), StuckTransport(model, tok.eos_token_id), max_queue=1).start()
+    b.register("g", random_prompt(model, "{soft:2} {text} =", kind="generation"))
+    first = b.submit_generate("g", "a", max_new_tokens=2)
+    with pytest.raises(OverloadedError) as e:
+        b.submit_generate("g", "b", max_new_tokens=2)
+    assert e.value.retry_after >= 1
+    b.stop(drain=False, timeout=5)
+    with pytest.raises(ShuttingDownError):
+        first.result(5)

@@ -206,6 +206,7 @@ class VllmBackend(Engine):
         self._thread: threading.Thread | None = None
         self._running = False
         self._inflight_rows = 0
+        self._inflight: set[_Item] = set()
         self._count_lock = threading.Lock()
         self._rate = 0.0
         newline = newline_ids(self.tokenizer)
@@ -257,10 +258,16 @@ class VllmBackend(Engine):
         deadline = time.monotonic() + (timeout or 0)
         while drain and self._inflight_rows and time.monotonic() < deadline:
             time.sleep(0.05)
+        for it in list(self._inflight):  # whatever is left is answered, not left waiting
+            self._fail(it, ShuttingDownError("the server is shutting down"))
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def _retry_after(self) -> float:
+        rate = self._rate if self._rate > 0 else 1.0
+        return float(min(60, max(1, math.ceil(self._inflight_rows / rate))))
 
     @property
     def alive(self) -> bool:
@@ -351,6 +358,7 @@ class VllmBackend(Engine):
         now = time.perf_counter()
         for it in items:
             it.t_submit = now
+            self._inflight.add(it)
             members = [self._members.get(en) for en in it.spec.members]
             task = asyncio.run_coroutine_threadsafe(self._run_item(it, members), self._loop)
             it.future.add_done_callback(lambda f, task=task: task.cancel() if f.cancelled() else None)
@@ -379,6 +387,7 @@ class VllmBackend(Engine):
         finally:
             with self._count_lock:
                 self._inflight_rows -= it.rows
+            self._inflight.discard(it)
             dt = max(time.perf_counter() - t0, 1e-6)
             self._rate = 0.9 * self._rate + 0.1 * (it.rows / dt) if self._rate else it.rows / dt
 
