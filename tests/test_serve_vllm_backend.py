@@ -279,6 +279,13 @@ def test_remote_transport_balances_replicas_and_skips_dead_ones(lm):
             res = remote.generate("g", "c d", max_new_tokens=4, stop_at_newline=False, on_token=gone, timeout=30)
             assert res.finish_reason == "abandoned"  # as the in-process engine answers it
             assert all(r["healthy"] for r in remote.describe()["replicas"] if r["url"] != dead)
+
+            # a replica that goes away: its requests fail over to the other one, and it is marked down
+            s0.__exit__(None, None, None)
+            got = remote.classify("c", texts)
+            assert [g.label for g in got] == [r.label for r in ref]
+            state = {r["url"]: r for r in remote.describe()["replicas"]}
+            assert not state[s0.url]["healthy"] and state[s1.url]["healthy"]
         finally:
             remote.stop()
     local.stop()

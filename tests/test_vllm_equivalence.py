@@ -2,15 +2,18 @@
 1e-4 (fp32) and the same greedy tokens, on six tasks of the embedded model mixed in one run.
 
 vLLM lives in its own environment (``.venv-vllm``, built by ``make setup-vllm``, which
-``make test`` runs first): this module starts two processes from it, at the same time,
+``make test`` runs first).  This module starts ONE vLLM OpenAI server from it
+(``--enable-prompt-embeds``, one process) and drives it
 
-* a vLLM OpenAI server (``--enable-prompt-embeds``), driven from here by the *remote*
-  backend (with a second, dead replica URL that the health check must skip), and
-* ``softprompt serve --backend vllm`` (vLLM's async engine *in process*) over a prompt
-  folder, driven over HTTP,
+* from here, through the *remote* backend (with a second, dead replica URL that the health
+  check must skip), and
+* through ``softprompt serve --backend vllm --vllm-url ...`` (this environment, over a
+  prompt folder: the CLI, HTTP API, streaming and admin upload),
 
-and compares both with an :class:`~softprompt.serve.Engine` on the same model.  Skipped,
-with the reason, only when that environment or the embedded model is absent.
+and compares both with an :class:`~softprompt.serve.Engine` on the same model.  The
+in-process mode (vLLM's async engine inside ``softprompt serve``, three more processes to
+start: about two minutes more on 2 cores) runs too when ``SOFTPROMPT_TEST_VLLM_INPROCESS=1``.
+Skipped, with the reason, only when the vLLM environment or the embedded model is absent.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PY = Path(os.environ.get("SOFTPROMPT_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
 START_TIMEOUT_S = 300
+IN_PROCESS = os.environ.get("SOFTPROMPT_TEST_VLLM_INPROCESS") == "1"
 
 pytestmark = pytest.mark.slow
 
@@ -139,7 +144,8 @@ def setup(tmp_path_factory):
             (pdir / name).mkdir()
             for k, p in enumerate(ps):
                 p.save(pdir / name / f"m{k}.safetensors")
-    api_port, sp_port = _free_port(), _free_port()
+    api_port = _free_port()
+    ports = {"sp": _free_port()}
     logs = {"api": tmp / "vllm_api.log", "sp": tmp / "softprompt_serve.log"}
     procs = {
         "api": subprocess.Popen(
@@ -148,11 +154,18 @@ def setup(tmp_path_factory):
              "--distributed-executor-backend", "uni", "--host", "127.0.0.1", "--port", str(api_port)],
             # one process instead of three (API server, engine core, worker): starts in half the time
             stdout=logs["api"].open("w"), stderr=subprocess.STDOUT, env={**_env(), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}),
-        "sp": subprocess.Popen(
-            [str(VLLM_PY.parent / "softprompt"), "serve", "--backend", "vllm", "--vllm-eager",
-             "--vllm-max-model-len", "2048", "--prompts", str(pdir), "--port", str(sp_port), "--token", "t0k"],
+        "sp": subprocess.Popen(  # the front end needs no vLLM: it runs from this environment
+            [sys.executable, "-m", "softprompt.cli", "serve", "--backend", "vllm", "--vllm-url",
+             f"http://127.0.0.1:{api_port}", "--prompts", str(pdir), "--port", str(ports["sp"]), "--token", "t0k"],
             stdout=logs["sp"].open("w"), stderr=subprocess.STDOUT, env=_env()),
     }
+    if IN_PROCESS:  # vLLM's async engine inside softprompt serve
+        ports["in"] = _free_port()
+        logs["in"] = tmp / "softprompt_serve_inprocess.log"
+        procs["in"] = subprocess.Popen(
+            [str(VLLM_PY.parent / "softprompt"), "serve", "--backend", "vllm", "--vllm-eager",
+             "--vllm-max-model-len", "2048", "--prompts", str(pdir), "--port", str(ports["in"]), "--token", "t0k"],
+            stdout=logs["in"].open("w"), stderr=subprocess.STDOUT, env=_env())
     engine = backend = None
     try:
         engine = Engine(lm, tok, base_name="smollm2-135m").start()
@@ -161,12 +174,13 @@ def setup(tmp_path_factory):
         ref = _run_mixed(engine)
         deadline = time.monotonic() + START_TIMEOUT_S
         _wait_up(procs["api"], f"http://127.0.0.1:{api_port}/health", logs["api"], deadline)
-        _wait_up(procs["sp"], f"http://127.0.0.1:{sp_port}/healthz", logs["sp"], deadline)
+        for name, port in ports.items():
+            _wait_up(procs[name], f"http://127.0.0.1:{port}/healthz", logs[name], deadline)
         dead = f"http://127.0.0.1:{_free_port()}"
         backend = make_vllm_backend("smollm2-135m", urls=[dead, f"http://127.0.0.1:{api_port}"]).start()
         for name, ps in prompts.items():
             backend.register(name, ps)
-        yield {"ref": ref, "engine": engine, "backend": backend, "lm": lm, "sp_url": f"http://127.0.0.1:{sp_port}",
+        yield {"ref": ref, "engine": engine, "backend": backend, "lm": lm, "sp_urls": [f"http://127.0.0.1:{p}" for p in ports.values()],
                "dead": dead, "prompts": prompts}
     finally:
         if backend is not None:
@@ -202,9 +216,15 @@ def test_remote_backend_refuses_prefix_prompts_naming_the_backend(setup):
     assert "pfx" not in setup["backend"].tasks()
 
 
-def test_in_process_vllm_server_matches_engine_over_http(setup, tmp_path):
-    """``softprompt serve --backend vllm`` (vLLM in its process): the same HTTP API and answers."""
-    url, ref = setup["sp_url"], setup["ref"]
+def test_vllm_server_matches_engine_over_http(setup, tmp_path):
+    """``softprompt serve --backend vllm``: the same HTTP API and answers (remote vLLM; vLLM
+    in its own process too with SOFTPROMPT_TEST_VLLM_INPROCESS=1)."""
+    for url in setup["sp_urls"]:
+        _check_server(url, setup, tmp_path)
+
+
+def _check_server(url, setup, tmp_path):
+    ref = setup["ref"]
     tasks = {t["name"]: t for t in httpx.get(f"{url}/v1/tasks").json()["tasks"]}
     assert set(tasks) == set(setup["prompts"]) and tasks["ens"]["ensemble"]
 

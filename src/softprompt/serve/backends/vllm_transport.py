@@ -204,10 +204,15 @@ class RemoteTransport:
     async def _complete(self, body: dict, on_ids: OnIds = None) -> dict:
         """POST /v1/completions on a replica; returns the first choice (token_ids, finish_reason, logprobs)."""
         tried: set[str] = set()
+        delivered = [False]  # tokens already streamed to the caller: no retry elsewhere then
+
+        def relay(ids: list[int]) -> None:
+            delivered[0] = True
+            on_ids(ids)
+
         while True:
             r = self._pick(tried)
             tried.add(r.url)
-            streamed = False
             r.inflight += 1
             try:
                 payload = {**body, "model": r.model}
@@ -217,8 +222,7 @@ class RemoteTransport:
                         raise _ReplicaAnswer(resp.status_code, resp.text)
                     choice = resp.json()["choices"][0]
                 else:
-                    choice = await self._stream(r, payload, on_ids)
-                    streamed = True
+                    choice = await self._stream(r, payload, relay)
                 r.served += 1
                 return choice
             except ClientGoneError:  # our caller stopped listening: the replica is fine
@@ -226,11 +230,9 @@ class RemoteTransport:
             except _ReplicaAnswer as e:  # the replica answered: the request itself is at fault
                 raise VllmUnavailableError(f"vLLM at {r.url} refused the request ({e.status}): {e.text[:300]}") from None
             except Exception as e:  # noqa: BLE001 - connection-level: mark down, try another replica
-                if isinstance(e, asyncio.CancelledError):
-                    raise
                 r.healthy, r.last_error = False, f"{type(e).__name__}: {e}"[:200]
                 logger.warning("vLLM replica %s failed (%s); marked down", r.url, r.last_error)
-                if streamed or len(tried) >= len(self.replicas):
+                if delivered[0] or not any(x.healthy and x.url not in tried for x in self.replicas):
                     raise VllmUnavailableError(f"vLLM request failed on {r.url}: {r.last_error}") from None
             finally:
                 r.inflight -= 1
