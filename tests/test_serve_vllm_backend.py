@@ -349,3 +349,31 @@ def test_full_queue_is_refused_with_retry_after_and_stop_answers_the_rest(lm):
     b.stop(drain=False, timeout=5)
     with pytest.raises(ShuttingDownError):
         first.result(5)
+
+
+def test_serve_cli_backend_flags_reach_the_vllm_backend(lm, tmp_path, monkeypatch):
+    """`softprompt serve --backend vllm --vllm-url A --vllm-url B ...` builds the vLLM backend
+    with those replicas and limits; --vllm-url without --backend vllm is refused."""
+    import uvicorn
+    from typer.testing import CliRunner
+
+    import softprompt.serve.backends.vllm as vllm_mod
+    from softprompt.cli import app
+
+    model, tok = lm
+    seen = {}
+
+    def fake_make(name, **kw):
+        seen.update(kw, name=name)
+        return VllmBackend(_front(model, tok), ModelTransport(model, tok.eos_token_id),
+                           max_labels=kw["max_labels"])
+
+    monkeypatch.setattr(vllm_mod, "make_vllm_backend", fake_make)
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: None)
+    (tmp_path / "p").mkdir()
+    r = CliRunner().invoke(app, ["serve", "--prompts", str(tmp_path / "p"), "--backend", "vllm", "--vllm-url",
+                                 "http://a:1", "--vllm-url", "http://b:2", "--max-labels", "7", "--vllm-eager"])
+    assert r.exit_code == 0, r.output
+    assert seen["urls"] == ["http://a:1", "http://b:2"] and seen["max_labels"] == 7 and seen["enforce_eager"]
+    r = CliRunner().invoke(app, ["serve", "--prompts", str(tmp_path / "p"), "--vllm-url", "http://a:1"])
+    assert r.exit_code != 0 and "--backend vllm" in r.output
