@@ -130,12 +130,12 @@ def test_one_request_per_example_when_labels_differ_in_their_first_token(pair, l
     model, tok = lm
     p = random_prompt(model, "{soft:2} {text} is", verbalizer={"p": " good", "n": " bad"}, seed=9)
     backend.register("one", p)
-    firsts = {tuple(w[:1]) for w in backend._members[backend.task("one").members[0]].label_ids}
+    firsts = {tuple(w[:1]) for w in backend._members[backend.task("one")][0].label_ids}
     assert len(firsts) == 2
     transport.calls.clear()
     backend.classify("one", ["x y"])
     scored = [c for c in transport.calls if c[0] == "score"]
-    n_nodes = len(backend._members[backend.task("one").members[0]].trie)
+    n_nodes = len(backend._members[backend.task("one")][0].trie)
     assert len(scored) == n_nodes  # one request per trie node: the root, plus one per multi-token continuation
 
 
@@ -377,3 +377,25 @@ def test_serve_cli_backend_flags_reach_the_vllm_backend(lm, tmp_path, monkeypatc
     assert seen["urls"] == ["http://a:1", "http://b:2"] and seen["max_labels"] == 7 and seen["enforce_eager"]
     r = CliRunner().invoke(app, ["serve", "--prompts", str(tmp_path / "p"), "--vllm-url", "http://a:1"])
     assert r.exit_code != 0 and "--backend vllm" in r.output
+
+
+def test_requests_in_flight_keep_their_version_across_a_swap(lm):
+    """A request submitted before a replacement or removal is answered by the version it was
+    resolved to (the engine's rule), and old versions are dropped once nothing holds them."""
+    import gc
+
+    model, tok = lm
+    t = StuckTransport(model, tok.eos_token_id)
+    b = VllmBackend(_front(model, tok), t).start()
+    try:
+        b.register("g", random_prompt(model, "{soft:2} {text} =", kind="generation", seed=1))
+        fut = b.submit_generate("g", "a", max_new_tokens=2)  # held by the stuck transport
+        b.register("g", random_prompt(model, "{soft:3} {text} =", kind="generation", seed=2))
+        b.unregister("g")
+        assert len(b._members) == 1  # only the version the pending request holds
+        assert not fut.done()
+    finally:
+        b.stop(drain=False, timeout=5)
+    del fut
+    gc.collect()
+    assert len(b._members) == 0

@@ -39,6 +39,7 @@ import math
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,14 +200,15 @@ class VllmBackend(Engine):
         self.start_timeout_s = float(start_timeout_s)
         self.tokenizer_lock = threading.RLock()
         self._specs: dict[str, TaskSpec] = {}
-        self._members: dict[str, _Member] = {}  # bank-style entry name "task@version/k" -> member
+        # each version's members, kept while anything (the task table, a request) holds its spec
+        self._members: weakref.WeakKeyDictionary[TaskSpec, tuple[_Member, ...]] = weakref.WeakKeyDictionary()
         self._versions = itertools.count(1)
         self._swap = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._running = False
         self._inflight_rows = 0
-        self._inflight: set[_Item] = set()
+        self._inflight: dict[_Item, cf.Future] = {}  # each request's task on the event loop
         self._count_lock = threading.Lock()
         self._rate = 0.0
         newline = newline_ids(self.tokenizer)
@@ -258,8 +260,11 @@ class VllmBackend(Engine):
         deadline = time.monotonic() + (timeout or 0)
         while drain and self._inflight_rows and time.monotonic() < deadline:
             time.sleep(0.05)
-        for it in list(self._inflight):  # whatever is left is answered, not left waiting
+        with self._count_lock:
+            pending = list(self._inflight.items())
+        for it, task in pending:  # whatever is left is answered, not left waiting
             self._fail(it, ShuttingDownError("the server is shutting down"))
+            task.cancel()  # (aborts its vLLM requests)
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread is not None:
@@ -311,11 +316,8 @@ class VllmBackend(Engine):
             spec = TaskSpec(name=name, version=version, members=entry_names, source=source, prompts=tuple(prompts),
                             vote=vote, **plan)
             old = self._specs.get(name)
-            self._members.update(zip(entry_names, members))
-            self._specs = {**self._specs, name: spec}
-            if old is not None:  # requests already sent keep their own copy of the old members
-                for en in old.members:
-                    self._members.pop(en, None)
+            self._members[spec] = tuple(members)
+            self._specs = {**self._specs, name: spec}  # requests already submitted keep the old spec
         logger.info("task %r %s (version %d, %d prompt(s), vLLM backend)", name, "replaced" if old else "added",
                     version, len(prompts))
         return spec
@@ -324,8 +326,6 @@ class VllmBackend(Engine):
         with self._swap:
             spec = self.task(name)
             self._specs = {k: v for k, v in self._specs.items() if k != name}
-            for en in spec.members:
-                self._members.pop(en, None)
         logger.info("task %r removed", name)
         return spec
 
@@ -358,16 +358,17 @@ class VllmBackend(Engine):
         now = time.perf_counter()
         for it in items:
             it.t_submit = now
-            self._inflight.add(it)
-            members = [self._members.get(en) for en in it.spec.members]
-            task = asyncio.run_coroutine_threadsafe(self._run_item(it, members), self._loop)
+            members = list(self._members[it.spec])
+            with self._count_lock:  # (the task's own clean-up takes it too: it cannot end before this)
+                task = asyncio.run_coroutine_threadsafe(self._run_item(it, members), self._loop)
+                self._inflight[it] = task
             it.future.add_done_callback(lambda f, task=task: task.cancel() if f.cancelled() else None)
 
-    async def _run_item(self, it: _Item, members: list[_Member | None]) -> None:
+    async def _run_item(self, it: _Item, members: list[_Member]) -> None:
+        """Answered wholly by the version ``it`` was resolved to at submission, even if the
+        task is replaced or removed meanwhile."""
         t0 = time.perf_counter()
         try:
-            if any(m is None for m in members):
-                raise UnknownTaskError(f"task {it.task!r} was removed", task=it.task)
             rows = [self.embed(list(m.prefix_ids) + list(suf), m.soft) for m, suf in zip(members, it.suffixes)]
             if it.op == "classify":
                 scores = await asyncio.gather(*(self._label_scores(e, m) for e, m in zip(rows, members)))
@@ -387,7 +388,7 @@ class VllmBackend(Engine):
         finally:
             with self._count_lock:
                 self._inflight_rows -= it.rows
-            self._inflight.discard(it)
+                self._inflight.pop(it, None)
             dt = max(time.perf_counter() - t0, 1e-6)
             self._rate = 0.9 * self._rate + 0.1 * (it.rows / dt) if self._rate else it.rows / dt
 
