@@ -265,14 +265,27 @@ def _check_server(url, setup, tmp_path):
                     pieces.append(ev["text"])
     assert final is not None and final["text"] == ref[("gen2", 2)].text and "".join(pieces) == final["text"]
 
-    # hot swap through the admin API stays ours; a prefix-tuned upload is refused naming the backend
-    lm = setup["lm"]
+    # hot swap through the admin API stays ours: upload, replace, answers from the new version
+    lm, engine, auth = setup["lm"], setup["engine"], {"Authorization": "Bearer t0k"}
+    name = f"swap{url.rsplit(':', 1)[1]}"
+    for k, seed in enumerate((11, 12)):
+        new = random_prompt(lm, "{soft:6} Review: {text} Verdict:", verbalizer={"y": " yes", "n": " no"}, seed=seed,
+                            scale=0.05)
+        new.save(tmp_path / f"{name}.safetensors")
+        r = httpx.put(f"{url}/v1/tasks/{name}", content=(tmp_path / f"{name}.safetensors").read_bytes(), headers=auth)
+        assert r.status_code == (200 if k else 201) and r.json()["replaced"] == bool(k), r.text
+    engine.register(name, new)
+    want = engine.classify(name, TEXTS)
+    r = httpx.post(f"{url}/v1/classify", json={"task": name, "inputs": TEXTS}, timeout=240).json()
+    for w, g in zip(want, r["results"]):
+        assert g["label"] == w.label and max(abs(g["probabilities"][k] - p) for k, p in w.probabilities.items()) <= TOL
+
+    # a prefix-tuned upload is refused naming the backend
     p = random_prompt(lm, "{soft:2} {text} It was", verbalizer={"good": " good", "bad": " bad"})
     cfg = lm.config
     p.kv = torch.zeros(cfg.num_hidden_layers, 2, cfg.num_key_value_heads, 3, cfg.hidden_size // cfg.num_attention_heads)
     p.method = "prefix_tuning"
     p.save(tmp_path / "pfx.safetensors")
-    r = httpx.put(f"{url}/v1/tasks/pfx", content=(tmp_path / "pfx.safetensors").read_bytes(),
-                  headers={"Authorization": "Bearer t0k"})
+    r = httpx.put(f"{url}/v1/tasks/pfx", content=(tmp_path / "pfx.safetensors").read_bytes(), headers=auth)
     assert r.status_code == 422 and "vLLM backend" in r.json()["error"]["message"], r.text
     assert "softprompt_requests_total" in httpx.get(f"{url}/metrics").text
