@@ -467,11 +467,12 @@ def serve_cmd(
     With --backend vllm the HTTP API, prompt folder, model checks and hot swap are the same,
     and vLLM (in this process, or N replicas behind --vllm-url) runs the model."""
     from .serve import serve
+    from .serve.backends import BACKENDS
 
     if not prompts.is_dir():
         _fail(f"prompt folder {prompts} does not exist; create it and put <task>.safetensors files in it")
-    if backend not in ("engine", "vllm"):
-        _fail(f"--backend must be 'engine' or 'vllm', got {backend!r}")
+    if backend not in BACKENDS:
+        _fail(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if vllm_url and backend != "vllm":
         _fail("--vllm-url needs --backend vllm")
     serve(model=model, prompts=prompts, host=host, port=port, token=token, max_batch_size=max_batch_size,
