@@ -218,14 +218,17 @@ class _ItemFuture(cf.Future):
     """A future whose ``cancel()`` also stops work that is already running: a queued item
     is skipped when a batch is formed (plain future cancellation), a running one is marked
     abandoned and its generation rows leave the decode loop at the next step.  asyncio's
-    ``wrap_future`` calls ``cancel()`` here when the awaiting task is cancelled."""
+    ``wrap_future`` calls ``cancel()`` here when the awaiting task is cancelled.  It holds
+    the flag, not the item, so item and future form no reference cycle (an item pins its
+    task version until it is collected)."""
 
-    def __init__(self, item: "_Item"):
+    def __init__(self, task: str, op: str):
         super().__init__()
-        self._item = item
+        self.task, self.op = task, op
+        self.abandoned = False
 
     def cancel(self) -> bool:
-        self._item.abandoned = True
+        self.abandoned = True
         return super().cancel()
 
 
@@ -234,7 +237,7 @@ class _Item:
 
     __slots__ = (
         "op", "task", "fields", "spec", "suffixes", "rows", "future", "t_submit", "vote",
-        "max_new_tokens", "stop_at_newline", "stop_strings", "on_token", "abandoned",
+        "max_new_tokens", "stop_at_newline", "stop_strings", "on_token",
     )
 
     def __init__(self, op: str, task: str, fields: dict[str, str], spec: TaskSpec, suffixes: list[list[int]]):
@@ -244,14 +247,22 @@ class _Item:
         self.spec = spec
         self.suffixes = suffixes
         self.rows = len(suffixes)
-        self.future: cf.Future = _ItemFuture(self)
+        self.future: _ItemFuture = _ItemFuture(task, op)
         self.t_submit = time.perf_counter()
         self.vote: str | None = None
         self.max_new_tokens = 0
         self.stop_at_newline = True
         self.stop_strings: tuple[str, ...] = ()
         self.on_token: Callable[[list[int]], None] | None = None
-        self.abandoned = False
+
+    @property
+    def abandoned(self) -> bool:
+        """The client went away (its future was cancelled): drop the work, answer nobody."""
+        return self.future.abandoned
+
+    @abandoned.setter
+    def abandoned(self, value: bool) -> None:
+        self.future.abandoned = value
 
 
 # ----------------------------------------------------------------------------- engine
@@ -626,8 +637,7 @@ class Engine:
     def _count_cancelled(self, fut: cf.Future) -> None:
         """Queued work cancelled before it ran (running work is counted by ``_fail``)."""
         if fut.cancelled():
-            it = fut._item  # type: ignore[attr-defined]
-            self.metrics.requests.inc(task=it.task, kind=it.op, status="cancelled")
+            self.metrics.requests.inc(task=fut.task, kind=fut.op, status="cancelled")  # type: ignore[attr-defined]
 
     def submit_classify(
         self, task: str, inputs: Sequence[str | Mapping[str, str]], *, vote: str | None = None
