@@ -121,3 +121,14 @@ def test_the_name_is_read_from_the_forward_signature_and_output_fields():
 
     assert output_cache(OldOut(past_key_values="kv")) == "kv"
     assert output_cache(NewOut(cache="kv")) == "kv"
+
+
+def test_make_test_oldest_pins_pyprojects_lower_bound():
+    """`make test-oldest` must test the release pyproject says is the oldest supported."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    bound = re.search(r'"transformers>=([0-9.]+),', (root / "pyproject.toml").read_text()).group(1)
+    pinned = re.search(r"^OLDEST_TRANSFORMERS \?= ([0-9.]+)$", (root / "Makefile").read_text(), re.M).group(1)
+    assert pinned.split(".")[:2] == bound.split(".")[:2], (pinned, bound)
