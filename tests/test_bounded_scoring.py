@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from softprompt.bank import PromptBank
+from softprompt.cache_api import cache_arg
 from softprompt.conditioning import (
     Context, continuation_logprobs, label_logprobs, lm_logits, make_cache, pad_right, run_context, token_logprobs,
 )
@@ -35,7 +36,7 @@ def reference_continuation_logprobs(bank, ctx: Context, rows, conts):
     tgt, _ = pad_right([conts[i][1:] for i in multi])
     positions = sub.next_pos[:, None] + torch.arange(ids.shape[1])[None, :]
     out = model.base_model(input_ids=ids, attention_mask=torch.cat([sub.mask, cmask], dim=1), position_ids=positions,
-                           past_key_values=make_cache(sub.layers), use_cache=False)
+                           **cache_arg(model.base_model, make_cache(sub.layers)), use_cache=False)
     sel = cmask.bool()
     lp = F.log_softmax(lm_logits(model, out.last_hidden_state[sel]), dim=-1)
     tok_lp = lp.gather(-1, tgt[sel][:, None]).squeeze(-1)

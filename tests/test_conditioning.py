@@ -123,7 +123,7 @@ def test_prefix_tuning_mixes_with_prompt_tuning(family):
 def test_prefix_generation_with_cache_equals_without(family):
     """Greedy decoding on the KV cache gives the same tokens as re-running the whole sequence
     (learned prefix + template + generated tokens) at every step."""
-    from softprompt.conditioning import make_cache
+    from softprompt.cache_api import cache_arg, make_cache
 
     bank = _with_prefix_entry(make_bank(family))
     e = bank.index("pg")
@@ -141,7 +141,7 @@ def test_prefix_generation_with_cache_equals_without(family):
                 n = entry.n_prefix
                 h = bank.model.base_model(
                     input_ids=full, attention_mask=torch.ones(1, n + full.shape[1], dtype=torch.long),
-                    position_ids=n + torch.arange(full.shape[1])[None], past_key_values=make_cache(learned),
+                    position_ids=n + torch.arange(full.shape[1])[None], **cache_arg(bank.model.base_model, make_cache(learned)),
                     use_cache=False,
                 ).last_hidden_state[0, -1]
                 out.append(int(bank.model.get_output_embeddings()(h).argmax()))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .cache_api import cache_arg, cache_layers, make_cache, output_cache
 from .prompts import ModelIdentity, SoftPrompt
 from .templates import Template, encode_text
 
@@ -256,7 +257,7 @@ class PromptBank(NamedEntries):
     def _compute_prefix_kv(self, entries: list[int]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
         """Run the heads of ``entries`` through the frozen model in one right-padded batch
         (prefix-tuned entries one by one, on top of their learned key/values)."""
-        from .conditioning import cache_layers, pad_right
+        from .conditioning import pad_right
 
         deep = [e for e in entries if self.entries[e].kv is not None]
         if deep:
@@ -280,7 +281,7 @@ class PromptBank(NamedEntries):
             )
         keep = mask.bool()[:, None, :, None]
         result: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in entries]
-        for k, v in cache_layers(out.past_key_values):
+        for k, v in cache_layers(output_cache(out)):
             # zero the padded slots: their values are never attended to, but a NaN there
             # (a fully masked row) would still poison the weighted sum.
             k = torch.where(keep, k, torch.zeros((), dtype=k.dtype, device=k.device))
@@ -292,8 +293,6 @@ class PromptBank(NamedEntries):
 
     def _deep_prefix_kv(self, e: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Learned key/values, then the template head run on top of them."""
-        from .conditioning import cache_layers, make_cache
-
         entry = self.entries[e]
         kv = entry.kv.to(self._dtype())
         learned = [(kv[layer, 0], kv[layer, 1]) for layer in range(kv.shape[0])]
@@ -308,9 +307,9 @@ class PromptBank(NamedEntries):
         with torch.set_grad_enabled(entry.trainable() and torch.is_grad_enabled()):
             out = self.model.base_model(
                 inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                past_key_values=make_cache([(k[None], v[None]) for k, v in learned]), use_cache=True,
+                **cache_arg(self.model.base_model, make_cache([(k[None], v[None]) for k, v in learned])), use_cache=True,
             )
-        return [(k[0], v[0]) for k, v in cache_layers(out.past_key_values)]
+        return [(k[0], v[0]) for k, v in cache_layers(output_cache(out))]
 
     # ------------------------------------------------------------------ removal
     def remove(self, name: str) -> None:

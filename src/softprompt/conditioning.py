@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .bank import PromptBank
+from .cache_api import cache_arg, cache_layers, make_cache, output_cache  # noqa: F401 (re-exported)
 
 
 def pad_right(seqs: list[list[int]], *, pad: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,23 +35,6 @@ def pad_right(seqs: list[list[int]], *, pad: int = 0, device=None) -> tuple[torc
             ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
             mask[i, : len(s)] = 1
     return ids.to(device), mask.to(device)
-
-
-def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(keys, values) per layer of a transformers Cache, across 5.x versions."""
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return [(cache.key_cache[i], cache.value_cache[i]) for i in range(len(cache.key_cache))]  # pragma: no cover
-
-
-def make_cache(layers: list[tuple[torch.Tensor, torch.Tensor]]):
-    """A DynamicCache holding the given per-layer key/values (built through the public update API)."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    for i, (k, v) in enumerate(layers):
-        cache.update(k, v, i)
-    return cache
 
 
 @dataclass
@@ -91,13 +75,13 @@ def run_context(bank: PromptBank, entry_idx: torch.Tensor, suffixes: list[list[i
     mask = torch.cat([prefix.mask, smask], dim=1)
     out = model.base_model(
         inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-        past_key_values=make_cache(prefix.layers), use_cache=True,
+        **cache_arg(model.base_model, make_cache(prefix.layers)), use_cache=True,
     )
     hidden = out.last_hidden_state
     last = (slen - 1).clamp(min=0)
     last_hidden = hidden[torch.arange(hidden.shape[0], device=device), last]
     return Context(
-        layers=cache_layers(out.past_key_values), mask=mask, next_pos=prefix.lengths + slen,
+        layers=cache_layers(output_cache(out)), mask=mask, next_pos=prefix.lengths + slen,
         last_hidden=last_hidden, entry_idx=entry_idx,
     )
 
@@ -254,7 +238,7 @@ def _lane_pass(model, ctx: Context, lanes: list[Lane], conts: list[list[int]], t
         mask = torch.cat([cmask, real.long()], dim=1)
     out = model.base_model(
         input_ids=ids, attention_mask=mask, position_ids=positions,
-        past_key_values=make_cache(layers), use_cache=False,
+        **cache_arg(model.base_model, make_cache(layers)), use_cache=False,
     )
     hidden = out.last_hidden_state[real]
     tok_lp = token_logprobs(model, hidden, torch.arange(hidden.shape[0], device=device), tgt[real])
@@ -347,9 +331,9 @@ def decode_step(model, tokens: torch.Tensor, cache, mask: torch.Tensor, pos: tor
     mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=mask.device)], dim=1)
     out = model.base_model(
         input_ids=tokens[:, None], attention_mask=mask, position_ids=pos[:, None],
-        past_key_values=cache, use_cache=True,
+        **cache_arg(model.base_model, cache), use_cache=True,
     )
-    return lm_logits(model, out.last_hidden_state[:, -1]), out.past_key_values, mask, pos + 1
+    return lm_logits(model, out.last_hidden_state[:, -1]), output_cache(out), mask, pos + 1
 
 
 def full_context(bank: PromptBank, entry_idx: torch.Tensor, suffixes: list[list[int]]) -> Context:
@@ -378,7 +362,7 @@ def full_context(bank: PromptBank, entry_idx: torch.Tensor, suffixes: list[list[
     hidden = out.last_hidden_state
     last_hidden = hidden[torch.arange(hidden.shape[0], device=device), lengths - 1]
     return Context(
-        layers=cache_layers(out.past_key_values), mask=mask, next_pos=lengths,
+        layers=cache_layers(output_cache(out)), mask=mask, next_pos=lengths,
         last_hidden=last_hidden, entry_idx=entry_idx,
     )
 

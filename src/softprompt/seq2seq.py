@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .bank import PromptBank
+from .cache_api import cache_arg, output_cache
 from .conditioning import DEFAULT_MAX_BATCH_TOKENS, scores_per_label, take_token
 from .losses import answer_loss, answer_targets, classification_loss
 
@@ -198,7 +199,7 @@ def greedy_generate(
             break
         seq = torch.cat([seq, nxt[:, None]], dim=1)
         if use_cache:
-            out = _decode(model, enc, nxt[:, None], past_key_values=out.past_key_values, use_cache=True)
+            out = _decode(model, enc, nxt[:, None], **cache_arg(model, output_cache(out)), use_cache=True)
         else:
             out = _decode(model, enc, seq, use_cache=False)
     return outs

@@ -184,7 +184,7 @@ def initial_prompt(model, tokenizer, task: Task, cfg: TrainConfig) -> torch.Tens
 def initial_prefix_kv(model, tokenizer, task: Task, cfg: TrainConfig) -> torch.Tensor:
     """Prefix-tuning start: the key/values the frozen model computes for real token embeddings
     chosen by ``cfg.init`` (activations of real words are a better start than noise, Li & Liang 2021)."""
-    from .conditioning import cache_layers
+    from .cache_api import cache_layers, output_cache
 
     words = list(task.verbalizer.values()) if task.verbalizer else None
     text = cfg.init_text or task.instruction or None
@@ -193,7 +193,7 @@ def initial_prefix_kv(model, tokenizer, task: Task, cfg: TrainConfig) -> torch.T
     weight = model.get_input_embeddings().weight
     with torch.no_grad():
         out = model.base_model(inputs_embeds=emb[None].to(weight.device, weight.dtype), use_cache=True)
-    layers = cache_layers(out.past_key_values)
+    layers = cache_layers(output_cache(out))
     return torch.stack([torch.stack([k[0], v[0]]) for k, v in layers]).float()
 
 
