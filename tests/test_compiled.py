@@ -126,3 +126,12 @@ def test_one_compiled_function_per_model(model_tok):
     model, _ = model_tok
     assert compiled.compiled_forward(model) is compiled.compiled_forward(model)
     assert compiled.compiled_forward(model, True) is not compiled.compiled_forward(model)
+
+
+def test_train_cli_rejects_a_bad_compile_mode():
+    from typer.testing import CliRunner
+
+    from softprompt.cli import app
+
+    r = CliRunner().invoke(app, ["train", "--task", "sst2", "--compile", "maybe"])
+    assert r.exit_code != 0 and "compile must be one of" in r.output

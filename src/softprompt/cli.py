@@ -301,6 +301,10 @@ def train(
     if shard_model and not launched():
         _fail("--shard-model needs several processes: add --processes N or run under `accelerate launch`")
 
+    try:
+        resolve_compile(compile, "cpu")  # a bad --compile fails before any data or model loads
+    except ValueError as e:
+        _fail(str(e))
     data = _load_task_data(task, train_file, test_file, valid_file, field, label_column, target_column,
                            template, verbalizer, instruction, None, encoding=encoding)
     _set_threads(threads)
@@ -317,7 +321,6 @@ def train(
                       eval_batch_size=eval_batch_size, encoder=encoder, encoder_hidden=encoder_hidden, reparam=reparam,
                       compile=compile)
     try:
-        resolve_compile(compile, "cpu")  # a bad --compile fails before the model loads
         encoders_for(cfg)  # a bad method/encoder combination fails before the model loads
     except ValueError as e:
         _fail(str(e))
