@@ -282,7 +282,7 @@ def validate(bank: PromptBank, entry: int, examples, cfg: TrainConfig, dp: DataP
         return _validate_sharded(bank, entry, list(examples), cfg, dp)
     e = bank.entries[entry]
     if e.kind == "classification":
-        res = classify(bank, entry, examples, batch_size=cfg.eval_batch_size)
+        res = classify(bank, entry, examples, batch_size=cfg.eval_batch_size, compile=cfg.compile)
         gold = torch.tensor([res.labels.index(ex.label) for ex in examples])
         nll = float(F.cross_entropy(res.scores, gold))
         m = {"accuracy": res.metrics["accuracy"], "macro_f1": res.metrics["macro_f1"], "loss": nll}
