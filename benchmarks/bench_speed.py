@@ -179,7 +179,10 @@ def our_task(task, n_tokens):
                 verbalizer=task.verbalizer)
 
 
-def ours_train(model, tok, task, examples, steps, batch_size, n_tokens, lr, context="auto"):
+def ours_train(model, tok, task, examples, steps, batch_size, n_tokens, lr, context="auto", compile=False,
+               timings=None):
+    """Training tokens/s over ``steps`` steps after 2 warm-up steps; ``timings`` (a dict) gets the
+    warm-up seconds (where a compiled step compiles) and the seconds per timed step."""
     from softprompt.bank import PromptBank
     from softprompt.train import batch_loss, resolve_context
 
@@ -190,31 +193,36 @@ def ours_train(model, tok, task, examples, steps, batch_size, n_tokens, lr, cont
     bank = PromptBank(model, tok)
     entry = bank.add(t.name, t.template, param, verbalizer=t.verbalizer)
     opt = torch.optim.AdamW([param], lr=lr)
-    tokens, t0 = 0, None
+    tokens, t0, start = 0, None, time.perf_counter()
     for step in range(steps + 2):
         if step == 2:
             sync(DEVICE)
             t0, tokens = time.perf_counter(), 0
+            if timings is not None:
+                timings["warmup_s"] = t0 - start
         batch = [examples[(step * batch_size + i) % len(examples)] for i in range(batch_size)]
         for ex in batch:
             ids, lab = example_ids(tok, ex, task.verbalizer)
             tokens += 1 + len(ids) + len(lab)
-        loss, _ = batch_loss(bank, entry, batch, "lm", context=context)
+        loss, _ = batch_loss(bank, entry, batch, "lm", context=context, compile=compile)
         opt.zero_grad()
         loss.backward()
         opt.step()
     sync(DEVICE)
-    return tokens / (time.perf_counter() - t0)
+    wall = time.perf_counter() - t0
+    if timings is not None:
+        timings["step_s"] = wall / steps
+    return tokens / wall
 
 
-def ours_eval(model, tok, task, examples, batch_size, n_tokens):
+def ours_eval(model, tok, task, examples, batch_size, n_tokens, compile="off"):
     from softprompt.bank import PromptBank
     from softprompt.scoring import classify
 
     t = our_task(task, n_tokens)
     bank = PromptBank(model, tok)
     bank.add(t.name, t.template, start_prompt(model, tok, n_tokens), verbalizer=t.verbalizer)
-    return classify(bank, t.name, examples, batch_size=batch_size).predictions
+    return classify(bank, t.name, examples, batch_size=batch_size, compile=compile).predictions
 
 
 # ----------------------------------------------------------------------------- driver
@@ -224,14 +232,25 @@ def child(args) -> dict:
     DEVICE = args.device
     model, tok, data = setup(args.threads, args.device, args.dtype)
     task = data.task
+    from softprompt import compiled
+
+    compiled.DEFAULT_BUCKET = args.bucket
+    side = args.child.rsplit("-", 1)[0]  # ours | peft | eager-full | compiled
     if args.child.endswith("train"):
-        extra = {} if args.child.startswith("peft") else {"context": args.context}
-        fn = peft_train if args.child.startswith("peft") else ours_train
+        timings: dict = {}
+        extra = {} if side == "peft" else {"context": args.context, "timings": timings}
+        if side in ("eager-full", "compiled"):
+            extra |= {"context": "full", "compile": side == "compiled"}
+        fn = peft_train if side == "peft" else ours_train
         tps = fn(model, tok, task, data["train"], args.train_steps, args.batch_size, args.n_tokens, 0.03, **extra)
-        return {"train_tokens_per_s": tps}
-    fn = peft_eval if args.child.startswith("peft") else ours_eval
+        return {"train_tokens_per_s": tps, **timings}
+    fn = peft_eval if side == "peft" else ours_eval
+    if side == "compiled":
+        fn = lambda *a: ours_eval(*a, compile="on")  # noqa: E731
+    t_warm = time.perf_counter()
     examples = data["test"][: args.eval_limit]
     fn(model, tok, task, examples[: args.batch_size], args.batch_size, args.n_tokens)  # warm-up
+    warmup_s = time.perf_counter() - t_warm
     if on_gpu(args.device):  # GPU memory the evaluation allocates above the loaded model
         sync(args.device)
         torch.cuda.reset_peak_memory_stats()
@@ -245,8 +264,31 @@ def child(args) -> dict:
     wall = time.perf_counter() - t0
     return {
         "examples_per_s": len(examples) / wall, "eval_s": wall,
-        "peak_eval_mib": (peak() - before) / 2**20, "preds": preds,
+        "peak_eval_mib": (peak() - before) / 2**20, "preds": preds, "warmup_s": warmup_s,
     }
+
+
+def break_even(compile_s: float, eager_step_s: float, compiled_step_s: float) -> float | None:
+    """Steps after which compiling has paid for itself; None when the compiled step is not faster."""
+    gain = eager_step_s - compiled_step_s
+    return max(compile_s, 0.0) / gain if gain > 0 else None
+
+
+def compile_report(res: dict) -> None:
+    eager, comp, peft = res["eager-full-train"], res["compiled-train"], res["peft-train"]
+    ce, oe, pe = res["compiled-eval"], res["ours-eval"], res["peft-eval"]
+    compile_s = comp["warmup_s"] - eager["warmup_s"]  # 2 warm-up steps each; the difference is compilation
+    steps = break_even(compile_s, eager["step_s"], comp["step_s"])
+    print(f"{'full step (context=full)':56s} {'eager':>12s} {'compiled':>12s} {'HF PEFT':>12s}")
+    print(f"{'  training tokens/s':56s} {eager['train_tokens_per_s']:12.1f} {comp['train_tokens_per_s']:12.1f} "
+          f"{peft['train_tokens_per_s']:12.1f}")
+    print(f"{'  rank-classification examples/s (eager = cached context)':56s} {oe['examples_per_s']:12.1f} "
+          f"{ce['examples_per_s']:12.1f} {pe['examples_per_s']:12.1f}")
+    print(f"{'  training warm-up s (2 steps; compiled: + compilation)':56s} {eager['warmup_s']:12.1f} "
+          f"{comp['warmup_s']:12.1f}")
+    print(f"{'  scoring warm-up s (1 batch; compiled: + compilation)':56s} {oe['warmup_s']:12.1f} {ce['warmup_s']:12.1f}")
+    print(f"  compile time ~{compile_s:.1f} s; break-even: "
+          + (f"{steps:.0f} training steps" if steps is not None else "never (the compiled step is not faster)"))
 
 
 def main() -> None:
@@ -261,6 +303,9 @@ def main() -> None:
     p.add_argument("--context", default="auto", choices=["auto", "cached", "full"],
                    help="our training step (TrainConfig.context): auto = cached on a CPU, full on a GPU")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="precision of the frozen model (both sides)")
+    p.add_argument("--compile-compare", action="store_true",
+                   help="also run the full step eager and compiled (compiled.py): tokens/s, compile time, break-even")
+    p.add_argument("--bucket", type=int, default=32, help="compiled step: sequence lengths padded to a multiple of this")
     p.add_argument("--json", type=Path)
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -272,12 +317,15 @@ def main() -> None:
 
     def run(part: str) -> dict:
         cmd = [sys.executable, __file__, "--child", part] + [
-            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("child", "json") and v is not None
+            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("child", "json", "compile_compare") and v is not None
         ]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         return json.loads(out.strip().splitlines()[-1])
 
-    res = {part: run(part) for part in ("ours-train", "peft-train", "ours-eval", "peft-eval")}
+    parts = ["ours-train", "peft-train", "ours-eval", "peft-eval"]
+    if args.compile_compare:
+        parts += ["eager-full-train", "compiled-train", "compiled-eval"]
+    res = {part: run(part) for part in parts}
     agree = sum(a == b for a, b in zip(res["ours-eval"]["preds"], res["peft-eval"]["preds"])) / args.eval_limit
     rows = [
         ("training tokens/s", res["ours-train"]["train_tokens_per_s"], res["peft-train"]["train_tokens_per_s"]),
@@ -292,6 +340,8 @@ def main() -> None:
     print(f"{'metric':56s} {'softprompt':>12s} {'HF PEFT':>12s} {'ratio':>8s}")
     for name, ours, peft in rows:
         print(f"{name:56s} {ours:12.1f} {peft:12.1f} {ours / peft:8.2f}x")
+    if args.compile_compare:
+        compile_report(res)
     print(f"eval: first {args.eval_limit} RAFT test tweets; the two sides' predictions agree on {agree:.1%} "
           "(the same prompt on both sides: a check that both score the same thing)")
     if args.json:

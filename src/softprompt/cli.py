@@ -280,6 +280,7 @@ def train(
     encoding: str = typer.Option("utf-8", help="Text encoding of your files, e.g. latin-1 or cp1252."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: torch's choice)."),
     processes: int = typer.Option(1, min=1, help="Train data-parallel on N processes of this host: re-runs this command under `accelerate launch --num_processes N` (one per GPU; on CPUs, gloo). Each process takes 1/N of every batch; the result equals a 1-process run to float rounding, and --resume works across process counts. Several hosts: run `accelerate launch -m softprompt train ...` yourself (README, 'Scaling out')."),
+    compile: str = typer.Option("auto", help="torch.compile the frozen model's forward in the prompt + input training step: on | off | auto (on with CUDA; on CPUs eager was faster)."),
     shard_model: bool = typer.Option(False, help="Under several processes: shard the frozen model's decoder layers over them (FSDP2), for a model larger than one device. Prompt tuning on decoder models only."),
 ):
     """Train a soft prompt (the base model stays frozen), then score it on held-out data.
@@ -289,6 +290,7 @@ def train(
     `torchrun --nproc_per_node N -m softprompt train ...`."""
     from .distributed import DataParallel, launched, process_device, shard_frozen_model
     from .restarts import train_with_restarts
+    from .compiled import resolve_compile
     from .train import TrainConfig, encoders_for
 
     if processes > 1 and launched() and processes != int(os.environ["WORLD_SIZE"]):
@@ -299,6 +301,10 @@ def train(
     if shard_model and not launched():
         _fail("--shard-model needs several processes: add --processes N or run under `accelerate launch`")
 
+    try:
+        resolve_compile(compile, "cpu")  # a bad --compile fails before any data or model loads
+    except ValueError as e:
+        _fail(str(e))
     data = _load_task_data(task, train_file, test_file, valid_file, field, label_column, target_column,
                            template, verbalizer, instruction, None, encoding=encoding)
     _set_threads(threads)
@@ -312,7 +318,8 @@ def train(
         lr = 1e-3 if method == "ptuning" or reparam != "none" else 0.3
     cfg = TrainConfig(init=init, method=method, prefix_tokens=prefix_tokens, epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, optimizer=optimizer,
                       loss=loss, warmup_steps=warmup_steps, eval_every=eval_every, patience=patience, seed=seed,
-                      eval_batch_size=eval_batch_size, encoder=encoder, encoder_hidden=encoder_hidden, reparam=reparam)
+                      eval_batch_size=eval_batch_size, encoder=encoder, encoder_hidden=encoder_hidden, reparam=reparam,
+                      compile=compile)
     try:
         encoders_for(cfg)  # a bad method/encoder combination fails before the model loads
     except ValueError as e:

@@ -336,7 +336,8 @@ def decode_step(model, tokens: torch.Tensor, cache, mask: torch.Tensor, pos: tor
     return lm_logits(model, out.last_hidden_state[:, -1]), output_cache(out), mask, pos + 1
 
 
-def full_context(bank: PromptBank, entry_idx: torch.Tensor, suffixes: list[list[int]]) -> Context:
+def full_context(bank: PromptBank, entry_idx: torch.Tensor, suffixes: list[list[int]], *, compile: bool = False
+                 ) -> Context:
     """Run each row's whole prompt + input sequence in one pass.
 
     The alternative to :func:`run_context`: the same kind of :class:`Context` (so scoring,
@@ -344,8 +345,11 @@ def full_context(bank: PromptBank, entry_idx: torch.Tensor, suffixes: list[list[
     every row.  That is more arithmetic and fewer passes, which is what a GPU wants: a small
     model there is bound by kernel launches, not by arithmetic.  Prefix-tuned entries have
     learned key/values that no forward pass can recompute, so a batch with any of them runs
-    through :func:`run_context`.
+    through :func:`run_context`.  ``compile``: run the frozen model through ``compiled.py`` (bucketed
+    lengths, bf16 autocast on CUDA); the same numbers to float rounding.
     """
+    from .compiled import full_forward
+
     model = bank.model
     device = bank._device()
     entry_idx = entry_idx.to(device)
@@ -358,11 +362,10 @@ def full_context(bank: PromptBank, entry_idx: torch.Tensor, suffixes: list[list[
         raise ValueError("an example rendered to no tokens at all")
     embeds = bank.embed(ids, entry_idx)
     positions = torch.arange(ids.shape[1], device=device)[None, :].expand(ids.shape[0], -1)
-    out = model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
-    hidden = out.last_hidden_state
+    hidden, layers, mask = full_forward(model, embeds, mask, positions, compile=compile)
     last_hidden = hidden[torch.arange(hidden.shape[0], device=device), lengths - 1]
     return Context(
-        layers=cache_layers(output_cache(out)), mask=mask, next_pos=lengths,
+        layers=layers, mask=mask, next_pos=lengths,
         last_hidden=last_hidden, entry_idx=entry_idx,
     )
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from . import seq2seq
 from .bank import PromptBank
-from .conditioning import DEFAULT_MAX_BATCH_TOKENS, greedy_generate, label_logprobs, newline_ids, run_context
+from .conditioning import DEFAULT_MAX_BATCH_TOKENS, full_context, greedy_generate, label_logprobs, newline_ids, run_context
 from .seq2seq import is_encoder_decoder
 
 
@@ -74,15 +74,21 @@ def classify(
     progress: bool | str = False,
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     calibration=None,
+    compile: str | bool = "auto",
 ) -> Classification:
     """Label each example with its entry's verbalizer; metrics are filled when examples carry labels.
 
     Memory is bounded by ``max_batch_tokens``: a batch holds at most that many prompt + input
     tokens, and label words are scored in passes of that size (``conditioning.py``).
     ``calibration`` (a ``calibration.Calibration``) is subtracted from the label scores before
-    the argmax and the softmax; the uncalibrated scores stay on the result as ``raw_scores``."""
+    the argmax and the softmax; the uncalibrated scores stay on the result as ``raw_scores``.
+    ``compile`` (on | off | auto: on for CUDA): run each batch's prompt + input in one compiled pass
+    (``compiled.py``) instead of on the prompt's cached key/values; the same scores to float rounding."""
+    from .compiled import resolve_compile
+
+    use_compile = resolve_compile(compile, bank._device())
     result = _classify_raw(bank, entry, examples, batch_size=batch_size, progress=progress,
-                           max_batch_tokens=max_batch_tokens)
+                           max_batch_tokens=max_batch_tokens, compile=use_compile)
     result.raw_scores = result.scores
     if calibration is None or not calibration.active:
         return result
@@ -97,7 +103,7 @@ def classify(
 
 
 def _classify_raw(bank: PromptBank, entry, examples, *, batch_size: int, progress: bool | str,
-                  max_batch_tokens: int) -> Classification:
+                  max_batch_tokens: int, compile: bool = False) -> Classification:
     if getattr(bank, "is_encoder", False):  # encoder models read classes with a head, not a verbalizer
         from .encoder import classify as classify_encoder
 
@@ -113,7 +119,8 @@ def _classify_raw(bank: PromptBank, entry, examples, *, batch_size: int, progres
     batches = length_sorted_batches([len(s) for s in suffixes], batch_size, max_batch_tokens, prefix)
     desc = progress if isinstance(progress, str) else "scoring"
     for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
-        rows = _label_scores(bank, torch.tensor([entries[i] for i in idx]), [suffixes[i] for i in idx], max_batch_tokens)
+        rows = _label_scores(bank, torch.tensor([entries[i] for i in idx]), [suffixes[i] for i in idx], max_batch_tokens,
+                             compile)
         for i, s in zip(idx, rows):
             scores[i] = s.float().cpu()
     probs = scores.softmax(-1)
@@ -126,12 +133,13 @@ def _classify_raw(bank: PromptBank, entry, examples, *, batch_size: int, progres
 
 
 def _label_scores(bank: PromptBank, entry_idx: torch.Tensor, suffixes: list[list[int]],
-                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> list[torch.Tensor]:
+                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, compile: bool = False) -> list[torch.Tensor]:
     """Label log-probs of a batch: decoder-only models score from the prompt's cached context
     (``conditioning.py``), encoder-decoders (T5) as decoder targets (``seq2seq.py``)."""
     if is_encoder_decoder(bank.model):
         return seq2seq.label_logprobs(bank, seq2seq.encode(bank, entry_idx, suffixes), max_batch_tokens=max_batch_tokens)
-    return label_logprobs(bank, run_context(bank, entry_idx, suffixes), max_batch_tokens=max_batch_tokens)
+    ctx = full_context(bank, entry_idx, suffixes, compile=True) if compile else run_context(bank, entry_idx, suffixes)
+    return label_logprobs(bank, ctx, max_batch_tokens=max_batch_tokens)
 
 
 def _generated(bank: PromptBank, entry_idx: torch.Tensor, suffixes: list[list[int]], max_new_tokens: int,

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from . import seq2seq
 from .bank import PromptBank
+from .compiled import resolve_compile
 from .conditioning import continuation_logprobs, full_context, label_logprobs, run_context
 from .distributed import DataParallel
 from .losses import answer_loss, answer_targets, classification_loss
@@ -94,6 +95,8 @@ class TrainConfig:
     context: str = "auto"  # how a batch runs: "cached" (the prompt's key/values once, then each input on top:
     # least arithmetic, best on CPUs), "full" (prompt + input in one pass per row: fewest passes, best on
     # GPUs, where a small model is launch-bound), "auto" (cached on a CPU, full on a GPU)
+    compile: str = "auto"  # the "full" step's frozen forward through torch.compile (compiled.py): on | off |
+    # auto (on for CUDA, off on CPUs, where it was not faster); ignored by the cached step and a sharded model
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -220,18 +223,22 @@ def resolve_context(mode: str, model) -> str:
 
 def batch_loss(
     bank: PromptBank, entry: int, examples, loss: str = "rank", class_weights: torch.Tensor | None = None,
-    context: str = "cached",
+    context: str = "cached", compile: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """Mean loss over ``examples`` and the number of tokens run (for throughput).
 
     ``context`` (see :attr:`TrainConfig.context`) only changes how the numbers are computed,
-    not the numbers: both modes give the same loss and gradients to float rounding."""
+    not the numbers: both modes give the same loss and gradients to float rounding; so does
+    ``compile`` (the ``full`` step's frozen forward through ``compiled.py``)."""
     if seq2seq.is_encoder_decoder(bank.model):  # T5 family: soft tokens in the encoder, targets in the decoder
         return seq2seq.batch_loss(bank, entry, examples, loss, class_weights)
     e = bank.entries[entry]
     suffixes = [bank.suffix_ids(entry, ex.fields) for ex in examples]
-    run = full_context if context == "full" else run_context
-    ctx = run(bank, torch.full((len(examples),), entry), suffixes)
+    entry_idx = torch.full((len(examples),), entry)
+    if context == "full":
+        ctx = full_context(bank, entry_idx, suffixes, compile=compile)
+    else:
+        ctx = run_context(bank, entry_idx, suffixes)
     n_tokens = sum(len(s) for s in suffixes)
     if e.kind == "classification":
         scores = torch.stack(label_logprobs(bank, ctx))  # [B, n_labels]
@@ -275,7 +282,7 @@ def validate(bank: PromptBank, entry: int, examples, cfg: TrainConfig, dp: DataP
         return _validate_sharded(bank, entry, list(examples), cfg, dp)
     e = bank.entries[entry]
     if e.kind == "classification":
-        res = classify(bank, entry, examples, batch_size=cfg.eval_batch_size)
+        res = classify(bank, entry, examples, batch_size=cfg.eval_batch_size, compile=cfg.compile)
         gold = torch.tensor([res.labels.index(ex.label) for ex in examples])
         nll = float(F.cross_entropy(res.scores, gold))
         m = {"accuracy": res.metrics["accuracy"], "macro_f1": res.metrics["macro_f1"], "loss": nll}
@@ -478,6 +485,8 @@ def train_prompt(
     if is_sharded(model) and cfg.method != "prompt":
         raise ValueError(f"a sharded frozen model trains method 'prompt' only, not {cfg.method!r}")
     context = resolve_context(cfg.context, model)
+    compile_full = (resolve_compile(cfg.compile, model.get_input_embeddings().weight.device)
+                    and context == "full" and not is_sharded(model))
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     dp = DataParallel.current(model)
     torch.manual_seed(cfg.seed)
@@ -556,7 +565,8 @@ def train_prompt(
             loss, n_tok = dp.sum_gradients(params.values(), [float(loss.detach()), n_tok])
             n_tok = round(n_tok)
         else:
-            loss, n_tok = batch_loss(bank, entry, [train_examples[i] for i in idx], cfg.loss, class_weights, context)
+            loss, n_tok = batch_loss(bank, entry, [train_examples[i] for i in idx], cfg.loss, class_weights, context,
+                                     compile_full)
             accelerator.backward(loss)
         if cfg.grad_clip:
             accelerator.clip_grad_norm_(list(params.values()), cfg.grad_clip)
