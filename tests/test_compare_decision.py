@@ -268,7 +268,7 @@ def test_training_and_restarts_choose_by_macro_f1_not_accuracy(monkeypatch):
     class Bank:
         entries = {"stuck": Entry(), "balanced": Entry()}
 
-    def fake_classify(bank, entry, examples, batch_size=32):
+    def fake_classify(bank, entry, examples, batch_size=32, **scoring_options):
         p = preds[entry]
         scores = torch.tensor([[0.0, -1.0] if x == "a" else [-1.0, 0.0] for x in p])
         return Classification(["a", "b"], p, scores.softmax(-1), scores, classification_metrics(gold, p, ["a", "b"]))
