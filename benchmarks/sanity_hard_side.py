@@ -16,6 +16,7 @@ import time
 from softprompt import baselines as B
 from softprompt.bank import PromptBank
 from softprompt.calibration import Calibration, fit_calibration, log_prior_from_scores
+from softprompt.demo_selection import knn_few_shot_classify
 from softprompt.instruction_search import search_instructions
 from softprompt.models import load_model
 from softprompt.scoring import classification_metrics, classify
@@ -50,7 +51,7 @@ def main(which: str) -> None:
         r = classify(bank, "best", test, calibration=res.fitted, batch_size=16)
         print("searched instruction on the 200 dev sentences:", r.metrics["accuracy"], r.metrics["macro_f1"])
     elif which == "knn":
-        r = B.knn_few_shot_classify(bank, data.task, test, train, 4, calibration="pmi", batch_size=16)
+        r = knn_few_shot_classify(bank, data.task, test, train, 4, calibration="pmi", batch_size=16)
         print("knn k=4: none", metrics(gold, r.labels, r.raw_scores), "batch", metrics(gold, r.labels, batch(r.raw_scores)),
               "pmi", metrics(gold, r.labels, r.scores), f"{time.perf_counter() - t0:.0f}s")
         bank.add("fs", B.few_shot_template(data.task, B.sample_demos(train, 4, seed=0, labels=data.task.labels)),

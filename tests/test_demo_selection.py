@@ -63,7 +63,7 @@ def test_neighbours_are_the_most_similar(lm):
 def test_knn_few_shot_equals_each_querys_own_prompt(lm, cal):
     model, tok = lm
     bank = PromptBank(model, tok)
-    res = B.knn_few_shot_classify(bank, TASK, QUERIES, POOL, 2, calibration=cal, chunk=2, batch_size=3)
+    res = D.knn_few_shot_classify(bank, TASK, QUERIES, POOL, 2, calibration=cal, chunk=2, batch_size=3)
     assert len(bank) == 0  # per-query entries are removed again
     raws, scores = [], []
     for q, ix in zip(QUERIES, res.demos):
@@ -97,7 +97,7 @@ def test_mean_pooled_with_an_encoder_model():
 def test_knn_batch_calibration_with_a_class_prior(lm):
     model, tok = lm
     bank = PromptBank(model, tok)
-    plain = B.knn_few_shot_classify(bank, TASK, QUERIES, POOL, 2, calibration="batch")
-    aimed = B.knn_few_shot_classify(bank, TASK, QUERIES, POOL, 2, calibration="batch", class_prior=[0.2, 0.8])
+    plain = D.knn_few_shot_classify(bank, TASK, QUERIES, POOL, 2, calibration="batch")
+    aimed = D.knn_few_shot_classify(bank, TASK, QUERIES, POOL, 2, calibration="batch", class_prior=[0.2, 0.8])
     want = plain.scores + torch.tensor([0.2, 0.8]).log()
     assert torch.allclose(aimed.scores, want, atol=1e-5)

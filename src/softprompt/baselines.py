@@ -34,7 +34,7 @@ same verbalizer, same rank classification.
   The free-text parse of stage 1 stays as a diagnostic.
 
 * **Nearest-neighbour demonstrations** (``demo_selection.py``): per query, the most similar
-  training examples as its demonstrations (:func:`select_demos_knn`).
+  training examples as its demonstrations (``demo_selection.select_demos_knn``).
 """
 from __future__ import annotations
 
@@ -46,7 +46,6 @@ from dataclasses import dataclass, field
 import torch
 
 from .calibration import CALIBRATIONS, Calibration, fit_calibration
-from .demo_selection import knn_few_shot_classify, select_demos_knn
 from .scoring import classification_metrics, classify, generate
 from .tasks import Example, Task
 from .templates import Template, encode_text
@@ -56,8 +55,6 @@ __all__ = [
     "COT_TRIGGER",
     "CotTwoStageResult",
     "cot_two_stage",
-    "knn_few_shot_classify",
-    "select_demos_knn",
     "PARSE_RULE",
     "UNPARSEABLE",
     "CotResult",

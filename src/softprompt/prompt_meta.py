@@ -20,6 +20,10 @@ MAX_META_CHARS = 4 << 20
 MAX_META_DEPTH = 64
 
 
+class PromptFileError(ValueError):
+    """A file that is not a readable softprompt artifact (also importable from ``prompts``)."""
+
+
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -88,8 +92,6 @@ def _depth(text: str) -> int:
 
 def parse_meta(text: Any, where: str) -> PromptMeta:
     """Parse and validate the metadata JSON of the artifact at ``where``."""
-    from .prompts import PromptFileError
-
     if not isinstance(text, str):
         raise PromptFileError(f"{where}: the softprompt metadata must be a JSON string")
     if len(text) > MAX_META_CHARS:

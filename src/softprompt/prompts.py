@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .calibration import Calibration
-from .prompt_meta import parse_meta
+from .prompt_meta import PromptFileError, parse_meta
 
 FORMAT_VERSION = 1
 #: Version written for artifacts with a classification head (encoder models).
@@ -41,10 +41,6 @@ INIT_METHODS = ("random", "vocab", "text", "labels")
 
 class PromptMismatchError(ValueError):
     """A prompt trained for one base model was used with another."""
-
-
-class PromptFileError(ValueError):
-    """A file that is not a readable softprompt artifact."""
 
 
 @dataclass(frozen=True)
