@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from softprompt.serve import Engine, Registry, create_app
-from softprompt.serve.testing import random_prompt
+from softprompt.serve.testing import error_of as err, random_prompt
 from softprompt.testing import tiny_causal_lm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -48,15 +48,6 @@ def client(lm, tmp_path_factory):
     with TestClient(app, raise_server_exceptions=False) as c:
         c.engine = eng
         yield c
-
-
-def err(r, status, code=None):
-    assert r.status_code == status, (r.status_code, r.text)
-    body = r.json()
-    assert set(body) == {"error"} and body["error"]["message"]
-    if code:
-        assert body["error"]["code"] == code, body
-    return body["error"]
 
 
 # ----------------------------------------------------------------------------- answers

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from softprompt.prompts import PromptFileError, SoftPrompt
 from softprompt.serve import Engine, Registry, create_app
 from softprompt.serve.registry import InvalidTaskNameError, validate_task_name
-from softprompt.serve.testing import random_prompt
+from softprompt.serve.testing import error_of as err, random_prompt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,15 +49,6 @@ def build(lm, root, **kw):
 
 def listing(root):
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
-
-
-def err(r, status, code=None):
-    assert r.status_code == status, (r.status_code, r.text)
-    body = r.json()
-    assert set(body) == {"error"} and body["error"]["message"]
-    if code:
-        assert body["error"]["code"] == code, body
-    return body["error"]
 
 
 # ----------------------------------------------------------------------------- 2. aliasing names

@@ -61,3 +61,13 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(self.timeout)
         self.sock.close()
+
+
+def error_of(response, status: int, code: str | None = None) -> dict:
+    """Assert ``response`` is the server's JSON error with ``status`` (and ``code``); return the error."""
+    assert response.status_code == status, (response.status_code, response.text)
+    body = response.json()
+    assert set(body) == {"error"} and body["error"]["message"]
+    if code:
+        assert body["error"]["code"] == code, body
+    return body["error"]
