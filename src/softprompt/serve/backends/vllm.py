@@ -52,8 +52,9 @@ from ...prompts import ModelIdentity, SoftPrompt, embedding_fingerprint
 from ...templates import encode_text
 from ..engine import (
     Engine, InvalidInputError, OverloadedError, PromptRejectedError, ServeError, ShuttingDownError, TaskSpec,
-    UnknownTaskError, WrongKindError, _Item,
+    UnknownTaskError, WrongKindError,
 )
+from ..spec import Item as _Item
 from ..metrics import Gauge, Metrics
 from .vllm_transport import ClientGoneError, InProcessTransport, RemoteTransport, VllmUnavailableError
 
