@@ -96,6 +96,13 @@ from .spec import (
 logger = logging.getLogger(__name__)
 
 
+def _part(part: str, name: str, doc: str) -> property:
+    """An attribute of the scheduler or runner, readable and settable on the engine (benchmarks
+    switch ``batching`` and ``prefix_cache`` on a running engine)."""
+    return property(lambda self: getattr(getattr(self, part), name),
+                    lambda self, value: setattr(getattr(self, part), name, value), doc=doc)
+
+
 class Engine:
     """Dynamic cross-task batching over one frozen model.  See the module docstring.
 
@@ -111,19 +118,14 @@ class Engine:
         self.identity: ModelIdentity = self.bank.identity
         self.base_name = base_name or self.identity.name
         self.config = config = config.resolve(self.bank._device().type)
-        self.max_batch_size = config.max_batch_size
         self.max_queue = config.max_queue
         self.max_input_tokens = config.max_input_tokens
         self.max_input_chars = config.max_input_chars
         self.max_new_tokens_limit = config.max_new_tokens_limit
-        # memory: tokens per forward pass, and what one prompt may ask of every request
-        self.max_batch_tokens = config.max_batch_tokens
+        # memory: what one prompt may ask of every request
         self.max_labels = config.max_labels
         self.max_label_tokens = config.max_label_tokens
         self.max_template_tokens = config.max_template_tokens
-        self.batching = config.batching
-        self.prefix_cache = config.prefix_cache
-        self.split_padding = config.split_padding
         cfg = model.config
         self.max_positions = int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 0) or 1 << 30)
 
@@ -141,6 +143,12 @@ class Engine:
         self.metrics.add(Gauge("softprompt_tasks", "Tasks being served.", lambda: len(self._specs)))
         self.metrics.add(Gauge("softprompt_bank_entries", "Prompts in the bank.", lambda: len(self.bank)))
         self.metrics.add(Gauge("softprompt_max_batch_size", "Configured max batch size (rows).", lambda: self.max_batch_size))
+
+    max_batch_size = _part("scheduler", "max_batch_size", "Rows per batch at most.")
+    batching = _part("scheduler", "batching", '"mixed" or "per_task" batches.')
+    max_batch_tokens = _part("runner", "max_batch_tokens", "Tokens per forward pass at most.")
+    prefix_cache = _part("runner", "prefix_cache", "Reuse the prompts' prefix key/values (else recompute).")
+    split_padding = _part("runner", "split_padding", "Padded fraction a forward pass may have (None: no split).")
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Engine":
