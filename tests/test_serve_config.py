@@ -87,3 +87,23 @@ def test_cli_refuses_a_bad_knob_before_loading_the_model(tmp_path, monkeypatch):
     monkeypatch.setattr(softprompt.models, "load_model", lambda *a, **kw: pytest.fail("the model was loaded"))
     r = CliRunner().invoke(app, ["serve", "--prompts", str(tmp_path), "--max-batch-size", "0"])
     assert r.exit_code == 2 and "max_batch_size" in r.output
+
+
+def test_vote_and_its_old_name_majority_answer_alike():
+    from softprompt.serve.engine import Engine, InvalidInputError
+    from softprompt.serve.testing import random_prompt
+    from softprompt.testing import tiny_causal_lm, tiny_tokenizer
+
+    tok, model = tiny_tokenizer(), tiny_causal_lm()
+    members = [random_prompt(model, "{soft:3} review : {text} label :", verbalizer={"pos": " good", "neg": " bad"},
+                             seed=s) for s in range(3)]
+    texts = ["the movie was good", "awful service", "great", "why is it bad"]
+    with Engine(model, tok, max_wait_ms=1) as eng:
+        spec = eng.register("ens", members, vote="majority")  # an old manifest's spelling loads as it was
+        assert spec.vote == "majority" and spec.info()["vote"] == "majority"
+        old = eng.classify("ens", texts)
+        new = eng.classify("ens", texts, vote="vote")
+        assert [(r.label, r.votes) for r in old] == [(r.label, r.votes) for r in new]
+        assert [r.label for r in old] == [max(r.votes, key=lambda lab: (r.votes[lab], r.probabilities[lab])) for r in old]
+        with pytest.raises(InvalidInputError, match="vote must be one of"):
+            eng.classify("ens", texts, vote="unanimous")

@@ -402,7 +402,7 @@ class VllmBackend(Engine):
         return trie_scores(m.label_ids, got)
 
     async def _generate(self, it: _Item, embeds: torch.Tensor, *, single: bool) -> tuple[list[int], str]:
-        """One member's answer, as ``Engine._decode`` would give it: stop tokens left out, a
+        """One member's answer, as ``Runner.decode`` (serve/runner.py) would give it: stop tokens left out, a
         line break before the answer skipped (and counted against ``max_new_tokens``)."""
         stops = self._stops_newline if it.stop_at_newline else self._stops_eos
         leading = self._newlines if it.stop_at_newline else frozenset()
