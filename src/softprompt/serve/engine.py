@@ -111,7 +111,7 @@ class Engine:
 
     def __init__(self, model, tokenizer, config: EngineConfig | None = None, *, base_name: str | None = None,
                  metrics: Metrics | None = None, **knobs):
-        config = (config or EngineConfig()).replace(**knobs) if knobs else (config or EngineConfig())
+        config = (config or EngineConfig()).replace(**knobs)
         self.model = model
         self.tokenizer = tokenizer
         self.bank = PromptBank(model, tokenizer)
@@ -402,7 +402,7 @@ class Engine:
 
 
 __all__ = [
-    "BATCHING_MODES", "VOTES", "CancelledByClientError", "ClassifyResult", "Engine", "EngineConfig", "GenerateResult",
+    "BATCHING_MODES", "VOTES", "CancelledByClientError", "ClassifyResult", "Engine", "EngineConfig", "GenerateResult", "Item",
     "InputTooLongError", "InvalidInputError", "ModelMismatchError", "OverloadedError", "PromptRejectedError",
     "ServeError", "ShuttingDownError", "TaskSpec", "UnknownTaskError", "WrongKindError",
 ]

@@ -52,9 +52,8 @@ from ...prompts import ModelIdentity, SoftPrompt, embedding_fingerprint
 from ...templates import encode_text
 from ..engine import (
     Engine, InvalidInputError, OverloadedError, PromptRejectedError, ServeError, ShuttingDownError, TaskSpec,
-    UnknownTaskError, WrongKindError,
+    UnknownTaskError, WrongKindError, Item as _Item,
 )
-from ..spec import Item as _Item
 from ..metrics import Gauge, Metrics
 from .vllm_transport import ClientGoneError, InProcessTransport, RemoteTransport, VllmUnavailableError
 
