@@ -46,7 +46,8 @@ def main() -> None:
     kw = {}
     if args.max_batch_tokens is not None:
         kw["max_batch_tokens"] = args.max_batch_tokens
-    if "max_labels" in inspect.signature(Engine).parameters:
+    params = inspect.signature(Engine).parameters  # (older engines had no label limit; newer take an EngineConfig)
+    if "max_labels" in params or "config" in params:
         kw["max_labels"] = max(args.labels, 100)
     eng = Engine(model, tok, max_input_tokens=512, max_batch_size=32, max_wait_ms=100, **kw)
     eng.register("many", prompt)

@@ -447,7 +447,7 @@ def batch_curve(kind: Kind, text_pool: list[str], sizes=(1, 2, 4, 8, 16), reps=2
         best, tokens = float("inf"), 0
         for _ in range(reps):
             t0 = time.perf_counter()
-            with engine._cond:  # queue the whole batch before the worker can take part of it
+            with getattr(engine, "scheduler", engine)._cond:  # queue the whole batch before the worker can take part of it
                 futs = [kind.submit(kind.single, t) for t in text_pool[:b]]
             tokens = sum(kind.tokens(f.result()) for f in futs)
             best = min(best, time.perf_counter() - t0)

@@ -297,7 +297,7 @@ def test_serve_wires_model_folder_and_uvicorn(lm, tmp_path, monkeypatch):
     import uvicorn
 
     import softprompt.models
-    from softprompt.serve import serve
+    from softprompt.serve import EngineConfig, serve
 
     root = tmp_path / "prompts"
     root.mkdir()
@@ -307,7 +307,7 @@ def test_serve_wires_model_folder_and_uvicorn(lm, tmp_path, monkeypatch):
     monkeypatch.setattr(softprompt.models, "load_model", lambda name, device=None: lm)
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
     monkeypatch.setenv("SOFTPROMPT_SERVE_TOKEN", "from-env")
-    serve("tiny", root, "127.0.0.1", 8123, None, 4, 2.0, True)
+    serve("tiny", root, "127.0.0.1", 8123, None, EngineConfig(max_batch_size=4, max_wait_ms=2.0), True)
     assert (seen["host"], seen["port"]) == ("127.0.0.1", 8123)
     with TestClient(seen["app"], raise_server_exceptions=False) as c:
         assert c.post("/v1/classify", json={"task": "sent", "inputs": ["x"]}).status_code == 401

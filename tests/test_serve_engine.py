@@ -333,13 +333,13 @@ def test_overload_is_refused_with_retry_after(setup):
 
 def test_a_failing_request_does_not_fail_its_batch_mates(setup):
     eng, entered, release = _blocking_engine(setup, max_wait_ms=1, max_batch_size=16)
-    original = eng._vote_classify
+    original = eng.runner.vote_classify
 
     def flaky(it, scores):
         if it.fields.get("text") == "poison":
             raise RuntimeError("boom")
         return original(it, scores)
-    eng._vote_classify = flaky
+    eng.runner.vote_classify = flaky
     with eng:
         eng.submit_classify("sent", ["warm"])
         assert entered.wait(30)
@@ -359,8 +359,8 @@ def test_padding_groups_keep_examples_whole_and_answers_equal(setup):
     for split in (None, 0.0, 0.25):
         eng = make_engine(setup, split_padding=split, max_wait_ms=50)
         groups = []
-        run_group = eng._run_group
-        eng._run_group = lambda items: (groups.append([(it.task, it.rows) for it in items]), run_group(items))
+        run_group = eng.runner.run_group
+        eng.runner.run_group = lambda items: (groups.append([(it.task, it.rows) for it in items]), run_group(items))
         with eng:
             futs = [f for t in texts for f in (eng.submit_classify("ens", [t]) + eng.submit_classify("sent", [t]))]
             answers[split] = [f.result(30) for f in futs]
@@ -380,7 +380,7 @@ def test_generation_rows_of_all_passes_decode_together(families, monkeypatch):
     """A batch split into several prefill passes (split_padding=0) still decodes its
     generation rows as one batch; rows that finish early leave it; every answer equals the
     one-by-one reference."""
-    import softprompt.serve.engine as engine_mod
+    import softprompt.serve.runner as runner_mod
 
     model, tok, ps = families
     ref = Ref(model, tok)
@@ -388,10 +388,10 @@ def test_generation_rows_of_all_passes_decode_together(families, monkeypatch):
              "help please thanks why what who where when how delayed flight order refund support happy sad", "bad"]
     eng = make_engine(families, split_padding=0.0, max_wait_ms=100)
     groups, decoded, steps = [], [], []
-    run_group, decode, step = eng._run_group, eng._decode, engine_mod.decode_step
-    monkeypatch.setattr(eng, "_run_group", lambda items: (groups.append(len(items)), run_group(items)))
-    monkeypatch.setattr(eng, "_decode", lambda ctx, owners: (decoded.append(len(owners)), decode(ctx, owners)))
-    monkeypatch.setattr(engine_mod, "decode_step", lambda m, nxt, *a: (steps.append(nxt.shape[0]), step(m, nxt, *a))[1])
+    run_group, decode, step = eng.runner.run_group, eng.runner.decode, runner_mod.decode_step
+    monkeypatch.setattr(eng.runner, "run_group", lambda items: (groups.append(len(items)), run_group(items)))
+    monkeypatch.setattr(eng.runner, "decode", lambda ctx, owners: (decoded.append(len(owners)), decode(ctx, owners)))
+    monkeypatch.setattr(runner_mod, "decode_step", lambda m, nxt, *a: (steps.append(nxt.shape[0]), step(m, nxt, *a))[1])
     with eng:
         futs = [eng.submit_generate("qa", t, max_new_tokens=1 + 2 * i, stop_at_newline=False) for i, t in enumerate(texts)]
         futs.append(eng.submit_classify("sent", [texts[0]])[0])
@@ -454,6 +454,6 @@ def test_a_line_break_before_the_answer_is_skipped_not_an_empty_answer(setup):
     want = greedy_generate(bank, ctx, max_new_tokens=6, stop_ids={newline}, skip_leading={newline})
     assert want[0] and want[0][0] != newline  # the answer went on past the line break
     with make_engine(setup, max_batch_size=8) as eng:
-        eng._newlines, eng._stops_newline = frozenset({newline}), frozenset({newline, eos})
+        eng.runner.newlines, eng.runner.stops_newline = frozenset({newline}), frozenset({newline, eos})
         got = [f.result().token_ids for f in [eng.submit_generate("qa", t, max_new_tokens=6) for t in TEXTS]]
     assert got == want

@@ -308,7 +308,7 @@ def test_a_client_that_gives_up_has_its_queued_work_dropped(lm, tmp_path):
 
 @pytest.mark.parametrize("path", ["/v1/generate", "/v1/completions"])
 def test_a_client_that_gives_up_stops_its_running_generation(lm, tmp_path, monkeypatch, path):
-    import softprompt.serve.engine as engine_mod
+    import softprompt.serve.runner as runner_mod
 
     eng, reg, app = build(lm, tmp_path / "p")
     text = "tell me a long story"
@@ -319,7 +319,7 @@ def test_a_client_that_gives_up_stops_its_running_generation(lm, tmp_path, monke
         running = []
         eng.batch_hook = running.extend
         steps = [0]
-        real_step = engine_mod.decode_step
+        real_step = runner_mod.decode_step
 
         async def main():
             loop = asyncio.get_running_loop()
@@ -334,7 +334,7 @@ def test_a_client_that_gives_up_stops_its_running_generation(lm, tmp_path, monke
                         time.sleep(0.005)
                 return real_step(*a, **kw)
 
-            monkeypatch.setattr(engine_mod, "decode_step", counting_step)
+            monkeypatch.setattr(runner_mod, "decode_step", counting_step)
             body = ({"task": "qa", "input": text, "max_new_tokens": 64, "stop_at_newline": False}
                     if path == "/v1/generate" else {"model": "tiny:qa", "prompt": text, "max_tokens": 64})
             data = json.dumps(body).encode()

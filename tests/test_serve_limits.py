@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import softprompt.conditioning as cond
-import softprompt.serve.engine as engine_mod
+import softprompt.serve.runner as runner_mod
 from softprompt.bank import PromptBank
 from softprompt.scoring import classify as ref_classify
 from softprompt.scoring import generate as ref_generate
@@ -57,7 +57,7 @@ def test_small_token_budget_splits_passes_and_answers_as_one_by_one(lm, monkeypa
     few = random_prompt(model, "{soft:2} tweet : {text} answer :", verbalizer=verbalizer(3), seed=2)
     qa = random_prompt(model, "{soft:2} question : {text} answer :", kind="generation", seed=3)
     ctx_passes, lane_passes = [], []
-    real_run, real_lanes = engine_mod.run_context, cond._lane_passes
+    real_run, real_lanes = runner_mod.run_context, cond._lane_passes
 
     def run_context(bank, entry_idx, suffixes):
         ctx = real_run(bank, entry_idx, suffixes)
@@ -70,7 +70,7 @@ def test_small_token_budget_splits_passes_and_answers_as_one_by_one(lm, monkeypa
         lane_passes.extend((len(p), width + max(map(lane_len, p))) for p in out)
         return out
 
-    monkeypatch.setattr(engine_mod, "run_context", run_context)
+    monkeypatch.setattr(runner_mod, "run_context", run_context)
     monkeypatch.setattr(cond, "_lane_passes", lanes)
     with Engine(model, tok, max_batch_tokens=budget, max_batch_size=32, max_wait_ms=50, split_padding=None) as eng:
         for name, p in (("many", many), ("few", few), ("qa", qa)):
@@ -195,7 +195,7 @@ def test_registering_a_long_template_does_not_stall_other_tasks(lm, monkeypatch)
 
 # ----------------------------------------------------------------------------- resident memory
 PROBE = textwrap.dedent('''
-    import inspect, json, os, sys, threading, time
+    import json, os, sys, threading, time
     import psutil, torch
     torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -216,8 +216,7 @@ PROBE = textwrap.dedent('''
     words = [w for w in TINY_WORDS]
     verb = {f"l{j}": " " + " ".join(words[(j * 7 + k) % len(words)] for k in range(1 + j % 4)) for j in range(n_labels)}
     prompt = random_prompt(model, "{soft:8} review : {text} label :", verbalizer=verb, seed=1)
-    # (an engine without the parameter, as before issue 12, runs with its defaults: and fails the bound)
-    kw = {"max_batch_tokens": budget} if budget and "max_batch_tokens" in inspect.signature(Engine).parameters else {}
+    kw = {"max_batch_tokens": budget} if budget else {}
     eng = Engine(model, tok, max_input_tokens=input_tokens, max_batch_size=32, max_wait_ms=100, **kw)
     eng.register("many", prompt)
     eng.start()
@@ -329,8 +328,8 @@ def test_serve_flags_reach_the_engine(lm, tmp_path, monkeypatch):
 
     class Spy(Engine):
         def __init__(self, *a, **kw):
-            seen.update(kw)
             super().__init__(*a, **kw)
+            seen.update(vars(self.config))
 
     monkeypatch.setattr(softprompt.models, "load_model", lambda *a, **kw: lm)
     monkeypatch.setattr(serve_pkg, "Engine", Spy)

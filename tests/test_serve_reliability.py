@@ -54,6 +54,7 @@ WRAPPER = textwrap.dedent('''
     import os, sys, time, pathlib
     markers = pathlib.Path(os.environ["SP_TEST_MARKERS"])
     import softprompt.serve.engine as E
+    import softprompt.serve.runner as R
     real_replace = os.replace
     def replace(src, dst, *a, **kw):  # an upload of 'ens' about to land (the old folder is set aside)
         if str(dst).endswith(os.sep + "ens.safetensors") and ".upload-" in str(src):
@@ -66,12 +67,12 @@ WRAPPER = textwrap.dedent('''
             (markers / "delete").touch(); time.sleep(600)
         return real_unregister(self, name)
     E.Engine.unregister = unregister
-    real_step = E.decode_step
+    real_step = R.decode_step
     def decode_step(*a, **kw):  # 10 ms a token while the test asks for it, so generations take a while
         if (markers / "slow").exists():
             time.sleep(0.01)
         return real_step(*a, **kw)
-    E.decode_step = decode_step
+    R.decode_step = decode_step
     from softprompt.cli import app
     sys.argv = ["softprompt", "serve", *sys.argv[1:]]
     app()

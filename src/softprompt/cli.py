@@ -612,7 +612,7 @@ def serve_cmd(
     One server per prompts folder (it holds a lock on it); see README, "Limits and guarantees".
     With --backend vllm the HTTP API, prompt folder, model checks and hot swap are the same,
     and vLLM (in this process, or N replicas behind --vllm-url) runs the model."""
-    from .serve import TOKEN_ENV_VAR, FolderLock, FolderLockedError, serve
+    from .serve import TOKEN_ENV_VAR, EngineConfig, FolderLock, FolderLockedError, serve
     from .serve.backends import BACKENDS
 
     if not prompts.is_dir():
@@ -624,14 +624,19 @@ def serve_cmd(
     if protect_reads and not (token or os.environ.get(TOKEN_ENV_VAR)):
         _fail(f"--protect-reads needs a token: give --token or set ${TOKEN_ENV_VAR}")
     try:
+        config = EngineConfig(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                              max_input_tokens=max_input_tokens, max_new_tokens_limit=max_new_tokens,
+                              max_batch_tokens=max_batch_tokens, max_labels=max_labels,
+                              max_label_tokens=max_label_tokens, max_template_tokens=max_template_tokens)
+    except ValueError as e:
+        _fail(str(e))
+    try:
         FolderLock(prompts).acquire().release()  # fail before loading the model
-        serve(model=model, prompts=prompts, host=host, port=port, token=token, max_batch_size=max_batch_size,
-              max_wait_ms=max_wait_ms, protect_reads=protect_reads, device=_device(), max_queue=max_queue,
-              max_inputs=max_inputs, max_input_tokens=max_input_tokens, max_new_tokens_limit=max_new_tokens,
+        serve(model=model, prompts=prompts, host=host, port=port, token=token, config=config,
+              protect_reads=protect_reads, device=_device(), max_inputs=max_inputs,
               max_body_bytes=max_body_bytes, max_upload_bytes=max_upload_bytes,
               max_concurrent_uploads=max_concurrent_uploads, max_concurrent_requests=max_concurrent_requests,
-              max_batch_tokens=max_batch_tokens, max_labels=max_labels, max_label_tokens=max_label_tokens,
-              max_template_tokens=max_template_tokens, backend=backend, vllm_urls=tuple(vllm_url or ()),
+              backend=backend, vllm_urls=tuple(vllm_url or ()),
               vllm_max_model_len=vllm_max_model_len, vllm_eager=vllm_eager,
               vllm_tensor_parallel_size=vllm_tensor_parallel_size)
     except FolderLockedError as e:

@@ -10,7 +10,7 @@ import logging
 import os
 from pathlib import Path
 
-from ..conditioning import DEFAULT_MAX_BATCH_TOKENS
+from .config import EngineConfig
 from .engine import (
     ClassifyResult, Engine, GenerateResult, InvalidInputError, ModelMismatchError, OverloadedError,
     PromptRejectedError, ServeError, TaskSpec, UnknownTaskError,
@@ -35,18 +35,10 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     token: str | None = None,
-    max_batch_size: int = 32,
-    max_wait_ms: float = 5.0,
+    config: EngineConfig | None = None,
     protect_reads: bool = False,
     *,
-    max_queue: int = 1024,
     max_inputs: int = 64,
-    max_input_tokens: int = 512,
-    max_new_tokens_limit: int = 256,
-    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
-    max_labels: int = 100,
-    max_label_tokens: int = 16,
-    max_template_tokens: int = 1024,
     max_upload_bytes: int = 8 << 20,
     max_body_bytes: int = 1 << 20,
     max_concurrent_uploads: int = 2,
@@ -65,7 +57,8 @@ def serve(
     of the process list) enables the admin endpoints; ``protect_reads`` puts the other
     endpoints (except ``/healthz``) behind it too.  ``backend="vllm"`` sends the model work
     to vLLM (``backends/vllm.py``): to the servers at ``vllm_urls``, or to vLLM's engine in
-    this process when there are none.  Blocks until the server stops."""
+    this process when there are none.  ``config``: the engine's batching and limits (the vLLM
+    backend takes its limits).  Blocks until the server stops."""
     try:
         import uvicorn
     except ImportError as e:  # pragma: no cover
@@ -77,6 +70,7 @@ def serve(
         raise ValueError(f"protect_reads needs a token (--token or ${TOKEN_ENV_VAR})")
     if backend not in ("engine", "vllm"):
         raise ValueError(f"backend must be 'engine' or 'vllm', got {backend!r}")
+    config = config or EngineConfig()
     root = Path(prompts).expanduser()
     lock = FolderLock(root).acquire()  # before the model loads: a second server fails fast
     try:
@@ -85,17 +79,10 @@ def serve(
 
             engine = make_vllm_backend(
                 model, urls=list(vllm_urls), max_model_len=vllm_max_model_len, enforce_eager=vllm_eager,
-                tensor_parallel_size=vllm_tensor_parallel_size,
-                max_queue=max_queue, max_input_tokens=max_input_tokens, max_new_tokens_limit=max_new_tokens_limit,
-                max_labels=max_labels, max_label_tokens=max_label_tokens, max_template_tokens=max_template_tokens)
+                tensor_parallel_size=vllm_tensor_parallel_size, **config.limits())
         else:
             lm, tokenizer = load_model(model, device=device)
-            engine = Engine(
-                lm, tokenizer, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                max_input_tokens=max_input_tokens, max_new_tokens_limit=max_new_tokens_limit, base_name=model,
-                max_batch_tokens=max_batch_tokens, max_labels=max_labels, max_label_tokens=max_label_tokens,
-                max_template_tokens=max_template_tokens,
-            )
+            engine = Engine(lm, tokenizer, config, base_name=model)
         registry = Registry(root, engine, max_upload_bytes=max_upload_bytes)
         recovered = registry.recover()
         if recovered["removed"] or recovered["restored"]:
@@ -116,7 +103,7 @@ def serve(
 
 
 __all__ = [
-    "ClassifyResult", "Engine", "FolderLock", "FolderLockedError", "GenerateResult", "InvalidInputError", "ModelMismatchError", "OverloadedError",
+    "ClassifyResult", "Engine", "EngineConfig", "FolderLock", "FolderLockedError", "GenerateResult", "InvalidInputError", "ModelMismatchError", "OverloadedError",
     "PromptRejectedError", "Registry", "ServeError", "TaskSpec", "UnknownTaskError", "create_app", "serve",
     "validate_task_name", "TOKEN_ENV_VAR",
 ]

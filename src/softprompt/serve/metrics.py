@@ -1,136 +1,93 @@
-"""A tiny, thread-safe Prometheus text-format registry (counters, gauges, histograms).
+"""The server's Prometheus metrics, on ``prometheus_client``.
 
-Written by hand so the server needs no extra dependency; the exposition format is the
-plain text one (``text/plain; version=0.0.4``) every Prometheus scraper reads.
+Each :class:`Metrics` owns its own ``CollectorRegistry`` (never the process-wide default:
+one process may hold many engines and apps, e.g. in tests).  The small wrappers below fix
+each metric's label names up front, sorted, so the exposition lists labels in a stable
+order, and read values back for tests and benchmarks (``value``, ``count``, ``sum``).
 """
 from __future__ import annotations
 
-import bisect
-import math
-import threading
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
+
+import prometheus_client as prom
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
-LabelKey = tuple[tuple[str, str], ...]
 
+class Counter:
+    """A counter with fixed label names; ``name`` is the exposed sample name (``..._total``)."""
 
-def _escape(value: str) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    def __init__(self, name: str, help: str, labelnames: Sequence[str] = ()):
+        self.name, self.help, self.labelnames = name, help, tuple(sorted(labelnames))
+        self._registry: prom.CollectorRegistry | None = None
+        self._metric = None
 
-
-def _fmt_labels(labels: LabelKey, extra: tuple[tuple[str, str], ...] = ()) -> str:
-    items = labels + extra
-    if not items:
-        return ""
-    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in items) + "}"
-
-
-def _fmt_value(v: float) -> str:
-    if math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    if float(v).is_integer():
-        return str(int(v))
-    return repr(float(v))
-
-
-class _Metric:
-    def __init__(self, name: str, help: str, kind: str):
-        self.name, self.help, self.kind = name, help, kind
-        self._lock = threading.Lock()
-
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
-
-
-class Counter(_Metric):
-    def __init__(self, name: str, help: str):
-        super().__init__(name, help, "counter")
-        self._values: dict[LabelKey, float] = {}
+    def register(self, registry: prom.CollectorRegistry) -> None:
+        self._registry = registry
+        self._metric = prom.Counter(self.name.removesuffix("_total"), self.help, self.labelnames, registry=registry)
 
     def inc(self, amount: float = 1.0, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
+        (self._metric.labels(**labels) if self.labelnames else self._metric).inc(amount)
 
     def value(self, **labels: str) -> float:
-        return self._values.get(tuple(sorted(labels.items())), 0.0)
-
-    def render(self) -> list[str]:
-        with self._lock:
-            items = sorted(self._values.items())
-        return self.header() + [f"{self.name}{_fmt_labels(k)} {_fmt_value(v)}" for k, v in items]
+        return self._registry.get_sample_value(self.name, labels or None) or 0.0
 
 
-class Gauge(_Metric):
+class Histogram:
+    def __init__(self, name: str, help: str, buckets: Sequence[float] = LATENCY_BUCKETS, labelnames: Sequence[str] = ()):
+        self.name, self.help, self.labelnames = name, help, tuple(sorted(labelnames))
+        self.buckets = tuple(float(b) for b in buckets)
+        self._registry: prom.CollectorRegistry | None = None
+        self._metric = None
+
+    def register(self, registry: prom.CollectorRegistry) -> None:
+        self._registry = registry
+        self._metric = prom.Histogram(self.name, self.help, self.labelnames, buckets=self.buckets, registry=registry)
+
+    def observe(self, value: float, **labels: str) -> None:
+        (self._metric.labels(**labels) if self.labelnames else self._metric).observe(value)
+
+    def count(self, **labels: str) -> int:
+        return int(self._registry.get_sample_value(self.name + "_count", labels or None) or 0)
+
+    def sum(self, **labels: str) -> float:
+        return float(self._registry.get_sample_value(self.name + "_sum", labels or None) or 0.0)
+
+
+class Gauge:
     """A gauge read from a callback at scrape time (or set explicitly)."""
 
     def __init__(self, name: str, help: str, fn: Callable[[], float] | None = None):
-        super().__init__(name, help, "gauge")
-        self._fn = fn
-        self._value = 0.0
+        self.name, self.help, self._fn = name, help, fn
+        self._metric = None
+
+    def register(self, registry: prom.CollectorRegistry) -> None:
+        self._metric = prom.Gauge(self.name, self.help, registry=registry)
+        if self._fn is not None:
+            self._metric.set_function(lambda: float(self._fn()))
 
     def set(self, v: float) -> None:
-        self._value = float(v)
-
-    def render(self) -> list[str]:
-        v = self._fn() if self._fn is not None else self._value
-        return self.header() + [f"{self.name} {_fmt_value(float(v))}"]
+        self._metric.set(float(v))
 
 
-class Histogram(_Metric):
-    def __init__(self, name: str, help: str, buckets=LATENCY_BUCKETS):
-        super().__init__(name, help, "histogram")
-        self.buckets = tuple(float(b) for b in buckets)
-        self._data: dict[LabelKey, list] = {}  # key -> [bucket counts..., sum, count]
-
-    def observe(self, value: float, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
-        i = bisect.bisect_left(self.buckets, value)
-        with self._lock:
-            d = self._data.get(key)
-            if d is None:
-                d = self._data[key] = [0] * len(self.buckets) + [0.0, 0]
-            if i < len(self.buckets):
-                d[i] += 1
-            d[-2] += value
-            d[-1] += 1
-
-    def count(self, **labels: str) -> int:
-        d = self._data.get(tuple(sorted(labels.items())))
-        return int(d[-1]) if d else 0
-
-    def sum(self, **labels: str) -> float:
-        d = self._data.get(tuple(sorted(labels.items())))
-        return float(d[-2]) if d else 0.0
-
-    def render(self) -> list[str]:
-        with self._lock:
-            items = sorted((k, list(v)) for k, v in self._data.items())
-        out = self.header()
-        for key, d in items:
-            acc = 0
-            for b, c in zip(self.buckets, d):
-                acc += c
-                out.append(f"{self.name}_bucket{_fmt_labels(key, (('le', _fmt_value(b)),))} {acc}")
-            out.append(f"{self.name}_bucket{_fmt_labels(key, (('le', '+Inf'),))} {int(d[-1])}")
-            out.append(f"{self.name}_sum{_fmt_labels(key)} {_fmt_value(d[-2])}")
-            out.append(f"{self.name}_count{_fmt_labels(key)} {int(d[-1])}")
-        return out
+# whole-number bucket bounds as the hand-written exposition had them (le="1", not le="1.0")
+_WHOLE_LE = re.compile(r'le="(\d+)\.0"')
 
 
 class Metrics:
-    """The metrics of one engine (and the HTTP layer on top of it)."""
+    """The metrics of one engine (and the HTTP layer on top of it), in their own registry."""
 
     def __init__(self):
-        self._metrics: list[_Metric] = []
+        self.registry = prom.CollectorRegistry(auto_describe=True)
         self.requests = self.add(Counter(
-            "softprompt_requests_total", "Answered examples per task, kind and outcome (engine level)."))
+            "softprompt_requests_total", "Answered examples per task, kind and outcome (engine level).",
+            ("task", "kind", "status")))
         self.http_requests = self.add(Counter(
-            "softprompt_http_requests_total", "HTTP requests per route and status code."))
+            "softprompt_http_requests_total", "HTTP requests per route and status code.", ("route", "method", "status")))
         self.rejected = self.add(Counter(
-            "softprompt_rejected_total", "Requests refused before queueing, by reason."))
+            "softprompt_rejected_total", "Requests refused before queueing, by reason.", ("reason",)))
         self.batches = self.add(Counter("softprompt_batches_total", "Batches run by the engine."))
         self.batch_size = self.add(Histogram(
             "softprompt_batch_size_rows", "Rows (examples x ensemble members) per batch.", SIZE_BUCKETS))
@@ -143,14 +100,12 @@ class Metrics:
         self.latency = self.add(Histogram(
             "softprompt_request_latency_seconds", "Engine latency per example, submission to answer (seconds)."))
         self.http_latency = self.add(Histogram(
-            "softprompt_http_request_latency_seconds", "HTTP request latency per route (seconds)."))
+            "softprompt_http_request_latency_seconds", "HTTP request latency per route (seconds).",
+            labelnames=("route",)))
 
     def add(self, metric):
-        self._metrics.append(metric)
+        metric.register(self.registry)
         return metric
 
     def render(self) -> str:
-        lines: list[str] = []
-        for m in self._metrics:
-            lines.extend(m.render())
-        return "\n".join(lines) + "\n"
+        return _WHOLE_LE.sub(r'le="\1"', prom.generate_latest(self.registry).decode())

@@ -10,7 +10,8 @@ Layout (names are task names; files and folders starting with ``.`` are ignored)
         manifest.json               ... unless a manifest says otherwise (optional)
       topic.json                    an ensemble described by a manifest alone
 
-A manifest is ``{"members": ["a.safetensors", "b.safetensors"], "vote": "mean" | "majority"}``;
+A manifest is ``{"members": ["a.safetensors", "b.safetensors"], "vote": "mean" | "vote"}`` (the
+names of :mod:`softprompt.ensemble`; ``"majority"``, the old name of ``"vote"``, still loads);
 member paths are relative to the manifest's folder and must stay inside the prompts folder.
 
 Uploads (:meth:`Registry.put`) are checked completely before anything changes: the name,

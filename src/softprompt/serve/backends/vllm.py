@@ -52,7 +52,7 @@ from ...prompts import ModelIdentity, SoftPrompt, embedding_fingerprint
 from ...templates import encode_text
 from ..engine import (
     Engine, InvalidInputError, OverloadedError, PromptRejectedError, ServeError, ShuttingDownError, TaskSpec,
-    UnknownTaskError, WrongKindError, _Item,
+    UnknownTaskError, WrongKindError, Item as _Item,
 )
 from ..metrics import Gauge, Metrics
 from .vllm_transport import ClientGoneError, InProcessTransport, RemoteTransport, VllmUnavailableError
@@ -401,7 +401,7 @@ class VllmBackend(Engine):
         return trie_scores(m.label_ids, got)
 
     async def _generate(self, it: _Item, embeds: torch.Tensor, *, single: bool) -> tuple[list[int], str]:
-        """One member's answer, as ``Engine._decode`` would give it: stop tokens left out, a
+        """One member's answer, as ``Runner.decode`` (serve/runner.py) would give it: stop tokens left out, a
         line break before the answer skipped (and counted against ``max_new_tokens``)."""
         stops = self._stops_newline if it.stop_at_newline else self._stops_eos
         leading = self._newlines if it.stop_at_newline else frozenset()

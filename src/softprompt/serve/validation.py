@@ -1,0 +1,141 @@
+"""What the engine checks before anything reaches the model: a task's prompts when they are
+registered, and each request's input fields and token counts when it is submitted.
+
+The checks read their limits from ``owner``: the :class:`~softprompt.serve.engine.Engine` or
+the vLLM backend, anything with ``identity``, ``tokenizer``, ``tokenizer_lock``,
+``max_positions`` and the ``max_*`` limits of :class:`~softprompt.serve.config.EngineConfig`.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..prompts import PromptMismatchError, SoftPrompt
+from ..templates import Template, TemplateError, encode_text
+from .spec import VOTES, InputTooLongError, InvalidInputError, ModelMismatchError, PromptRejectedError, TaskSpec
+
+
+def check_prompts(owner: Any, name: str, prompts: list[SoftPrompt], member_names: list[str], vote: str) -> dict:
+    """The parts of a TaskSpec that ``prompts`` give, or PromptRejectedError (nothing is changed)."""
+    if not prompts:
+        raise PromptRejectedError(f"task {name!r}: no prompts given")
+    if len(member_names) != len(prompts):
+        raise PromptRejectedError(f"task {name!r}: {len(member_names)} member names for {len(prompts)} prompts")
+    if vote not in VOTES:
+        raise PromptRejectedError(f"task {name!r}: vote must be one of {VOTES}, got {vote!r}")
+    kinds = {p.kind for p in prompts}
+    if len(kinds) != 1 or next(iter(kinds)) not in ("classification", "generation"):
+        raise PromptRejectedError(
+            f"task {name!r}: prompts must share one kind (classification or generation), got {sorted(map(str, kinds))}")
+    kind = next(iter(kinds))
+    templates, member_labels, prefix_lens, fields = [], [], [], None
+    for p, mname in zip(prompts, member_names):
+        what = f"task {name!r} prompt {mname!r}"
+        try:
+            p.identity.check(owner.identity, what=what)
+        except PromptMismatchError as e:
+            raise ModelMismatchError(str(e)) from None
+        if isinstance(p.template, str) and len(p.template) > 64 * owner.max_template_tokens:
+            raise PromptRejectedError(  # refused before tokenizing megabytes (a token is rarely over 64 chars)
+                f"{what}: its template has {len(p.template)} characters; the limit is "
+                f"{owner.max_template_tokens} tokens (max_template_tokens)", code="template_too_long")
+        if kind == "classification" and p.verbalizer and len(p.verbalizer) > owner.max_labels:
+            raise PromptRejectedError(
+                f"{what}: {len(p.verbalizer)} labels; the limit is {owner.max_labels} (max_labels)",
+                code="too_many_labels")
+        try:
+            t = Template(p.template)
+        except TemplateError as e:
+            raise PromptRejectedError(f"{what}: bad template: {e}") from None
+        emb = p.embeddings
+        if emb.ndim != 2 or emb.shape[0] != t.n_soft or emb.shape[1] != owner.identity.hidden_size:
+            raise PromptRejectedError(
+                f"{what}: embeddings of shape {tuple(emb.shape)} do not fit template {t.text!r} "
+                f"({t.n_soft} soft tokens) and hidden size {owner.identity.hidden_size}")
+        if not bool(torch.isfinite(emb).all()):
+            raise PromptRejectedError(f"{what}: embeddings contain NaN or infinite values")
+        if not t.fields:
+            raise PromptRejectedError(f"{what}: template {t.text!r} has no input field such as {{text}}")
+        if fields is None:
+            fields = t.fields
+        elif set(t.fields) != set(fields):
+            raise PromptRejectedError(f"{what}: input fields {list(t.fields)} differ from the other members' {list(fields)}")
+        with owner.tokenizer_lock:
+            plen = len(t.prefix_ids(owner.tokenizer))
+            if kind == "classification":
+                if not p.verbalizer:
+                    raise PromptRejectedError(f"{what}: a classification prompt needs a verbalizer")
+                for lab, word in p.verbalizer.items():
+                    if isinstance(word, str) and len(word) > 64 * owner.max_label_tokens:
+                        raise PromptRejectedError(
+                            f"{what}: verbalizer word for label {lab!r} has {len(word)} characters; the limit "
+                            f"is {owner.max_label_tokens} tokens (max_label_tokens)", code="label_too_long")
+                    n_word = len(encode_text(owner.tokenizer, word)) if isinstance(word, str) else 0
+                    if not n_word:
+                        raise PromptRejectedError(f"{what}: verbalizer word for label {lab!r} has no tokens")
+                    if n_word > owner.max_label_tokens:
+                        raise PromptRejectedError(
+                            f"{what}: verbalizer word for label {lab!r} is {n_word} tokens; the limit is "
+                            f"{owner.max_label_tokens} (max_label_tokens)", code="label_too_long")
+        head = plen + p.n_prefix
+        if head > owner.max_template_tokens:
+            raise PromptRejectedError(
+                f"{what}: its fixed prefix (template head{' and learned prefix' if p.n_prefix else ''}) is "
+                f"{head} tokens; the limit is {owner.max_template_tokens} (max_template_tokens)",
+                code="template_too_long")
+        if plen >= owner.max_positions:
+            raise PromptRejectedError(
+                f"{what}: its prefix ({plen} tokens) does not fit the model's {owner.max_positions} positions")
+        templates.append(t)
+        prefix_lens.append(plen)
+        member_labels.append(tuple(p.labels))
+    if kind == "classification" and len({frozenset(m) for m in member_labels}) != 1:
+        raise PromptRejectedError(
+            f"task {name!r}: ensemble members have different label sets {[list(m) for m in member_labels]}")
+    return dict(
+        kind=kind, member_names=tuple(member_names), templates=tuple(templates),
+        member_labels=tuple(member_labels), labels=member_labels[0], fields=tuple(fields or ()),
+        prefix_lens=tuple(prefix_lens),
+    )
+
+
+def input_fields(owner: Any, spec: TaskSpec, value: str | Mapping[str, str]) -> dict[str, str]:
+    """A request's input as the task's fields (a bare string fills a one-field template)."""
+    if isinstance(value, str):
+        if len(spec.fields) != 1:
+            raise InvalidInputError(
+                f"task {spec.name!r} takes the fields {list(spec.fields)}; send an object with each of them, not a string")
+        fields = {spec.fields[0]: value}
+    elif isinstance(value, Mapping):
+        fields = dict(value)
+        missing = [f for f in spec.fields if f not in fields]
+        extra = [f for f in fields if f not in spec.fields]
+        if missing or extra:
+            raise InvalidInputError(
+                f"task {spec.name!r} takes the fields {list(spec.fields)}"
+                + (f"; missing {missing}" if missing else "") + (f"; unknown {extra}" if extra else ""))
+    else:
+        raise InvalidInputError(f"an input must be a string or an object of strings, got {type(value).__name__}")
+    for k, v in fields.items():
+        if not isinstance(v, str):
+            raise InvalidInputError(f"field {k!r} must be a string, got {type(v).__name__}")
+        if not v.strip():
+            raise InvalidInputError(f"field {k!r} is empty")
+        if len(v) > owner.max_input_chars:
+            raise InputTooLongError(f"field {k!r} has {len(v)} characters; the limit is {owner.max_input_chars}")
+    return fields
+
+def suffixes(owner: Any, spec: TaskSpec, fields: dict[str, str], extra_tokens: int = 0) -> list[list[int]]:
+    """Each member's rendered input ids, within the input and position limits."""
+    with owner.tokenizer_lock:
+        suffixes = [t.suffix_ids(owner.tokenizer, fields) for t in spec.templates]
+    n = max(len(s) for s in suffixes)
+    if n > owner.max_input_tokens:
+        raise InputTooLongError(f"the input is {n} tokens long after the template; the limit is {owner.max_input_tokens}")
+    total = max(p + len(s) for p, s in zip(spec.prefix_lens, suffixes)) + extra_tokens
+    if total > owner.max_positions:
+        raise InputTooLongError(
+            f"prompt + input + new tokens = {total} positions; the model has {owner.max_positions}")
+    return suffixes
