@@ -364,7 +364,7 @@ CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;p
 def render_html(markdown: str, folder: Path, title: str) -> str:
     """``markdown`` (report.md) as one self-contained HTML page: CommonMark + tables by markdown-it-py
     (raw HTML in the text is escaped, not passed through), the CSS inline, and each PNG of ``folder``
-    it shows embedded as base64."""
+    it shows embedded as base64 (any other image is shown as its alt text)."""
     try:
         from markdown_it import MarkdownIt
     except ImportError as e:  # pragma: no cover - depends on the environment
@@ -374,9 +374,13 @@ def render_html(markdown: str, folder: Path, title: str) -> str:
     tokens = md.parse(markdown)
     for tok in tokens:
         for child in tok.children or []:
-            src = child.attrGet("src") if child.type == "image" else None
-            if src and not src.startswith("data:") and (folder / src).is_file():
+            src = str(child.attrGet("src") or "") if child.type == "image" else ""
+            if not src or src.startswith("data:"):
+                continue
+            if "/" not in src and (folder / src).is_file():
                 child.attrSet("src", "data:image/png;base64," + base64.b64encode((folder / src).read_bytes()).decode())
+            else:  # e.g. an image link in generated text: the page fetches nothing, so it shows its alt text
+                child.type, child.tag, child.attrs, child.children = "text", "", {}, None
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body>\n" + md.renderer.render(_figures(tokens), md.options, {})
             + "</body></html>\n")
