@@ -15,7 +15,7 @@ Split: the 500 questions are shuffled with ``--split-seed``; the first ``--held-
 held out and only scored, the others form the training pool.  Nothing from the held-out
 questions is used for training, demonstrations or any choice of settings.
 
-Methods, all run and scored by ``softprompt.compare`` (generation mode) on the same
+Methods, all run and scored by ``softprompt.apps.compare`` (generation mode) on the same
 held-out questions: greedy answers of at most ``--max-new-tokens`` tokens, stopping at a
 newline, scored by SQuAD-normalised exact match and token F1 against every gold answer.
 
@@ -51,8 +51,8 @@ from pathlib import Path
 import torch
 
 from softprompt import load_model
-from softprompt.compare import RESULTS, CompareConfig, Comparison
-from softprompt.report import write_report
+from softprompt.apps.compare import RESULTS, CompareConfig, Comparison
+from softprompt.apps.report import write_report
 from softprompt.tasks import HOTPOT_FILE, TaskData, data_root, hotpotqa_examples, load_task
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from softprompt import compare as C
+from softprompt.apps import compare as C
 from softprompt.cli import app
-from softprompt.report import PLOTS, load_results, summarize, write_report
+from softprompt.apps.report import PLOTS, load_results, summarize, write_report
 from softprompt.tasks import Example, Task, TaskData
 from softprompt.templates import Template
 from softprompt.testing import tiny_causal_lm, tiny_tokenizer
@@ -384,3 +384,34 @@ def test_cli_verbalizer_words_continue_the_template():
     assert _verbalizer(["a=yes", "b= no"], "Tweet: {text}\nAnswer:") == {"a": " yes", "b": " no"}
     assert _verbalizer(["a=yes", "b=no"], "<|im_start|>assistant\n") == {"a": "yes", "b": "no"}
     assert _verbalizer(["a=yes"], "Answer: ") == {"a": "yes"}  # the template's own space is the separator
+
+
+def test_planner_registry_has_one_entry_per_method_and_a_stable_order(monkeypatch):
+    """Issue 13: a method is one registry entry; plan() calls the planners in PLAN_ORDER, so two
+    plans of one config list the same runs and rows in the same order."""
+    from dataclasses import replace
+
+    from softprompt.apps.compare import planners as P
+
+    assert sorted(P.PLANNERS) == sorted(C.ALL_METHODS) and sorted(C.PLAN_ORDER) == sorted(C.ALL_METHODS)
+    assert len(C.PLAN_ORDER) == len(set(C.PLAN_ORDER))
+    assert {"cot", "knn", "search", "search_plain"} <= set(P.EXECUTORS)  # hard_runs registers its run kinds
+    called = []
+    for name, entry in list(P.PLANNERS.items()):
+        spy = (lambda c, p, _n=name, _f=entry.fn: called.append(_n) or _f(c, p))
+        monkeypatch.setitem(P.PLANNERS, name, replace(entry, fn=spy))
+    model, tok = tiny_causal_lm(), tiny_tokenizer()
+    cfg = tiny_config(methods=tuple(reversed(C.ALL_METHODS)), seeds=(0, 1))
+
+    def plan():
+        comp = C.Comparison(cfg, toy_data(), model, tok, "unused", eval_data=toy_data(seed=1, name="toy2"),
+                            progress=False, log=lambda s: None)
+        runs, rows = comp.plan()
+        return [(r.id, r.kind) for r in runs.values()], [r.name for r in rows]
+
+    first = plan()
+    assert called == list(C.PLAN_ORDER)  # every method given, whatever the order of --methods
+    assert plan() == first
+    runs, rows = first
+    kinds = list(dict.fromkeys(k for _, k in runs))
+    assert kinds[:5] == ["hard", "knn", "search", "cot", "soft"] and rows[0].startswith("zero-shot")

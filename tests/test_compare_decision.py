@@ -8,11 +8,11 @@ import random
 import pytest
 from typer.testing import CliRunner
 
-from softprompt import compare as C
-from softprompt import decision as D
+from softprompt.apps import compare as C
+from softprompt.apps.compare import decision as D
 from softprompt.chat import chat_template, chat_verbalizer
 from softprompt.cli import _files_name, app, default_instruction, default_template
-from softprompt.report import load_results
+from softprompt.apps.report import load_results
 from softprompt.splits import holdout_split
 from softprompt.tasks import Example, Task, TaskData
 from softprompt.testing import tiny_causal_lm, tiny_tokenizer
@@ -310,7 +310,7 @@ def test_score_variants_batch_prior_equals_fit_calibration(lm):
     """The batch prior taken from the scores already computed is fit_calibration's own."""
     from softprompt.bank import PromptBank
     from softprompt.calibration import fit_calibration
-    from softprompt.variants import score_variants
+    from softprompt.apps.compare.variants import score_variants
 
     model, tok = lm
     bank = PromptBank(model, tok)
@@ -325,7 +325,7 @@ def test_score_variants_batch_prior_equals_fit_calibration(lm):
 
 
 def test_no_validation_means_no_decision_and_the_report_says_why(tmp_path):
-    from softprompt.report import write_report
+    from softprompt.apps.report import write_report
 
     model, tok = tiny_causal_lm(), tiny_tokenizer()
     data = TaskData(TASK, {"train": mk(12), "test": mk(6, 1)})

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from softprompt import decision as D
+from softprompt.apps.compare import decision as D
 from softprompt.scoring import classification_metrics
 
 LABELS = ["a", "b", "c"]

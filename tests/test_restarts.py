@@ -89,7 +89,7 @@ def test_cli_train_with_restarts(tmp_path):
 def test_compare_trains_best_of_n(tmp_path):
     """compare --restarts: its own run id and row name, the choice recorded, and the run's
     training time the cost of every restart; without it the ids stay as they were."""
-    from softprompt import compare as C
+    from softprompt.apps import compare as C
     from softprompt.tasks import TaskData
 
     model, tok = tiny_causal_lm(), tiny_tokenizer()
@@ -107,7 +107,7 @@ def test_compare_trains_best_of_n(tmp_path):
     picked = rec["train"]["restarts"]
     assert [r["seed"] for r in picked] == [0, 1000] and sum(r["chosen"] for r in picked) == 1
     assert rec["train"]["wall_s"] >= sum(r["wall_time_s"] for r in picked) - 0.02
-    from softprompt.report import load_results, write_report
+    from softprompt.apps.report import load_results, write_report
 
     md = write_report(load_results(tmp_path / "b" / "results.json"), tmp_path / "b")["markdown"].read_text()
     restarts = md[md.index("## Restarts"): md.index("## Every run")]

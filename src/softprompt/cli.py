@@ -812,15 +812,15 @@ def compare(
     prefix tuning) on the same splits with the same scorer, and write a report folder. Each family's best prompt is
     chosen on validation data; the report ends with a paired test of the two and a recommendation. Finished runs
     are kept in OUT/results.json and skipped when the command is run again."""
-    from .compare import DEFAULT_METHODS, RESULTS, CompareConfig, run_compare
-    from .report import load_results, metric_names, summarize, write_report
+    from .apps.compare import DEFAULT_METHODS, RESULTS, CompareConfig, run_compare
+    from .apps.report import load_results, metric_names, summarize, write_report
 
     if report_only:
         if not (out / RESULTS).exists():
             _fail(f"no {out / RESULTS} to render; run without --report-only first")
         res = load_results(out)
         if res.get("data", {}).get("test_gold"):  # the decision is a function of results.json: recompute it
-            from .decision import from_results
+            from .apps.compare.decision import from_results
 
             old = res.get("decision") or {}
             res["decision"] = from_results(res)

@@ -1,8 +1,8 @@
 """The report's decision sections, rendered from ``results.json`` (``decision`` block and run variants).
 
-Kept apart from ``report.py`` (tables and plots of every method) because this is what a
+Kept apart from ``apps/report.py`` (tables and plots of every method) because this is what a
 reader acts on: which prompt to deploy, chosen how, with what confidence and at what cost.
-Blocks use ``report.py``'s format: ``("h", level, text)``, ``("p", text)``,
+Blocks use ``apps/report.py``'s format: ``("h", level, text)``, ``("p", text)``,
 ``("table", head, rows[, align])``.
 """
 from __future__ import annotations

@@ -1,24 +1,27 @@
 """The stronger hand-written side of a comparison: searched instructions, nearest-neighbour
-few-shot and two-stage chain-of-thought, each a run of ``compare.Comparison``.
+few-shot and two-stage chain-of-thought, each planned (``@planner``) and executed
+(``@executor``) here for the runner's :class:`~.runner.Comparison`.
 
 Why a module of its own: these runs wrap the hard-prompt methods (``instruction_search``,
 ``demo_selection``, ``baselines.cot_two_stage``) into comparison records with the same
 fields as every other classification run (validation and test metrics under each
-calibration, per-example test predictions, cost), so that ``decision.py`` can choose among
-them on validation data.  Each function takes the comparison and the run and returns the
-record; ``compare.py`` plans the runs.
+calibration, per-example test predictions, cost), so that ``decision`` can choose among
+them on validation data.  Each executor takes the comparison and the run and returns the
+record; each planner adds its runs and returns its report rows (see ``planners``).
 """
 from __future__ import annotations
 
 import time
 from typing import Any
 
-from . import baselines as B
-from .calibration import Calibration, log_prior_from_scores
-from .tasks import Example, Task
+from ... import baselines as B
+from ...calibration import Calibration, log_prior_from_scores
+from ...tasks import Example, Task
+from .config import FAMILY_PE, Row, Run, fingerprint
+from .planners import Plan, add, executor, planner
 from .variants import variants_from_scores
 
-__all__ = ["exec_cot_two_stage", "exec_knn", "exec_search", "exec_search_plain", "plan_hard_extras",
+__all__ = ["exec_cot_two_stage", "exec_knn", "exec_search", "exec_search_plain", "plan_cot", "plan_knn", "plan_search",
            "save_chosen_hard_prompt"]
 
 
@@ -28,11 +31,12 @@ def _task(comp, instruction: str | None = None) -> Task:
                 instruction=comp.instruction if instruction is None else instruction)
 
 
+@executor("search")
 def exec_search(comp, run) -> dict[str, Any]:
     """Instruction search on the training pool only (never validation or test), then the best
     instruction's zero-shot prompt (in the chat format when the comparison uses it) scored like
     every hand-written prompt.  The search's seconds and forward passes are its cost."""
-    from .instruction_search import search_instructions
+    from ...instruction_search import search_instructions
 
     sp = run.spec
     res = search_instructions(comp.model, comp.tok, _task(comp), comp.pool, calibration=sp["calibration"],
@@ -51,6 +55,7 @@ def exec_search(comp, run) -> dict[str, Any]:
             "tokens_added": B.template_overhead_tokens(tpl, comp.tok), "train": None, "search": res.to_dict()}
 
 
+@executor("search_plain")
 def exec_search_plain(comp, run) -> dict[str, Any]:
     """The instruction the search found (its run, ``run.deps[0]``), in the plain format."""
     instr = comp.results["runs"][run.deps[0]]["instruction"]
@@ -68,7 +73,7 @@ def exec_search_plain(comp, run) -> dict[str, Any]:
 
 
 def _knn_scores(comp, examples: list[Example], k: int, with_contextual: bool):
-    from .demo_selection import knn_few_shot_classify
+    from ...demo_selection import knn_few_shot_classify
 
     res = knn_few_shot_classify(comp.bank, _task(comp), examples, comp.demo_pool, k, instruction=comp.instruction,
                                 calibration="contextual" if with_contextual else "none",
@@ -79,6 +84,7 @@ def _knn_scores(comp, examples: list[Example], k: int, with_contextual: bool):
     return res, scores
 
 
+@executor("knn")
 def exec_knn(comp, run) -> dict[str, Any]:
     """Few-shot with each input's nearest training examples as demonstrations (similarity of the
     frozen model's mean-pooled hidden states): uncalibrated, contextual (per query's prompt) and
@@ -96,7 +102,7 @@ def exec_knn(comp, run) -> dict[str, Any]:
             scores["batch"] = Calibration("batch", log_prior_from_scores(scores["none"])).apply(scores["none"])
     sv = variants_from_scores(comp.task.labels, comp.valid, comp.test, valid_scores, test_scores,
                               [c for c in cals if c in test_scores], comp.cfg.select_metric)
-    from .demo_selection import knn_few_shot_classify
+    from ...demo_selection import knn_few_shot_classify
 
     task = _task(comp)
     lat = comp._latency(lambda exs, bs: knn_few_shot_classify(comp.bank, task, exs, comp.demo_pool, k,
@@ -111,6 +117,7 @@ def exec_knn(comp, run) -> dict[str, Any]:
                     "demo_pool": len(comp.demo_pool)}}
 
 
+@executor("cot")
 def exec_cot_two_stage(comp, run) -> dict[str, Any]:
     """Chain-of-thought that always answers: generate the reasoning, then rank-classify the labels
     after it and an answer cue.  The free-text parse of the reasoning stays as a diagnostic.
@@ -157,44 +164,53 @@ def exec_cot_two_stage(comp, run) -> dict[str, Any]:
                     "cue": B.ANSWER_CUE}}
 
 
-def plan_hard_extras(comp, methods: set[str], chat) -> list:
-    """Plan the knn, search and cot runs of ``comp`` (when in ``methods``); returns their report rows."""
-    from .compare import FAMILY_PE, Row, Run, fingerprint
+@planner("knn")
+def plan_knn(comp, p: Plan) -> list[Row]:
+    """Few-shot with nearest-neighbour demonstrations per input (one run: test and validation)."""
+    cfg = comp.cfg
+    if cfg.shots <= 0:
+        return []
+    spec = {"kind": "knn", "shots": cfg.shots, "demo_fp": fingerprint(comp.demo_pool),
+            "valid_fp": comp.fp["valid"], "test_fp": comp.fp["test"], "model": comp.fp["model"], "instruction": comp.instruction,
+            "calibrations": list(cfg.calibrations)}
+    cost = (len(comp.test) + len(comp.valid)) * (2 + cfg.shots) + 2 * cfg.latency_examples
+    rid = add(comp, Run(f"knn/k{cfg.shots}", "knn", f"few-shot k={cfg.shots} (nearest neighbours)", spec, cost))
+    return [Row(f"few-shot k={cfg.shots} (nearest-neighbour demonstrations per input)", FAMILY_PE, "main", [rid])]
 
-    task, cfg = comp.task, comp.cfg
-    rows: list = []
-    if "knn" in methods and cfg.shots > 0:
-        spec = {"kind": "knn", "shots": cfg.shots, "demo_fp": fingerprint(comp.demo_pool),
-                "valid_fp": comp.fp["valid"], "test_fp": comp.fp["test"], "model": comp.fp["model"], "instruction": comp.instruction,
-                "calibrations": list(cfg.calibrations)}
-        cost = (len(comp.test) + len(comp.valid)) * (2 + cfg.shots) + 2 * cfg.latency_examples
-        rid = comp._add(Run(f"knn/k{cfg.shots}", "knn", f"few-shot k={cfg.shots} (nearest neighbours)", spec, cost))
-        rows.append(Row(f"few-shot k={cfg.shots} (nearest-neighbour demonstrations per input)", FAMILY_PE, "main", [rid]))
-    if "search" in methods:
-        metric = cfg.select_metric if cfg.select_metric in ("macro_f1", "accuracy") else "macro_f1"
-        spec = {"kind": "search", "train_fp": comp.fp["train"], "valid_fp": comp.fp["valid"], "test_fp": comp.fp["test"],
-                "model": comp.fp["model"], "instruction": comp.instruction, "calibration": cfg.search_calibration,
-                "induce": cfg.induce, "metric": metric, "user_instructions": list(cfg.instructions),
-                "chat": bool(chat), "calibrations": list(cfg.calibrations)}
-        cost = ((12 + len(cfg.instructions) + cfg.induce) * len(comp.pool) + 8 * cfg.induce + len(comp.test)
-                + len(comp.valid))
-        rid = comp._add(Run("search", "search", "searched instruction" + (" (chat format)" if chat else ""), spec, cost))
-        rows.append(Row("searched instruction" + (" (chat format)" if chat else ""), FAMILY_PE, "main", [rid]))
-        if chat:  # the same instruction in the plain format: the second row, as for zero-shot
-            plain = {"kind": "search_plain", "source": spec, "calibrations": list(cfg.calibrations)}
-            pid = comp._add(Run("search/plain", "search_plain", "searched instruction (plain format)", plain,
-                                len(comp.test) + len(comp.valid), deps=[rid]))
-            rows.append(Row("searched instruction (plain format)", FAMILY_PE, "main", [pid]))
-    if "cot" in methods:
-        test = comp.test[: cfg.cot_limit] if cfg.cot_limit else comp.test
-        spec = {"kind": "cot", "template": B.cot_template(task, comp.instruction), "verbalizer": task.verbalizer,
-                "test_fp": fingerprint(test), "model": comp.fp["model"], "max_new_tokens": cfg.cot_max_new_tokens,
-                "two_stage": True, "valid_fp": comp.fp["valid"], "calibrations": list(cfg.calibrations)}
-        n = len(test) + (len(comp.valid) if len(test) == len(comp.test) else 0)
-        cost = n * (1 + cfg.cot_max_new_tokens / 4) + 8 * cfg.cot_max_new_tokens / 4
-        rid = comp._add(Run("cot", "cot", "chain-of-thought (zero-shot, two-stage)", spec, cost))
-        rows.append(Row("chain-of-thought (zero-shot; reasoning, then ranked answer)", FAMILY_PE, "main", [rid]))
+
+@planner("search")
+def plan_search(comp, p: Plan) -> list[Row]:
+    """The instruction searched on the training pool; with the chat format, also in the plain one."""
+    cfg, chat = comp.cfg, p.chat
+    metric = cfg.select_metric if cfg.select_metric in ("macro_f1", "accuracy") else "macro_f1"
+    spec = {"kind": "search", "train_fp": comp.fp["train"], "valid_fp": comp.fp["valid"], "test_fp": comp.fp["test"],
+            "model": comp.fp["model"], "instruction": comp.instruction, "calibration": cfg.search_calibration,
+            "induce": cfg.induce, "metric": metric, "user_instructions": list(cfg.instructions),
+            "chat": bool(chat), "calibrations": list(cfg.calibrations)}
+    cost = ((12 + len(cfg.instructions) + cfg.induce) * len(comp.pool) + 8 * cfg.induce + len(comp.test)
+            + len(comp.valid))
+    rid = add(comp, Run("search", "search", "searched instruction" + (" (chat format)" if chat else ""), spec, cost))
+    rows = [Row("searched instruction" + (" (chat format)" if chat else ""), FAMILY_PE, "main", [rid])]
+    if chat:  # the same instruction in the plain format: the second row, as for zero-shot
+        plain = {"kind": "search_plain", "source": spec, "calibrations": list(cfg.calibrations)}
+        pid = add(comp, Run("search/plain", "search_plain", "searched instruction (plain format)", plain,
+                            len(comp.test) + len(comp.valid), deps=[rid]))
+        rows.append(Row("searched instruction (plain format)", FAMILY_PE, "main", [pid]))
     return rows
+
+
+@planner("cot")
+def plan_cot(comp, p: Plan) -> list[Row]:
+    """Two-stage chain-of-thought (on the first ``cot_limit`` test examples when set)."""
+    task, cfg = comp.task, comp.cfg
+    test = comp.test[: cfg.cot_limit] if cfg.cot_limit else comp.test
+    spec = {"kind": "cot", "template": B.cot_template(task, comp.instruction), "verbalizer": task.verbalizer,
+            "test_fp": fingerprint(test), "model": comp.fp["model"], "max_new_tokens": cfg.cot_max_new_tokens,
+            "two_stage": True, "valid_fp": comp.fp["valid"], "calibrations": list(cfg.calibrations)}
+    n = len(test) + (len(comp.valid) if len(test) == len(comp.test) else 0)
+    cost = n * (1 + cfg.cot_max_new_tokens / 4) + 8 * cfg.cot_max_new_tokens / 4
+    rid = add(comp, Run("cot", "cot", "chain-of-thought (zero-shot, two-stage)", spec, cost))
+    return [Row("chain-of-thought (zero-shot; reasoning, then ranked answer)", FAMILY_PE, "main", [rid])]
 
 
 def save_chosen_hard_prompt(comp) -> None:
@@ -202,7 +218,7 @@ def save_chosen_hard_prompt(comp) -> None:
     calibration; ``instruction_search.hard_prompt``) at ``OUT/chosen/hard_prompt.safetensors``, for
     ``eval``, ``predict`` and ``serve``; its path goes into the decision block.  Prompts whose text
     differs per input (nearest-neighbour demonstrations, two-stage reasoning) have no such artifact."""
-    from .instruction_search import hard_prompt
+    from ...instruction_search import hard_prompt
 
     dec = comp.results.get("decision") or {}
     chosen = dec.get("hard")
