@@ -69,7 +69,7 @@ def _load_task_data(
 ):
     """A TaskData from a built-in name or from user files (with template and verbalizer).  User
     files are named ``name``, else after the files (``sms_train.csv`` + ``sms_test.csv`` -> ``sms``)."""
-    from .tasks import DataError, DataNotFoundError, Task, TaskData, load_examples, load_task
+    from .data import DataError, DataNotFoundError, Task, TaskData, load_examples, load_task
 
     try:
         if task:
@@ -480,7 +480,7 @@ def predict(
     """Print the prompt's answer for each input (label and probabilities, or generated text)."""
     from .prompts import PromptFileError, PromptMismatchError, SoftPrompt
     from .scoring import classify, generate
-    from .tasks import Example
+    from .data import Example
     from .templates import Template
 
     try:
@@ -540,7 +540,7 @@ def demo(
     from .baselines import zero_shot_template
     from .bank import PromptBank
     from .instruction_search import search_instructions
-    from .tasks import load_task
+    from .data import load_task
     from .train import TrainConfig, train_prompt
 
     data = load_task("demo")
@@ -667,7 +667,7 @@ def models_convert(
 @app.command()
 def tasks():
     """List the built-in tasks."""
-    from .tasks import BUILTIN_TASKS
+    from .data import BUILTIN_TASKS
 
     console.print("\n".join(sorted(BUILTIN_TASKS)))
 

@@ -96,7 +96,7 @@ from .bank import PromptBank
 from .calibration import CALIBRATIONS
 from .prompts import ModelIdentity, SoftPrompt
 from .scoring import classify, generate
-from .tasks import Example, Task, TaskData
+from .data import Example, Task, TaskData
 from .templates import Segment, Template
 from .train import DEFAULT_LR  # the one default learning rate (train, compare, demo)
 
@@ -414,7 +414,7 @@ class Comparison:
         if valid and config.valid_limit:
             self.valid, self.valid_source = _sample(valid, config.valid_limit, config.data_seed), "validation split"
         elif config.valid_limit and config.valid_fraction and not self.generative:
-            from .splits import holdout_split
+            from .data.splits import holdout_split
 
             self.pool, self.valid = holdout_split(self.pool, self.task.labels, config.valid_fraction,
                                                   config.valid_limit, config.data_seed)

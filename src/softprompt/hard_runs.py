@@ -15,7 +15,7 @@ from typing import Any
 
 from . import baselines as B
 from .calibration import Calibration, log_prior_from_scores
-from .tasks import Example, Task
+from .data import Example, Task
 from .variants import variants_from_scores
 
 __all__ = ["exec_cot_two_stage", "exec_knn", "exec_search", "exec_search_plain", "plan_hard_extras",

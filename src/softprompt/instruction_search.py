@@ -31,7 +31,7 @@ import torch
 from .bank import PromptBank
 from .calibration import CALIBRATIONS, Calibration, fit_calibration
 from .scoring import classify, generate
-from .tasks import Example, Task
+from .data import Example, Task
 from .templates import Template
 
 METRICS = ("macro_f1", "accuracy")

@@ -53,7 +53,7 @@ from .losses import answer_loss, answer_targets, classification_loss
 from .prompts import ModelIdentity, SoftPrompt, init_embeddings
 from .reparam import ENCODERS, PromptTensors
 from .scoring import classification_metrics, classify, generate, qa_metrics
-from .tasks import Task
+from .data import Task
 from .templates import Template
 
 
