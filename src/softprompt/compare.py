@@ -82,7 +82,6 @@ import os
 import platform
 import random
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -91,6 +90,7 @@ from typing import Any
 
 import torch
 
+from .core import atomic
 from . import baselines as B
 from .bank import PromptBank
 from .calibration import CALIBRATIONS
@@ -740,11 +740,7 @@ class Comparison:
         self.results["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         self.results["rows"] = [asdict(r) for r in self.rows]
         path = self.out / RESULTS
-        fd, tmp = tempfile.mkstemp(prefix=".results.", suffix=".tmp", dir=self.out)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.results, f, indent=1, default=str)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        atomic.write_json(path, self.results, indent=1, default=str, mode=0o644, prefix=".results.")
 
     def _done(self, run: Run) -> bool:
         rec = self.results["runs"].get(run.id)

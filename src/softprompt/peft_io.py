@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,8 +47,8 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from .core import atomic
 from .prompts import ModelIdentity, SoftPrompt, _json_default
 from .templates import Template
 
@@ -150,18 +149,6 @@ def render_peft_input(input_template: str, fields: dict[str, Any]) -> str:
     return t.render_text({k: str(v).strip() for k, v in fields.items()})
 
 
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; an adapter folder is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # ----------------------------------------------------------------------------- export
 def export_peft(prompt: SoftPrompt, model, tokenizer, out_dir: str | os.PathLike) -> PeftExport:
     """Write ``prompt`` as a PEFT adapter folder that ``PeftModel.from_pretrained(model, out_dir)``
@@ -259,13 +246,14 @@ def export_peft(prompt: SoftPrompt, model, tokenizer, out_dir: str | os.PathLike
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     tensor = weights.detach().to("cpu", torch.float32).contiguous()
-    _write_atomic(out_dir / WEIGHTS_FILE, lambda p: save_file({WEIGHTS_KEY: tensor}, p, metadata={"format": "pt"}))
+    # mode 0644: a temp file starts as 0600, and an adapter folder is meant to be shared
+    atomic.write_safetensors(out_dir / WEIGHTS_FILE, {WEIGHTS_KEY: tensor}, metadata={"format": "pt"}, mode=0o644)
     for name, text in (
         (CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n"),
         (EXTRA_FILE, json.dumps(extra, indent=1, ensure_ascii=False) + "\n"),
         (README_FILE, _readme(prompt, extra, config)),
     ):
-        _write_atomic(out_dir / name, lambda p, text=text: Path(p).write_text(text, encoding="utf-8"))
+        atomic.write_text(out_dir / name, text, mode=0o644)
     return PeftExport(out_dir=out_dir, peft_type=peft_type, num_virtual_tokens=n_virtual, baked=baked,
                       input_template=input_template, files=[CONFIG_FILE, WEIGHTS_FILE, EXTRA_FILE, README_FILE])
 

@@ -32,7 +32,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,9 +40,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .core import atomic
 from . import seq2seq
 from .bank import PromptBank
 from .compiled import resolve_compile
@@ -323,15 +322,8 @@ CHECKPOINT = "checkpoint.safetensors"
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
-                  metadata={"state": json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic.write_safetensors(path, {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                             metadata={"state": json.dumps(meta)})
 
 
 def save_checkpoint(path: Path, *, params: dict, best: dict, optimizer, meta: dict) -> None:
