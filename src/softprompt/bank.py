@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache_api import cache_arg, cache_layers, make_cache, output_cache
+from .core.method import Method
 from .prompts import ModelIdentity, SoftPrompt
 from .templates import Template, encode_text
 
@@ -31,7 +32,7 @@ class BankEntry:
     kind: str = "classification"
     prefix_ids: list[int] = field(default_factory=list)  # rendered head, soft tokens as negative ids
     label_ids: list[list[int]] = field(default_factory=list)  # verbalizer words as token ids
-    method: str = "prompt_tuning"
+    method: str = Method.PROMPT_TUNING.value
     # prefix tuning: learned key/values at every layer, [n_layers, 2, kv_heads, n_prefix, head_dim],
     # placed before the template's head (positions 0..n_prefix-1)
     kv: torch.Tensor | None = None
@@ -118,7 +119,7 @@ class PromptBank(NamedEntries):
         *,
         verbalizer: dict[str, str] | None = None,
         kind: str = "classification",
-        method: str = "prompt_tuning",
+        method: str = Method.PROMPT_TUNING.value,
         kv: torch.Tensor | None = None,
     ) -> int:
         """Add (or replace, by name) an entry; returns its index.
@@ -153,7 +154,7 @@ class PromptBank(NamedEntries):
                     f"prompt {name!r}: prefix key/values of shape {tuple(kv.shape)} do not fit this model "
                     f"(expected [{want[0]}, 2, {want[2]}, n_prefix, {want[4]}])"
                 )
-            method = "prefix_tuning" if method == "prompt_tuning" else method
+            method = Method.PREFIX_TUNING.value if method == Method.PROMPT_TUNING else method
             kv = kv.to(self._device())
         soft = soft.to(self._device())  # a no-op when already there; differentiable when not
         entry = BankEntry(

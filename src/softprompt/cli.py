@@ -291,6 +291,7 @@ def train(
     from .distributed import DataParallel, launched, process_device, shard_frozen_model
     from .restarts import train_with_restarts
     from .compiled import resolve_compile
+    from .core.method import Method
     from .train import TrainConfig, encoders_for
 
     if processes > 1 and launched() and processes != int(os.environ["WORLD_SIZE"]):
@@ -314,8 +315,12 @@ def train(
     valid_ex = data.splits.get(valid_split)
     if valid_ex and valid_limit:
         valid_ex = valid_ex[:valid_limit]
+    try:  # any spelling of the method (prompt, prompt_tuning, PEFT's PROMPT_TUNING) -> the training one
+        method = Method.parse(method).short
+    except ValueError as e:
+        _fail(str(e))
     if lr is None:  # an encoder's weights move its output far more per Adam step than a prompt's own values
-        lr = 1e-3 if method == "ptuning" or reparam != "none" else 0.3
+        lr = 1e-3 if method == Method.P_TUNING.short or reparam != "none" else 0.3
     cfg = TrainConfig(init=init, method=method, prefix_tokens=prefix_tokens, epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, optimizer=optimizer,
                       loss=loss, warmup_steps=warmup_steps, eval_every=eval_every, patience=patience, seed=seed,
                       eval_batch_size=eval_batch_size, encoder=encoder, encoder_hidden=encoder_hidden, reparam=reparam,

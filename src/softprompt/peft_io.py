@@ -49,6 +49,7 @@ import torch
 from safetensors import safe_open
 
 from .core import atomic
+from .core.method import Method
 from .prompts import ModelIdentity, SoftPrompt, _json_default
 from .templates import Template
 
@@ -193,7 +194,7 @@ def export_peft(prompt: SoftPrompt, model, tokenizer, out_dir: str | os.PathLike
         )
     shape = _model_shape(model)
     if prompt.kv is None:
-        peft_type = "PROMPT_TUNING"
+        peft_type = Method.PROMPT_TUNING.name
         weights = _baked_embeddings(prompt, model, head_ids)
         config = {
             "num_attention_heads": shape["heads"],
@@ -204,7 +205,7 @@ def export_peft(prompt: SoftPrompt, model, tokenizer, out_dir: str | os.PathLike
             "token_dim": shape["hidden"],
         }
     else:
-        peft_type = "PREFIX_TUNING"
+        peft_type = Method.PREFIX_TUNING.name
         weights = _baked_key_values(prompt, model, tokenizer, shape)
         kv_dim = shape["kv_heads"] * shape["head_dim"]
         # PEFT sizes prefixes of grouped-query models by their key/value heads (token_dim = kv_heads * head_dim)
@@ -391,7 +392,7 @@ def import_peft(
     if not isinstance(cfg, dict):
         raise PeftImportError(f"{cfg_path} holds {type(cfg).__name__}, not a PEFT config object")
     peft_type = str(cfg.get("peft_type", "")).upper()
-    if peft_type != "PROMPT_TUNING":
+    if peft_type != Method.PROMPT_TUNING.name:
         why = {
             "PREFIX_TUNING": "its key/values are per-layer, not input vectors (softprompt exports prefix prompts "
                              "to PEFT but does not read them back)",
@@ -525,7 +526,7 @@ def _restore_export(rows, extra: dict, model, tokenizer, verbalizer) -> SoftProm
         embeddings=soft, identity=ModelIdentity.of(model), template=meta["template"],
         verbalizer=dict(verbalizer) if verbalizer else meta.get("verbalizer"),
         task=meta.get("task", ""), kind="classification" if verbalizer else meta.get("kind", "classification"),
-        method=meta.get("method", "prompt_tuning"), init=meta.get("init", ""),
+        method=Method.normalize(meta.get("method", Method.PROMPT_TUNING.value)), init=meta.get("init", ""),
         training=meta.get("training", {}), metrics=meta.get("metrics", {}),
     )
 
@@ -571,7 +572,7 @@ def _import_generic(adapter_dir: Path, rows, cfg: dict, extra: dict | None, mode
     return SoftPrompt(
         embeddings=rows.clone(), identity=ModelIdentity.of(model), template=template,
         verbalizer=dict(verbalizer) if verbalizer else None, task=meta.get("task", "") or adapter_dir.name,
-        kind="classification" if verbalizer else "generation", method="prompt_tuning", init="peft",
+        kind="classification" if verbalizer else "generation", method=Method.PROMPT_TUNING.value, init="peft",
         training={"imported_from": str(adapter_dir), "peft_config": {
             k: cfg.get(k) for k in ("base_model_name_or_path", "num_virtual_tokens", "peft_version",
                                     "prompt_tuning_init", "task_type")}, "import_note": note},

@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 
 from .core import atomic
+from .core.method import Method
 from .calibration import Calibration
 from .prompt_meta import PromptFileError, parse_meta
 
@@ -101,7 +102,7 @@ class SoftPrompt:
     verbalizer: dict[str, str] | None = None
     task: str = ""
     kind: str = "classification"
-    method: str = "prompt_tuning"
+    method: str = Method.PROMPT_TUNING.value  # core.method.Method, artifact spelling
     init: str = "random"
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)

@@ -43,6 +43,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .core import atomic
+from .core.method import TRAINED, Method
 from . import seq2seq
 from .bank import PromptBank
 from .compiled import resolve_compile
@@ -152,7 +153,7 @@ def make_optimizer(params, cfg: TrainConfig):
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use adamw or adafactor")
 
 
-METHODS = ("prompt", "ptuning", "prefix")
+METHODS = tuple(m.short for m in TRAINED)  # "prompt", "ptuning", "prefix" (core.method)
 
 
 def encoders_for(cfg: TrainConfig) -> dict[str, tuple[str, int]]:
@@ -597,7 +598,7 @@ def train_prompt(
     prompt = SoftPrompt(
         embeddings=final.get("prompt", no_soft).detach().cpu().float(),
         kv=final["kv"].detach().cpu().float() if "kv" in final else None,
-        method="prefix_tuning" if "kv" in final else ("p_tuning" if cfg.method == "ptuning" else "prompt_tuning"),
+        method=(Method.PREFIX_TUNING if "kv" in final else Method.parse(cfg.method)).value,
         identity=ModelIdentity.of(model),
         template=task.template,
         verbalizer=task.verbalizer,
