@@ -185,13 +185,8 @@ class PromptBank(NamedEntries):
 
     def kv_shape(self, n_prefix: int | None) -> tuple:
         """Shape of a prefix-tuning tensor for this model: [n_layers, 2, kv_heads, n_prefix, head_dim]."""
-        cfg = self.model.config
-        cfg = getattr(cfg, "get_text_config", lambda: cfg)()
-        heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
-        return (layers, 2, kv_heads, n_prefix, head_dim)
+        s = model_shape(self.model)
+        return (s["layers"], 2, s["kv_heads"], n_prefix, s["head_dim"])
 
     def suffix_ids(self, i: int, fields: dict[str, str]) -> list[int]:
         return self.entries[i].template.suffix_ids(self.tokenizer, fields)
@@ -320,3 +315,19 @@ class PromptBank(NamedEntries):
         del self.entries[i]
         self._index = {e.name: j for j, e in enumerate(self.entries)}
         self._kv_cache = {(k - 1 if k > i else k): v for k, v in self._kv_cache.items() if k != i}
+
+
+def model_shape(model) -> dict[str, int]:
+    """The one reading of a model's shape: ``layers``, ``heads``, ``kv_heads``, ``head_dim`` (from
+    the text config, whatever its field names) and ``hidden`` (the input-embedding width, the size
+    of a soft token).  Used for prefix key/values here and by the PEFT export/import."""
+    cfg = model.config
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    hidden = model.get_input_embeddings().weight.shape[1]
+    head_dim = getattr(cfg, "head_dim", None) or (getattr(cfg, "hidden_size", None) or hidden) // heads
+    layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+    return {"layers": int(layers), "heads": int(heads), "kv_heads": int(kv_heads), "head_dim": int(head_dim),
+            "hidden": int(hidden)}
+

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from .bank import model_shape
 from .core import atomic
 from .core.method import Method
 from .prompts import ModelIdentity, SoftPrompt, _json_default
@@ -90,19 +91,6 @@ class PeftExport:
 
 
 # ----------------------------------------------------------------------------- shared
-def _model_shape(model) -> dict[str, int]:
-    """Layers, heads, key/value heads and head size of a decoder-only model's config."""
-    cfg = model.config
-    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
-    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    hidden = model.get_input_embeddings().weight.shape[1]
-    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
-    layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
-    return {"layers": int(layers), "heads": int(heads), "kv_heads": int(kv_heads), "head_dim": int(head_dim),
-            "hidden": int(hidden)}
-
-
 def _check_decoder_only(model, what: str, err: type[ValueError]) -> None:
     if getattr(model.config, "is_encoder_decoder", False):
         raise err(
@@ -192,7 +180,7 @@ def export_peft(prompt: SoftPrompt, model, tokenizer, out_dir: str | os.PathLike
             f"cannot export: template {prompt.template!r} has nothing before its first field (no BOS, no soft "
             "tokens, no text), so there are no virtual tokens to write"
         )
-    shape = _model_shape(model)
+    shape = model_shape(model)
     if prompt.kv is None:
         peft_type = Method.PROMPT_TUNING.name
         weights = _baked_embeddings(prompt, model, head_ids)
@@ -415,7 +403,7 @@ def import_peft(
         raise PeftImportError(f"{adapter_dir}: it also trains modules {cfg['modules_to_save']}, which a soft "
                               "prompt cannot carry")
     _check_decoder_only(model, f"cannot import {adapter_dir}", PeftImportError)
-    shape = _model_shape(model)
+    shape = model_shape(model)
     token_dim = cfg.get("token_dim")
     if token_dim is not None and int(token_dim) != shape["hidden"]:
         raise PeftImportError(
