@@ -131,13 +131,7 @@ class PromptBank(NamedEntries):
         hidden = self.identity.hidden_size
         if soft is None:
             soft = torch.zeros(template.n_soft, hidden)
-        if soft.ndim != 2 or soft.shape[1] != hidden:
-            raise ValueError(f"prompt {name!r}: embeddings of shape {tuple(soft.shape)} do not fit hidden size {hidden}")
-        if soft.shape[0] != template.n_soft:
-            raise ValueError(
-                f"prompt {name!r}: template {template.text!r} has {template.n_soft} soft tokens "
-                f"but the prompt has {soft.shape[0]}"
-            )
+        check_soft_fit(f"prompt {name!r}", template, soft, hidden)
         if kind == "classification":
             if not verbalizer:
                 raise ValueError(f"prompt {name!r}: a classification prompt needs a verbalizer (label -> words)")
@@ -331,3 +325,12 @@ def model_shape(model) -> dict[str, int]:
     return {"layers": int(layers), "heads": int(heads), "kv_heads": int(kv_heads), "head_dim": int(head_dim),
             "hidden": int(hidden)}
 
+
+def check_soft_fit(what: str, template: Template, soft: torch.Tensor, hidden: int, error: type[Exception] = ValueError) -> None:
+    """The one check that a prompt's soft tokens fit its template and model: a [n_soft, hidden]
+    matrix with one row per ``{soft:N}`` slot.  Used by :meth:`PromptBank.add` and by the server
+    before it accepts a prompt (which raises its own ``error`` type)."""
+    if soft.ndim != 2 or soft.shape[1] != hidden:
+        raise error(f"{what}: embeddings of shape {tuple(soft.shape)} do not fit hidden size {hidden}")
+    if soft.shape[0] != template.n_soft:
+        raise error(f"{what}: template {template.text!r} has {template.n_soft} soft tokens but the prompt has {soft.shape[0]}")

@@ -79,7 +79,7 @@ from typing import Any
 
 import torch
 
-from ..bank import PromptBank
+from ..bank import PromptBank, check_soft_fit
 from ..conditioning import (
     DEFAULT_MAX_BATCH_TOKENS, Context, cache_layers, concat_contexts, decode_step, full_context, label_logprobs,
     lm_logits, make_cache, newline_ids, run_context, take_token,
@@ -524,10 +524,7 @@ class Engine:
             except TemplateError as e:
                 raise PromptRejectedError(f"{what}: bad template: {e}") from None
             emb = p.embeddings
-            if emb.ndim != 2 or emb.shape[0] != t.n_soft or emb.shape[1] != self.identity.hidden_size:
-                raise PromptRejectedError(
-                    f"{what}: embeddings of shape {tuple(emb.shape)} do not fit template {t.text!r} "
-                    f"({t.n_soft} soft tokens) and hidden size {self.identity.hidden_size}")
+            check_soft_fit(what, t, emb, self.identity.hidden_size, PromptRejectedError)
             if not bool(torch.isfinite(emb).all()):
                 raise PromptRejectedError(f"{what}: embeddings contain NaN or infinite values")
             if not t.fields:
