@@ -4,9 +4,9 @@
 
 Data: the 500 HotpotQA dev questions that come with their paragraphs
 (``hotpotqa_ircot_dev500`` in the shared data directory, read by
-``tasks.hotpotqa_examples``).  Each question becomes "context + question -> short answer".
+``data.hotpotqa_examples``).  Each question becomes "context + question -> short answer".
 
-Context rule (``tasks.hotpot_context``): at most ``--budget`` tokens (default 256) of the
+Context rule (``data.hotpot_context``): at most ``--budget`` tokens (default 256) of the
 context string, supporting paragraphs first and always kept (cut to their marked supporting
 sentences when they alone exceed the budget and the official distractor file marks them),
 then whole distractor paragraphs in file order while they fit.
@@ -53,7 +53,7 @@ import torch
 from softprompt import load_model
 from softprompt.apps.compare import RESULTS, CompareConfig, Comparison
 from softprompt.apps.report import write_report
-from softprompt.tasks import HOTPOT_FILE, TaskData, data_root, hotpotqa_examples, load_task
+from softprompt.data import HOTPOT_FILE, TaskData, data_root, hotpotqa_examples, load_task
 
 
 def token_count(tok, text: str) -> int:
@@ -173,7 +173,7 @@ def main() -> None:
          + (f"; the trained prompts ({', '.join(trained)}) learn from {len(comp.pool)} training questions"
             if trained else "")
          + (" (a seeded sample)" if trained and len(comp.pool) < len(train) else "") + "."),
-        (f"Contexts (`tasks.hotpot_context`): at most {args.budget} tokens of context, supporting paragraphs first and "
+        (f"Contexts (`data.hotpot_context`): at most {args.budget} tokens of context, supporting paragraphs first and "
          "always kept (cut to their marked supporting sentences when they alone exceed the budget and the official "
          "distractor file marks them), then whole distractor paragraphs in file order while they fit. All "
          f"{stats_all['n']} questions: mean {stats_all['mean_tokens']:.0f} tokens, max {stats_all['max_tokens']}; "

@@ -72,7 +72,7 @@ from softprompt.peft_io import export_peft, render_peft_input
 from softprompt.prompts import SoftPrompt
 from softprompt.serve import Engine
 from softprompt.serve.testing import random_prompt
-from softprompt.tasks import load_task
+from softprompt.data import load_task
 
 # name, template, verbalizer (every label word is one token for SmolLM2's tokenizer)
 TASKS = [

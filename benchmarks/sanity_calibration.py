@@ -17,7 +17,7 @@ from softprompt.bank import PromptBank
 from softprompt.calibration import CALIBRATIONS, fit_calibration
 from softprompt.models import load_model
 from softprompt.scoring import classify
-from softprompt.tasks import load_task
+from softprompt.data import load_task
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from softprompt.demo_selection import knn_few_shot_classify
 from softprompt.instruction_search import search_instructions
 from softprompt.models import load_model
 from softprompt.scoring import classification_metrics, classify
-from softprompt.tasks import load_task
+from softprompt.data import load_task
 
 
 def metrics(gold, labels, scores) -> tuple[float, float]:

@@ -7,7 +7,7 @@ import pytest
 from softprompt import baselines as B
 from softprompt.bank import PromptBank
 from softprompt.scoring import classify
-from softprompt.tasks import Example, Task
+from softprompt.data import Example, Task
 from softprompt.templates import Template, encode_text
 from softprompt.testing import tiny_causal_lm, tiny_tokenizer
 

@@ -14,7 +14,7 @@ import torch
 from softprompt import seq2seq
 from softprompt.bank import PromptBank
 from softprompt.conditioning import full_context, greedy_generate, label_logprobs, run_context
-from softprompt.tasks import Task
+from softprompt.data import Task
 from softprompt.testing import tiny_causal_lm, tiny_t5, tiny_tokenizer
 from softprompt.train import TrainConfig, initial_prefix_kv
 

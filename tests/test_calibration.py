@@ -14,7 +14,7 @@ from softprompt.calibration import (
 )
 from softprompt.prompts import ModelIdentity, PromptFileError, SoftPrompt
 from softprompt.scoring import classify
-from softprompt.tasks import Example, Task
+from softprompt.data import Example, Task
 from softprompt.templates import Template, encode_text
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

@@ -21,7 +21,7 @@ def test_calibrated_zero_shot_on_sst2():
     from softprompt.calibration import fit_calibration
     from softprompt.models import load_model
     from softprompt.scoring import classification_metrics, classify
-    from softprompt.tasks import DataNotFoundError, load_task
+    from softprompt.data import DataNotFoundError, load_task
 
     try:
         data = load_task("sst2")

@@ -15,7 +15,7 @@ from softprompt.prompts import ModelIdentity, SoftPrompt
 from softprompt.scoring import classify
 from softprompt.serve.engine import Engine
 from softprompt.serve.testing import random_prompt
-from softprompt.tasks import Example, Task
+from softprompt.data import Example, Task
 from softprompt.testing import tiny_causal_lm, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

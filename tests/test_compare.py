@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from softprompt.apps import compare as C
 from softprompt.cli import app
 from softprompt.apps.report import PLOTS, load_results, summarize, write_report
-from softprompt.tasks import Example, Task, TaskData
+from softprompt.data import Example, Task, TaskData
 from softprompt.templates import Template
 from softprompt.testing import tiny_causal_lm, tiny_tokenizer
 

@@ -13,8 +13,8 @@ from softprompt.apps.compare import decision as D
 from softprompt.chat import chat_template, chat_verbalizer
 from softprompt.cli import _files_name, app, default_instruction, default_template
 from softprompt.apps.report import load_results
-from softprompt.splits import holdout_split
-from softprompt.tasks import Example, Task, TaskData
+from softprompt.data.splits import holdout_split
+from softprompt.data import Example, Task, TaskData
 from softprompt.testing import tiny_causal_lm, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

@@ -10,7 +10,7 @@ from softprompt.bank import PromptBank
 from softprompt.compiled import bucketed, full_forward, resolve_compile
 from softprompt.conditioning import full_context, label_logprobs
 from softprompt.scoring import classify
-from softprompt.tasks import Example
+from softprompt.data import Example
 from softprompt.testing import tiny_causal_lm, tiny_tokenizer
 from softprompt.train import TrainConfig, batch_loss
 

@@ -4,7 +4,7 @@ import torch
 
 from softprompt.bank import PromptBank
 from softprompt.conditioning import continuation_logprobs, greedy_generate, label_logprobs, run_context
-from softprompt.tasks import Example
+from softprompt.data import Example
 from softprompt.testing import tiny_causal_lm, tiny_tokenizer
 
 FAMILIES = ["llama", "qwen2", "gpt2"]
@@ -150,7 +150,7 @@ def test_prefix_generation_with_cache_equals_without(family):
 
 def test_prefix_prompt_trains_and_round_trips(tmp_path):
     from softprompt.prompts import SoftPrompt
-    from softprompt.tasks import Task
+    from softprompt.data import Task
     from softprompt.train import TrainConfig, train_prompt
 
     model, tok = tiny_causal_lm(), tiny_tokenizer()

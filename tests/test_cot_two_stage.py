@@ -7,7 +7,7 @@ from softprompt import baselines as B
 from softprompt.bank import PromptBank
 from softprompt.calibration import fit_calibration
 from softprompt.scoring import classify, generate
-from softprompt.tasks import Example, Task
+from softprompt.data import Example, Task
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 

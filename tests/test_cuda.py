@@ -16,7 +16,7 @@ from softprompt.prompts import SoftPrompt
 from softprompt.scoring import classify, generate
 from softprompt.serve.engine import Engine
 from softprompt.serve.testing import random_prompt
-from softprompt.tasks import Example, Task
+from softprompt.data import Example, Task
 from softprompt.testing import tiny_causal_lm, tiny_tokenizer
 from softprompt.train import TrainConfig, train_prompt
 

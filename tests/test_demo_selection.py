@@ -9,7 +9,7 @@ from softprompt import demo_selection as D
 from softprompt.bank import PromptBank
 from softprompt.calibration import Calibration, fit_calibration, log_prior_from_scores
 from softprompt.scoring import classify
-from softprompt.tasks import Example, Task
+from softprompt.data import Example, Task
 from softprompt.templates import encode_text
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

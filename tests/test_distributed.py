@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from softprompt.prompts import SoftPrompt
-from softprompt.tasks import Example, Task
+from softprompt.data import Example, Task
 from softprompt.testing import tiny_causal_lm, tiny_tokenizer
 from softprompt.train import CHECKPOINT, TrainConfig, load_checkpoint, train_prompt
 

@@ -19,7 +19,7 @@ from softprompt.encoder import (
     train_encoder_prompt,
 )
 from softprompt.prompts import PromptFileError, PromptMismatchError, SoftPrompt
-from softprompt.tasks import Example, Task
+from softprompt.data import Example, Task
 from softprompt.testing import TINY_WORDS, tiny_device
 from softprompt.train import TrainConfig, train_prompt
 

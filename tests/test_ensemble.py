@@ -6,7 +6,7 @@ import torch
 from softprompt.bank import PromptBank
 from softprompt.ensemble import combine, ensemble_classify
 from softprompt.scoring import classify
-from softprompt.tasks import Example
+from softprompt.data import Example
 from softprompt.testing import tiny_causal_lm, tiny_tokenizer
 
 VERB = {"neg": " no", "pos": " yes"}

@@ -1,4 +1,4 @@
-"""HotpotQA context truncation (``tasks.hotpot_context``) and the 500-question reader.
+"""HotpotQA context truncation (``softprompt.data.hotpot_context``) and the 500-question reader.
 
 The rule is checked on hand-made paragraphs (word and token budgets, sentence marks, no
 marks), then on the real file: every one of the 500 contexts must contain its supporting
@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from softprompt.tasks import (
+from softprompt.data import (
     HOTPOT_FILE,
     HOTPOT_MARKS_FILE,
     DataNotFoundError,

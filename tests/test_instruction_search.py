@@ -9,7 +9,7 @@ from softprompt import instruction_search as S
 from softprompt.bank import PromptBank
 from softprompt.calibration import fit_calibration
 from softprompt.scoring import classify
-from softprompt.tasks import Example, Task, TaskData
+from softprompt.data import Example, Task, TaskData
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 

@@ -24,7 +24,7 @@ from softprompt.peft_io import (
 )
 from softprompt.prompts import ModelIdentity, PromptMismatchError, SoftPrompt
 from softprompt.scoring import classify
-from softprompt.tasks import Example
+from softprompt.data import Example
 from softprompt.templates import encode_text
 from softprompt.testing import tiny_causal_lm, tiny_tokenizer
 

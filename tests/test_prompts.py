@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from softprompt.bank import PromptBank
 from softprompt.prompts import ModelIdentity, PromptFileError, PromptMismatchError, SoftPrompt, init_embeddings
 from softprompt.scoring import classify
-from softprompt.tasks import Example
+from softprompt.data import Example
 from softprompt.templates import Template, TemplateError, soft_id
 from softprompt.testing import tiny_causal_lm, tiny_tokenizer
 

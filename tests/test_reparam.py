@@ -9,7 +9,7 @@ from softprompt.conditioning import label_logprobs, run_context
 from softprompt.prompts import SoftPrompt
 from softprompt.reparam import PromptEncoder, PromptTensors
 from softprompt.scoring import classify
-from softprompt.tasks import Example, Task
+from softprompt.data import Example, Task
 from softprompt.testing import tiny_causal_lm, tiny_tokenizer
 from softprompt.train import CHECKPOINT, TrainConfig, encoders_for, load_checkpoint, train_prompt
 

@@ -4,7 +4,7 @@ import torch
 
 from softprompt.prompts import SoftPrompt
 from softprompt.restarts import fit_score, restart_seeds, train_with_restarts
-from softprompt.tasks import Example, Task
+from softprompt.data import Example, Task
 from softprompt.testing import tiny_causal_lm, tiny_tokenizer
 from softprompt.train import TrainConfig, train_prompt
 
@@ -90,7 +90,7 @@ def test_compare_trains_best_of_n(tmp_path):
     """compare --restarts: its own run id and row name, the choice recorded, and the run's
     training time the cost of every restart; without it the ids stay as they were."""
     from softprompt.apps import compare as C
-    from softprompt.tasks import TaskData
+    from softprompt.data import TaskData
 
     model, tok = tiny_causal_lm(), tiny_tokenizer()
     data = TaskData(TASK, {"train": TRAIN, "test": TRAIN[:6]})

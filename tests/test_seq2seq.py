@@ -14,7 +14,7 @@ from softprompt.bank import PromptBank
 from softprompt.models import load_model
 from softprompt.prompts import PromptMismatchError, SoftPrompt
 from softprompt.scoring import classify, generate
-from softprompt.tasks import Example, Task
+from softprompt.data import Example, Task
 from softprompt.testing import tiny_t5, tiny_tokenizer
 from softprompt.train import TrainConfig, train_prompt
 

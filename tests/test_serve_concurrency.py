@@ -15,7 +15,7 @@ from softprompt.scoring import classify as ref_classify
 from softprompt.scoring import generate as ref_generate
 from softprompt.serve import Engine, Registry, create_app
 from softprompt.serve.testing import ServerThread, random_prompt
-from softprompt.tasks import Example
+from softprompt.data import Example
 from softprompt.testing import TINY_WORDS, tiny_causal_lm, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

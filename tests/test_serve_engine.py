@@ -15,7 +15,7 @@ from softprompt.serve.engine import (
     UnknownTaskError, WrongKindError,
 )
 from softprompt.serve.testing import random_prompt
-from softprompt.tasks import Example
+from softprompt.data import Example
 from softprompt.testing import tiny_causal_lm, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -22,7 +22,7 @@ from softprompt.scoring import generate as ref_generate
 from softprompt.serve.engine import Engine, PromptRejectedError
 from softprompt.serve.registry import Registry
 from softprompt.serve.testing import random_prompt
-from softprompt.tasks import Example
+from softprompt.data import Example
 from softprompt.testing import TINY_WORDS
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,4 +1,4 @@
-"""Tests for softprompt.tasks: file loading, error messages, the demo set, built-in tasks.
+"""Tests for softprompt.data: file loading, error messages, the demo set, built-in tasks.
 
 Built-in tasks other than ``demo`` read the shared data directory; those tests skip with a
 reason when it cannot be found.  Everything is offline and takes well under a second or two.
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from softprompt.tasks import (
+from softprompt.data import (
     BUILTIN_TASKS,
     DataError,
     DataNotFoundError,
@@ -252,7 +252,7 @@ def test_data_root_resolution(tmp_path, monkeypatch):
 
 
 def test_data_root_not_found_lists_places(tmp_path, monkeypatch):
-    import softprompt.tasks as tasks_mod
+    import softprompt.data.loaders as tasks_mod
 
     monkeypatch.delenv("SOFTPROMPT_DATA", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -366,3 +366,36 @@ def test_hotpot_context_rule():
     ctx = hotpot_context(paras, max_context_words=11)
     assert ctx.split("\n") == ["B: gold text here", "D: more gold", "A: one two three"]
     assert hotpot_context(paras, max_context_words=0).split("\n") == ["B: gold text here", "D: more gold"]
+
+
+def test_builtin_table_gives_the_known_task_definitions():
+    """The table rows are the task definitions the code used to hold (checked without data)."""
+    from softprompt.data import builtin_task
+
+    sst2 = builtin_task("sst2")
+    assert sst2.verbalizer == {"negative": " negative", "positive": " positive"}
+    assert sst2.template == "{soft:20} Review: {sentence}\nSentiment:"
+    cb = builtin_task("cb")
+    assert cb.template == (
+        "{soft:20} Premise: {premise}\nHypothesis: {hypothesis}\n"
+        "Is the hypothesis true given the premise? Yes, no, or maybe? Answer:"
+    )
+    assert cb.labels == ["entailment", "contradiction", "neutral"]
+    agnews = builtin_task("agnews")
+    assert agnews.verbalizer["Sci/Tech"] == " Technology" and agnews.input_fields == ("text",)
+    squad = builtin_task("squad")
+    assert squad.kind == "generation" and squad.verbalizer is None
+    assert squad.instruction == "Answer the question with a short span copied from the context."
+    assert builtin_task("demo").template.startswith("{soft:8} Customer message: {text}")
+    assert builtin_task("hotpotqa").input_fields == ("context", "question")
+    assert builtin_task("twitter_complaints").verbalizer == {"complaint": " yes", "no complaint": " no"}
+
+
+def test_task_fields_use_the_template_grammar():
+    """One grammar: a task reads its fields as the renderer does, and rejects what it rejects."""
+    from softprompt.templates import Template, TemplateError
+
+    t = Task("t", "generation", "{soft:3} A: {a} {{lit}} B: {b} {a}")
+    assert t.input_fields == Template(t.template).fields == ("a", "b")
+    with pytest.raises(TemplateError):
+        Task("t", "generation", "{soft: 5} {two words}").input_fields

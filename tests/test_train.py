@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from softprompt.prompts import SoftPrompt
-from softprompt.tasks import Example, Task
+from softprompt.data import Example, Task
 from softprompt.testing import tiny_causal_lm, tiny_tokenizer
 from softprompt.train import CHECKPOINT, RunProgress, TrainConfig, batch_plan, lr_at, train_prompt
 

@@ -15,7 +15,7 @@ from .encoder import EncoderBank
 from .models import DEFAULT_MODEL, ModelNotAvailableError, freeze, list_models, load_model
 from .prompts import ModelIdentity, PromptFileError, PromptMismatchError, SoftPrompt, init_embeddings
 from .scoring import classification_metrics, classify, generate, qa_metrics
-from .tasks import DataError, Example, Task, TaskData, from_hf_dataset, list_tasks, load_examples, load_task
+from .data import DataError, Example, Task, TaskData, from_hf_dataset, list_tasks, load_examples, load_task
 from .templates import Template, TemplateError
 from .train import TrainConfig, TrainResult, train_prompt
 

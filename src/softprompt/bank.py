@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache_api import cache_arg, cache_layers, make_cache, output_cache
+from .core.method import Method
 from .prompts import ModelIdentity, SoftPrompt
 from .templates import Template, encode_text
 
@@ -31,7 +32,7 @@ class BankEntry:
     kind: str = "classification"
     prefix_ids: list[int] = field(default_factory=list)  # rendered head, soft tokens as negative ids
     label_ids: list[list[int]] = field(default_factory=list)  # verbalizer words as token ids
-    method: str = "prompt_tuning"
+    method: str = Method.PROMPT_TUNING.value
     # prefix tuning: learned key/values at every layer, [n_layers, 2, kv_heads, n_prefix, head_dim],
     # placed before the template's head (positions 0..n_prefix-1)
     kv: torch.Tensor | None = None
@@ -118,7 +119,7 @@ class PromptBank(NamedEntries):
         *,
         verbalizer: dict[str, str] | None = None,
         kind: str = "classification",
-        method: str = "prompt_tuning",
+        method: str = Method.PROMPT_TUNING.value,
         kv: torch.Tensor | None = None,
     ) -> int:
         """Add (or replace, by name) an entry; returns its index.
@@ -130,13 +131,7 @@ class PromptBank(NamedEntries):
         hidden = self.identity.hidden_size
         if soft is None:
             soft = torch.zeros(template.n_soft, hidden)
-        if soft.ndim != 2 or soft.shape[1] != hidden:
-            raise ValueError(f"prompt {name!r}: embeddings of shape {tuple(soft.shape)} do not fit hidden size {hidden}")
-        if soft.shape[0] != template.n_soft:
-            raise ValueError(
-                f"prompt {name!r}: template {template.text!r} has {template.n_soft} soft tokens "
-                f"but the prompt has {soft.shape[0]}"
-            )
+        check_soft_fit(f"prompt {name!r}", template, soft, hidden)
         if kind == "classification":
             if not verbalizer:
                 raise ValueError(f"prompt {name!r}: a classification prompt needs a verbalizer (label -> words)")
@@ -153,7 +148,7 @@ class PromptBank(NamedEntries):
                     f"prompt {name!r}: prefix key/values of shape {tuple(kv.shape)} do not fit this model "
                     f"(expected [{want[0]}, 2, {want[2]}, n_prefix, {want[4]}])"
                 )
-            method = "prefix_tuning" if method == "prompt_tuning" else method
+            method = Method.PREFIX_TUNING.value if method == Method.PROMPT_TUNING else method
             kv = kv.to(self._device())
         soft = soft.to(self._device())  # a no-op when already there; differentiable when not
         entry = BankEntry(
@@ -184,13 +179,8 @@ class PromptBank(NamedEntries):
 
     def kv_shape(self, n_prefix: int | None) -> tuple:
         """Shape of a prefix-tuning tensor for this model: [n_layers, 2, kv_heads, n_prefix, head_dim]."""
-        cfg = self.model.config
-        cfg = getattr(cfg, "get_text_config", lambda: cfg)()
-        heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
-        return (layers, 2, kv_heads, n_prefix, head_dim)
+        s = model_shape(self.model)
+        return (s["layers"], 2, s["kv_heads"], n_prefix, s["head_dim"])
 
     def suffix_ids(self, i: int, fields: dict[str, str]) -> list[int]:
         return self.entries[i].template.suffix_ids(self.tokenizer, fields)
@@ -319,3 +309,28 @@ class PromptBank(NamedEntries):
         del self.entries[i]
         self._index = {e.name: j for j, e in enumerate(self.entries)}
         self._kv_cache = {(k - 1 if k > i else k): v for k, v in self._kv_cache.items() if k != i}
+
+
+def model_shape(model) -> dict[str, int]:
+    """The one reading of a model's shape: ``layers``, ``heads``, ``kv_heads``, ``head_dim`` (from
+    the text config, whatever its field names) and ``hidden`` (the input-embedding width, the size
+    of a soft token).  Used for prefix key/values here and by the PEFT export/import."""
+    cfg = model.config
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    hidden = model.get_input_embeddings().weight.shape[1]
+    head_dim = getattr(cfg, "head_dim", None) or (getattr(cfg, "hidden_size", None) or hidden) // heads
+    layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+    return {"layers": int(layers), "heads": int(heads), "kv_heads": int(kv_heads), "head_dim": int(head_dim),
+            "hidden": int(hidden)}
+
+
+def check_soft_fit(what: str, template: Template, soft: torch.Tensor, hidden: int, error: type[Exception] = ValueError) -> None:
+    """The one check that a prompt's soft tokens fit its template and model: a [n_soft, hidden]
+    matrix with one row per ``{soft:N}`` slot.  Used by :meth:`PromptBank.add` and by the server
+    before it accepts a prompt (which raises its own ``error`` type)."""
+    if soft.ndim != 2 or soft.shape[1] != hidden:
+        raise error(f"{what}: embeddings of shape {tuple(soft.shape)} do not fit hidden size {hidden}")
+    if soft.shape[0] != template.n_soft:
+        raise error(f"{what}: template {template.text!r} has {template.n_soft} soft tokens but the prompt has {soft.shape[0]}")

@@ -47,7 +47,7 @@ import torch
 
 from .calibration import CALIBRATIONS, Calibration, fit_calibration
 from .scoring import classification_metrics, classify, generate
-from .tasks import Example, Task
+from .data import Example, Task
 from .templates import Template, encode_text
 
 __all__ = [

@@ -151,7 +151,7 @@ def fit_calibration(bank, entry, method: str, *, inputs=None, batch_size: int = 
 
 def _fit(bank, entry, method: str, *, inputs, batch_size: int) -> "Calibration":
     from .scoring import classify
-    from .tasks import Example
+    from .data import Example
 
     if method not in CALIBRATIONS:
         raise ValueError(f"unknown calibration {method!r}; choose one of {', '.join(CALIBRATIONS)}")

@@ -69,7 +69,7 @@ def _load_task_data(
 ):
     """A TaskData from a built-in name or from user files (with template and verbalizer).  User
     files are named ``name``, else after the files (``sms_train.csv`` + ``sms_test.csv`` -> ``sms``)."""
-    from .tasks import DataError, DataNotFoundError, Task, TaskData, load_examples, load_task
+    from .data import DataError, DataNotFoundError, Task, TaskData, load_examples, load_task
 
     try:
         if task:
@@ -291,6 +291,7 @@ def train(
     from .distributed import DataParallel, launched, process_device, shard_frozen_model
     from .restarts import train_with_restarts
     from .compiled import resolve_compile
+    from .core.method import Method
     from .train import TrainConfig, encoders_for
 
     if processes > 1 and launched() and processes != int(os.environ["WORLD_SIZE"]):
@@ -314,8 +315,12 @@ def train(
     valid_ex = data.splits.get(valid_split)
     if valid_ex and valid_limit:
         valid_ex = valid_ex[:valid_limit]
+    try:  # any spelling of the method (prompt, prompt_tuning, PEFT's PROMPT_TUNING) -> the training one
+        method = Method.parse(method).short
+    except ValueError as e:
+        _fail(str(e))
     if lr is None:  # an encoder's weights move its output far more per Adam step than a prompt's own values
-        lr = 1e-3 if method == "ptuning" or reparam != "none" else 0.3
+        lr = 1e-3 if method == Method.P_TUNING.short or reparam != "none" else 0.3
     cfg = TrainConfig(init=init, method=method, prefix_tokens=prefix_tokens, epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, optimizer=optimizer,
                       loss=loss, warmup_steps=warmup_steps, eval_every=eval_every, patience=patience, seed=seed,
                       eval_batch_size=eval_batch_size, encoder=encoder, encoder_hidden=encoder_hidden, reparam=reparam,
@@ -480,7 +485,7 @@ def predict(
     """Print the prompt's answer for each input (label and probabilities, or generated text)."""
     from .prompts import PromptFileError, PromptMismatchError, SoftPrompt
     from .scoring import classify, generate
-    from .tasks import Example
+    from .data import Example
     from .templates import Template
 
     try:
@@ -540,7 +545,7 @@ def demo(
     from .baselines import zero_shot_template
     from .bank import PromptBank
     from .instruction_search import search_instructions
-    from .tasks import load_task
+    from .data import load_task
     from .train import TrainConfig, train_prompt
 
     data = load_task("demo")
@@ -672,7 +677,7 @@ def models_convert(
 @app.command()
 def tasks():
     """List the built-in tasks."""
-    from .tasks import BUILTIN_TASKS
+    from .data import BUILTIN_TASKS
 
     console.print("\n".join(sorted(BUILTIN_TASKS)))
 

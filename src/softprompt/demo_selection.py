@@ -19,7 +19,7 @@ import torch
 from .calibration import CALIBRATIONS, Calibration, fit_calibration, log_prior_from_scores
 from .conditioning import pad_right
 from .scoring import Classification, classification_metrics, classify, length_sorted_batches
-from .tasks import Example, Task
+from .data import Example, Task
 from .templates import encode_text
 
 ORDERS = ("nearest_last", "nearest_first")

@@ -42,13 +42,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .bank import NamedEntries
+from .core.method import Method
 from .prompts import ModelIdentity, SoftPrompt, init_embeddings
 from .templates import Template
 
 POOLINGS = ("mean", "cls")
 #: ``SoftPrompt.method`` of encoder artifacts: with soft tokens, and head only.
-METHOD_PROMPT = "encoder_prompt_tuning"
-METHOD_HEAD_ONLY = "encoder_linear_probe"
+METHOD_PROMPT = Method.ENCODER_PROMPT_TUNING.value
+METHOD_HEAD_ONLY = Method.ENCODER_LINEAR_PROBE.value
 #: Head learning rate when none is given (on standardised features; bench_encoder.py).
 DEFAULT_HEAD_LR = 1e-2
 #: Training examples whose pooled states set the feature standardisation.

@@ -29,9 +29,10 @@ from pathlib import Path
 import torch
 
 from .bank import PromptBank
+from .core.method import Method
 from .calibration import CALIBRATIONS, Calibration, fit_calibration
 from .scoring import classify, generate
-from .tasks import Example, Task
+from .data import Example, Task
 from .templates import Template
 
 METRICS = ("macro_f1", "accuracy")
@@ -78,7 +79,7 @@ def hard_prompt(model, task: Task, template: str, calibration: Calibration | Non
     if Template(template).n_soft:
         raise ValueError(f"a hard prompt has no soft slots; template {template!r} has some")
     return SoftPrompt(torch.zeros(0, ident.hidden_size), ident, template=template, verbalizer=task.verbalizer,
-                      task=task.name, kind=task.kind, method="hard_prompt", init="none", training=training,
+                      task=task.name, kind=task.kind, method=Method.HARD_PROMPT.value, init="none", training=training,
                       calibration=calibration or Calibration())
 
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,8 +47,10 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from .bank import model_shape
+from .core import atomic
+from .core.method import Method
 from .prompts import ModelIdentity, SoftPrompt, _json_default
 from .templates import Template
 
@@ -90,19 +91,6 @@ class PeftExport:
 
 
 # ----------------------------------------------------------------------------- shared
-def _model_shape(model) -> dict[str, int]:
-    """Layers, heads, key/value heads and head size of a decoder-only model's config."""
-    cfg = model.config
-    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
-    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    hidden = model.get_input_embeddings().weight.shape[1]
-    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
-    layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
-    return {"layers": int(layers), "heads": int(heads), "kv_heads": int(kv_heads), "head_dim": int(head_dim),
-            "hidden": int(hidden)}
-
-
 def _check_decoder_only(model, what: str, err: type[ValueError]) -> None:
     if getattr(model.config, "is_encoder_decoder", False):
         raise err(
@@ -150,18 +138,6 @@ def render_peft_input(input_template: str, fields: dict[str, Any]) -> str:
     return t.render_text({k: str(v).strip() for k, v in fields.items()})
 
 
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; an adapter folder is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # ----------------------------------------------------------------------------- export
 def export_peft(prompt: SoftPrompt, model, tokenizer, out_dir: str | os.PathLike) -> PeftExport:
     """Write ``prompt`` as a PEFT adapter folder that ``PeftModel.from_pretrained(model, out_dir)``
@@ -204,9 +180,9 @@ def export_peft(prompt: SoftPrompt, model, tokenizer, out_dir: str | os.PathLike
             f"cannot export: template {prompt.template!r} has nothing before its first field (no BOS, no soft "
             "tokens, no text), so there are no virtual tokens to write"
         )
-    shape = _model_shape(model)
+    shape = model_shape(model)
     if prompt.kv is None:
-        peft_type = "PROMPT_TUNING"
+        peft_type = Method.PROMPT_TUNING.name
         weights = _baked_embeddings(prompt, model, head_ids)
         config = {
             "num_attention_heads": shape["heads"],
@@ -217,7 +193,7 @@ def export_peft(prompt: SoftPrompt, model, tokenizer, out_dir: str | os.PathLike
             "token_dim": shape["hidden"],
         }
     else:
-        peft_type = "PREFIX_TUNING"
+        peft_type = Method.PREFIX_TUNING.name
         weights = _baked_key_values(prompt, model, tokenizer, shape)
         kv_dim = shape["kv_heads"] * shape["head_dim"]
         # PEFT sizes prefixes of grouped-query models by their key/value heads (token_dim = kv_heads * head_dim)
@@ -259,13 +235,14 @@ def export_peft(prompt: SoftPrompt, model, tokenizer, out_dir: str | os.PathLike
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     tensor = weights.detach().to("cpu", torch.float32).contiguous()
-    _write_atomic(out_dir / WEIGHTS_FILE, lambda p: save_file({WEIGHTS_KEY: tensor}, p, metadata={"format": "pt"}))
+    # mode 0644: a temp file starts as 0600, and an adapter folder is meant to be shared
+    atomic.write_safetensors(out_dir / WEIGHTS_FILE, {WEIGHTS_KEY: tensor}, metadata={"format": "pt"}, mode=0o644)
     for name, text in (
         (CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n"),
         (EXTRA_FILE, json.dumps(extra, indent=1, ensure_ascii=False) + "\n"),
         (README_FILE, _readme(prompt, extra, config)),
     ):
-        _write_atomic(out_dir / name, lambda p, text=text: Path(p).write_text(text, encoding="utf-8"))
+        atomic.write_text(out_dir / name, text, mode=0o644)
     return PeftExport(out_dir=out_dir, peft_type=peft_type, num_virtual_tokens=n_virtual, baked=baked,
                       input_template=input_template, files=[CONFIG_FILE, WEIGHTS_FILE, EXTRA_FILE, README_FILE])
 
@@ -403,7 +380,7 @@ def import_peft(
     if not isinstance(cfg, dict):
         raise PeftImportError(f"{cfg_path} holds {type(cfg).__name__}, not a PEFT config object")
     peft_type = str(cfg.get("peft_type", "")).upper()
-    if peft_type != "PROMPT_TUNING":
+    if peft_type != Method.PROMPT_TUNING.name:
         why = {
             "PREFIX_TUNING": "its key/values are per-layer, not input vectors (softprompt exports prefix prompts "
                              "to PEFT but does not read them back)",
@@ -426,7 +403,7 @@ def import_peft(
         raise PeftImportError(f"{adapter_dir}: it also trains modules {cfg['modules_to_save']}, which a soft "
                               "prompt cannot carry")
     _check_decoder_only(model, f"cannot import {adapter_dir}", PeftImportError)
-    shape = _model_shape(model)
+    shape = model_shape(model)
     token_dim = cfg.get("token_dim")
     if token_dim is not None and int(token_dim) != shape["hidden"]:
         raise PeftImportError(
@@ -537,7 +514,7 @@ def _restore_export(rows, extra: dict, model, tokenizer, verbalizer) -> SoftProm
         embeddings=soft, identity=ModelIdentity.of(model), template=meta["template"],
         verbalizer=dict(verbalizer) if verbalizer else meta.get("verbalizer"),
         task=meta.get("task", ""), kind="classification" if verbalizer else meta.get("kind", "classification"),
-        method=meta.get("method", "prompt_tuning"), init=meta.get("init", ""),
+        method=Method.normalize(meta.get("method", Method.PROMPT_TUNING.value)), init=meta.get("init", ""),
         training=meta.get("training", {}), metrics=meta.get("metrics", {}),
     )
 
@@ -583,7 +560,7 @@ def _import_generic(adapter_dir: Path, rows, cfg: dict, extra: dict | None, mode
     return SoftPrompt(
         embeddings=rows.clone(), identity=ModelIdentity.of(model), template=template,
         verbalizer=dict(verbalizer) if verbalizer else None, task=meta.get("task", "") or adapter_dir.name,
-        kind="classification" if verbalizer else "generation", method="prompt_tuning", init="peft",
+        kind="classification" if verbalizer else "generation", method=Method.PROMPT_TUNING.value, init="peft",
         training={"imported_from": str(adapter_dir), "peft_config": {
             k: cfg.get(k) for k in ("base_model_name_or_path", "num_virtual_tokens", "peft_version",
                                     "prompt_tuning_init", "task_type")}, "import_note": note},

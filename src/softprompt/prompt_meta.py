@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
+
+from .core.method import Method
 
 #: the longest metadata JSON accepted (bytes); real headers are a few KB
 MAX_META_CHARS = 4 << 20
@@ -56,12 +58,17 @@ class PromptMeta(_Lenient):
     verbalizer: dict[StrictStr, StrictStr] | None = None
     task: StrictStr | None = ""
     kind: StrictStr = "classification"
-    method: StrictStr = "prompt_tuning"
+    method: StrictStr = Method.PROMPT_TUNING.value
     init: StrictStr | None = ""
     training: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = None
     head: HeadMeta | None = None
     calibration: CalibrationMeta | None = None  # absent = none
+
+    @field_validator("method")
+    @classmethod
+    def _one_spelling(cls, v: str) -> str:
+        return Method.normalize(v)  # "prompt", "PROMPT_TUNING" -> "prompt_tuning"; unknown words kept
 
 
 def _depth(text: str) -> int:

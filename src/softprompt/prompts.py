@@ -20,15 +20,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from .core import atomic
+from .core.method import Method
 from .calibration import Calibration
 from .prompt_meta import PromptFileError, parse_meta
 
@@ -102,7 +102,7 @@ class SoftPrompt:
     verbalizer: dict[str, str] | None = None
     task: str = ""
     kind: str = "classification"
-    method: str = "prompt_tuning"
+    method: str = Method.PROMPT_TUNING.value  # core.method.Method, artifact spelling
     init: str = "random"
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -174,14 +174,7 @@ class SoftPrompt:
             tensors[f"head.{name}"] = t.detach().to("cpu", torch.float32).contiguous()
         # no sort_keys: the verbalizer's key order is the label order
         meta = {"softprompt": json.dumps(self.metadata(), default=_json_default)}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic.write_safetensors(path, tensors, metadata=meta)
         return path.stat().st_size
 
     @classmethod

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .bank import PromptBank
 from .distributed import DataParallel
-from .tasks import Task
+from .data import Task
 from .train import TrainConfig, TrainResult, train_prompt, validate
 
 SEED_STRIDE = 1000  # restart r of seed s trains with seed s + r * SEED_STRIDE: restart 0 is the plain run

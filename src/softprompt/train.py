@@ -32,7 +32,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,9 +40,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .core import atomic
+from .core.method import TRAINED, Method
 from . import seq2seq
 from .bank import PromptBank
 from .compiled import resolve_compile
@@ -53,7 +53,7 @@ from .losses import answer_loss, answer_targets, classification_loss
 from .prompts import ModelIdentity, SoftPrompt, init_embeddings
 from .reparam import ENCODERS, PromptTensors
 from .scoring import classification_metrics, classify, generate, qa_metrics
-from .tasks import Task
+from .data import Task
 from .templates import Template
 
 
@@ -153,7 +153,7 @@ def make_optimizer(params, cfg: TrainConfig):
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use adamw or adafactor")
 
 
-METHODS = ("prompt", "ptuning", "prefix")
+METHODS = tuple(m.short for m in TRAINED)  # "prompt", "ptuning", "prefix" (core.method)
 
 
 def encoders_for(cfg: TrainConfig) -> dict[str, tuple[str, int]]:
@@ -323,15 +323,8 @@ CHECKPOINT = "checkpoint.safetensors"
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
-                  metadata={"state": json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic.write_safetensors(path, {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                             metadata={"state": json.dumps(meta)})
 
 
 def save_checkpoint(path: Path, *, params: dict, best: dict, optimizer, meta: dict) -> None:
@@ -605,7 +598,7 @@ def train_prompt(
     prompt = SoftPrompt(
         embeddings=final.get("prompt", no_soft).detach().cpu().float(),
         kv=final["kv"].detach().cpu().float() if "kv" in final else None,
-        method="prefix_tuning" if "kv" in final else ("p_tuning" if cfg.method == "ptuning" else "prompt_tuning"),
+        method=(Method.PREFIX_TUNING if "kv" in final else Method.parse(cfg.method)).value,
         identity=ModelIdentity.of(model),
         template=task.template,
         verbalizer=task.verbalizer,

@@ -44,13 +44,13 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..core import atomic
 from ..prompts import PromptFileError, SoftPrompt
 from .engine import VOTES, Engine, PromptRejectedError, ServeError, TaskSpec, UnknownTaskError
 
@@ -324,7 +324,7 @@ class Registry:
                         _remove(entry)
                         report["removed"].append(name)
             if report["removed"] or report["restored"]:
-                _fsync_dir(self.root)
+                atomic.fsync_dir(self.root)
                 logger.warning("recovered the prompts folder after a crash: %s", report)
         return report
 
@@ -371,13 +371,8 @@ class Registry:
         with self._lock:
             others = [p for p in self._definitions(name) if p != final]
             self._check_unused(name, others, "replace")
-            fd, tmp_name = tempfile.mkstemp(prefix=f".upload-{name}.", suffix=".tmp", dir=self.root)
-            tmp = Path(tmp_name)
+            tmp = atomic.write_temp(self.root, data, prefix=f".upload-{name}.")
             try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
                 try:
                     prompt = SoftPrompt.load(tmp)
                 except (PromptFileError, ValueError, KeyError, TypeError) as e:
@@ -387,8 +382,7 @@ class Registry:
                 moved: list[tuple[Path, Path]] = []
                 try:
                     self._aside(others, "replaced", moved)
-                    os.replace(tmp, final)  # the commit point
-                    _fsync_dir(self.root)
+                    atomic.commit(tmp, final)  # the commit point
                 except OSError:
                     for p, t in moved:
                         os.replace(t, p)
@@ -417,7 +411,7 @@ class Registry:
             moved: list[tuple[Path, Path]] = []
             try:
                 self._aside(paths, "trash", moved)
-                _fsync_dir(self.root)  # the commit point: recovery finishes the delete from here
+                atomic.fsync_dir(self.root)  # the commit point: recovery finishes the delete from here
             except OSError:
                 for p, t in moved:
                     os.replace(t, p)
@@ -425,7 +419,7 @@ class Registry:
                                      source=spec.source)
                 raise
             self._empty_trash(moved)
-            _fsync_dir(self.root)
+            atomic.fsync_dir(self.root)
             self._loaded.pop(name, None)
             return {"deleted": name, "version": spec.version, "files": sorted(p.name for p in paths)}
 
@@ -440,15 +434,3 @@ def _remove(p: Path) -> None:
     else:
         p.unlink(missing_ok=True)
 
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..bank import check_soft_fit
 from ..prompts import PromptMismatchError, SoftPrompt
 from ..templates import Template, TemplateError, encode_text
 from .spec import VOTES, InputTooLongError, InvalidInputError, ModelMismatchError, PromptRejectedError, TaskSpec
@@ -50,10 +51,7 @@ def check_prompts(owner: Any, name: str, prompts: list[SoftPrompt], member_names
         except TemplateError as e:
             raise PromptRejectedError(f"{what}: bad template: {e}") from None
         emb = p.embeddings
-        if emb.ndim != 2 or emb.shape[0] != t.n_soft or emb.shape[1] != owner.identity.hidden_size:
-            raise PromptRejectedError(
-                f"{what}: embeddings of shape {tuple(emb.shape)} do not fit template {t.text!r} "
-                f"({t.n_soft} soft tokens) and hidden size {owner.identity.hidden_size}")
+        check_soft_fit(what, t, emb, owner.identity.hidden_size, PromptRejectedError)
         if not bool(torch.isfinite(emb).all()):
             raise PromptRejectedError(f"{what}: embeddings contain NaN or infinite values")
         if not t.fields:

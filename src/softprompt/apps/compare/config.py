@@ -16,7 +16,7 @@ from typing import Any
 
 from ...calibration import CALIBRATIONS
 from ...reparam import ENCODERS
-from ...tasks import Example
+from ...data import Example
 from ...train import DEFAULT_LR  # the one default learning rate (train, compare, demo)
 from .decision import SELECT_METRICS
 

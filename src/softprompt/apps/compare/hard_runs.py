@@ -16,7 +16,7 @@ from typing import Any
 
 from ... import baselines as B
 from ...calibration import Calibration, log_prior_from_scores
-from ...tasks import Example, Task
+from ...data import Example, Task
 from .config import FAMILY_PE, Row, Run, fingerprint
 from .planners import Plan, add, executor, planner
 from .variants import variants_from_scores

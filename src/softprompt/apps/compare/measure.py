@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ...tasks import Example
+from ...data import Example
 
 __all__ = ["latency", "stats_line"]
 

@@ -10,7 +10,6 @@ import math
 import os
 import platform
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -23,7 +22,8 @@ from ... import baselines as B
 from ...bank import PromptBank
 from ...prompts import ModelIdentity, SoftPrompt
 from ...scoring import classify, generate
-from ...tasks import Example, Task, TaskData
+from ...core import atomic
+from ...data import Example, Task, TaskData
 from .config import FORMAT, HARD_KINDS, RESULTS, CompareConfig, Row, Run, _sample, fingerprint
 from .decision import candidates, from_results, select
 from .hard_runs import save_chosen_hard_prompt  # importing hard_runs registers its planners and executors
@@ -78,7 +78,7 @@ class Comparison:
         if valid and config.valid_limit:
             self.valid, self.valid_source = _sample(valid, config.valid_limit, config.data_seed), "validation split"
         elif config.valid_limit and config.valid_fraction and not self.generative:
-            from ...splits import holdout_split
+            from ...data.splits import holdout_split
 
             self.pool, self.valid = holdout_split(self.pool, self.task.labels, config.valid_fraction,
                                                   config.valid_limit, config.data_seed)
@@ -167,11 +167,7 @@ class Comparison:
         self.results["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         self.results["rows"] = [asdict(r) for r in self.rows]
         path = self.out / RESULTS
-        fd, tmp = tempfile.mkstemp(prefix=".results.", suffix=".tmp", dir=self.out)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.results, f, indent=1, default=str)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        atomic.write_json(path, self.results, indent=1, default=str, mode=0o644, prefix=".results.")
 
     def _done(self, run: Run) -> bool:
         rec = self.results["runs"].get(run.id)

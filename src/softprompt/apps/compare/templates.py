@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ... import baselines as B
 from ...prompts import SoftPrompt
-from ...tasks import Example, Task
+from ...data import Example, Task
 from ...templates import Segment, Template
 from .config import POSITIONS
 
