@@ -430,9 +430,7 @@ class Comparison:
         if "transfer" in config.methods and eval_data is not None:
             self.eval_test = self._mapped_eval_test(eval_data)
         self.bank = PromptBank(model, tokenizer)
-        from .seq2seq import is_encoder_decoder
-
-        self._seq2seq = is_encoder_decoder(model)
+        self.family = self.bank.family  # what the model supports (prefix tuning, ensembles): plan() asks it
         self.start: dict[str, Any] | None = None  # the chosen hard prompt soft prompts start from (run())
         from .chat import has_chat_template
 
@@ -641,10 +639,8 @@ class Comparison:
             ids = [self._soft_run(main_tpl, main_init, s, label=f"{name}, seed {s}", tag=f"ptuning-{enc}",
                                   method=spec, lr=cfg.encoder_lr) for s in cfg.seeds]
             rows.append(Row(name, FAMILY_PT, "main", ids, x=cfg.prompt_length))
-        if "prefix" in methods and self._seq2seq:
-            from .seq2seq import PREFIX_UNSUPPORTED
-
-            self.log(f"prefix skipped: {PREFIX_UNSUPPORTED}")
+        if "prefix" in methods and not self.family.supports("prefix"):
+            self.log(f"prefix skipped: {self._unsupported('prefix')}")
         elif "prefix" in methods:
             rp = cfg.prefix_reparam
             name = (f"prefix tuning ({cfg.prompt_length} key/value positions per layer"
@@ -686,7 +682,9 @@ class Comparison:
                        for s in cfg.sweep_seeds]
                 rows.append(Row(f"hybrid: instruction + {_tokens(cfg.prompt_length, 'soft token')} {names[pos]}", FAMILY_HY,
                                 "position", ids, x=pos))
-        if "ensemble" in methods and len(main) >= 2:
+        if "ensemble" in methods and not self.family.supports("ensemble"):
+            self.log(f"ensemble skipped: {self._unsupported('ensemble')}")
+        elif "ensemble" in methods and len(main) >= 2:
             spec = {"kind": "ensemble", "members": [self.runs[r].spec for r in main], "test_fp": self.fp["test"],
                     "model": self.fp["model"]}
             rid = self._add(Run(f"ensemble/{len(main)}x{cfg.prompt_length}", "ensemble",
@@ -877,6 +875,16 @@ class Comparison:
         if run.kind == "transfer":
             return self._exec_transfer(run)
         raise ValueError(f"unknown run kind {run.kind!r}")  # pragma: no cover
+
+    def _unsupported(self, capability: str) -> str:
+        """Why the model's family cannot run ``capability`` (the ``UnsupportedError`` message)."""
+        from .families import UnsupportedError
+
+        try:
+            self.family.require(capability)
+        except UnsupportedError as e:
+            return str(e)
+        return ""  # pragma: no cover (callers ask only when unsupported)
 
     # ------------------------------------------------------------------ measurement helpers
     def _latency(self, fn: Callable[[list[Example], int], Any], examples: list[Example], n: int | None = None) -> dict:
