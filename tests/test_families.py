@@ -72,6 +72,8 @@ def test_table_covers_every_family_and_capability():
     assert [by_name["serve"][f] for f in FAMILIES] == ["yes", "-", "-"]
     with pytest.raises(ValueError, match="unknown capability"):
         DECODER.supports("flying")
+    with pytest.raises(ValueError, match="unknown method"):  # still the training loop's own message
+        train_prompt(tiny_causal_lm(), tiny_tokenizer(), TASK, TRAIN, config=TrainConfig(method="flying"), progress=False)
 
 
 def test_unsupported_error_names_family_capability_and_what_is_supported():

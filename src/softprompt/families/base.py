@@ -99,7 +99,8 @@ class FamilyBase:
     def train_separately(self, model, tokenizer, task, train_examples, valid_examples, cfg, **kw):
         """Training hook, called by ``train_prompt`` before any work: a result when the family
         trains in its own loop, ``None`` when the shared loop trains it (once the method is checked)."""
-        self.require(cfg.method)
+        if cfg.method in METHODS:  # an unknown method is the loop's to report (train.encoders_for)
+            self.require(cfg.method)
         return None
 
     def __repr__(self) -> str:
