@@ -114,6 +114,8 @@ def test_scoring_paths_follow_the_table(t5, bert):
     assert len(generate(bank, "g", TRAIN[:2], max_new_tokens=2).texts) == 2  # generation: yes
     with pytest.raises(UnsupportedError, match="ensemble"):
         ensemble_classify(bank, ["a", "b"], TRAIN[:2])
+    with pytest.raises(UnsupportedError, match="head_classification"):
+        SEQ2SEQ.classify_with_head(bank, "a", TRAIN[:2])
     with pytest.raises(UnsupportedError):
         ENCODER.generate(EncoderBank(*bert), torch.tensor([0]), [[1]], max_new_tokens=1, stop_ids=set())
 

@@ -457,7 +457,7 @@ def eval_(
         _eval_calibrated(bank, entry, examples, sp.kind, batch_size, choices, sp.calibration, "soft",
                          f"soft prompt ({prompt.name})", rows, results)
     if hard:
-        if getattr(bank, "is_encoder", False):
+        if not bank.family.supports("rank_classification"):
             _fail("--hard needs a decoder model: an encoder has no zero-shot reading without a trained head")
         tmpl = Template(sp.template if sp else data.task.template).without_soft()
         e = bank.add("hard", tmpl, verbalizer=(sp.verbalizer if sp else data.task.verbalizer), kind=data.task.kind)

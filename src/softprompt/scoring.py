@@ -102,10 +102,8 @@ def classify(
 
 def _classify_raw(bank: PromptBank, entry, examples, *, batch_size: int, progress: bool | str,
                   max_batch_tokens: int, compile: bool = False) -> Classification:
-    if getattr(bank, "is_encoder", False):  # encoder models read classes with a head, not a verbalizer
-        from .encoder import classify as classify_encoder
-
-        return classify_encoder(bank, entry, examples, batch_size=batch_size, progress=progress)
+    if not bank.family.supports("rank_classification"):  # encoder models read classes with a head, not a verbalizer
+        return bank.family.classify_with_head(bank, entry, examples, batch_size=batch_size, progress=progress)
     entries = _entries_for(bank, entry, len(examples))
     label_sets = {tuple(bank.entries[e].labels) for e in entries}
     if len(label_sets) != 1:

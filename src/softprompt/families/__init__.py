@@ -48,6 +48,9 @@ class Family(Protocol):
                  stop_ids: set[int], skip_leading: AbstractSet[int] = frozenset()) -> list[list[int]]:
         """Greedy answer token ids per row."""
 
+    def classify_with_head(self, bank, entry, examples, *, batch_size: int = 32, progress: bool | str = False) -> Any:
+        """Classification by a trained head (families without rank classification); else UnsupportedError."""
+
     def train_separately(self, model, tokenizer, task, train_examples, valid_examples, cfg, **kw) -> Any:
         """Training hook: a result when the family has its own loop, else ``None`` (method checked)."""
 

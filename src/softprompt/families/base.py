@@ -90,6 +90,11 @@ class FamilyBase:
         if not self.supports(capability):
             raise UnsupportedError(self.name, capability, REASONS.get((self.name, capability)))
 
+    def classify_with_head(self, bank, entry, examples, *, batch_size: int = 32, progress: bool | str = False):
+        """Classification by a head trained with the prompt (``scoring.classify`` asks families
+        without rank classification)."""
+        self.require("head_classification")
+
     def make_bank(self, model, tokenizer):
         """The bank that holds this family's prompts (decoder and encoder-decoder: a ``PromptBank``)."""
         from ..bank import PromptBank

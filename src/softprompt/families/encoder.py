@@ -22,6 +22,11 @@ class EncoderFamily(FamilyBase):
 
         return EncoderBank(model, tokenizer)
 
+    def classify_with_head(self, bank, entry, examples, *, batch_size: int = 32, progress: bool | str = False):
+        from ..encoder import classify
+
+        return classify(bank, entry, examples, batch_size=batch_size, progress=progress)
+
     def batch_loss(self, bank, entry, examples, loss="rank", class_weights=None, context="cached", compile=False):
         raise UnsupportedError(self.name, "rank_classification", "encoder prompts train with their head, in "
                                "encoder.train_encoder_prompt, not through train.batch_loss")
