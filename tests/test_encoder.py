@@ -15,9 +15,9 @@ from softprompt.encoder import (
     EncoderBank,
     classify,
     encoder_template,
-    is_encoder_config,
     train_encoder_prompt,
 )
+from softprompt.families import is_encoder_config
 from softprompt.prompts import PromptFileError, PromptMismatchError, SoftPrompt
 from softprompt.data import Example, Task
 from softprompt.testing import TINY_WORDS, tiny_device

@@ -11,6 +11,7 @@ import torch
 
 from softprompt import seq2seq
 from softprompt.bank import PromptBank
+from softprompt.families import is_encoder_decoder
 from softprompt.models import load_model
 from softprompt.prompts import PromptMismatchError, SoftPrompt
 from softprompt.scoring import classify, generate
@@ -55,7 +56,7 @@ def _scores(bank, entries, texts):
 def test_detects_family(t5):
     from softprompt.testing import tiny_causal_lm
 
-    assert seq2seq.is_encoder_decoder(t5[0]) and not seq2seq.is_encoder_decoder(tiny_causal_lm())
+    assert is_encoder_decoder(t5[0]) and not is_encoder_decoder(tiny_causal_lm())
     assert seq2seq.decoder_start_id(t5[0]) == 3
 
 

@@ -12,6 +12,7 @@ The public API, re-exported::
 """
 from .bank import PromptBank
 from .encoder import EncoderBank
+from .families import Family, UnsupportedError, family_for
 from .models import DEFAULT_MODEL, ModelNotAvailableError, freeze, list_models, load_model
 from .prompts import ModelIdentity, PromptFileError, PromptMismatchError, SoftPrompt, init_embeddings
 from .scoring import classification_metrics, classify, generate, qa_metrics
@@ -22,9 +23,10 @@ from .train import TrainConfig, TrainResult, train_prompt
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_MODEL", "DataError", "EncoderBank", "Example", "ModelIdentity", "ModelNotAvailableError", "PromptBank",
+    "DEFAULT_MODEL", "DataError", "EncoderBank", "Example", "Family", "ModelIdentity", "ModelNotAvailableError", "PromptBank",
     "PromptFileError", "PromptMismatchError", "SoftPrompt", "Task", "TaskData", "Template", "TemplateError",
-    "TrainConfig", "TrainResult", "classification_metrics", "classify", "freeze", "from_hf_dataset",
+    "TrainConfig", "TrainResult", "UnsupportedError", "classification_metrics", "classify", "family_for", "freeze",
+    "from_hf_dataset",
     "generate", "init_embeddings", "list_models", "list_tasks", "load_examples", "load_model", "load_task",
     "qa_metrics", "train_prompt",
 ]

@@ -62,6 +62,24 @@ class PrefixKV:
     lengths: torch.Tensor  # [B] number of real prefix tokens
 
 
+#: model -> its family (``softprompt.families.family_for``), installed when that package is
+#: imported (``softprompt/__init__.py`` does): banks carry their family so that core code asks
+#: ``bank.family`` for the family-specific steps without importing the layer above it.
+_family_resolver = None
+
+
+def install_family_resolver(resolver) -> None:
+    global _family_resolver
+    _family_resolver = resolver
+
+
+def family_of(model):
+    """The family of ``model``, through the resolver ``softprompt.families`` installs."""
+    if _family_resolver is None:  # pragma: no cover (softprompt/__init__.py imports the families)
+        raise RuntimeError("no model-family resolver: import softprompt.families first")
+    return _family_resolver(model)
+
+
 class NamedEntries:
     """Prompts of one frozen model in registration order, found by name: what the decoder
     :class:`PromptBank` and the encoder ``EncoderBank`` share (each sets ``model``,
@@ -102,9 +120,10 @@ class NamedEntries:
 class PromptBank(NamedEntries):
     """An ordered set of entries for one frozen model and tokenizer."""
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, *, family=None):
         self.model = model
         self.tokenizer = tokenizer
+        self.family = family or family_of(model)  # scoring and training dispatch through it
         self.identity = ModelIdentity.of(model)
         self.entries: list[BankEntry] = []
         self._index: dict[str, int] = {}

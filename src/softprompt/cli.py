@@ -158,11 +158,11 @@ def _load_model(model: str, device: str | None = None):
 
 
 def _bank(model, tok):
-    """A PromptBank, or for an encoder-only model (BERT family) an EncoderBank: soft prompt + head."""
-    from .bank import PromptBank
-    from .encoder import EncoderBank, is_encoder_model
+    """The model family's bank: a PromptBank, or for an encoder-only model (BERT family) an
+    EncoderBank (soft prompt + head)."""
+    from .families import family_for
 
-    return EncoderBank(model, tok) if is_encoder_model(model) else PromptBank(model, tok)
+    return family_for(model).make_bank(model, tok)
 
 
 def _results_table(rows: list[dict], title: str) -> Table:
@@ -462,7 +462,7 @@ def eval_(
         _eval_calibrated(bank, entry, examples, sp.kind, batch_size, choices, sp.calibration, "soft",
                          f"soft prompt ({prompt.name})", rows, results)
     if hard:
-        if getattr(bank, "is_encoder", False):
+        if not bank.family.supports("rank_classification"):
             _fail("--hard needs a decoder model: an encoder has no zero-shot reading without a trained head")
         tmpl = Template(sp.template if sp else data.task.template).without_soft()
         e = bank.add("hard", tmpl, verbalizer=(sp.verbalizer if sp else data.task.verbalizer), kind=data.task.kind)
@@ -617,6 +617,7 @@ def serve_cmd(
     One server per prompts folder (it holds a lock on it); see README, "Limits and guarantees".
     With --backend vllm the HTTP API, prompt folder, model checks and hot swap are the same,
     and vLLM (in this process, or N replicas behind --vllm-url) runs the model."""
+    from .families import UnsupportedError
     from .serve import TOKEN_ENV_VAR, EngineConfig, FolderLock, FolderLockedError, serve
     from .serve.backends import BACKENDS
 
@@ -646,6 +647,8 @@ def serve_cmd(
               vllm_tensor_parallel_size=vllm_tensor_parallel_size)
     except FolderLockedError as e:
         _fail(e.message)
+    except UnsupportedError as e:  # the model's family cannot be served (families.CAPABILITIES)
+        _fail(str(e))
 
 
 # ----------------------------------------------------------------------------- models / tasks
@@ -657,6 +660,22 @@ def models_list():
     rows = [{"alias": r["alias"], "model": r["display_name"], "installed": r["installed"],
              "converted": r["converted"], "cache": str(r["cache_path"])} for r in list_models()]
     console.print(_results_table(rows, "embedded models"))
+
+
+@models_app.command("capabilities")
+def models_capabilities():
+    """Show what each model family supports (methods, scoring, serving): the table the code checks."""
+    from .families import FAMILIES, FAMILY_TITLES, capability_rows
+
+    table = Table(title="model families: what each supports")
+    table.add_column("capability")
+    for f in FAMILIES.values():
+        table.add_column(f"{f.name}\n{FAMILY_TITLES[f.name]}", justify="center")
+    table.add_column("meaning")
+    for r in capability_rows():
+        table.add_row(*r.values())
+    console.print(table)
+    console.print("families: " + "; ".join(f"{f.name}: {f.examples}" for f in FAMILIES.values()))
 
 
 @models_app.command("convert")

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .bank import NamedEntries
+from .bank import NamedEntries, family_of
 from .core.method import Method
 from .prompts import ModelIdentity, SoftPrompt, init_embeddings
 from .templates import Template
@@ -54,25 +54,6 @@ METHOD_HEAD_ONLY = Method.ENCODER_LINEAR_PROBE.value
 DEFAULT_HEAD_LR = 1e-2
 #: Training examples whose pooled states set the feature standardisation.
 STANDARDISE_EXAMPLES = 512
-
-
-def is_encoder_config(config) -> bool:
-    """Whether ``config`` describes an encoder-only model (BERT, RoBERTa, DistilBERT, ...).
-
-    Encoder-only means: transformers has a masked-LM class for the family, and the config is
-    neither an encoder-decoder (BART, T5) nor set up as a decoder (``is_decoder``, which the
-    BERT family allows for its causal-LM variants).
-    """
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-    if getattr(config, "is_encoder_decoder", False) or getattr(config, "is_decoder", False):
-        return False
-    return getattr(config, "model_type", None) in MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-
-def is_encoder_model(model) -> bool:
-    config = getattr(model, "config", None)
-    return config is not None and is_encoder_config(config)
 
 
 def encoder_template(n_tokens: int, fields: Sequence[str]) -> str:
@@ -114,7 +95,8 @@ class EncoderBank(NamedEntries):
     is_encoder = True
 
     def __init__(self, model, tokenizer, *, max_length: int | None = None):
-        if not is_encoder_model(model):
+        self.family = family_of(model)
+        if not self.family.supports("head_classification"):
             raise ValueError(
                 f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', '?')!r}) is not an "
                 "encoder-only model; use softprompt.PromptBank for decoder models"
@@ -562,7 +544,5 @@ __all__ = [
     "EncoderEntry",
     "classify",
     "encoder_template",
-    "is_encoder_config",
-    "is_encoder_model",
     "train_encoder_prompt",
 ]

@@ -77,6 +77,7 @@ def ensemble_classify(
     same ``batch_size``.  Metrics are filled when examples carry labels: per member, and
     for each combine method.
     """
+    bank.family.require("ensemble")  # one shared decoder context pass per batch (UnsupportedError otherwise)
     idx = [bank.index(m) if isinstance(m, str) else int(m) for m in members]
     if not idx:
         raise ValueError("an ensemble needs at least one member prompt")

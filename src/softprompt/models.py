@@ -452,18 +452,10 @@ def convert_embedded(alias: str = DEFAULT_MODEL, *, force: bool = False, progres
 
 
 def _auto_class(config):
-    """The Auto* class for ``config``: seq2seq for encoder-decoders, the bare encoder for
-    encoder-only models (BERT family: a head is trained with the prompt, ``encoder.py``),
-    else causal LM."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    """The Auto* class for ``config``, from its model family (``families``)."""
+    from .families import family_for
 
-    from .encoder import is_encoder_config
-
-    if getattr(config, "is_encoder_decoder", False):
-        return AutoModelForSeq2SeqLM
-    if is_encoder_config(config):
-        return AutoModel
-    return AutoModelForCausalLM
+    return family_for(config).auto_class()
 
 
 def _looks_like_path(name: str) -> bool:

@@ -92,12 +92,12 @@ class PeftExport:
 
 # ----------------------------------------------------------------------------- shared
 def _check_decoder_only(model, what: str, err: type[ValueError]) -> None:
-    if getattr(model.config, "is_encoder_decoder", False):
-        raise err(
-            f"{what}: PEFT interop supports decoder-only (CAUSAL_LM) models; this is an encoder-decoder "
-            "model, where PEFT prompt tuning also prepends virtual tokens to the decoder, which our prompts "
-            "do not have"
-        )
+    from .families import UnsupportedError, family_for
+
+    try:
+        family_for(model).require("peft")
+    except UnsupportedError as e:
+        raise err(f"{what}: {e}") from None
 
 
 def _split_template(template: Template) -> tuple[int, str]:

@@ -43,9 +43,9 @@ def restart_seeds(seed: int, restarts: int) -> list[int]:
 def fit_score(model, tokenizer, result: TrainResult, examples, cfg: TrainConfig) -> dict:
     """``validate``'s metrics for a trained prompt on ``examples`` (its ``score``: larger is better).
     An encoder model's prompt (soft tokens + head) is scored through its own bank."""
-    from .encoder import EncoderBank, is_encoder_model
+    from .families import family_for
 
-    bank = EncoderBank(model, tokenizer) if is_encoder_model(model) else PromptBank(model, tokenizer)
+    bank = family_for(model).make_bank(model, tokenizer)
     return validate(bank, bank.add_prompt(result.prompt, "candidate"), examples, cfg)
 
 

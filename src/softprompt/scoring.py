@@ -17,10 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from . import seq2seq
 from .bank import PromptBank
-from .conditioning import DEFAULT_MAX_BATCH_TOKENS, full_context, greedy_generate, label_logprobs, newline_ids, run_context
-from .seq2seq import is_encoder_decoder
+from .conditioning import DEFAULT_MAX_BATCH_TOKENS, newline_ids
 
 
 def length_sorted_batches(lengths: list[int], batch_size: int, max_tokens: int | None = None,
@@ -104,10 +102,8 @@ def classify(
 
 def _classify_raw(bank: PromptBank, entry, examples, *, batch_size: int, progress: bool | str,
                   max_batch_tokens: int, compile: bool = False) -> Classification:
-    if getattr(bank, "is_encoder", False):  # encoder models read classes with a head, not a verbalizer
-        from .encoder import classify as classify_encoder
-
-        return classify_encoder(bank, entry, examples, batch_size=batch_size, progress=progress)
+    if not bank.family.supports("rank_classification"):  # encoder models read classes with a head, not a verbalizer
+        return bank.family.classify_with_head(bank, entry, examples, batch_size=batch_size, progress=progress)
     entries = _entries_for(bank, entry, len(examples))
     label_sets = {tuple(bank.entries[e].labels) for e in entries}
     if len(label_sets) != 1:
@@ -134,12 +130,9 @@ def _classify_raw(bank: PromptBank, entry, examples, *, batch_size: int, progres
 
 def _label_scores(bank: PromptBank, entry_idx: torch.Tensor, suffixes: list[list[int]],
                   max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, compile: bool = False) -> list[torch.Tensor]:
-    """Label log-probs of a batch: decoder-only models score from the prompt's cached context
-    (``conditioning.py``), encoder-decoders (T5) as decoder targets (``seq2seq.py``)."""
-    if is_encoder_decoder(bank.model):
-        return seq2seq.label_logprobs(bank, seq2seq.encode(bank, entry_idx, suffixes), max_batch_tokens=max_batch_tokens)
-    ctx = full_context(bank, entry_idx, suffixes, compile=True) if compile else run_context(bank, entry_idx, suffixes)
-    return label_logprobs(bank, ctx, max_batch_tokens=max_batch_tokens)
+    """Label log-probs of a batch, by the bank's model family: decoder-only models score from the
+    prompt's cached context (``conditioning.py``), encoder-decoders (T5) as decoder targets (``seq2seq.py``)."""
+    return bank.family.label_scores(bank, entry_idx, suffixes, max_batch_tokens, compile)
 
 
 def _generated(bank: PromptBank, entry_idx: torch.Tensor, suffixes: list[list[int]], max_new_tokens: int,
@@ -148,11 +141,8 @@ def _generated(bank: PromptBank, entry_idx: torch.Tensor, suffixes: list[list[in
     newline tokens (EOS is added by the decoders); they end an answer only once it has started
     (``take_token``)."""
     leading = frozenset(stop - {bank.tokenizer.eos_token_id})
-    if is_encoder_decoder(bank.model):
-        enc = seq2seq.encode(bank, entry_idx, suffixes)
-        return seq2seq.greedy_generate(bank, enc, max_new_tokens=max_new_tokens, stop_ids=stop, skip_leading=leading)
-    ctx = run_context(bank, entry_idx, suffixes)
-    return greedy_generate(bank, ctx, max_new_tokens=max_new_tokens, stop_ids=stop, skip_leading=leading)
+    return bank.family.generate(bank, entry_idx, suffixes, max_new_tokens=max_new_tokens, stop_ids=stop,
+                                skip_leading=leading)
 
 
 def classification_metrics(gold: list[str], pred: list[str], labels: list[str]) -> dict:

@@ -4,8 +4,7 @@ Prompt tuning was introduced on T5 (Lester et al. 2021): the soft tokens go into
 *encoder* input and the answer is produced by the decoder.  This module is the
 encoder-decoder counterpart of ``conditioning.py``; the rest of the package (templates,
 ``PromptBank``, the ``SoftPrompt`` artifact, the training loop, metrics) is shared, and
-``scoring.py`` / ``train.py`` hand over to the functions here when
-``model.config.is_encoder_decoder`` is true.
+the encoder-decoder family (``families/seq2seq.py``) hands over to the functions here.
 
 What differs from the decoder-only path, and why:
 
@@ -49,17 +48,6 @@ PREFIX_UNSUPPORTED = (
     "prefix tuning (per-layer key/values) is not supported for encoder-decoder models such as T5; "
     "use prompt tuning (method 'prompt': {soft:N} tokens in the template, which feed the encoder)"
 )
-
-
-def is_encoder_decoder(model) -> bool:
-    """True for encoder-decoder models (T5, BART, ...), read from the model's config."""
-    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-
-
-def check_method(method: str) -> None:
-    """Refuse training methods this module cannot run (called before any work is done)."""
-    if method == "prefix":
-        raise ValueError(PREFIX_UNSUPPORTED)
 
 
 def decoder_start_id(model) -> int:

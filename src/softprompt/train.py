@@ -44,12 +44,9 @@ from tqdm.auto import tqdm
 
 from .core import atomic
 from .core.method import TRAINED, Method
-from . import seq2seq
 from .bank import PromptBank
 from .compiled import resolve_compile
-from .conditioning import continuation_logprobs, full_context, label_logprobs, run_context
 from .distributed import DataParallel
-from .losses import answer_loss, answer_targets, classification_loss
 from .prompts import ModelIdentity, SoftPrompt, init_embeddings
 from .reparam import ENCODERS, PromptTensors
 from .scoring import classification_metrics, classify, generate, qa_metrics
@@ -230,25 +227,7 @@ def batch_loss(
     ``context`` (see :attr:`TrainConfig.context`) only changes how the numbers are computed,
     not the numbers: both modes give the same loss and gradients to float rounding; so does
     ``compile`` (the ``full`` step's frozen forward through ``compiled.py``)."""
-    if seq2seq.is_encoder_decoder(bank.model):  # T5 family: soft tokens in the encoder, targets in the decoder
-        return seq2seq.batch_loss(bank, entry, examples, loss, class_weights)
-    e = bank.entries[entry]
-    suffixes = [bank.suffix_ids(entry, ex.fields) for ex in examples]
-    entry_idx = torch.full((len(examples),), entry)
-    if context == "full":
-        ctx = full_context(bank, entry_idx, suffixes, compile=compile)
-    else:
-        ctx = run_context(bank, entry_idx, suffixes)
-    n_tokens = sum(len(s) for s in suffixes)
-    if e.kind == "classification":
-        scores = torch.stack(label_logprobs(bank, ctx))  # [B, n_labels]
-        gold = torch.tensor([e.labels.index(ex.label) for ex in examples], device=scores.device)
-        n_tokens += sum(len(ids) - 1 for ids in e.label_ids) * len(examples)
-        return classification_loss(scores, gold, loss, class_weights), n_tokens
-    targets = answer_targets(bank.tokenizer, examples)
-    lp = continuation_logprobs(bank, ctx, list(range(len(examples))), targets)
-    n_tokens += sum(len(t) for t in targets)
-    return answer_loss(lp, targets), n_tokens
+    return bank.family.batch_loss(bank, entry, examples, loss, class_weights, context=context, compile=compile)
 
 
 def loss_weight(task: Task, examples, class_weights: torch.Tensor | None = None) -> float:
@@ -465,13 +444,13 @@ def train_prompt(
 
     cfg = config or TrainConfig()
     check_training_inputs(model, task, train_examples, valid_examples)
-    from .encoder import is_encoder_model, train_encoder_prompt
+    from .families import family_for
 
-    if is_encoder_model(model):  # BERT family: soft prompt + classification head (encoder.py)
-        return train_encoder_prompt(model, tokenizer, task, train_examples, valid_examples, cfg, out_dir=out_dir,
-                                    resume=resume, progress=progress, init=init)
-    if seq2seq.is_encoder_decoder(model):
-        seq2seq.check_method(cfg.method)  # before any work: prefix tuning has no encoder-decoder form here
+    # BERT family: soft prompt + head in encoder.py's loop; the others: the method checked before any work
+    separate = family_for(model).train_separately(model, tokenizer, task, train_examples, valid_examples, cfg,
+                                                  out_dir=out_dir, resume=resume, progress=progress, init=init)
+    if separate is not None:
+        return separate
     encoders = encoders_for(cfg)
     from .distributed import is_sharded
 

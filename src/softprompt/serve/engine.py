@@ -115,6 +115,7 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.bank = PromptBank(model, tokenizer)
+        self.bank.family.require("serve")  # decoder-only: batches share prompts' cached contexts (UnsupportedError)
         self.identity: ModelIdentity = self.bank.identity
         self.base_name = base_name or self.identity.name
         self.config = config = config.resolve(self.bank._device().type)

@@ -301,10 +301,8 @@ def plan_ptuning(comp, p: Plan) -> list[Row]:
 @planner("prefix")
 def plan_prefix(comp, p: Plan) -> list[Row]:
     cfg = comp.cfg
-    if comp._seq2seq:
-        from ...seq2seq import PREFIX_UNSUPPORTED
-
-        comp.log(f"prefix skipped: {PREFIX_UNSUPPORTED}")
+    if not comp.family.supports("prefix"):
+        comp.log(f"prefix skipped: {comp.unsupported('prefix')}")
         return []
     rp = cfg.prefix_reparam
     name = (f"prefix tuning ({cfg.prompt_length} key/value positions per layer"
@@ -369,6 +367,9 @@ def plan_hybrid(comp, p: Plan) -> list[Row]:
 @planner("ensemble")
 def plan_ensemble(comp, p: Plan) -> list[Row]:
     cfg, main = comp.cfg, p.main
+    if not comp.family.supports("ensemble"):
+        comp.log(f"ensemble skipped: {comp.unsupported('ensemble')}")
+        return []
     if len(main) < 2:
         comp.log("ensemble skipped: it needs at least 2 seeds (--seeds)")
         return []

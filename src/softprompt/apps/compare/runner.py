@@ -94,9 +94,7 @@ class Comparison:
         if "transfer" in config.methods and eval_data is not None:
             self.eval_test = self._mapped_eval_test(eval_data)
         self.bank = PromptBank(model, tokenizer)
-        from ...seq2seq import is_encoder_decoder
-
-        self._seq2seq = is_encoder_decoder(model)
+        self.family = self.bank.family  # what the model supports (prefix tuning, ensembles): the planners ask it
         self.start: dict[str, Any] | None = None  # the chosen hard prompt soft prompts start from (run())
         from ...chat import has_chat_template
 
@@ -168,6 +166,16 @@ class Comparison:
         self.results["rows"] = [asdict(r) for r in self.rows]
         path = self.out / RESULTS
         atomic.write_json(path, self.results, indent=1, default=str, mode=0o644, prefix=".results.")
+
+    def unsupported(self, capability: str) -> str:
+        """Why the model's family cannot run ``capability`` (the ``UnsupportedError`` message)."""
+        from ...families import UnsupportedError
+
+        try:
+            self.family.require(capability)
+        except UnsupportedError as e:
+            return str(e)
+        return ""
 
     def _done(self, run: Run) -> bool:
         rec = self.results["runs"].get(run.id)

@@ -109,6 +109,9 @@ def load_front_model(name_or_path: str) -> FrontModel:
                              f"{name_or_path!r} is neither")
         name = folder.resolve().name
     config = AutoConfig.from_pretrained(folder)
+    from ...families import family_for
+
+    family_for(config).require("vllm")  # before reading weights: vLLM serves decoder-only models here
     key = _input_embedding_key(config)
     index = folder / "model.safetensors.index.json"
     files = [folder / json.loads(index.read_text())["weight_map"][key]] if index.exists() else sorted(folder.glob("*.safetensors"))
