@@ -13,7 +13,7 @@ import torch
 from softprompt.bank import PromptBank
 from softprompt.prompts import SoftPrompt
 from softprompt.scoring import classify
-from softprompt.tasks import Example
+from softprompt.data import Example
 from softprompt.testing import tiny_causal_lm, tiny_t5, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
