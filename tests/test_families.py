@@ -14,7 +14,7 @@ from softprompt.families import (
     CAPABILITIES, CAPABILITY_NAMES, DECODER, ENCODER, FAMILIES, SEQ2SEQ, Family, UnsupportedError, capability_rows,
     family_for, require,
 )
-from softprompt.tasks import Example, Task
+from softprompt.data import Example, Task
 from softprompt.testing import tiny_causal_lm, tiny_t5, tiny_tokenizer
 from softprompt.train import TrainConfig, train_prompt
 
