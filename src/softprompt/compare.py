@@ -98,7 +98,7 @@ from .prompts import ModelIdentity, SoftPrompt
 from .scoring import classify, generate
 from .tasks import Example, Task, TaskData
 from .templates import Segment, Template
-from .train import DEFAULT_LR  # the one default learning rate (train, compare, demo)
+from .training.config import DEFAULT_LR  # the one default learning rate (train, compare, demo)
 
 __all__ = [
     "ALL_METHODS",
