@@ -45,7 +45,8 @@ def first_step(model, tok, data, cfg, init, shards: int) -> dict:
     import torch
 
     from softprompt.bank import PromptBank
-    from softprompt.train import batch_loss, batch_plan, loss_weight
+    from softprompt.train import batch_loss, loss_weight
+    from softprompt.training.loop import batch_plan
 
     p = torch.nn.Parameter(init.clone())
     bank = PromptBank(model, tok)

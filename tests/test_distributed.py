@@ -22,7 +22,8 @@ import torch
 from softprompt.prompts import SoftPrompt
 from softprompt.data import Example, Task
 from softprompt.testing import tiny_causal_lm, tiny_tokenizer
-from softprompt.train import CHECKPOINT, TrainConfig, load_checkpoint, train_prompt
+from softprompt.train import TrainConfig, train_prompt
+from softprompt.training.checkpoint import CHECKPOINT, load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SRC, TESTS = Path(__file__).parents[1] / "src", Path(__file__).parent
@@ -195,7 +196,7 @@ def test_two_processes_train_the_same_prompt_as_one(tmp_path, monkeypatch):
 
     # each rank trained on its shard only: ceil(b/2) and floor(b/2) rows of a b-row batch (one
     # weight-0 row for an empty shard), not the whole batch as a plain copy of the 1-process run would
-    from softprompt.train import batch_plan
+    from softprompt.training.loop import batch_plan
 
     plan = batch_plan(len(TRAIN), PROMPT_CFG.batch_size, PROMPT_CFG.epochs, PROMPT_CFG.seed)
     steps = len(json.loads((one / "prompt" / "history.json").read_text()))

@@ -240,7 +240,7 @@ def test_interrupted_training_resumes_to_the_same_prompt_and_head(bert, tmp_path
         m.setattr(EncoderBank, "logits" if n_tokens else "head_logits", dies_after_six_steps)
         with pytest.raises(KeyboardInterrupt):
             train_encoder_prompt(model, tok, SENTIMENT, train, valid, cfg, out_dir=tmp_path / "b", **kw)
-    from softprompt.train import CHECKPOINT, load_checkpoint
+    from softprompt.training.checkpoint import CHECKPOINT, load_checkpoint
 
     assert 0 < load_checkpoint(tmp_path / "b" / CHECKPOINT)[1]["step"] < whole.steps  # died mid-run
     resumed = train_encoder_prompt(model, tok, SENTIMENT, train, valid, cfg, out_dir=tmp_path / "b", resume=True, **kw)

@@ -11,7 +11,8 @@ from softprompt.reparam import PromptEncoder, PromptTensors
 from softprompt.scoring import classify
 from softprompt.data import Example, Task
 from softprompt.testing import tiny_causal_lm, tiny_tokenizer
-from softprompt.train import CHECKPOINT, TrainConfig, encoders_for, load_checkpoint, train_prompt
+from softprompt.train import TrainConfig, encoders_for, train_prompt
+from softprompt.training.checkpoint import CHECKPOINT, load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

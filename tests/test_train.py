@@ -14,7 +14,9 @@ import torch
 from softprompt.prompts import SoftPrompt
 from softprompt.data import Example, Task
 from softprompt.testing import tiny_causal_lm, tiny_tokenizer
-from softprompt.train import CHECKPOINT, RunProgress, TrainConfig, batch_plan, lr_at, train_prompt
+from softprompt.train import TrainConfig, train_prompt
+from softprompt.training.checkpoint import CHECKPOINT, RunProgress
+from softprompt.training.loop import batch_plan, lr_at
 
 POS = ["good movie", "great film", "love this movie", "amazing film", "good good", "happy great"]
 NEG = ["bad movie", "awful film", "hate this movie", "terrible film", "bad bad", "sad awful"]

@@ -30,12 +30,10 @@ entry, and each entry has its own soft tokens, head and pooling, so one batch ca
 """
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +41,12 @@ from tqdm.auto import tqdm
 
 from .bank import NamedEntries, family_of
 from .core.method import Method
+from .distributed import DataParallel
+from .losses import balancing_weights
 from .prompts import ModelIdentity, SoftPrompt, init_embeddings
 from .templates import Template
+from .training.config import TrainConfig
+from .training.loop import Trainable, check_training_inputs, fit
 
 POOLINGS = ("mean", "cls")
 #: ``SoftPrompt.method`` of encoder artifacts: with soft tokens, and head only.
@@ -287,20 +289,16 @@ def classify(bank: EncoderBank, entry: int | str | list[int], examples, *, batch
 
 
 # ----------------------------------------------------------------------------- training
-def _features(bank: EncoderBank, entry: int, examples, batch_size: int) -> torch.Tensor:
-    """Pooled states of ``examples`` under ``entry``, without gradients (for a head-only run)."""
+def _features(bank: EncoderBank, entry: int, examples, batch_size: int, dp=None) -> torch.Tensor:
+    """Pooled states of ``examples`` under ``entry``, without gradients (for a head-only run);
+    with a data-parallel ``dp`` each process pools its shard (``distributed.DataParallel``)."""
+    if dp is not None and dp.shards_evaluation:
+        mine = dp.shard(examples)
+        local = list(_features(bank, entry, mine, batch_size).cpu()) if mine else []
+        return torch.stack(dp.gather(local, len(examples))).to(bank._device())
     with torch.no_grad():
         return torch.cat([bank.pooled([entry] * len(examples[i:i + batch_size]), examples[i:i + batch_size])
                           for i in range(0, len(examples), batch_size)])
-
-
-def _features_sharded(bank: EncoderBank, entry: int, examples, batch_size: int, dp) -> torch.Tensor:
-    """:func:`_features` with each process pooling its shard (``distributed.DataParallel``)."""
-    if not dp.shards_evaluation:
-        return _features(bank, entry, examples, batch_size)
-    mine = dp.shard(examples)
-    local = list(_features(bank, entry, mine, batch_size).cpu()) if mine else []
-    return torch.stack(dp.gather(local, len(examples))).to(bank._device())
 
 
 def fold_standardised(weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, std: torch.Tensor):
@@ -309,35 +307,150 @@ def fold_standardised(weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tens
     return w, bias - w @ mean
 
 
+class EncoderTrainable(Trainable):
+    """Soft tokens and a linear head on a frozen encoder (an :class:`EncoderBank` entry); with
+    no soft tokens, the head alone (a linear probe, whose features are computed once in
+    :meth:`prepare` instead of every step).  The head is trained on standardised features
+    (module docstring) and saved folded into a plain head."""
+
+    def __init__(self, model, tokenizer, task, train_examples, cfg, n: int, *, pooling: str, head_lr: float,
+                 init: torch.Tensor | None = None):
+        self.dp = DataParallel.current(model)  # under accelerate launch: this process's shard of each batch
+        torch.manual_seed(cfg.seed)
+        self.model, self.task, self.cfg, self.n, self.pooling, self.head_lr = model, task, cfg, n, pooling, head_lr
+        self.train_examples = train_examples
+        self.description = f"training {task.name} ({'prompt + head' if n else 'head only'})"
+        self.bank = bank = EncoderBank(model, tokenizer)
+        device, hidden, labels = bank._device(), bank.identity.hidden_size, task.labels
+        if init is not None:
+            start = init
+        elif n:
+            words = [w.strip() for w in (task.verbalizer or {}).values()]
+            start = init_embeddings(model, tokenizer, n, cfg.init, text=cfg.init_text or task.instruction or None,
+                                    label_words=words, seed=cfg.seed)
+        else:
+            start = torch.zeros(0, hidden)
+        if tuple(start.shape) != (n, hidden):
+            raise ValueError(f"init of shape {tuple(start.shape)}; expected ({n}, {hidden})")
+        self.params = {
+            "prompt": torch.nn.Parameter(start.detach().clone().to(device, torch.float32), requires_grad=n > 0),
+            "weight": torch.nn.Parameter(torch.zeros(len(labels), hidden, device=device)),
+            "bias": torch.nn.Parameter(torch.zeros(len(labels), device=device)),
+        }
+        self.class_weights = balancing_weights(labels, train_examples).to(device) if cfg.balance else None
+        self.gold = torch.tensor([labels.index(ex.label) for ex in train_examples], device=device)
+        self.entry, self.feats, self.valid_feats = -1, None, None  # set by prepare() and validate()
+
+    def param_groups(self) -> list[dict]:
+        groups = [{"params": [self.params["weight"], self.params["bias"]], "base_lr": self.head_lr}]
+        if self.n:
+            groups.insert(0, {"params": [self.params["prompt"]], "base_lr": self.cfg.lr})
+        return groups
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return dict(self.params)
+
+    @torch.no_grad()
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        for k, p in self.params.items():
+            p.copy_(tensors[k])
+
+    def run_config(self, cfg) -> dict:
+        return {**cfg.to_dict(), "n_tokens": self.n, "pooling": self.pooling, "head_lr": self.head_lr}
+
+    def prepare(self) -> None:
+        """Add the entry, and measure the feature standardisation under the initial prompt
+        (a head-only run keeps all training features: they never change)."""
+        bank, p, cfg, train = self.bank, self.params, self.cfg, self.train_examples
+        self.entry = bank.add(self.task.name, self.task.labels, fields=self.task.input_fields, soft=p["prompt"],
+                              weight=p["weight"], bias=p["bias"], pooling=self.pooling,
+                              verbalizer=self.task.verbalizer)
+        self.feats = _features(bank, self.entry, train, cfg.eval_batch_size, self.dp) if not self.n else None
+        sample = self.feats if self.feats is not None else _features(
+            bank, self.entry, train[:STANDARDISE_EXAMPLES], cfg.eval_batch_size, self.dp)
+        self.mean = sample.mean(0)
+        self.std = sample.std(0).clamp(min=1e-4) if len(sample) > 1 else torch.ones_like(self.mean)
+
+    def condition(self) -> None:
+        """Point the bank entry at the plain head equal to the trained standardised one."""
+        e = self.bank.entries[self.entry]
+        e.weight, e.bias = fold_standardised(self.params["weight"], self.params["bias"], self.mean, self.std)
+
+    def loss(self, examples: list, index: list[int]) -> tuple[torch.Tensor, int]:
+        dp, cw = self.dp, self.class_weights
+        # data-parallel: this rank's shard; an empty one runs one example with weight 0 (distributed.py)
+        mine = dp.shard(index) if dp.active else index
+        rows = mine or index[:1]
+        if self.feats is not None:
+            logits, n_tok = self.bank.head_logits([self.entry] * len(rows), self.feats[rows]), 0
+        else:
+            batch = [self.train_examples[i] for i in rows]
+            n_tok = sum(len(r[0]) for r in self.bank.encode(self.entry, batch)) if mine else 0
+            logits = self.bank.logits([self.entry] * len(rows), batch)
+        gold = self.gold[rows]
+        per = F.cross_entropy(logits, gold, reduction="none")
+        w = cw[gold] if cw is not None else torch.ones_like(per)
+        if dp.active:  # this shard's part of the global batch's weighted mean; the parts sum to it
+            total_weight = cw[self.gold[index]].sum() if cw is not None else len(index)
+            return (per * w).sum() / total_weight * (1.0 if mine else 0.0), n_tok
+        return (per * w).sum() / w.sum(), n_tok
+
+    def validate(self, examples) -> dict:
+        dp, labels, bs = self.dp, self.task.labels, self.cfg.eval_batch_size
+        with torch.no_grad():
+            if self.feats is not None:
+                if self.valid_feats is None:  # a head-only run pools the validation set once
+                    self.valid_feats = _features(self.bank, self.entry, examples, bs, dp)
+                logits = self.bank.head_logits([self.entry] * len(examples), self.valid_feats).cpu()
+            elif dp.shards_evaluation:
+                mine = dp.shard(examples)
+                local = list(classify(self.bank, self.entry, mine, batch_size=bs).scores) if mine else []
+                logits = torch.stack(dp.gather(local, len(examples)))
+            else:
+                logits = classify(self.bank, self.entry, examples, batch_size=bs).scores
+        preds = [labels[j] for j in logits.argmax(-1).tolist()]  # as classify() predicts
+        from .scoring import classification_metrics
+
+        m = classification_metrics([ex.label for ex in examples], preds, labels)
+        gold = torch.tensor([labels.index(ex.label) for ex in examples])
+        loss = float(F.cross_entropy(logits, gold))
+        return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "loss": loss,
+                "score": (m["accuracy"], m["macro_f1"], -loss)}
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {k: p.detach().clone() for k, p in self.params.items()}
+
+    def finish(self, final: dict[str, torch.Tensor], summary: dict) -> SoftPrompt:
+        cfg, n, device = self.cfg, self.n, self.mean.device
+        final = {k: v.to(device) for k, v in final.items()}
+        head_weight, head_bias = fold_standardised(final["weight"], final["bias"], self.mean, self.std)
+        return SoftPrompt(
+            embeddings=final["prompt"].cpu().float(),
+            identity=ModelIdentity.of(self.model),
+            template=encoder_template(n, self.task.input_fields),
+            verbalizer=self.task.verbalizer,
+            task=self.task.name,
+            kind="classification",
+            method=METHOD_PROMPT if n else METHOD_HEAD_ONLY,
+            init=cfg.init if n else "",
+            training={**cfg.to_dict(), "n_tokens": n, "pooling": self.pooling, "head_lr": self.head_lr, **summary},
+            head={"weight": head_weight.detach().cpu().float(), "bias": head_bias.detach().cpu().float()},
+            pooling=self.pooling,
+        )
+
+
 def train_encoder_prompt(
-    model,
-    tokenizer,
-    task,
-    train_examples,
-    valid_examples=None,
-    config=None,
-    *,
-    n_tokens: int | None = None,
-    pooling: str = "mean",
-    head_lr: float | None = None,
-    out_dir: str | Path | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    init: torch.Tensor | None = None,
+    model, tokenizer, task, train_examples, valid_examples=None, config=None, *, n_tokens: int | None = None,
+    pooling: str = "mean", head_lr: float | None = None, out_dir: str | Path | None = None, resume: bool = False,
+    progress: bool = True, init: torch.Tensor | None = None,
 ):
-    """Train soft tokens and a linear head on a frozen encoder; returns a ``train.TrainResult``.
+    """Train soft tokens and a linear head on a frozen encoder; returns a ``TrainResult``.
 
-    ``config`` is a :class:`~softprompt.train.TrainConfig` (``lr`` is the soft tokens' peak
-    rate; the head uses ``head_lr``, same schedule).  ``n_tokens`` defaults to the number of
-    soft tokens in ``task.template``; 0 trains the head alone (a linear probe, whose encoder
-    features are then computed once instead of every step).  With ``valid_examples`` the best
-    state by validation (accuracy, macro-F1, -loss) is kept.
+    ``config`` is a :class:`~softprompt.training.config.TrainConfig` (``lr`` is the soft tokens'
+    peak rate; the head uses ``head_lr``, same schedule).  ``n_tokens`` defaults to the number of
+    soft tokens in ``task.template``; 0 trains the head alone (a linear probe).  With
+    ``valid_examples`` the best state by validation (accuracy, macro-F1, -loss) is kept.
     """
-    from .train import (
-        CHECKPOINT, RunProgress, TrainConfig, TrainResult, batch_plan, checkpoint_to_resume, lr_at, make_optimizer,
-        optimizer_state, save_checkpoint,
-    )
-
     cfg = config or TrainConfig()
     if task.kind != "classification":
         raise ValueError(f"task {task.name!r} is {task.kind}: encoder models only support classification "
@@ -346,203 +459,16 @@ def train_encoder_prompt(
         raise ValueError(f"method {cfg.method!r} is not supported for encoder models; use 'prompt'")
     if cfg.loss != "rank":
         raise ValueError(f"loss {cfg.loss!r}: encoder models are trained with cross-entropy over the head ('rank')")
-    from .train import check_training_inputs
-
     check_training_inputs(model, task, train_examples, valid_examples)
-
-    from .distributed import DataParallel
-
-    dp = DataParallel.current(model)  # under accelerate launch: this process's shard of each batch
-    torch.manual_seed(cfg.seed)
     n = Template(task.template).n_soft if n_tokens is None else int(n_tokens)
     if n < 0:
         raise ValueError(f"n_tokens must be >= 0, got {n}")
-    bank = EncoderBank(model, tokenizer)
-    device, hidden, labels = bank._device(), bank.identity.hidden_size, task.labels
-    if init is not None:
-        start = init
-    elif n:
-        words = [w.strip() for w in (task.verbalizer or {}).values()]
-        start = init_embeddings(model, tokenizer, n, cfg.init, text=cfg.init_text or task.instruction or None,
-                                label_words=words, seed=cfg.seed)
-    else:
-        start = torch.zeros(0, hidden)
-    if tuple(start.shape) != (n, hidden):
-        raise ValueError(f"init of shape {tuple(start.shape)}; expected ({n}, {hidden})")
-    params = {
-        "prompt": torch.nn.Parameter(start.detach().clone().to(device, torch.float32), requires_grad=n > 0),
-        "weight": torch.nn.Parameter(torch.zeros(len(labels), hidden, device=device)),
-        "bias": torch.nn.Parameter(torch.zeros(len(labels), device=device)),
-    }
     head_lr = DEFAULT_HEAD_LR if head_lr is None else head_lr
-    groups = [{"params": [params["weight"], params["bias"]], "base_lr": head_lr}]
-    if n:
-        groups.insert(0, {"params": [params["prompt"]], "base_lr": cfg.lr})
-    dp.broadcast_(params.values())  # every rank starts from the main process's tensors
-    optimizer = make_optimizer(groups, cfg)
-    entry = bank.add(task.name, labels, fields=task.input_fields, soft=params["prompt"], weight=params["weight"],
-                     bias=params["bias"], pooling=pooling, verbalizer=task.verbalizer)
-
-    class_weights = None
-    if cfg.balance:
-        counts = torch.tensor([sum(ex.label == lab for ex in train_examples) for lab in labels], dtype=torch.float)
-        class_weights = (counts.sum() / (len(counts) * counts.clamp(min=1))).to(device)
-    gold_all = torch.tensor([labels.index(ex.label) for ex in train_examples], device=device)
-    run = RunProgress()  # history, best score, clock: what a checkpoint saves (train.py)
-    run.start_clock()  # wall time includes the one-off feature pass of a head-only run
-    feats = _features_sharded(bank, entry, train_examples, cfg.eval_batch_size, dp) if n == 0 else None
-    sample = feats if feats is not None else _features_sharded(bank, entry, train_examples[:STANDARDISE_EXAMPLES],
-                                                               cfg.eval_batch_size, dp)
-    mean = sample.mean(0)
-    std = sample.std(0).clamp(min=1e-4) if len(sample) > 1 else torch.ones(hidden, device=device)
-
-    def sync_head() -> None:
-        """Point the bank entry at the plain head equal to the trained standardised one."""
-        e = bank.entries[entry]
-        e.weight, e.bias = fold_standardised(params["weight"], params["bias"], mean, std)
-
-    valid_feats = (_features_sharded(bank, entry, valid_examples, cfg.eval_batch_size, dp) if n == 0 and valid_examples
-                   else None)
-
-    plan = batch_plan(len(train_examples), cfg.batch_size, cfg.epochs, cfg.seed)
-    if cfg.max_steps is not None:
-        plan = plan[: cfg.max_steps]
-    total = len(plan)
-    eval_every = cfg.eval_every or math.ceil(len(train_examples) / cfg.batch_size)
-    trainable = [p for p in params.values() if p.requires_grad]
-
-    def evaluate() -> dict:
-        sync_head()
-        with torch.no_grad():
-            if valid_feats is not None:
-                logits = bank.head_logits([entry] * len(valid_examples), valid_feats).cpu()
-                preds = [labels[j] for j in logits.argmax(-1).tolist()]
-            elif dp.shards_evaluation:
-                mine = dp.shard(valid_examples)
-                local = list(classify(bank, entry, mine, batch_size=cfg.eval_batch_size).scores) if mine else []
-                logits = torch.stack(dp.gather(local, len(valid_examples)))
-                preds = [labels[j] for j in logits.argmax(-1).tolist()]
-            else:
-                res = classify(bank, entry, valid_examples, batch_size=cfg.eval_batch_size)
-                logits, preds = res.scores, res.predictions
-        from .scoring import classification_metrics
-
-        m = classification_metrics([ex.label for ex in valid_examples], preds, labels)
-        gold = torch.tensor([labels.index(ex.label) for ex in valid_examples])
-        return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "loss": float(F.cross_entropy(logits, gold))}
-
-    best = {k: p.detach().clone() for k, p in params.items()}
-    stopped_early = False
-    run_config = {**cfg.to_dict(), "n_tokens": n, "pooling": pooling, "head_lr": head_lr}
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-    saved = checkpoint_to_resume(out, resume, run_config)  # as train.train_prompt does
-    if saved is not None:
-        tensors, meta = saved
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(tensors[k])
-        best = {k: tensors[f"best.{k}"].to(device) for k in params}
-        optimizer.load_state_dict(optimizer_state(tensors, meta["optimizer"]))
-        run = RunProgress.from_meta(meta)
-        run.start_clock()
-    ckpt_every = cfg.checkpoint_every or eval_every
-
-    def checkpoint() -> None:
-        if out is not None and dp.is_main:
-            run.tick()
-            save_checkpoint(out / CHECKPOINT, params=dict(params), best=best, optimizer=optimizer,
-                            meta=run.meta(run_config))
-
-    bar = tqdm(total=total, initial=run.step, desc=f"training {task.name} ({'prompt + head' if n else 'head only'})",
-               disable=not (progress and dp.is_main), unit="step")
-    for step in range(run.step, total):
-        epoch, idx = plan[step]
-        lr_scale = lr_at(step, total, cfg) / cfg.lr if cfg.lr else 1.0
-        for g in optimizer.param_groups:
-            g["lr"] = g["base_lr"] * lr_scale
-        sync_head()
-        if feats is None:
-            run.tokens_seen += sum(len(r[0]) for r in bank.encode(entry, [train_examples[i] for i in idx]))
-        # data-parallel: this rank's shard; an empty one runs one example with weight 0 (distributed.py)
-        mine = dp.shard(idx) if dp.active else idx
-        rows = mine or idx[:1]
-        if feats is not None:
-            logits = bank.head_logits([entry] * len(rows), feats[rows])
-        else:
-            logits = bank.logits([entry] * len(rows), [train_examples[i] for i in rows])
-        gold = gold_all[rows]
-        per = F.cross_entropy(logits, gold, reduction="none")
-        w = class_weights[gold] if class_weights is not None else torch.ones_like(per)
-        if dp.active:  # this shard's part of the global batch's weighted mean; the parts sum to it
-            total_weight = class_weights[gold_all[idx]].sum() if class_weights is not None else len(idx)
-            loss = (per * w).sum() / total_weight * (1.0 if mine else 0.0)
-        else:
-            loss = (per * w).sum() / w.sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        loss_value = float(loss.detach())
-        if dp.active:
-            (loss_value,) = dp.sum_gradients(trainable, [loss_value])
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-        optimizer.step()
-        run.step = step + 1
-        record: dict[str, Any] = {"step": step + 1, "epoch": epoch, "loss": loss_value,
-                                  "lr": optimizer.param_groups[0]["lr"]}
-        if valid_examples and ((step + 1) % eval_every == 0 or step + 1 == total):
-            m = dp.from_main(evaluate())  # every rank judges the same numbers
-            record["valid"] = m
-            if run.judge((m["accuracy"], m["macro_f1"], -m["loss"])):
-                best = {k: p.detach().clone() for k, p in params.items()}
-            stopped_early = run.out_of_patience(cfg.patience)
-        run.history.append(record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.4f}",
-                        **({"valid": f"{record['valid']['accuracy']:.3f}"} if "valid" in record else {}))
-        if (step + 1) % ckpt_every == 0 or step + 1 == total or stopped_early:
-            checkpoint()
-        if stopped_early:
-            break
-    bar.close()
-    run.tick()
-    final = best if valid_examples else {k: p.detach().clone() for k, p in params.items()}
-    best_step = run.best_step if valid_examples else len(run.history)
-    head_weight, head_bias = fold_standardised(final["weight"], final["bias"], mean, std)
-    prompt = SoftPrompt(
-        embeddings=final["prompt"].cpu().float(),
-        identity=ModelIdentity.of(model),
-        template=encoder_template(n, task.input_fields),
-        verbalizer=task.verbalizer,
-        task=task.name,
-        kind="classification",
-        method=METHOD_PROMPT if n else METHOD_HEAD_ONLY,
-        init=cfg.init if n else "",
-        training={**cfg.to_dict(), "n_tokens": n, "pooling": pooling, "head_lr": head_lr,
-                  "train_examples": len(train_examples), "best_step": best_step, "steps": len(run.history),
-                  "wall_time_s": round(run.elapsed, 2)},
-        head={"weight": head_weight.detach().cpu().float(), "bias": head_bias.detach().cpu().float()},
-        pooling=pooling,
-    )
-    result = TrainResult(prompt=prompt, history=run.history, best_step=best_step, steps=len(run.history),
-                         wall_time_s=run.elapsed, tokens_per_s=run.tokens_per_s,
-                         stopped_early=stopped_early, trainable_params=sum(p.numel() for p in trainable))
-    if out is not None and dp.is_main:
-        prompt.save(out / "prompt.safetensors")
-        (out / "history.json").write_text(json.dumps(run.history, indent=1))
-    dp.barrier()  # the files exist when any rank returns
-    return result
+    trainable = EncoderTrainable(model, tokenizer, task, train_examples, cfg, n, pooling=pooling, head_lr=head_lr,
+                                 init=init)
+    return fit(trainable, train_examples, valid_examples, cfg, out_dir=out_dir, resume=resume, progress=progress)
 
 
-__all__ = [
-    "DEFAULT_HEAD_LR",
-    "METHOD_HEAD_ONLY",
-    "METHOD_PROMPT",
-    "POOLINGS",
-    "EncoderBank",
-    "EncoderEntry",
-    "classify",
-    "encoder_template",
-    "train_encoder_prompt",
-]
+__all__ = ["DEFAULT_HEAD_LR", "METHOD_HEAD_ONLY", "METHOD_PROMPT", "POOLINGS", "EncoderBank", "EncoderEntry",
+           "EncoderTrainable", "classify", "encoder_template",
+           "train_encoder_prompt"]

@@ -14,6 +14,13 @@ import torch.nn.functional as F
 from .templates import encode_text
 
 
+def balancing_weights(labels, examples) -> torch.Tensor:
+    """Per-label weights inversely proportional to the labels' frequency in ``examples`` (1 when
+    balanced), for ``balance=True`` training."""
+    counts = torch.tensor([sum(ex.label == lab for ex in examples) for lab in labels], dtype=torch.float)
+    return counts.sum() / (len(counts) * counts.clamp(min=1))
+
+
 def classification_loss(
     scores: torch.Tensor, gold: torch.Tensor, loss: str = "rank", class_weights: torch.Tensor | None = None
 ) -> torch.Tensor:

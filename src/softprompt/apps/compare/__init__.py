@@ -92,7 +92,7 @@ history.
 from __future__ import annotations
 
 from ...calibration import CALIBRATIONS
-from ...train import DEFAULT_LR
+from ...training.config import DEFAULT_LR
 from .config import (
     ALL_METHODS,
     CLASSIFICATION_ONLY,

@@ -17,7 +17,7 @@ from typing import Any
 from ...calibration import CALIBRATIONS
 from ...reparam import ENCODERS
 from ...data import Example
-from ...train import DEFAULT_LR  # the one default learning rate (train, compare, demo)
+from ...training.config import DEFAULT_LR  # the one default learning rate (train, compare, demo)
 from .decision import SELECT_METRICS
 
 __all__ = [

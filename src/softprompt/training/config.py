@@ -1,0 +1,67 @@
+"""What one training run is configured with (:class:`TrainConfig`) and what it returns
+(:class:`TrainResult`): plain data shared by the loop, its checkpoints and every trainable."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+DEFAULT_LR = 0.3
+"""The one default learning rate of prompt tuning (``train``, ``compare`` and ``demo``): Lester et al.'s
+0.3.  On 50-64 examples the best rate varies by task (0.03 vs 0.3 flipped a held-out task's verdict),
+so ``compare`` also tries 0.03 and 0.1 and picks on validation data (``compare.LR_GRID``)."""
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one prompt-training run (all plain data, saved with the prompt)."""
+
+    method: str = "prompt"  # prompt: train the template's {soft:N} slots; ptuning: the same slots through an
+    # encoder network (P-tuning); prefix: also per-layer key/values
+    prefix_tokens: int = 10  # length of the learned key/value prefix (method "prefix")
+    encoder: str = "lstm"  # ptuning's prompt encoder: lstm (bidirectional LSTM + MLP) | mlp
+    encoder_hidden: int = 128  # width of the encoder network (ptuning, and prefix with reparam "mlp")
+    reparam: str = "none"  # prefix: none (train key/values directly) | mlp (through an MLP, Li & Liang 2021)
+    init: str = "labels"  # random | vocab | text | labels
+    init_text: str | None = None
+    epochs: int = 20
+    max_steps: int | None = None
+    batch_size: int = 8
+    lr: float = DEFAULT_LR
+    optimizer: str = "adamw"  # adamw | adafactor
+    weight_decay: float = 1e-5
+    warmup_steps: int = 10
+    schedule: str = "linear"  # linear | cosine | constant (after warmup)
+    grad_clip: float = 1.0
+    loss: str = "rank"  # rank: cross-entropy over the label scores; lm: -log p(gold label words)
+    balance: bool = False  # weight classes by inverse training frequency (classification)
+    eval_every: int = 0  # steps between validations; 0 = once per epoch
+    patience: int | None = None  # validations without improvement before stopping
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = at each validation
+    eval_batch_size: int = 32
+    max_new_tokens: int = 24
+    seed: int = 0
+    context: str = "auto"  # how a batch runs: "cached" (the prompt's key/values once, then each input on top:
+    # least arithmetic, best on CPUs), "full" (prompt + input in one pass per row: fewest passes, best on
+    # GPUs, where a small model is launch-bound), "auto" (cached on a CPU, full on a GPU)
+    compile: str = "auto"  # the "full" step's frozen forward through torch.compile (compiled.py): on | off |
+    # auto (on for CUDA, off on CPUs, where it was not faster); ignored by the cached step and a sharded model
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    prompt: Any  # the trained artifact (a ``prompts.SoftPrompt`` for every trainable in this package)
+    history: list[dict] = field(default_factory=list)
+    best_step: int = 0
+    steps: int = 0
+    wall_time_s: float = 0.0
+    tokens_per_s: float = 0.0
+    stopped_early: bool = False
+    # numbers the optimizer updated: for P-tuning / reparameterised prefix tuning the encoder
+    # network's weights, which are more than the saved prompt holds (``prompt.n_params``)
+    trainable_params: int | None = None
+
+
+__all__ = ["DEFAULT_LR", "TrainConfig", "TrainResult"]
