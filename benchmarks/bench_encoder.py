@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from softprompt import TrainConfig, load_model, load_task
-from softprompt.encoder import EncoderBank, classify, train_encoder_prompt
+from softprompt.families.encoder import EncoderBank, classify
+from softprompt.training.encoder_head import train_encoder_prompt
 
 
 def main() -> None:

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from softprompt import PromptBank, TrainConfig, classify, load_model, load_task
-from softprompt.restarts import train_with_restarts
-from softprompt.templates import Template, continue_with
+from softprompt.training.restarts import train_with_restarts
+from softprompt.core.templates import Template, continue_with
 
 RECIPES = {
     # hybrid template (instruction + 20 soft tokens), class-label init, AdamW, rank loss
@@ -45,7 +45,7 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--restarts", type=int, default=1,
                    help="train each seed this many times (seeds s, s+1000, ...) and keep the prompt that fits the "
-                        "training examples best (softprompt.restarts); only the kept prompt is scored")
+                        "training examples best (softprompt.training.restarts); only the kept prompt is scored")
     p.add_argument("--method", default="prompt", choices=["prompt", "ptuning", "prefix"])
     p.add_argument("--prefix-tokens", type=int, default=10)
     p.add_argument("--encoder", default="lstm", choices=["lstm", "mlp"], help="prompt encoder of --method ptuning")

@@ -67,9 +67,9 @@ from pathlib import Path
 
 import torch
 
-from softprompt.models import DEFAULT_MODEL, load_model
-from softprompt.peft_io import export_peft, render_peft_input
-from softprompt.prompts import SoftPrompt
+from softprompt.families.loading import DEFAULT_MODEL, load_model
+from softprompt.apps.interop.peft import export_peft, render_peft_input
+from softprompt.core.prompts import SoftPrompt
 from softprompt.serve import Engine
 from softprompt.serve.testing import random_prompt
 from softprompt.data import load_task

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_serve import GEN_TASKS, TASKS, Kind, closed_loop, percentile, texts  # noqa: E402
 
-from softprompt.models import DEFAULT_MODEL, load_model  # noqa: E402
+from softprompt.families.loading import DEFAULT_MODEL, load_model  # noqa: E402
 from softprompt.serve import Engine  # noqa: E402
 from softprompt.serve.backends.vllm import make_vllm_backend  # noqa: E402
 from softprompt.serve.testing import random_prompt  # noqa: E402

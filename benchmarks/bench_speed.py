@@ -88,7 +88,7 @@ def example_ids(tok, ex, verbalizer):
 # ----------------------------------------------------------------------------- PEFT side
 def start_prompt(model, tok, n_tokens: int) -> torch.Tensor:
     """The same initial soft tokens for both sides (sampled vocabulary, seed 0)."""
-    from softprompt.prompts import init_embeddings
+    from softprompt.core.prompts import init_embeddings
 
     weight = model.get_input_embeddings().weight
     return init_embeddings(model, tok, n_tokens, "vocab", seed=0).to(weight.device, weight.dtype)
@@ -183,8 +183,8 @@ def ours_train(model, tok, task, examples, steps, batch_size, n_tokens, lr, cont
                timings=None):
     """Training tokens/s over ``steps`` steps after 2 warm-up steps; ``timings`` (a dict) gets the
     warm-up seconds (where a compiled step compiles) and the seconds per timed step."""
-    from softprompt.bank import PromptBank
-    from softprompt.train import batch_loss, resolve_context
+    from softprompt.core.bank import PromptBank
+    from softprompt.training.prompt import batch_loss, resolve_context
 
     context = resolve_context(context, model)  # as train_prompt does: cached on a CPU, full on a GPU
 
@@ -216,8 +216,8 @@ def ours_train(model, tok, task, examples, steps, batch_size, n_tokens, lr, cont
 
 
 def ours_eval(model, tok, task, examples, batch_size, n_tokens, compile="off"):
-    from softprompt.bank import PromptBank
-    from softprompt.scoring import classify
+    from softprompt.core.bank import PromptBank
+    from softprompt.core.scoring import classify
 
     t = our_task(task, n_tokens)
     bank = PromptBank(model, tok)
@@ -232,7 +232,7 @@ def child(args) -> dict:
     DEVICE = args.device
     model, tok, data = setup(args.threads, args.device, args.dtype)
     task = data.task
-    from softprompt import compiled
+    from softprompt.core import compiled
 
     compiled.DEFAULT_BUCKET = args.bucket
     side = args.child.rsplit("-", 1)[0]  # ours | peft | eager-full | compiled

@@ -44,8 +44,8 @@ def first_step(model, tok, data, cfg, init, shards: int) -> dict:
     shard losses (what the processes of a data-parallel run add up), in one process."""
     import torch
 
-    from softprompt.bank import PromptBank
-    from softprompt.train import batch_loss, loss_weight
+    from softprompt.core.bank import PromptBank
+    from softprompt.training.prompt import batch_loss, loss_weight
     from softprompt.training.loop import batch_plan
 
     p = torch.nn.Parameter(init.clone())
@@ -73,7 +73,7 @@ def sensitivity(a) -> dict:
     import torch
 
     from softprompt import load_model, load_task
-    from softprompt.train import TrainConfig, initial_prompt, train_prompt
+    from softprompt.training.prompt import TrainConfig, initial_prompt, train_prompt
 
     torch.set_num_threads(a.threads)
     model, tok = load_model(a.model)
@@ -109,7 +109,7 @@ def main() -> None:
 
     import torch
 
-    from softprompt.prompts import SoftPrompt
+    from softprompt.core.prompts import SoftPrompt
 
     args = ["--task", a.task, "--model", a.model, "--max-steps", str(a.max_steps), "--batch-size", str(a.batch_size),
             "--epochs", "100", "--test-split", "none", "--valid-split", "none", "--warmup-steps", "2", "--seed", "0"]

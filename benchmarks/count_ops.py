@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import bench_speed as B
 from softprompt import load_model, load_task
-from softprompt.models import convert_embedded, freeze
+from softprompt.families.loading import convert_embedded, freeze
 
 
 def shaped_model(width: int):

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from softprompt import PromptBank, SoftPrompt, classify, load_model, load_task
-from softprompt.scoring import classification_metrics
+from softprompt.core.scoring import classification_metrics
 
 CHAT = ("<|im_start|>user\nTweet: {text}\nIs this tweet a complaint? Answer yes or no.<|im_end|>\n"
         "<|im_start|>assistant\n")

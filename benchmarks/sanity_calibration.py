@@ -12,11 +12,12 @@ import time
 
 import torch
 
-from softprompt import baselines as B
-from softprompt.bank import PromptBank
-from softprompt.calibration import CALIBRATIONS, fit_calibration
-from softprompt.models import load_model
-from softprompt.scoring import classify
+from softprompt.hard import baselines as B
+from softprompt.core.bank import PromptBank
+from softprompt.core.calibration import CALIBRATIONS
+from softprompt.core.calibrate import fit_calibration
+from softprompt.families.loading import load_model
+from softprompt.core.scoring import classify
 from softprompt.data import load_task
 
 
@@ -48,7 +49,7 @@ def main() -> None:
         # calibrating the stored raw scores equals classify(..., calibration=cal): one scoring pass
         scores = cal.apply(raw.raw_scores)
         preds = [raw.labels[j] for j in scores.argmax(-1).tolist()]
-        from softprompt.scoring import classification_metrics
+        from softprompt.core.scoring import classification_metrics
 
         m = classification_metrics([ex.label for ex in examples], preds, raw.labels)
         out["results"][method] = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"],

@@ -13,13 +13,14 @@ import random
 import sys
 import time
 
-from softprompt import baselines as B
-from softprompt.bank import PromptBank
-from softprompt.calibration import Calibration, fit_calibration, log_prior_from_scores
-from softprompt.demo_selection import knn_few_shot_classify
-from softprompt.instruction_search import search_instructions
-from softprompt.models import load_model
-from softprompt.scoring import classification_metrics, classify
+from softprompt.hard import baselines as B
+from softprompt.core.bank import PromptBank
+from softprompt.core.calibration import Calibration, log_prior_from_scores
+from softprompt.core.calibrate import fit_calibration
+from softprompt.hard.demo_selection import knn_few_shot_classify
+from softprompt.hard.instruction_search import search_instructions
+from softprompt.families.loading import load_model
+from softprompt.core.scoring import classification_metrics, classify
 from softprompt.data import load_task
 
 

@@ -4,11 +4,11 @@ from collections import Counter
 
 import pytest
 
-from softprompt import baselines as B
-from softprompt.bank import PromptBank
-from softprompt.scoring import classify
+from softprompt.hard import baselines as B
+from softprompt.core.bank import PromptBank
+from softprompt.core.scoring import classify
 from softprompt.data import Example, Task
-from softprompt.templates import Template, encode_text
+from softprompt.core.templates import Template, encode_text
 from softprompt.testing import tiny_causal_lm, tiny_tokenizer
 
 TASK = Task(name="toy", kind="classification", template="{soft:4} review : {text} label :",

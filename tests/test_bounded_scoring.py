@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from softprompt.bank import PromptBank
-from softprompt.cache_api import cache_arg
-from softprompt.conditioning import (
+from softprompt.core.bank import PromptBank
+from softprompt.core.cache_api import cache_arg
+from softprompt.core.conditioning import (
     Context, continuation_logprobs, label_logprobs, lm_logits, make_cache, pad_right, run_context, token_logprobs,
 )
 from softprompt.testing import TINY_WORDS, tiny_causal_lm, tiny_tokenizer
@@ -105,7 +105,7 @@ def test_unordered_rows_and_long_targets_equal_reference():
 def test_eager_attention_and_fallback_without_tree_masks_agree():
     """The 4D mask works for eager attention too, and an attention implementation that takes
     no custom mask (flash attention) falls back to one continuation per lane."""
-    import softprompt.conditioning as cond
+    import softprompt.core.conditioning as cond
 
     bank = many_label_bank("llama", n_labels=12)
     with torch.no_grad():
@@ -145,7 +145,7 @@ def test_gradients_equal_reference():
 
 def test_token_logprobs_in_chunks(monkeypatch):
     """The vocabulary log-softmax in chunks of rows equals the one-shot version, in any pair order."""
-    import softprompt.conditioning as cond
+    import softprompt.core.conditioning as cond
 
     model = tiny_causal_lm("llama")
     g = torch.Generator().manual_seed(0)
@@ -160,7 +160,7 @@ def test_token_logprobs_in_chunks(monkeypatch):
 def test_no_label_copies_the_context(monkeypatch):
     """The label pass never gathers a copy of the context per label: every lane pass runs at
     most one lane per context row here (the budget holds them all)."""
-    import softprompt.conditioning as cond
+    import softprompt.core.conditioning as cond
 
     bank = many_label_bank("llama", n_labels=30)
     seen = []
@@ -175,7 +175,7 @@ def test_no_label_copies_the_context(monkeypatch):
 def test_t5_label_scores_in_bounded_passes_equal_one_pass():
     """Encoder-decoders score (example, label) pairs in passes that fit the budget, with the
     same numbers as one pass."""
-    from softprompt import seq2seq
+    from softprompt.families import seq2seq
     from softprompt.testing import tiny_t5
 
     model, tok = tiny_t5(), tiny_tokenizer()

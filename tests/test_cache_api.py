@@ -2,7 +2,7 @@
 key/value cache (``cache`` from 5.x releases that renamed it, ``past_key_values`` on 5.0),
 so they raise no deprecation warning on either end of the range pyproject admits.
 
-The forward-pass checks import nothing from ``softprompt.cache_api``, so they also run (and
+The forward-pass checks import nothing from ``softprompt.core.cache_api``, so they also run (and
 fail) against the code from before it existed."""
 import logging
 import warnings
@@ -11,12 +11,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from softprompt import seq2seq
-from softprompt.bank import PromptBank
-from softprompt.conditioning import full_context, greedy_generate, label_logprobs, run_context
+from softprompt.families import seq2seq
+from softprompt.core.bank import PromptBank
+from softprompt.core.conditioning import full_context, greedy_generate, label_logprobs, run_context
 from softprompt.data import Task
 from softprompt.testing import tiny_causal_lm, tiny_t5, tiny_tokenizer
-from softprompt.train import TrainConfig, initial_prefix_kv
+from softprompt.training.prompt import TrainConfig, initial_prefix_kv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -95,7 +95,7 @@ def test_t5_forward_passes_use_the_current_cache_name():
 def test_the_name_is_read_from_the_forward_signature_and_output_fields():
     """Both ends of the range, without installing both: a 5.0-style module and output use
     ``past_key_values``, a current one ``cache``."""
-    from softprompt.cache_api import cache_arg, output_cache
+    from softprompt.core.cache_api import cache_arg, output_cache
 
     class Old(torch.nn.Module):
         def forward(self, input_ids=None, past_key_values=None, use_cache=None, **kwargs):

@@ -7,15 +7,16 @@ import random
 import pytest
 import torch
 
-from softprompt import baselines as B
-from softprompt.bank import PromptBank
-from softprompt.calibration import (
-    CONTENT_FREE, Calibration, class_prior_from, fit_calibration, premise_suffix_ids,
+from softprompt.hard import baselines as B
+from softprompt.core.bank import PromptBank
+from softprompt.core.calibrate import fit_calibration
+from softprompt.core.calibration import (
+    CONTENT_FREE, Calibration, class_prior_from, premise_suffix_ids,
 )
-from softprompt.prompts import ModelIdentity, PromptFileError, SoftPrompt
-from softprompt.scoring import classify
+from softprompt.core.prompts import ModelIdentity, PromptFileError, SoftPrompt
+from softprompt.core.scoring import classify
 from softprompt.data import Example, Task
-from softprompt.templates import Template, encode_text
+from softprompt.core.templates import Template, encode_text
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -208,7 +209,7 @@ def test_hard_prompt_artifact_end_to_end(tmp_path, lm):
 def test_encoder_decoder_and_encoder_banks():
     """T5: every calibration fits through the decoder scorer, and pmi equals scoring the premise
     as the encoder input; an encoder head has no label words, so only batch applies there."""
-    from softprompt.seq2seq import encode, label_logprobs
+    from softprompt.families.seq2seq import encode, label_logprobs
     from softprompt.testing import tiny_t5, tiny_tokenizer
 
     model, tok = tiny_t5(), tiny_tokenizer()

@@ -16,11 +16,11 @@ except importlib.metadata.PackageNotFoundError:  # pragma: no cover
 
 
 def test_calibrated_zero_shot_on_sst2():
-    from softprompt import baselines as B
-    from softprompt.bank import PromptBank
-    from softprompt.calibration import fit_calibration
-    from softprompt.models import load_model
-    from softprompt.scoring import classification_metrics, classify
+    from softprompt.hard import baselines as B
+    from softprompt.core.bank import PromptBank
+    from softprompt.core.calibrate import fit_calibration
+    from softprompt.families.loading import load_model
+    from softprompt.core.scoring import classification_metrics, classify
     from softprompt.data import DataNotFoundError, load_task
 
     try:

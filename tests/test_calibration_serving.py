@@ -7,12 +7,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from softprompt import baselines as B
-from softprompt.bank import PromptBank
-from softprompt.calibration import Calibration, fit_calibration
+from softprompt.hard import baselines as B
+from softprompt.core.bank import PromptBank
+from softprompt.core.calibration import Calibration
+from softprompt.core.calibrate import fit_calibration
 from softprompt.cli import app
-from softprompt.prompts import ModelIdentity, SoftPrompt
-from softprompt.scoring import classify
+from softprompt.core.prompts import ModelIdentity, SoftPrompt
+from softprompt.core.scoring import classify
 from softprompt.serve.engine import Engine
 from softprompt.serve.testing import random_prompt
 from softprompt.data import Example, Task

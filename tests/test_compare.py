@@ -11,7 +11,7 @@ from softprompt.apps import compare as C
 from softprompt.cli import app
 from softprompt.apps.report import PLOTS, load_results, summarize, write_report
 from softprompt.data import Example, Task, TaskData
-from softprompt.templates import Template
+from softprompt.core.templates import Template
 from softprompt.testing import tiny_causal_lm, tiny_tokenizer
 
 POS = ["good", "great", "love", "amazing", "happy", "fast", "thanks"]
@@ -293,8 +293,8 @@ SOFT_SPEC_KEYS = ["kind", "template", "init", "init_text", "seed", "n_train", "t
 
 def _check_ptuning_prefix(results, out, model, tok, n: int, cfg):
     """Shared checks of the P-tuning and prefix runs of one comparison (one seed each)."""
-    from softprompt.baselines import template_overhead_tokens
-    from softprompt.prompts import SoftPrompt
+    from softprompt.hard.baselines import template_overhead_tokens
+    from softprompt.core.prompts import SoftPrompt
 
     runs = results["runs"]
     pt = runs[f"soft/ptuning-lstm/len{n}/{cfg.init}/n{results['data']['train_pool']}/seed0"]

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from softprompt.apps import compare as C
 from softprompt.apps.compare import decision as D
-from softprompt.chat import chat_template, chat_verbalizer
+from softprompt.hard.chat import chat_template, chat_verbalizer
 from softprompt.cli import _files_name, app, default_instruction, default_template
 from softprompt.apps.report import load_results
 from softprompt.data.splits import holdout_split
@@ -84,9 +84,9 @@ def test_compare_chooses_on_validation_and_starts_soft_prompts_from_the_hard_pro
     assert set(dec["difference"]) == {"macro_f1", "accuracy"} and dec["deploy"] in ("hard", "soft")
     assert json.loads((out / "results.json").read_text())["decision"]["recommendation"] == dec["recommendation"]
     # the chosen hard prompt is saved as an artifact that scores as the decision says
-    from softprompt.bank import PromptBank
-    from softprompt.prompts import SoftPrompt
-    from softprompt.scoring import classify
+    from softprompt.core.bank import PromptBank
+    from softprompt.core.prompts import SoftPrompt
+    from softprompt.core.scoring import classify
 
     hp = SoftPrompt.load(out / dec["hard"]["artifact"])
     assert hp.calibration.method == dec["hard"]["calibration"] and hp.n_tokens == 0
@@ -212,7 +212,7 @@ def test_cli_compare_on_user_csv_in_one_command(tmp_path):
 
 
 def test_one_default_learning_rate():
-    from softprompt.train import TrainConfig
+    from softprompt.training.prompt import TrainConfig
 
     assert TrainConfig().lr == C.DEFAULT_LR == C.CompareConfig().lr == 0.3
     assert C.DEFAULT_LR in C.CompareConfig().lrs
@@ -256,8 +256,8 @@ def test_training_and_restarts_choose_by_macro_f1_not_accuracy(monkeypatch):
     balanced one (accuracy 0.7, macro-F1 0.67) in validate(), which picks the best step and restart."""
     import torch
 
-    from softprompt import train as T
-    from softprompt.scoring import Classification, classification_metrics
+    from softprompt.training import prompt as T
+    from softprompt.core.scoring import Classification, classification_metrics
 
     gold = ["a"] * 8 + ["b"] * 2
     preds = {"stuck": ["a"] * 10, "balanced": ["a"] * 5 + ["b"] * 3 + ["b"] * 2}
@@ -308,8 +308,8 @@ def test_cli_demo_shows_the_searched_calibrated_hard_prompt(tmp_path):
 
 def test_score_variants_batch_prior_equals_fit_calibration(lm):
     """The batch prior taken from the scores already computed is fit_calibration's own."""
-    from softprompt.bank import PromptBank
-    from softprompt.calibration import fit_calibration
+    from softprompt.core.bank import PromptBank
+    from softprompt.core.calibrate import fit_calibration
     from softprompt.apps.compare.variants import score_variants
 
     model, tok = lm

@@ -5,14 +5,14 @@ module, and every compiled call uses the same batch size and length bucket (one 
 import pytest
 import torch
 
-from softprompt import compiled
-from softprompt.bank import PromptBank
-from softprompt.compiled import bucketed, full_forward, resolve_compile
-from softprompt.conditioning import full_context, label_logprobs
-from softprompt.scoring import classify
+from softprompt.core import compiled
+from softprompt.core.bank import PromptBank
+from softprompt.core.compiled import bucketed, full_forward, resolve_compile
+from softprompt.core.conditioning import full_context, label_logprobs
+from softprompt.core.scoring import classify
 from softprompt.data import Example
 from softprompt.testing import tiny_causal_lm, tiny_tokenizer
-from softprompt.train import TrainConfig, batch_loss
+from softprompt.training.prompt import TrainConfig, batch_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -101,7 +101,7 @@ def _ids(seqs, width):
 
 
 def _ctx_like(ctx, hidden, layers, mask):
-    from softprompt.conditioning import Context
+    from softprompt.core.conditioning import Context
 
     last = hidden[torch.arange(hidden.shape[0]), ctx.next_pos - 1]
     return Context(layers=layers, mask=mask, next_pos=ctx.next_pos, last_hidden=last, entry_idx=ctx.entry_idx)

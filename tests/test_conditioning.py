@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from softprompt.bank import PromptBank
-from softprompt.conditioning import continuation_logprobs, greedy_generate, label_logprobs, run_context
+from softprompt.core.bank import PromptBank
+from softprompt.core.conditioning import continuation_logprobs, greedy_generate, label_logprobs, run_context
 from softprompt.data import Example
 from softprompt.testing import tiny_causal_lm, tiny_tokenizer
 
@@ -123,7 +123,7 @@ def test_prefix_tuning_mixes_with_prompt_tuning(family):
 def test_prefix_generation_with_cache_equals_without(family):
     """Greedy decoding on the KV cache gives the same tokens as re-running the whole sequence
     (learned prefix + template + generated tokens) at every step."""
-    from softprompt.cache_api import cache_arg, make_cache
+    from softprompt.core.cache_api import cache_arg, make_cache
 
     bank = _with_prefix_entry(make_bank(family))
     e = bank.index("pg")
@@ -149,9 +149,9 @@ def test_prefix_generation_with_cache_equals_without(family):
 
 
 def test_prefix_prompt_trains_and_round_trips(tmp_path):
-    from softprompt.prompts import SoftPrompt
+    from softprompt.core.prompts import SoftPrompt
     from softprompt.data import Task
-    from softprompt.train import TrainConfig, train_prompt
+    from softprompt.training.prompt import TrainConfig, train_prompt
 
     model, tok = tiny_causal_lm(), tiny_tokenizer()
     task = Task(name="toy", kind="classification", template="review : {text} label :",
@@ -167,7 +167,7 @@ def test_prefix_prompt_trains_and_round_trips(tmp_path):
     b1, b2 = PromptBank(model, tok), PromptBank(model, tok)
     b1.add_prompt(res.prompt, "x")
     b2.add_prompt(sp, "x")
-    from softprompt.scoring import classify
+    from softprompt.core.scoring import classify
     assert torch.equal(classify(b1, "x", exs).scores, classify(b2, "x", exs).scores)
 
 

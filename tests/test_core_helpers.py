@@ -8,7 +8,7 @@ import pytest
 
 from softprompt.core import atomic
 from softprompt.core.method import TRAINED, Method
-from softprompt.prompt_meta import PromptMeta
+from softprompt.core.prompt_meta import PromptMeta
 
 
 def test_method_reads_every_spelling():

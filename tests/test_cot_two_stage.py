@@ -3,10 +3,10 @@ the label words after the reasoning), and stage 2 equals scoring its prompt dire
 import pytest
 import torch
 
-from softprompt import baselines as B
-from softprompt.bank import PromptBank
-from softprompt.calibration import fit_calibration
-from softprompt.scoring import classify, generate
+from softprompt.hard import baselines as B
+from softprompt.core.bank import PromptBank
+from softprompt.core.calibrate import fit_calibration
+from softprompt.core.scoring import classify, generate
 from softprompt.data import Example, Task
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

@@ -11,14 +11,14 @@ import os
 import pytest
 import torch
 
-from softprompt.bank import PromptBank
-from softprompt.prompts import SoftPrompt
-from softprompt.scoring import classify, generate
+from softprompt.core.bank import PromptBank
+from softprompt.core.prompts import SoftPrompt
+from softprompt.core.scoring import classify, generate
 from softprompt.serve.engine import Engine
 from softprompt.serve.testing import random_prompt
 from softprompt.data import Example, Task
 from softprompt.testing import tiny_causal_lm, tiny_tokenizer
-from softprompt.train import TrainConfig, train_prompt
+from softprompt.training.prompt import TrainConfig, train_prompt
 
 GPU = os.environ.get("SOFTPROMPT_TEST_GPU", "cuda")  # "cpu" checks these tests' own logic without a GPU
 pytestmark = pytest.mark.skipif(GPU.startswith("cuda") and not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from softprompt.apps.compare import decision as D
-from softprompt.scoring import classification_metrics
+from softprompt.core.scoring import classification_metrics
 
 LABELS = ["a", "b", "c"]
 

@@ -4,13 +4,14 @@ query's own few-shot prompt, calibrated or not."""
 import pytest
 import torch
 
-from softprompt import baselines as B
-from softprompt import demo_selection as D
-from softprompt.bank import PromptBank
-from softprompt.calibration import Calibration, fit_calibration, log_prior_from_scores
-from softprompt.scoring import classify
+from softprompt.hard import baselines as B
+from softprompt.hard import demo_selection as D
+from softprompt.core.bank import PromptBank
+from softprompt.core.calibration import Calibration, log_prior_from_scores
+from softprompt.core.calibrate import fit_calibration
+from softprompt.core.scoring import classify
 from softprompt.data import Example, Task
-from softprompt.templates import encode_text
+from softprompt.core.templates import encode_text
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from softprompt.prompts import SoftPrompt
+from softprompt.core.prompts import SoftPrompt
 from softprompt.data import Example, Task
 from softprompt.testing import tiny_causal_lm, tiny_tokenizer
-from softprompt.train import TrainConfig, train_prompt
+from softprompt.training.prompt import TrainConfig, train_prompt
 from softprompt.training.checkpoint import CHECKPOINT, load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -63,7 +63,7 @@ def case_prefix(out: Path, resume: bool = False):  # prefix tuning on a generati
 def case_encoder(out: Path, resume: bool = False):  # soft prompt + head on a tiny BERT (encoder.py's loop)
     from test_encoder import SENTIMENT, tiny_bert, tiny_bert_tokenizer, toy_examples
 
-    from softprompt.encoder import train_encoder_prompt
+    from softprompt.training.encoder_head import train_encoder_prompt
 
     cfg = TrainConfig(epochs=2, batch_size=7, lr=0.1, warmup_steps=2, eval_every=2, init="random", seed=0)
     return train_encoder_prompt(tiny_bert(), tiny_bert_tokenizer(), SENTIMENT, toy_examples(15, seed=1),
@@ -73,7 +73,7 @@ def case_encoder(out: Path, resume: bool = False):  # soft prompt + head on a ti
 def case_probe(out: Path, resume: bool = False):  # head only on a tiny BERT: pooled features sharded and gathered
     from test_encoder import SENTIMENT, tiny_bert, tiny_bert_tokenizer, toy_examples
 
-    from softprompt.encoder import train_encoder_prompt
+    from softprompt.training.encoder_head import train_encoder_prompt
 
     cfg = TrainConfig(epochs=2, batch_size=7, lr=0.1, warmup_steps=2, eval_every=2, seed=0)
     return train_encoder_prompt(tiny_bert(), tiny_bert_tokenizer(), SENTIMENT, toy_examples(15, seed=1),
@@ -83,7 +83,7 @@ def case_probe(out: Path, resume: bool = False):  # head only on a tiny BERT: po
 
 def case_fsdp(out: Path, resume: bool = False):
     """Prompt tuning with the frozen model's layers sharded over the processes (FSDP2 on gloo)."""
-    from softprompt.distributed import launched, shard_frozen_model
+    from softprompt.training.distributed import launched, shard_frozen_model
 
     model = tiny_causal_lm()
     if launched():
@@ -99,7 +99,7 @@ WORKER = textwrap.dedent("""
     import json, os, sys, torch
     sys.path.insert(0, {src!r}); sys.path.insert(0, {tests!r})
     from pathlib import Path
-    import softprompt.train as T
+    import softprompt.training.prompt as T
     from test_distributed import CASES
     torch.set_num_threads(1)
     root = Path(sys.argv[1])
@@ -158,7 +158,7 @@ class Interrupted(Exception):
 
 
 def test_two_processes_train_the_same_prompt_as_one(tmp_path, monkeypatch):
-    import softprompt.train as T
+    import softprompt.training.prompt as T
 
     one, two = tmp_path / "one", tmp_path / "two"
     names = ["prompt", "ptuning", "prefix", "encoder", "probe", "fsdp"]
@@ -254,7 +254,7 @@ def test_help_documents_the_distributed_options():
 
 
 def test_shard_model_refuses_a_single_process_and_other_methods(tmp_path):
-    from softprompt.distributed import shard_frozen_model
+    from softprompt.training.distributed import shard_frozen_model
 
     with pytest.raises(ValueError, match="several processes"):
         shard_frozen_model(tiny_causal_lm())

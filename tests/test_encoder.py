@@ -1,4 +1,4 @@
-"""Tests for softprompt.encoder: soft prompt + classification head on a frozen BERT-family encoder.
+"""Tests for softprompt.families.encoder: soft prompt + classification head on a frozen BERT-family encoder.
 
 Mechanics run on a tiny random BERT (and a word-level tokenizer with BERT's [CLS]/[SEP]
 layout) in seconds; the real all-MiniLM-L6-v2 check skips when its package is missing.
@@ -10,18 +10,14 @@ import random
 import pytest
 import torch
 
-from softprompt import encoder as enc
-from softprompt.encoder import (
-    EncoderBank,
-    classify,
-    encoder_template,
-    train_encoder_prompt,
-)
+from softprompt.families import encoder as enc
+from softprompt.families.encoder import EncoderBank, classify, encoder_template
+from softprompt.training.encoder_head import train_encoder_prompt
 from softprompt.families import is_encoder_config
-from softprompt.prompts import PromptFileError, PromptMismatchError, SoftPrompt
+from softprompt.core.prompts import PromptFileError, PromptMismatchError, SoftPrompt
 from softprompt.data import Example, Task
 from softprompt.testing import TINY_WORDS, tiny_device
-from softprompt.train import TrainConfig, train_prompt
+from softprompt.training.prompt import TrainConfig, train_prompt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -103,7 +99,7 @@ def test_family_detection():
         T5Config,
     )
 
-    from softprompt.models import _auto_class
+    from softprompt.families.loading import _auto_class
 
     assert is_encoder_config(BertConfig()) and is_encoder_config(RobertaConfig()) and is_encoder_config(DistilBertConfig())
     assert not is_encoder_config(BertConfig(is_decoder=True))
@@ -312,8 +308,8 @@ def test_save_load_round_trip(bert, tmp_path):
 
 
 def test_decoder_artifacts_unchanged_and_kept_apart(bert, lm, tmp_path):
-    from softprompt.bank import PromptBank
-    from softprompt.prompts import ModelIdentity
+    from softprompt.core.bank import PromptBank
+    from softprompt.core.prompts import ModelIdentity
 
     dec_model, dec_tok = lm
     plain = SoftPrompt(embeddings=torch.zeros(2, 32), identity=ModelIdentity.of(dec_model), template="{soft:2} {text}",
@@ -376,7 +372,7 @@ def test_encoder_template():
 
 # ----------------------------------------------------------------------------- real model
 def test_embedded_minilm_loads_as_frozen_encoder():
-    from softprompt.models import EMBEDDED_MODELS, ModelNotAvailableError, load_model
+    from softprompt.families.loading import EMBEDDED_MODELS, ModelNotAvailableError, load_model
 
     try:
         model, tok = load_model("minilm-l6")
@@ -428,7 +424,7 @@ def test_cli_train_and_predict_on_an_encoder_folder(bert, tmp_path):
 def test_restarts_keep_the_best_fitting_encoder_run(bert):
     """train --restarts works for encoder models too: the kept prompt and head are the seed that
     fits the training examples best, as retraining that seed alone gives."""
-    from softprompt.restarts import fit_score, train_with_restarts
+    from softprompt.training.restarts import fit_score, train_with_restarts
 
     model, tok = bert
     train = toy_examples(16, seed=4)

@@ -3,9 +3,9 @@ per batch, and the combine rules."""
 import pytest
 import torch
 
-from softprompt.bank import PromptBank
-from softprompt.ensemble import combine, ensemble_classify
-from softprompt.scoring import classify
+from softprompt.core.bank import PromptBank
+from softprompt.apps.ensemble import combine, ensemble_classify
+from softprompt.core.scoring import classify
 from softprompt.data import Example
 from softprompt.testing import tiny_causal_lm, tiny_tokenizer
 

@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from softprompt.bank import PromptBank
-from softprompt.encoder import EncoderBank
+from softprompt.core.bank import PromptBank
+from softprompt.families.encoder import EncoderBank
 from softprompt.families import (
     CAPABILITIES, CAPABILITY_NAMES, DECODER, ENCODER, FAMILIES, SEQ2SEQ, Family, UnsupportedError, capability_rows,
     family_for, require,
 )
 from softprompt.data import Example, Task
 from softprompt.testing import tiny_causal_lm, tiny_t5, tiny_tokenizer
-from softprompt.train import TrainConfig, train_prompt
+from softprompt.training.prompt import TrainConfig, train_prompt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -102,8 +102,8 @@ def test_training_methods_match_the_table(which, method, t5, bert):
 
 
 def test_scoring_paths_follow_the_table(t5, bert):
-    from softprompt.ensemble import ensemble_classify
-    from softprompt.scoring import classify, generate
+    from softprompt.apps.ensemble import ensemble_classify
+    from softprompt.core.scoring import classify, generate
 
     bank = PromptBank(*t5)
     for name in ("a", "b"):
@@ -140,7 +140,7 @@ def test_vllm_front_end_refuses_t5_before_reading_weights(tmp_path):
 
 
 def test_peft_interop_refuses_t5(t5):
-    from softprompt.peft_io import PeftExportError, _check_decoder_only
+    from softprompt.apps.interop.peft import PeftExportError, _check_decoder_only
 
     with pytest.raises(PeftExportError, match="encoder-decoder"):
         _check_decoder_only(t5[0], "cannot export", PeftExportError)

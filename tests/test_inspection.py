@@ -6,13 +6,13 @@ import torch
 from typer.testing import CliRunner
 
 from softprompt.cli import app
-from softprompt.inspection import (
+from softprompt.apps.inspection import (
     format_inspection,
     inspect_prompt,
     nearest_tokens,
     recompute_init,
 )
-from softprompt.prompts import (
+from softprompt.core.prompts import (
     ModelIdentity,
     PromptMismatchError,
     SoftPrompt,

@@ -4,11 +4,11 @@ import random
 
 import pytest
 
-from softprompt import baselines as B
-from softprompt import instruction_search as S
-from softprompt.bank import PromptBank
-from softprompt.calibration import fit_calibration
-from softprompt.scoring import classify
+from softprompt.hard import baselines as B
+from softprompt.hard import instruction_search as S
+from softprompt.core.bank import PromptBank
+from softprompt.core.calibrate import fit_calibration
+from softprompt.core.scoring import classify
 from softprompt.data import Example, Task, TaskData
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -95,7 +95,7 @@ def test_search_scores_on_training_data_only(lm, tmp_path):
     assert d["n_candidates"] == len(cands) and d["fitted"]["method"] == "contextual"
     # the chosen prompt as an artifact: save, load, score with its own calibration
     res.to_prompt(model, TASK).save(tmp_path / "best.safetensors")
-    from softprompt.prompts import SoftPrompt
+    from softprompt.core.prompts import SoftPrompt
 
     back = SoftPrompt.load(tmp_path / "best.safetensors", model=model)
     assert back.n_tokens == 0 and back.method == "hard_prompt" and back.calibration == cal

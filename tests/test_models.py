@@ -1,4 +1,4 @@
-"""Tests for softprompt.models: loading, freezing, errors and the atomic model cache.
+"""Tests for softprompt.families.loading: loading, freezing, errors and the atomic model cache.
 
 The cache tests replace the slow GGUF conversion (``_convert_into``) and the source
 lookup (``embedded_gguf_path``) with fast fakes, so they run in seconds and do not
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from softprompt import models
-from softprompt.models import (
+from softprompt.families import loading as models
+from softprompt.families.loading import (
     DEFAULT_MODEL,
     EMBEDDED_MODELS,
     MARKER_NAME,

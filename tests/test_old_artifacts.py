@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from softprompt.bank import PromptBank
-from softprompt.prompts import SoftPrompt
-from softprompt.scoring import classify
+from softprompt.core.bank import PromptBank
+from softprompt.core.prompts import SoftPrompt
+from softprompt.core.scoring import classify
 from softprompt.data import Example
 from softprompt.testing import tiny_causal_lm, tiny_t5, tiny_tokenizer
 
@@ -42,7 +42,7 @@ def test_old_encoder_prompt_scores_identically():
     sys.path.insert(0, str(Path(__file__).parent))
     from test_encoder import tiny_bert, tiny_bert_tokenizer
 
-    from softprompt.encoder import EncoderBank, classify as encoder_classify
+    from softprompt.families.encoder import EncoderBank, classify as encoder_classify
 
     model, tok = tiny_bert(), tiny_bert_tokenizer()
     prompt = SoftPrompt.load(FIXTURES / "bert_prompt.safetensors", model=model)

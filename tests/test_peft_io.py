@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from softprompt.bank import PromptBank
+from softprompt.core.bank import PromptBank
 from softprompt.cli import app
-from softprompt.peft_io import (
+from softprompt.apps.interop.peft import (
     PeftExportError,
     PeftImportError,
     PeftImportWarning,
@@ -22,10 +22,10 @@ from softprompt.peft_io import (
     import_peft,
     render_peft_input,
 )
-from softprompt.prompts import ModelIdentity, PromptMismatchError, SoftPrompt
-from softprompt.scoring import classify
+from softprompt.core.prompts import ModelIdentity, PromptMismatchError, SoftPrompt
+from softprompt.core.scoring import classify
 from softprompt.data import Example
-from softprompt.templates import encode_text
+from softprompt.core.templates import encode_text
 from softprompt.testing import tiny_causal_lm, tiny_tokenizer
 
 peft = pytest.importorskip("peft", reason="peft is an optional extra: pip install 'softprompt[hf]'")

@@ -5,11 +5,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from softprompt.bank import PromptBank
-from softprompt.prompts import ModelIdentity, PromptFileError, PromptMismatchError, SoftPrompt, init_embeddings
-from softprompt.scoring import classify
+from softprompt.core.bank import PromptBank
+from softprompt.core.prompts import ModelIdentity, PromptFileError, PromptMismatchError, SoftPrompt, init_embeddings
+from softprompt.core.scoring import classify
 from softprompt.data import Example
-from softprompt.templates import Template, TemplateError, soft_id
+from softprompt.core.templates import Template, TemplateError, soft_id
 from softprompt.testing import tiny_causal_lm, tiny_tokenizer
 
 

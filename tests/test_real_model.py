@@ -27,7 +27,7 @@ def real():
 
 def test_demo_prompt_learns_and_beats_zero_shot(real, tmp_path):
     from softprompt import PromptBank, SoftPrompt, TrainConfig, classify, load_task, train_prompt
-    from softprompt.templates import Template
+    from softprompt.core.templates import Template
 
     model, tok = real
     data = load_task("demo")
@@ -52,7 +52,7 @@ def test_rank_classification_matches_full_sequence_scoring_on_real_model(real):
     """The cached-prefix, score-labels-from-the-cache path equals scoring every (example,
     label) sequence in full, on the real model and real tweets."""
     from softprompt import PromptBank, load_task
-    from softprompt.conditioning import label_logprobs, run_context
+    from softprompt.core.conditioning import label_logprobs, run_context
 
     model, tok = real
     try:

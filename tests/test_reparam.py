@@ -4,14 +4,14 @@ the prompt did during training and mixes with other kinds of prompt in one batch
 import pytest
 import torch
 
-from softprompt.bank import PromptBank
-from softprompt.conditioning import label_logprobs, run_context
-from softprompt.prompts import SoftPrompt
-from softprompt.reparam import PromptEncoder, PromptTensors
-from softprompt.scoring import classify
+from softprompt.core.bank import PromptBank
+from softprompt.core.conditioning import label_logprobs, run_context
+from softprompt.core.prompts import SoftPrompt
+from softprompt.core.reparam import PromptEncoder, PromptTensors
+from softprompt.core.scoring import classify
 from softprompt.data import Example, Task
 from softprompt.testing import tiny_causal_lm, tiny_tokenizer
-from softprompt.train import TrainConfig, encoders_for, train_prompt
+from softprompt.training.prompt import TrainConfig, encoders_for, train_prompt
 from softprompt.training.checkpoint import CHECKPOINT, load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")

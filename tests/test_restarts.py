@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from softprompt.prompts import SoftPrompt
-from softprompt.restarts import fit_score, restart_seeds, train_with_restarts
+from softprompt.core.prompts import SoftPrompt
+from softprompt.training.restarts import fit_score, restart_seeds, train_with_restarts
 from softprompt.data import Example, Task
 from softprompt.testing import tiny_causal_lm, tiny_tokenizer
-from softprompt.train import TrainConfig, train_prompt
+from softprompt.training.prompt import TrainConfig, train_prompt
 
 TASK = Task(name="toy", kind="classification", template="{soft:4} review : {text} label :",
             verbalizer={"pos": " yes", "neg": " no"})
@@ -117,7 +117,7 @@ def test_compare_trains_best_of_n(tmp_path):
 
 
 def test_judging_on_a_large_training_set_uses_a_sample(monkeypatch):
-    import softprompt.restarts as R
+    import softprompt.training.restarts as R
 
     seen = []
     real = R.fit_score

@@ -9,15 +9,15 @@ measured here.
 import pytest
 import torch
 
-from softprompt import seq2seq
-from softprompt.bank import PromptBank
+from softprompt.families import seq2seq
+from softprompt.core.bank import PromptBank
 from softprompt.families import is_encoder_decoder
-from softprompt.models import load_model
-from softprompt.prompts import PromptMismatchError, SoftPrompt
-from softprompt.scoring import classify, generate
+from softprompt.families.loading import load_model
+from softprompt.core.prompts import PromptMismatchError, SoftPrompt
+from softprompt.core.scoring import classify, generate
 from softprompt.data import Example, Task
 from softprompt.testing import tiny_t5, tiny_tokenizer
-from softprompt.train import TrainConfig, train_prompt
+from softprompt.training.prompt import TrainConfig, train_prompt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -296,7 +296,7 @@ def test_openapi_and_docs(client):
 def test_serve_wires_model_folder_and_uvicorn(lm, tmp_path, monkeypatch):
     import uvicorn
 
-    import softprompt.models
+    import softprompt.families.loading
     from softprompt.serve import EngineConfig, serve
 
     root = tmp_path / "prompts"
@@ -304,7 +304,7 @@ def test_serve_wires_model_folder_and_uvicorn(lm, tmp_path, monkeypatch):
     populate(lm[0], root)
     (root / "broken.safetensors").write_bytes(b"not a prompt")
     seen = {}
-    monkeypatch.setattr(softprompt.models, "load_model", lambda name, device=None: lm)
+    monkeypatch.setattr(softprompt.families.loading, "load_model", lambda name, device=None: lm)
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
     monkeypatch.setenv("SOFTPROMPT_SERVE_TOKEN", "from-env")
     serve("tiny", root, "127.0.0.1", 8123, None, EngineConfig(max_batch_size=4, max_wait_ms=2.0), True)

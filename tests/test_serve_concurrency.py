@@ -10,9 +10,9 @@ import random
 import httpx
 import pytest
 
-from softprompt.bank import PromptBank
-from softprompt.scoring import classify as ref_classify
-from softprompt.scoring import generate as ref_generate
+from softprompt.core.bank import PromptBank
+from softprompt.core.scoring import classify as ref_classify
+from softprompt.core.scoring import generate as ref_generate
 from softprompt.serve import Engine, Registry, create_app
 from softprompt.serve.testing import ServerThread, random_prompt
 from softprompt.data import Example

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from softprompt.ensemble import COMBINE
+from softprompt.apps.ensemble import COMBINE
 from softprompt.serve.config import EngineConfig
 from softprompt.serve.metrics import Gauge, Metrics
 from softprompt.serve.spec import VOTES, canonical_vote
@@ -81,10 +81,10 @@ def test_each_metrics_has_its_own_registry():
 def test_cli_refuses_a_bad_knob_before_loading_the_model(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    import softprompt.models
+    import softprompt.families.loading
     from softprompt.cli import app
 
-    monkeypatch.setattr(softprompt.models, "load_model", lambda *a, **kw: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(softprompt.families.loading, "load_model", lambda *a, **kw: pytest.fail("the model was loaded"))
     r = CliRunner().invoke(app, ["serve", "--prompts", str(tmp_path), "--max-batch-size", "0"])
     assert r.exit_code == 2 and "max_batch_size" in r.output
 

@@ -7,9 +7,9 @@ import time
 import pytest
 import torch
 
-from softprompt.bank import PromptBank
-from softprompt.scoring import classify as ref_classify
-from softprompt.scoring import generate as ref_generate
+from softprompt.core.bank import PromptBank
+from softprompt.core.scoring import classify as ref_classify
+from softprompt.core.scoring import generate as ref_generate
 from softprompt.serve.engine import (
     Engine, InputTooLongError, InvalidInputError, ModelMismatchError, OverloadedError, PromptRejectedError,
     UnknownTaskError, WrongKindError,
@@ -436,7 +436,7 @@ def test_prefix_tuned_prompts_keep_their_key_values_without_the_prefix_cache(set
 def test_a_line_break_before_the_answer_is_skipped_not_an_empty_answer(setup):
     """With newline stops, a first token that is a line break does not end the answer (it would
     be empty); the engine and conditioning.greedy_generate apply the same rule and budget."""
-    from softprompt.conditioning import greedy_generate, run_context, take_token
+    from softprompt.core.conditioning import greedy_generate, run_context, take_token
 
     out: list[int] = []
     assert take_token(7, out, {7, 2}, {7}) is False and out == []  # leading: skipped

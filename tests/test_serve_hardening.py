@@ -12,7 +12,7 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 
-from softprompt.prompts import PromptFileError, SoftPrompt
+from softprompt.core.prompts import PromptFileError, SoftPrompt
 from softprompt.serve import Engine, Registry, create_app
 from softprompt.serve.registry import InvalidTaskNameError, validate_task_name
 from softprompt.serve.testing import error_of as err, random_prompt
@@ -383,7 +383,7 @@ def test_recover_finishes_or_undoes_interrupted_writes(lm, tmp_path):
 def test_serve_sweeps_leftovers_at_start_and_holds_the_folder(lm, tmp_path, monkeypatch):
     import uvicorn
 
-    import softprompt.models
+    import softprompt.families.loading
     from softprompt.serve import FolderLock, FolderLockedError, serve
 
     root = tmp_path / "p"
@@ -395,7 +395,7 @@ def test_serve_sweeps_leftovers_at_start_and_holds_the_folder(lm, tmp_path, monk
         seen["listing"] = listing(root)
         with pytest.raises(FolderLockedError, match="one server per folder"):  # a second server on the folder
             FolderLock(root).acquire()
-    monkeypatch.setattr(softprompt.models, "load_model", lambda name, device=None: lm)
+    monkeypatch.setattr(softprompt.families.loading, "load_model", lambda name, device=None: lm)
     monkeypatch.setattr(uvicorn, "run", fake_run)
     serve("tiny", root, token=TOKEN)
     assert not [n for n in seen["listing"] if n.startswith((".upload-", ".trash-", ".replaced-"))], seen

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import softprompt.conditioning as cond
+import softprompt.core.conditioning as cond
 import softprompt.serve.runner as runner_mod
-from softprompt.bank import PromptBank
-from softprompt.scoring import classify as ref_classify
-from softprompt.scoring import generate as ref_generate
+from softprompt.core.bank import PromptBank
+from softprompt.core.scoring import classify as ref_classify
+from softprompt.core.scoring import generate as ref_generate
 from softprompt.serve.engine import Engine, PromptRejectedError
 from softprompt.serve.registry import Registry
 from softprompt.serve.testing import random_prompt
@@ -92,7 +92,7 @@ def test_small_token_budget_splits_passes_and_answers_as_one_by_one(lm, monkeypa
 
 def test_classify_respects_the_token_budget(lm, monkeypatch):
     """scoring.classify (eval, compare) forms batches within the budget and scores the same."""
-    import softprompt.scoring as scoring
+    import softprompt.core.scoring as scoring
 
     model, tok = lm
     bank = PromptBank(model, tok)
@@ -320,7 +320,7 @@ def test_serve_flags_reach_the_engine(lm, tmp_path, monkeypatch):
     import uvicorn
     from typer.testing import CliRunner
 
-    import softprompt.models
+    import softprompt.families.loading
     import softprompt.serve as serve_pkg
     from softprompt.cli import app
 
@@ -331,7 +331,7 @@ def test_serve_flags_reach_the_engine(lm, tmp_path, monkeypatch):
             super().__init__(*a, **kw)
             seen.update(vars(self.config))
 
-    monkeypatch.setattr(softprompt.models, "load_model", lambda *a, **kw: lm)
+    monkeypatch.setattr(softprompt.families.loading, "load_model", lambda *a, **kw: lm)
     monkeypatch.setattr(serve_pkg, "Engine", Spy)
     monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: None)
     (tmp_path / "p").mkdir()

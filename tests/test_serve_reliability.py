@@ -193,7 +193,7 @@ def payloads(n: int, seed: int = 0) -> list[tuple[str, dict]]:
 
 def reference(world, reqs):
     """Each example answered alone (batch size 1) by an in-process engine on the same folder."""
-    from softprompt.models import load_model
+    from softprompt.families.loading import load_model
     from softprompt.serve import Engine, Registry
 
     model, tok = load_model(str(world["model"]))
@@ -365,7 +365,7 @@ def metric(srv, name: str, **labels) -> float:
 
 def test_clients_that_give_up_free_the_server(world):
     """Eight clients give up on long generations; their work is cancelled, not finished."""
-    from softprompt.models import load_model
+    from softprompt.families.loading import load_model
     from softprompt.serve import Engine, Registry
 
     srv = world["server"]

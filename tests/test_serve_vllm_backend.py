@@ -11,9 +11,9 @@ import json
 import pytest
 import torch
 
-from softprompt.calibration import Calibration
-from softprompt.conditioning import newline_ids
-from softprompt.prompts import ModelIdentity
+from softprompt.core.calibration import Calibration
+from softprompt.core.conditioning import newline_ids
+from softprompt.core.prompts import ModelIdentity
 from softprompt.serve import Engine, InvalidInputError, OverloadedError, PromptRejectedError
 from softprompt.serve.engine import ShuttingDownError
 from softprompt.serve.backends.vllm import FrontModel, VllmBackend, label_trie, trie_scores

@@ -393,7 +393,7 @@ def test_builtin_table_gives_the_known_task_definitions():
 
 def test_task_fields_use_the_template_grammar():
     """One grammar: a task reads its fields as the renderer does, and rejects what it rejects."""
-    from softprompt.templates import Template, TemplateError
+    from softprompt.core.templates import Template, TemplateError
 
     t = Task("t", "generation", "{soft:3} A: {a} {{lit}} B: {b} {a}")
     assert t.input_fields == Template(t.template).fields == ("a", "b")

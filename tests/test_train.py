@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from softprompt.prompts import SoftPrompt
+from softprompt.core.prompts import SoftPrompt
 from softprompt.data import Example, Task
 from softprompt.testing import tiny_causal_lm, tiny_tokenizer
-from softprompt.train import TrainConfig, train_prompt
+from softprompt.training.prompt import TrainConfig, train_prompt
 from softprompt.training.checkpoint import CHECKPOINT, RunProgress
 from softprompt.training.loop import batch_plan, lr_at
 
@@ -71,8 +71,8 @@ SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {src!r}); sys.path.insert(0, {tests!r})
     from test_train import TASK, TRAIN
     from softprompt.testing import tiny_causal_lm, tiny_tokenizer
-    from softprompt.train import TrainConfig, train_prompt
-    import softprompt.train as T
+    from softprompt.training.prompt import TrainConfig, train_prompt
+    import softprompt.training.prompt as T
     slow = float(sys.argv[2])
     if slow:
         orig = T.batch_loss
@@ -119,8 +119,8 @@ def test_sigkill_then_resume_gives_the_same_prompt(tmp_path, optimizer, method):
 def test_full_and_cached_contexts_give_the_same_loss_and_gradient(family, kind):
     """The GPU training step (prompt + input in one pass) and the CPU one (prompt key/values once,
     then each input) compute the same function, multi-token label words included."""
-    from softprompt.bank import PromptBank
-    from softprompt.train import batch_loss, resolve_context
+    from softprompt.core.bank import PromptBank
+    from softprompt.training.prompt import batch_loss, resolve_context
 
     model, tok = tiny_causal_lm(family), tiny_tokenizer()
     if kind == "classification":

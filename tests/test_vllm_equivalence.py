@@ -48,8 +48,8 @@ except importlib.metadata.PackageNotFoundError:
 httpx = pytest.importorskip("httpx")
 
 from softprompt import load_model  # noqa: E402
-from softprompt.calibration import Calibration  # noqa: E402
-from softprompt.models import convert_embedded  # noqa: E402
+from softprompt.core.calibration import Calibration  # noqa: E402
+from softprompt.families.loading import convert_embedded  # noqa: E402
 from softprompt.serve import Engine, PromptRejectedError  # noqa: E402
 from softprompt.serve.backends.vllm import make_vllm_backend  # noqa: E402
 from softprompt.serve.testing import random_prompt  # noqa: E402

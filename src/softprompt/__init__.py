@@ -10,15 +10,15 @@ The public API, re-exported::
     bank = PromptBank(model, tokenizer); bank.add_prompt(result.prompt, "complaints")
     classify(bank, "complaints", data["test"]).metrics
 """
-from .bank import PromptBank
-from .encoder import EncoderBank
+from .core.bank import PromptBank
+from .families.encoder import EncoderBank
 from .families import Family, UnsupportedError, family_for
-from .models import DEFAULT_MODEL, ModelNotAvailableError, freeze, list_models, load_model
-from .prompts import ModelIdentity, PromptFileError, PromptMismatchError, SoftPrompt, init_embeddings
-from .scoring import classification_metrics, classify, generate, qa_metrics
+from .families.loading import DEFAULT_MODEL, ModelNotAvailableError, freeze, list_models, load_model
+from .core.prompts import ModelIdentity, PromptFileError, PromptMismatchError, SoftPrompt, init_embeddings
+from .core.scoring import classification_metrics, classify, generate, qa_metrics
 from .data import DataError, Example, Task, TaskData, from_hf_dataset, list_tasks, load_examples, load_task
-from .templates import Template, TemplateError
-from .train import TrainConfig, TrainResult, train_prompt
+from .core.templates import Template, TemplateError
+from .training.prompt import TrainConfig, TrainResult, train_prompt
 
 __version__ = "0.1.0"
 

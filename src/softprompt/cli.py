@@ -56,7 +56,7 @@ def _parse_pairs(items: list[str] | None, what: str) -> dict[str, str]:
 def _verbalizer(pairs: list[str] | None, template: str) -> dict[str, str]:
     """--verbalizer LABEL=WORD pairs, each WORD spaced as it continues the template
     (``templates.continue_with``)."""
-    from .templates import continue_with
+    from .core.templates import continue_with
 
     return {k: continue_with(template, v) for k, v in _parse_pairs(pairs, "--verbalizer").items()}
 
@@ -148,7 +148,7 @@ def _device(device: str | None = None) -> str:
 
 
 def _load_model(model: str, device: str | None = None):
-    from .models import ModelNotAvailableError, load_model
+    from .families.loading import ModelNotAvailableError, load_model
 
     try:
         with console.status(f"loading {model} ..."):
@@ -190,7 +190,8 @@ EVAL_CALIBRATION_HELP = CALIBRATION_HELP + " Several, comma-separated, give a ro
 def _calibration(bank, entry, choice: str, saved, inputs, batch_size: int = 32):
     """The Calibration to apply: the artifact's ``saved`` one, or ``choice`` fitted here
     (batch on ``inputs``, whose labels are never read)."""
-    from .calibration import CALIBRATIONS, Calibration, fit_calibration
+    from .core.calibration import CALIBRATIONS, Calibration
+    from .core.calibrate import fit_calibration
 
     if choice == "saved":
         return saved if saved is not None else Calibration()
@@ -203,7 +204,7 @@ def _calibration(bank, entry, choice: str, saved, inputs, batch_size: int = 32):
 
 
 def _evaluate(bank, entry, examples, kind: str, batch_size: int, desc: str, calibration=None) -> dict:
-    from .scoring import classify, generate
+    from .core.scoring import classify, generate
 
     t = time.perf_counter()
     if kind == "classification":
@@ -288,11 +289,11 @@ def train(
     Data-parallel: `--processes N`, or `accelerate launch --multi_gpu --num_processes N -m softprompt train ...`
     (accelerate's torchrun launcher; on a host without GPUs it starts N CPU processes with gloo) or
     `torchrun --nproc_per_node N -m softprompt train ...`."""
-    from .distributed import DataParallel, launched, process_device, shard_frozen_model
-    from .restarts import train_with_restarts
-    from .compiled import resolve_compile
+    from .training.distributed import DataParallel, launched, process_device, shard_frozen_model
+    from .training.restarts import train_with_restarts
+    from .core.compiled import resolve_compile
     from .core.method import Method
-    from .train import TrainConfig, encoders_for
+    from .training.prompt import TrainConfig, encoders_for
 
     if processes > 1 and launched() and processes != int(os.environ["WORLD_SIZE"]):
         _fail(f"--processes {processes} under a launcher that started {os.environ['WORLD_SIZE']} processes; "
@@ -429,8 +430,8 @@ def eval_(
     encoding: str = typer.Option("utf-8", help="Text encoding of --test-file, e.g. latin-1."),
 ):
     """Score a saved prompt (and optionally the hard template) on a task's split."""
-    from .prompts import PromptFileError, PromptMismatchError, SoftPrompt
-    from .templates import Template
+    from .core.prompts import PromptFileError, PromptMismatchError, SoftPrompt
+    from .core.templates import Template
 
     if prompt is None and not hard:
         _fail("give a prompt file, or --hard for the zero-shot template")
@@ -483,10 +484,10 @@ def predict(
     calibration: str = typer.Option("saved", help=CALIBRATION_HELP),
 ):
     """Print the prompt's answer for each input (label and probabilities, or generated text)."""
-    from .prompts import PromptFileError, PromptMismatchError, SoftPrompt
-    from .scoring import classify, generate
+    from .core.prompts import PromptFileError, PromptMismatchError, SoftPrompt
+    from .core.scoring import classify, generate
     from .data import Example
-    from .templates import Template
+    from .core.templates import Template
 
     try:
         sp = SoftPrompt.load(prompt)
@@ -542,11 +543,11 @@ def demo(
     score a zero-shot instruction as written, the best hard prompt found by instruction search
     (calibrated, chosen on the training messages only), and a trained soft prompt, on held-out
     messages; save the soft prompt."""
-    from .baselines import zero_shot_template
-    from .bank import PromptBank
-    from .instruction_search import search_instructions
+    from .hard.baselines import zero_shot_template
+    from .core.bank import PromptBank
+    from .hard.instruction_search import search_instructions
     from .data import load_task
-    from .train import TrainConfig, train_prompt
+    from .training.prompt import TrainConfig, train_prompt
 
     data = load_task("demo")
     task = data.task
@@ -655,7 +656,7 @@ def serve_cmd(
 @models_app.command("list")
 def models_list():
     """Show the embedded models, whether installed and converted."""
-    from .models import list_models
+    from .families.loading import list_models
 
     rows = [{"alias": r["alias"], "model": r["display_name"], "installed": r["installed"],
              "converted": r["converted"], "cache": str(r["cache_path"])} for r in list_models()]
@@ -684,7 +685,7 @@ def models_convert(
     force: bool = typer.Option(False, help="Convert again even if cached."),
 ):
     """Convert an embedded GGUF once into the safetensors cache (SOFTPROMPT_CACHE)."""
-    from .models import ModelNotAvailableError, convert_embedded
+    from .families.loading import ModelNotAvailableError, convert_embedded
 
     try:
         path = convert_embedded(alias, force=force)
@@ -716,7 +717,7 @@ def _cmp_list(text: str, cast=str, what: str = "list") -> tuple:
 def _read_instructions(path: Optional[Path]) -> list[str]:
     if path is None:
         return []
-    from .instruction_search import read_instructions_file
+    from .hard.instruction_search import read_instructions_file
 
     try:
         return read_instructions_file(path)
@@ -929,7 +930,7 @@ def _cmp_publish(out: Path, dest: Optional[Path]) -> None:
 
 def _cmp_default_model(identity_name: str) -> str:
     """The embedded alias (or local folder) a prompt was trained on, else the default model."""
-    from .models import DEFAULT_MODEL, EMBEDDED_MODELS
+    from .families.loading import DEFAULT_MODEL, EMBEDDED_MODELS
 
     for alias, spec in EMBEDDED_MODELS.items():
         if identity_name in (alias, spec.display_name):
@@ -948,8 +949,8 @@ def inspect_cmd(
     """For each soft token: nearest vocabulary tokens by cosine, norm relative to real token
     embeddings, and drift from the initialisation. Nearest tokens are a weak hint; see
     docs/inspecting-prompts.md."""
-    from .inspection import format_inspection, inspect_prompt
-    from .prompts import PromptFileError, PromptMismatchError, SoftPrompt
+    from .apps.inspection import format_inspection, inspect_prompt
+    from .core.prompts import PromptFileError, PromptMismatchError, SoftPrompt
 
     try:
         sp = SoftPrompt.load(prompt)
@@ -981,8 +982,8 @@ def export_cmd(
     (BOS, soft tokens, instruction text) is baked into the adapter's virtual tokens; OUT_DIR/README.md
     says which text to feed and how labels are scored. Prompts with soft tokens after an input field
     cannot be exported (PEFT puts all virtual tokens before the input)."""
-    from .peft_io import PeftExportError, export_peft
-    from .prompts import PromptFileError, PromptMismatchError, SoftPrompt
+    from .apps.interop.peft import PeftExportError, export_peft
+    from .core.prompts import PromptFileError, PromptMismatchError, SoftPrompt
 
     if format.lower() != "peft":
         _fail(f"--format {format!r}: the only export format is 'peft' (a Hugging Face PEFT adapter folder)")
@@ -1022,9 +1023,9 @@ def import_cmd(
 
     from rich.markup import escape
 
-    from .peft_io import PeftImportError, PeftImportWarning, adapter_base_model, import_peft
-    from .prompts import PromptMismatchError
-    from .templates import TemplateError
+    from .apps.interop.peft import PeftImportError, PeftImportWarning, adapter_base_model, import_peft
+    from .core.prompts import PromptMismatchError
+    from .core.templates import TemplateError
 
     verb = _verbalizer(verbalizer, template or "{text}")  # the default templates end in text
     if model is None:

@@ -1,7 +1,7 @@
 """The one template grammar: ``{soft:N}`` soft slots, ``{name}`` input fields, ``{{``/``}}`` literal braces.
 
 It lives at the bottom layer because a task's template is data: :class:`~softprompt.data.Task`
-reads its input fields with :func:`parse`, and :mod:`softprompt.templates` renders the same
+reads its input fields with :func:`parse`, and :mod:`softprompt.core.templates` renders the same
 segments to token ids.  Anything else inside braces (``{soft: 5}``, ``{two words}``) is an error.
 """
 from __future__ import annotations

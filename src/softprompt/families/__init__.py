@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from .. import bank as _bank
+from ..core import bank as _bank
 from .base import CAPABILITIES, CAPABILITY_HELP, CAPABILITY_NAMES, FAMILY_TITLES, METHODS, UnsupportedError
 from .decoder import DecoderFamily
 from .encoder import EncoderFamily
@@ -51,8 +51,11 @@ class Family(Protocol):
     def classify_with_head(self, bank, entry, examples, *, batch_size: int = 32, progress: bool | str = False) -> Any:
         """Classification by a trained head (families without rank classification); else UnsupportedError."""
 
-    def train_separately(self, model, tokenizer, task, train_examples, valid_examples, cfg, **kw) -> Any:
-        """Training hook: a result when the family has its own loop, else ``None`` (method checked)."""
+    trainable: str
+    """Which trainable of ``training/`` trains the family's prompts ("prompt" or "encoder_head")."""
+
+    def check_method(self, method: str) -> None:
+        """Refuse a training method the family cannot run, before any work."""
 
     def supports(self, capability: str) -> bool: ...
 

@@ -3,7 +3,11 @@ cannot do.  Kept apart from ``families/__init__.py`` so the family modules can b
 without importing the package that imports them."""
 from __future__ import annotations
 
-from ..seq2seq import PREFIX_UNSUPPORTED
+PREFIX_UNSUPPORTED = (
+    "prefix tuning (per-layer key/values) is not supported for encoder-decoder models such as T5; "
+    "use prompt tuning (method 'prompt': {soft:N} tokens in the template, which feed the encoder)"
+)
+
 
 #: Training methods (``TrainConfig.method``, and compare's ``hybrid``: instruction text + soft tokens).
 METHODS = ("prompt", "ptuning", "prefix", "hybrid")
@@ -97,16 +101,18 @@ class FamilyBase:
 
     def make_bank(self, model, tokenizer):
         """The bank that holds this family's prompts (decoder and encoder-decoder: a ``PromptBank``)."""
-        from ..bank import PromptBank
+        from ..core.bank import PromptBank
 
         return PromptBank(model, tokenizer, family=self)
 
-    def train_separately(self, model, tokenizer, task, train_examples, valid_examples, cfg, **kw):
-        """Training hook, called by ``train_prompt`` before any work: a result when the family
-        trains in its own loop, ``None`` when the shared loop trains it (once the method is checked)."""
-        if cfg.method in METHODS:  # an unknown method is the loop's to report (train.encoders_for)
-            self.require(cfg.method)
-        return None
+    #: Which trainable of ``training/`` trains this family's prompts (``training.prompt.TRAINERS``).
+    trainable = "prompt"
+
+    def check_method(self, method: str) -> None:
+        """Refuse, before any work, a training method the family cannot run; an unknown method is
+        the trainer's to report (``training.prompt.encoders_for``)."""
+        if method in METHODS:
+            self.require(method)
 
     def __repr__(self) -> str:
         return f"<{FAMILY_TITLES.get(self.name, self.name)} family>"

@@ -7,9 +7,9 @@ from collections.abc import Set as AbstractSet
 
 import torch
 
-from ..bank import PromptBank
-from ..conditioning import continuation_logprobs, full_context, greedy_generate, label_logprobs, run_context
-from ..losses import answer_loss, answer_targets, classification_loss
+from ..core.bank import PromptBank
+from ..core.conditioning import continuation_logprobs, full_context, greedy_generate, label_logprobs, run_context
+from ..core.losses import answer_loss, answer_targets, classification_loss
 from .base import FamilyBase
 
 

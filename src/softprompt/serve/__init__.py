@@ -63,7 +63,7 @@ def serve(
         import uvicorn
     except ImportError as e:  # pragma: no cover
         raise RuntimeError("serving needs the 'serve' extra: pip install 'softprompt[serve]'") from e
-    from ..models import load_model
+    from ..families.loading import load_model
 
     token = token or os.environ.get(TOKEN_ENV_VAR) or None
     if protect_reads and token is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..conditioning import DEFAULT_MAX_BATCH_TOKENS
+from ..core.conditioning import DEFAULT_MAX_BATCH_TOKENS
 
 BATCHING_MODES = ("mixed", "per_task")
 

@@ -5,7 +5,7 @@ batch forming, the worker thread), ``runner.py`` (forward passes, decoding, the 
 ``validation.py`` (prompt and input checks) and ``spec.py`` (errors, task specs, answers).
 
 Independent of HTTP.  Callers submit examples and get ``concurrent.futures.Future`` s
-back; ONE worker thread owns the model and the :class:`~softprompt.bank.PromptBank` and
+back; ONE worker thread owns the model and the :class:`~softprompt.core.bank.PromptBank` and
 does all model work, so an asyncio server never blocks on it.
 
 Batching
@@ -36,7 +36,7 @@ Ensembles
     A task may be served by several prompts (members).  One example of such a task is
     one row per member, and all rows of an example always land in the same batch; the
     members then vote (``"mean"`` probability, or ``"vote"``: majority with mean-probability
-    tie-break, the names of :mod:`softprompt.ensemble`; ``"majority"`` is accepted as an
+    tie-break, the names of :mod:`softprompt.apps.ensemble`; ``"majority"`` is accepted as an
     alias of ``"vote"`` so old manifests and clients keep working; for generation the most
     common answer).
 
@@ -80,8 +80,8 @@ from typing import Any
 
 import torch
 
-from ..bank import PromptBank
-from ..prompts import ModelIdentity, SoftPrompt
+from ..core.bank import PromptBank
+from ..core.prompts import ModelIdentity, SoftPrompt
 from . import validation
 from .config import BATCHING_MODES, EngineConfig
 from .metrics import Gauge, Metrics
@@ -118,7 +118,7 @@ class Engine:
         self.bank.family.require("serve")  # decoder-only: batches share prompts' cached contexts (UnsupportedError)
         self.identity: ModelIdentity = self.bank.identity
         self.base_name = base_name or self.identity.name
-        self.config = config = config.resolve(self.bank._device().type)
+        self.config = config = config.resolve(self.bank.device.type)
         self.max_queue = config.max_queue
         self.max_input_tokens = config.max_input_tokens
         self.max_input_chars = config.max_input_chars

@@ -11,7 +11,7 @@ Layout (names are task names; files and folders starting with ``.`` are ignored)
       topic.json                    an ensemble described by a manifest alone
 
 A manifest is ``{"members": ["a.safetensors", "b.safetensors"], "vote": "mean" | "vote"}`` (the
-names of :mod:`softprompt.ensemble`; ``"majority"``, the old name of ``"vote"``, still loads);
+names of :mod:`softprompt.apps.ensemble`; ``"majority"``, the old name of ``"vote"``, still loads);
 member paths are relative to the manifest's folder and must stay inside the prompts folder.
 
 Uploads (:meth:`Registry.put`) are checked completely before anything changes: the name,
@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core import atomic
-from ..prompts import PromptFileError, SoftPrompt
+from ..core.prompts import PromptFileError, SoftPrompt
 from .engine import VOTES, Engine, PromptRejectedError, ServeError, TaskSpec, UnknownTaskError
 
 logger = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from ..bank import PromptBank
-from ..conditioning import (
+from ..core.bank import PromptBank
+from ..core.conditioning import (
     Context, cache_layers, concat_contexts, decode_step, full_context, label_logprobs, lm_logits, make_cache,
     newline_ids, run_context, take_token,
 )

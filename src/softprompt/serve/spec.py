@@ -8,9 +8,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..ensemble import COMBINE
-from ..prompts import SoftPrompt
-from ..templates import Template
+from ..apps.ensemble import COMBINE
+from ..core.prompts import SoftPrompt
+from ..core.templates import Template
 
 # The ensemble vote's names are ensemble.py's; "majority" (the server's old name for "vote")
 # is still accepted in manifests and requests, and kept as spelled in a task's spec.

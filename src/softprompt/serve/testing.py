@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from ..prompts import ModelIdentity, SoftPrompt
+from ..core.prompts import ModelIdentity, SoftPrompt
 
 
 def random_prompt(
@@ -22,7 +22,7 @@ def random_prompt(
     scale: float = 1.0,
 ) -> SoftPrompt:
     """A randomly initialised prompt for ``model`` (uniform in [-scale/2, scale/2])."""
-    from ..templates import Template
+    from ..core.templates import Template
 
     n = Template(template).n_soft
     ident = ModelIdentity.of(model)

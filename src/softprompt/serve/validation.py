@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from ..bank import check_soft_fit
-from ..prompts import PromptMismatchError, SoftPrompt
-from ..templates import Template, TemplateError, encode_text
+from ..core.bank import check_soft_fit
+from ..core.prompts import PromptMismatchError, SoftPrompt
+from ..core.templates import Template, TemplateError, encode_text
 from .spec import VOTES, InputTooLongError, InvalidInputError, ModelMismatchError, PromptRejectedError, TaskSpec
 
 

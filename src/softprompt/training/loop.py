@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..distributed import DataParallel
+from .distributed import DataParallel
 from .checkpoint import CHECKPOINT, RunProgress, checkpoint_to_resume, optimizer_state, save_checkpoint
 from .config import TrainConfig, TrainResult
 
@@ -98,7 +98,7 @@ def check_training_inputs(model, task, train_examples, valid_examples) -> None:
     if valid_examples:
         task.check(valid_examples, source="validation examples")
     if any(p.requires_grad for p in model.parameters()):
-        raise ValueError("the base model must be frozen (no parameter may require grad); use softprompt.models.freeze")
+        raise ValueError("the base model must be frozen (no parameter may require grad); use softprompt.families.loading.freeze")
 
 
 class Trainable(ABC):

@@ -91,7 +91,7 @@ history.
 
 from __future__ import annotations
 
-from ...calibration import CALIBRATIONS
+from ...core.calibration import CALIBRATIONS
 from ...training.config import DEFAULT_LR
 from .config import (
     ALL_METHODS,

@@ -14,8 +14,8 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ...calibration import CALIBRATIONS
-from ...reparam import ENCODERS
+from ...core.calibration import CALIBRATIONS
+from ...core.reparam import ENCODERS
 from ...data import Example
 from ...training.config import DEFAULT_LR  # the one default learning rate (train, compare, demo)
 from .decision import SELECT_METRICS
@@ -97,7 +97,7 @@ class CompareConfig:
     ptuning_encoder: str = "lstm"  # lstm | mlp
     prefix_reparam: str = "none"  # none: key/values trained directly (at lr) | mlp: through an MLP
     encoder_lr: float = 1e-3  # lr of anything trained through an encoder network (see reparam.py)
-    # every trained prompt: train this many seeds and keep the best fit (softprompt.restarts)
+    # every trained prompt: train this many seeds and keep the best fit (softprompt.training.restarts)
     restarts: int = 1
     # data efficiency
     train_sizes: tuple[int, ...] = (8, 16, 32, 0)  # 0 = all

@@ -14,8 +14,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ... import baselines as B
-from ...calibration import Calibration, log_prior_from_scores
+from ...hard import baselines as B
+from ...core.calibration import Calibration, log_prior_from_scores
 from ...data import Example, Task
 from .config import FAMILY_PE, Row, Run, fingerprint
 from .planners import Plan, add, executor, planner
@@ -36,7 +36,7 @@ def exec_search(comp, run) -> dict[str, Any]:
     """Instruction search on the training pool only (never validation or test), then the best
     instruction's zero-shot prompt (in the chat format when the comparison uses it) scored like
     every hand-written prompt.  The search's seconds and forward passes are its cost."""
-    from ...instruction_search import search_instructions
+    from ...hard.instruction_search import search_instructions
 
     sp = run.spec
     res = search_instructions(comp.model, comp.tok, _task(comp), comp.pool, calibration=sp["calibration"],
@@ -73,7 +73,7 @@ def exec_search_plain(comp, run) -> dict[str, Any]:
 
 
 def _knn_scores(comp, examples: list[Example], k: int, with_contextual: bool):
-    from ...demo_selection import knn_few_shot_classify
+    from ...hard.demo_selection import knn_few_shot_classify
 
     res = knn_few_shot_classify(comp.bank, _task(comp), examples, comp.demo_pool, k, instruction=comp.instruction,
                                 calibration="contextual" if with_contextual else "none",
@@ -102,7 +102,7 @@ def exec_knn(comp, run) -> dict[str, Any]:
             scores["batch"] = Calibration("batch", log_prior_from_scores(scores["none"])).apply(scores["none"])
     sv = variants_from_scores(comp.task.labels, comp.valid, comp.test, valid_scores, test_scores,
                               [c for c in cals if c in test_scores], comp.cfg.select_metric)
-    from ...demo_selection import knn_few_shot_classify
+    from ...hard.demo_selection import knn_few_shot_classify
 
     task = _task(comp)
     lat = comp._latency(lambda exs, bs: knn_few_shot_classify(comp.bank, task, exs, comp.demo_pool, k,
@@ -218,7 +218,7 @@ def save_chosen_hard_prompt(comp) -> None:
     calibration; ``instruction_search.hard_prompt``) at ``OUT/chosen/hard_prompt.safetensors``, for
     ``eval``, ``predict`` and ``serve``; its path goes into the decision block.  Prompts whose text
     differs per input (nearest-neighbour demonstrations, two-stage reasoning) have no such artifact."""
-    from ...instruction_search import hard_prompt
+    from ...hard.instruction_search import hard_prompt
 
     dec = comp.results.get("decision") or {}
     chosen = dec.get("hard")

@@ -24,8 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ... import baselines as B
-from ...templates import Template
+from ...hard import baselines as B
+from ...core.templates import Template
 from .config import (
     CLASSIFICATION_ONLY,
     ENCODER_HIDDEN,

@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from ... import baselines as B
-from ...bank import PromptBank
-from ...prompts import ModelIdentity, SoftPrompt
-from ...scoring import classify, generate
+from ...hard import baselines as B
+from ...core.bank import PromptBank
+from ...core.prompts import ModelIdentity, SoftPrompt
+from ...core.scoring import classify, generate
 from ...core import atomic
 from ...data import Example, Task, TaskData
 from .config import FORMAT, HARD_KINDS, RESULTS, CompareConfig, Row, Run, _sample, fingerprint
@@ -96,7 +96,7 @@ class Comparison:
         self.bank = PromptBank(model, tokenizer)
         self.family = self.bank.family  # what the model supports (prefix tuning, ensembles): the planners ask it
         self.start: dict[str, Any] | None = None  # the chosen hard prompt soft prompts start from (run())
-        from ...chat import has_chat_template
+        from ...hard.chat import has_chat_template
 
         self.chat = not self.generative and (config.chat == "on" or (config.chat == "auto" and has_chat_template(tokenizer)))
         self.notes: list[str] = []  # shown under "Setup" in the report (e.g. how the instruction was made)
@@ -128,7 +128,7 @@ class Comparison:
                               labels=self.task.labels)
 
     def _chat_format(self, plain: str) -> tuple[str, dict[str, str]]:
-        from ...chat import chat_template, chat_verbalizer
+        from ...hard.chat import chat_template, chat_verbalizer
 
         tpl = chat_template(self.tok, plain)
         return tpl, chat_verbalizer(self.task.verbalizer or {}, tpl)
@@ -210,7 +210,7 @@ class Comparison:
                 "eval_test": len(self.eval_test),
             },
             "environment": {
-                "torch": torch.__version__, "device": str(self.bank._device()), "threads": torch.get_num_threads(),
+                "torch": torch.__version__, "device": str(self.bank.device), "threads": torch.get_num_threads(),
                 "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                 "platform": platform.platform(), "python": platform.python_version(),
             },
@@ -341,8 +341,8 @@ class Comparison:
                 "tokens_added": B.template_overhead_tokens(tpl, self.tok), "train": None}
 
     def _exec_soft(self, run: Run) -> dict[str, Any]:
-        from ...restarts import train_with_restarts
-        from ...train import TrainConfig
+        from ...training.restarts import train_with_restarts
+        from ...training.prompt import TrainConfig
 
         sp = run.spec
         task = Task(name=self.task.name, kind=self.task.kind, template=sp["template"], verbalizer=self.task.verbalizer,
@@ -371,7 +371,7 @@ class Comparison:
         self.bank.add_prompt(res.prompt, name)
         try:
             if sp.get("calibrations"):
-                from ...calibration import Calibration
+                from ...core.calibration import Calibration
 
                 scored = self._score_calibrated(name, sp["calibrations"])
                 res.prompt.calibration = Calibration.from_dict(scored["variants"][scored["calibration"]]["calibration"])
@@ -407,7 +407,7 @@ class Comparison:
         return SoftPrompt.load(self.out / rec["artifact"], model=self.model)
 
     def _exec_ensemble(self, run: Run) -> dict[str, Any]:
-        from ...ensemble import ensemble_classify
+        from ..ensemble import ensemble_classify
 
         names = []
         for r in run.deps:
@@ -442,7 +442,7 @@ class Comparison:
         et = self.eval_data.task  # type: ignore[union-attr]
         tpl = transfer_template(src, et)
         name = f"run:{run.id}"
-        self.bank.add(name, tpl, src.embeddings.to(self.bank._device(), self.bank._dtype()), verbalizer=src.verbalizer)
+        self.bank.add(name, tpl, src.embeddings.to(self.bank.device, self.bank._dtype()), verbalizer=src.verbalizer)
         try:
             metrics, lat, wall = self._classify_entry(name, self.eval_test)
         finally:

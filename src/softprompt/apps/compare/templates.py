@@ -6,10 +6,10 @@ Pure functions of templates and tasks (no model), so they are tested on their ow
 """
 from __future__ import annotations
 
-from ... import baselines as B
-from ...prompts import SoftPrompt
+from ...hard import baselines as B
+from ...core.prompts import SoftPrompt
 from ...data import Example, Task
-from ...templates import Segment, Template
+from ...core.templates import Segment, Template
 from .config import POSITIONS
 
 __all__ = ["few_shot_answer_template", "hybrid_template", "transfer_template", "with_soft_length"]

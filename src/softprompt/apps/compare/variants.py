@@ -15,8 +15,10 @@ from typing import Any
 
 import torch
 
-from ...calibration import Calibration, fit_calibration, log_prior_from_scores
-from ...scoring import classification_metrics, classify
+from ...core.calibration import Calibration, log_prior_from_scores
+
+from ...core.calibrate import fit_calibration
+from ...core.scoring import classification_metrics, classify
 from .decision import metric_value, select
 
 __all__ = ["ensemble_variants", "score_calibrated", "score_variants", "summary_metrics", "variants_from_scores"]
@@ -114,7 +116,7 @@ def score_calibrated(comp, name: str, calibrations) -> dict[str, Any]:
 
 def ensemble_variants(comp, names: list[str], res) -> tuple[dict, float]:
     """The mean-probability ensemble as one uncalibrated candidate (validation + test predictions)."""
-    from ...ensemble import ensemble_classify
+    from ..ensemble import ensemble_classify
 
     labels = res.labels
     pred = res.predictions["mean"]

@@ -47,9 +47,9 @@ from typing import Any
 
 import torch
 
-from ...conditioning import newline_ids
-from ...prompts import ModelIdentity, SoftPrompt, embedding_fingerprint
-from ...templates import encode_text
+from ...core.conditioning import newline_ids
+from ...core.prompts import ModelIdentity, SoftPrompt, embedding_fingerprint
+from ...core.templates import encode_text
 from ..engine import (
     Engine, InvalidInputError, OverloadedError, PromptRejectedError, ServeError, ShuttingDownError, TaskSpec,
     UnknownTaskError, WrongKindError, Item as _Item,
@@ -97,7 +97,7 @@ def load_front_model(name_or_path: str) -> FrontModel:
     from safetensors import safe_open
     from transformers import AutoConfig, AutoTokenizer
 
-    from ...models import EMBEDDED_MODELS, convert_embedded
+    from ...families.loading import EMBEDDED_MODELS, convert_embedded
 
     name_or_path = str(name_or_path)
     if name_or_path in EMBEDDED_MODELS:

@@ -453,7 +453,7 @@ def convert_embedded(alias: str = DEFAULT_MODEL, *, force: bool = False, progres
 
 def _auto_class(config):
     """The Auto* class for ``config``, from its model family (``families``)."""
-    from .families import family_for
+    from . import family_for
 
     return family_for(config).auto_class()
 

@@ -48,11 +48,11 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .bank import model_shape
-from .core import atomic
-from .core.method import Method
-from .prompts import ModelIdentity, SoftPrompt, _json_default
-from .templates import Template
+from ...core.bank import model_shape
+from ...core import atomic
+from ...core.method import Method
+from ...core.prompts import ModelIdentity, SoftPrompt, _json_default
+from ...core.templates import Template
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -92,7 +92,7 @@ class PeftExport:
 
 # ----------------------------------------------------------------------------- shared
 def _check_decoder_only(model, what: str, err: type[ValueError]) -> None:
-    from .families import UnsupportedError, family_for
+    from ...families import UnsupportedError, family_for
 
     try:
         family_for(model).require("peft")
@@ -275,7 +275,7 @@ def _baked_embeddings(prompt: SoftPrompt, model, head_ids: list[int]) -> torch.T
 def _baked_key_values(prompt: SoftPrompt, model, tokenizer, shape: dict[str, int]) -> torch.Tensor:
     """The key/value cache of the whole head (learned prefix + BOS, soft tokens, text) in PEFT's
     prefix-tuning layout: (n_virtual, layers * 2 * kv_heads * head_dim), ordered (layer, k/v, head, dim)."""
-    from .bank import PromptBank
+    from ...core.bank import PromptBank
 
     bank = PromptBank(model, tokenizer)
     entry = bank.add_prompt(prompt, "export")

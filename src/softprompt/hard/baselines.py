@@ -45,10 +45,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .calibration import CALIBRATIONS, Calibration, fit_calibration
-from .scoring import classification_metrics, classify, generate
-from .data import Example, Task
-from .templates import Template, encode_text
+from ..core.calibration import CALIBRATIONS, Calibration
+
+from ..core.calibrate import fit_calibration
+from ..core.scoring import classification_metrics, classify, generate
+from ..data import Example, Task
+from ..core.templates import Template, encode_text
 
 __all__ = [
     "ANSWER_CUE",

@@ -84,7 +84,7 @@ def classify(
     (``compiled.py``) instead of on the prompt's cached key/values; the same scores to float rounding."""
     from .compiled import resolve_compile
 
-    use_compile = resolve_compile(compile, bank._device())
+    use_compile = resolve_compile(compile, bank.device)
     result = _classify_raw(bank, entry, examples, batch_size=batch_size, progress=progress,
                            max_batch_tokens=max_batch_tokens, compile=use_compile)
     result.raw_scores = result.scores

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import torch
 
-from .calibration import CALIBRATIONS, Calibration, fit_calibration, log_prior_from_scores
-from .conditioning import pad_right
-from .scoring import Classification, classification_metrics, classify, length_sorted_batches
-from .data import Example, Task
-from .templates import encode_text
+from ..core.calibration import CALIBRATIONS, Calibration, log_prior_from_scores
+
+from ..core.calibrate import fit_calibration
+from ..core.conditioning import pad_right
+from ..core.scoring import Classification, classification_metrics, classify, length_sorted_batches
+from ..data import Example, Task
+from ..core.templates import encode_text
 
 ORDERS = ("nearest_last", "nearest_first")
 
@@ -101,7 +103,7 @@ def knn_few_shot_classify(bank, task: Task, queries: list[Example], pool: list[E
     """Few-shot rank classification with each query's own nearest demonstrations.
 
     ``embedder``: a ``(model, tokenizer)`` pair for the similarities (default: the bank's frozen
-    LM). ``class_prior``: see ``calibration.fit_calibration``. The result has ``demos`` (pool indices per query, in prompt order) set as an attribute."""
+    LM). ``class_prior``: see ``calibrate.fit_calibration``. The result has ``demos`` (pool indices per query, in prompt order) set as an attribute."""
     from .baselines import few_shot_template
 
     if calibration not in CALIBRATIONS:

@@ -20,18 +20,18 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .bank import PromptBank
-from .core.method import TRAINED, Method
-from .compiled import resolve_compile
+from ..core.bank import PromptBank
+from ..core.method import TRAINED, Method
+from ..core.compiled import resolve_compile
 from .distributed import DataParallel
-from .losses import balancing_weights
-from .prompts import ModelIdentity, SoftPrompt, init_embeddings
-from .reparam import ENCODERS, PromptTensors
-from .scoring import classification_metrics, classify, generate, qa_metrics
-from .data import Task
-from .templates import Template
-from .training.config import TrainConfig, TrainResult
-from .training.loop import Trainable, check_training_inputs, fit
+from ..core.losses import balancing_weights
+from ..core.prompts import ModelIdentity, SoftPrompt, init_embeddings
+from ..core.reparam import ENCODERS, PromptTensors
+from ..core.scoring import classification_metrics, classify, generate, qa_metrics
+from ..data import Task
+from ..core.templates import Template
+from .config import TrainConfig, TrainResult
+from .loop import Trainable, check_training_inputs, fit
 
 
 METHODS = tuple(m.short for m in TRAINED)  # "prompt", "ptuning", "prefix" (core.method)
@@ -68,7 +68,7 @@ def initial_prompt(model, tokenizer, task: Task, cfg: TrainConfig) -> torch.Tens
 def initial_prefix_kv(model, tokenizer, task: Task, cfg: TrainConfig) -> torch.Tensor:
     """Prefix-tuning start: the key/values the frozen model computes for real token embeddings
     chosen by ``cfg.init`` (activations of real words are a better start than noise, Li & Liang 2021)."""
-    from .cache_api import cache_layers, output_cache
+    from ..core.cache_api import cache_layers, output_cache
 
     words = list(task.verbalizer.values()) if task.verbalizer else None
     text = cfg.init_text or task.instruction or None
@@ -188,7 +188,7 @@ class PromptTrainable(Trainable):
 
     The loss is :func:`batch_loss` (:func:`sharded_loss` data-parallel), validation is
     :func:`validate`; the kept values are what the bank is conditioned on (an encoder's output,
-    not its weights), and the artifact is a :class:`~softprompt.prompts.SoftPrompt`."""
+    not its weights), and the artifact is a :class:`~softprompt.core.prompts.SoftPrompt`."""
 
     def __init__(self, model, tokenizer, task: Task, train_examples, cfg: TrainConfig, encoders: dict, *,
                  init: torch.Tensor | None = None):
@@ -293,13 +293,15 @@ def train_prompt(
     """
     cfg = config or TrainConfig()
     check_training_inputs(model, task, train_examples, valid_examples)
-    from .families import family_for
+    from ..families import family_for
+    from .encoder_head import train_encoder_prompt
 
-    # BERT family: soft prompt + head in encoder.py's loop; the others: the method checked before any work
-    separate = family_for(model).train_separately(model, tokenizer, task, train_examples, valid_examples, cfg,
-                                                  out_dir=out_dir, resume=resume, progress=progress, init=init)
-    if separate is not None:
-        return separate
+    family = family_for(model)
+    family.check_method(cfg.method)  # before any work: e.g. prefix tuning has no encoder-decoder form
+    if family.trainable != "prompt":  # the family's own trainable (the BERT family: soft prompt + head)
+        trainer = {"encoder_head": train_encoder_prompt}[family.trainable]
+        return trainer(model, tokenizer, task, train_examples, valid_examples, cfg, out_dir=out_dir, resume=resume,
+                       progress=progress, init=init)
     encoders = encoders_for(cfg)
     from .distributed import is_sharded
 

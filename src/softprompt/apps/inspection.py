@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .prompts import ModelIdentity, SoftPrompt, init_embeddings
+from ..core.prompts import ModelIdentity, SoftPrompt, init_embeddings
 
 __all__ = ["format_inspection", "inspect_prompt", "nearest_tokens", "recompute_init"]
 
@@ -77,7 +77,7 @@ def recompute_init(prompt: SoftPrompt, model, tokenizer) -> tuple[torch.Tensor |
 
 def _builtin_instruction(task_name: str) -> str | None:
     """The instruction of a built-in task, if its data can be found (read without examples)."""
-    from .data import BUILTIN_TASKS, load_task
+    from ..data import BUILTIN_TASKS, load_task
 
     if task_name not in BUILTIN_TASKS:
         return None

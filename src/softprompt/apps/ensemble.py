@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .bank import PromptBank
-from .conditioning import DEFAULT_MAX_BATCH_TOKENS, label_logprobs, run_context
-from .scoring import classification_metrics, length_sorted_batches
+from ..core.bank import PromptBank
+from ..core.conditioning import DEFAULT_MAX_BATCH_TOKENS, label_logprobs, run_context
+from ..core.scoring import classification_metrics, length_sorted_batches
 
 __all__ = ["COMBINE", "EnsembleResult", "combine", "ensemble_classify"]
 

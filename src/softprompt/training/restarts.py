@@ -10,7 +10,7 @@ that scores best on the validation examples or, when there are none, on the trai
 examples themselves (at most ``FIT_LIMIT`` of them).  The price is ``restarts`` times the
 training; scoring stays one prompt.
 
-Selection uses :func:`softprompt.train.validate`'s score (macro-F1, then accuracy, then
+Selection uses :func:`softprompt.training.prompt.validate`'s score (macro-F1, then accuracy, then
 lower loss, for classification: a run stuck on the majority class cannot win macro-F1; token F1 then exact match for generation), the rule the
 training loop already uses to keep its best prompt.  Scoring the training examples favours
 the run that fits them best, which is what separates a stuck run from a working one; it says
@@ -24,10 +24,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .bank import PromptBank
+from ..core.bank import PromptBank
 from .distributed import DataParallel
-from .data import Task
-from .train import TrainConfig, TrainResult, train_prompt, validate
+from ..data import Task
+from .prompt import TrainConfig, TrainResult, train_prompt, validate
 
 SEED_STRIDE = 1000  # restart r of seed s trains with seed s + r * SEED_STRIDE: restart 0 is the plain run
 FIT_LIMIT = 256  # judging on training examples: at most this many (a seeded sample), so a big set stays cheap
@@ -43,7 +43,7 @@ def restart_seeds(seed: int, restarts: int) -> list[int]:
 def fit_score(model, tokenizer, result: TrainResult, examples, cfg: TrainConfig) -> dict:
     """``validate``'s metrics for a trained prompt on ``examples`` (its ``score``: larger is better).
     An encoder model's prompt (soft tokens + head) is scored through its own bank."""
-    from .families import family_for
+    from ..families import family_for
 
     bank = family_for(model).make_bank(model, tokenizer)
     return validate(bank, bank.add_prompt(result.prompt, "candidate"), examples, cfg)

@@ -18,9 +18,21 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache_api import cache_arg, cache_layers, make_cache, output_cache
-from .core.method import Method
+from .method import Method
 from .prompts import ModelIdentity, SoftPrompt
 from .templates import Template, encode_text
+
+
+def pad_right(seqs: list[list[int]], *, pad: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad id lists into [B, T] ids and a [B, T] long mask."""
+    width = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
 
 
 @dataclass
@@ -94,7 +106,9 @@ class NamedEntries:
         except KeyError:
             raise KeyError(f"no prompt named {name!r}; the bank has {sorted(self._index)}") from None
 
-    def _device(self):
+    @property
+    def device(self) -> torch.device:
+        """Where the frozen model's input embeddings live (inputs and prompts are moved there)."""
         return self.model.get_input_embeddings().weight.device
 
     def embed(self, ids: torch.Tensor, entry_of_row: torch.Tensor) -> torch.Tensor:
@@ -168,8 +182,8 @@ class PromptBank(NamedEntries):
                     f"(expected [{want[0]}, 2, {want[2]}, n_prefix, {want[4]}])"
                 )
             method = Method.PREFIX_TUNING.value if method == Method.PROMPT_TUNING else method
-            kv = kv.to(self._device())
-        soft = soft.to(self._device())  # a no-op when already there; differentiable when not
+            kv = kv.to(self.device)
+        soft = soft.to(self.device)  # a no-op when already there; differentiable when not
         entry = BankEntry(
             name=name, template=template, soft=soft, verbalizer=dict(verbalizer) if verbalizer else None,
             kind=kind, prefix_ids=template.prefix_ids(self.tokenizer), label_ids=label_ids, method=method, kv=kv,
@@ -189,10 +203,10 @@ class PromptBank(NamedEntries):
         prompt.identity.check(self.identity, what=f"prompt {name or prompt.task!r}")
         if prompt.head is not None:
             raise ValueError(f"prompt {name or prompt.task!r} carries a classification head for an encoder model; "
-                             "load it into softprompt.encoder.EncoderBank")
-        kv = prompt.kv.to(self._device(), self._dtype()) if prompt.kv is not None else None
+                             "load it into softprompt.families.encoder.EncoderBank")
+        kv = prompt.kv.to(self.device, self._dtype()) if prompt.kv is not None else None
         return self.add(
-            name or prompt.task, prompt.template, prompt.embeddings.to(self._device(), self._dtype()),
+            name or prompt.task, prompt.template, prompt.embeddings.to(self.device, self._dtype()),
             verbalizer=prompt.verbalizer, kind=prompt.kind, method=prompt.method, kv=kv,
         )
 
@@ -266,15 +280,13 @@ class PromptBank(NamedEntries):
     def _compute_prefix_kv(self, entries: list[int]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
         """Run the heads of ``entries`` through the frozen model in one right-padded batch
         (prefix-tuned entries one by one, on top of their learned key/values)."""
-        from .conditioning import pad_right
-
         deep = [e for e in entries if self.entries[e].kv is not None]
         if deep:
             flat = [e for e in entries if self.entries[e].kv is None]
             done = dict(zip(flat, self._compute_prefix_kv(flat))) if flat else {}
             done.update({e: self._deep_prefix_kv(e) for e in deep})
             return [done[e] for e in entries]
-        device = self._device()
+        device = self.device
         ids, mask = pad_right([self.entries[e].prefix_ids for e in entries], device=device)
         if ids.shape[1] == 0:  # no BOS and the template starts with a field: nothing to precompute
             kvh, hd = self.kv_shape(0)[2], self.kv_shape(0)[4]
@@ -307,7 +319,7 @@ class PromptBank(NamedEntries):
         learned = [(kv[layer, 0], kv[layer, 1]) for layer in range(kv.shape[0])]
         if not entry.prefix_ids:
             return learned
-        device = self._device()
+        device = self.device
         ids = torch.tensor([entry.prefix_ids], device=device)
         embeds = self.embed(ids, torch.tensor([e], device=device))
         n_p = entry.n_prefix

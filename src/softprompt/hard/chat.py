@@ -9,7 +9,7 @@ line break take no leading space (``templates.continue_with``), as the model wri
 """
 from __future__ import annotations
 
-from .templates import Template, continue_with
+from ..core.templates import Template, continue_with
 
 __all__ = ["chat_template", "chat_verbalizer", "has_chat_template"]
 

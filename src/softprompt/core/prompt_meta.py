@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
 
-from .core.method import Method
+from .method import Method
 
 #: the longest metadata JSON accepted (bytes); real headers are a few KB
 MAX_META_CHARS = 4 << 20

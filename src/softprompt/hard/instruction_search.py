@@ -28,12 +28,13 @@ from pathlib import Path
 
 import torch
 
-from .bank import PromptBank
-from .core.method import Method
-from .calibration import CALIBRATIONS, Calibration, fit_calibration
-from .scoring import classify, generate
-from .data import Example, Task
-from .templates import Template
+from ..core.bank import PromptBank
+from ..core.method import Method
+from ..core.calibration import CALIBRATIONS, Calibration
+from ..core.calibrate import fit_calibration
+from ..core.scoring import classify, generate
+from ..data import Example, Task
+from ..core.templates import Template
 
 METRICS = ("macro_f1", "accuracy")
 INDUCTION_HEAD = (
@@ -73,7 +74,7 @@ class InstructionSearchResult:
 def hard_prompt(model, task: Task, template: str, calibration: Calibration | None = None, **training):
     """A hard-prompt artifact: a ``SoftPrompt`` with no soft slots (template + verbalizer +
     calibration), saved, loaded, evaluated and served like any other prompt."""
-    from .prompts import ModelIdentity, SoftPrompt
+    from ..core.prompts import ModelIdentity, SoftPrompt
 
     ident = ModelIdentity.of(model)
     if Template(template).n_soft:
@@ -218,7 +219,7 @@ def search_instructions(model, tokenizer, task: Task, train_examples: list[Examp
     """Score every candidate instruction on the labelled ``train_examples`` (the only data it
     sees) with ``calibration`` and keep the best by ``metric`` (ties: the other metric, then the
     earlier candidate, so the task's own instruction wins a tie). ``class_prior``: see
-    ``calibration.fit_calibration``."""
+    ``calibrate.fit_calibration``."""
     from .baselines import zero_shot_template
 
     if calibration not in CALIBRATIONS:

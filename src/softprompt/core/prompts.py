@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .core import atomic
-from .core.method import Method
+from . import atomic
+from .method import Method
 from .calibration import Calibration
 from .prompt_meta import PromptFileError, parse_meta
 

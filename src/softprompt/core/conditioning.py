@@ -21,20 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .bank import PromptBank
+from .bank import PromptBank, pad_right
 from .cache_api import cache_arg, cache_layers, make_cache, output_cache  # noqa: F401 (re-exported)
-
-
-def pad_right(seqs: list[list[int]], *, pad: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad id lists into [B, T] ids and a [B, T] long mask."""
-    width = max((len(s) for s in seqs), default=0)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-            mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
 
 
 @dataclass
@@ -61,7 +49,7 @@ class Context:
 def run_context(bank: PromptBank, entry_idx: torch.Tensor, suffixes: list[list[int]]) -> Context:
     """Run each example's suffix on top of its entry's prefix key/values."""
     model = bank.model
-    device = bank._device()
+    device = bank.device
     entry_idx = entry_idx.to(device)
     prefix = bank.prefix_kv(entry_idx)
     ids, smask = pad_right(suffixes, device=device)
@@ -351,7 +339,7 @@ def full_context(bank: PromptBank, entry_idx: torch.Tensor, suffixes: list[list[
     from .compiled import full_forward
 
     model = bank.model
-    device = bank._device()
+    device = bank.device
     entry_idx = entry_idx.to(device)
     if any(bank.entries[e].kv is not None for e in set(entry_idx.tolist())):
         return run_context(bank, entry_idx, suffixes)
