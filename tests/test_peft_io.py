@@ -15,13 +15,9 @@ from typer.testing import CliRunner
 from softprompt.core.bank import PromptBank
 from softprompt.cli import app
 from softprompt.apps.interop.peft import (
-    PeftExportError,
-    PeftImportError,
-    PeftImportWarning,
-    export_peft,
-    import_peft,
-    render_peft_input,
+    PeftExportError, PeftImportError, PeftImportWarning, export_peft, render_peft_input,
 )
+from softprompt.apps.interop.peft_import import import_peft
 from softprompt.core.prompts import ModelIdentity, PromptMismatchError, SoftPrompt
 from softprompt.core.scoring import classify
 from softprompt.data import Example

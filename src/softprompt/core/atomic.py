@@ -7,14 +7,25 @@ file is checked before it is committed, :func:`write_temp` then :func:`commit`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["commit", "fsync_dir", "write_atomic", "write_bytes", "write_json", "write_safetensors",
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["commit", "file_lock", "fsync_dir", "remove_tree", "write_atomic", "write_bytes", "write_json", "write_safetensors",
            "write_temp", "write_text"]
 
 
@@ -96,3 +107,45 @@ def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, Any],
 
     write_atomic(path, lambda tmp: save_file(dict(tensors), str(tmp), metadata=None if metadata is None else dict(metadata)),
                  **kw)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, *, what: str) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on ``path``; yields whether a lock is really held.
+
+    The kernel drops the lock when the holder dies (even by SIGKILL), so a crashed
+    holder can never wedge later ones.  On systems without ``flock`` we yield
+    False and rely on the atomic rename alone.
+    """
+    if fcntl is None:  # pragma: no cover - Windows
+        yield False
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("waiting for another process that holds %s (%s) ...", path, what)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:  # e.g. ENOLCK on some network file systems
+            logger.warning("cannot lock %s (%s); going on without a lock", path, exc)
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete ``path`` by first renaming it aside, so nobody sees it half-deleted."""
+    if not path.exists():
+        return
+    trash = path.with_name(f".{path.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        os.replace(path, trash)
+    except OSError:
+        trash = path
+    shutil.rmtree(trash, ignore_errors=True)

@@ -28,7 +28,6 @@ and the folder inside the installed distribution is loaded in place.
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import importlib.metadata
@@ -41,28 +40,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
-try:  # POSIX only; without it we rely on the rename-race handling alone.
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+from ..core import atomic
 
-__all__ = [
-    "DEFAULT_MODEL",
-    "EMBEDDED_MODELS",
-    "EmbeddedModel",
-    "MARKER_NAME",
-    "ModelNotAvailableError",
-    "cache_root",
-    "convert_embedded",
-    "embedded_gguf_path",
-    "freeze",
-    "list_models",
-    "load_model",
-]
+__all__ = ["DEFAULT_MODEL", "EMBEDDED_MODELS", "EmbeddedModel", "MARKER_NAME", "ModelNotAvailableError", "cache_root",
+           "convert_embedded", "embedded_gguf_path", "freeze", "list_models", "load_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -239,58 +224,6 @@ def _is_complete(folder: Path, alias: str, source: dict[str, Any] | None = None)
     return True
 
 
-def _fsync_dir(path: Path) -> None:
-    """Flush a directory entry so a rename survives a power cut (best effort)."""
-    with contextlib.suppress(OSError, AttributeError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path, *, what: str) -> Iterator[bool]:
-    """Hold an exclusive ``flock`` on ``path``; yields whether a lock is really held.
-
-    The kernel drops the lock when the holder dies (even by SIGKILL), so a crashed
-    conversion can never wedge later ones.  On systems without ``flock`` we yield
-    False and rely on the atomic rename alone.
-    """
-    if fcntl is None:  # pragma: no cover - Windows
-        yield False
-        return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("waiting for another process that is converting %s ...", what)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as exc:  # e.g. ENOLCK on some network file systems
-            logger.warning("cannot lock %s (%s); converting without a lock", path, exc)
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
-
-
-def _remove_tree(path: Path) -> None:
-    """Delete ``path`` by first renaming it aside, so nobody sees it half-deleted."""
-    if not path.exists():
-        return
-    trash = path.with_name(f".{path.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-    try:
-        os.replace(path, trash)
-    except OSError:
-        trash = path
-    shutil.rmtree(trash, ignore_errors=True)
-
-
 def _clean_leftovers(models_dir: Path, alias: str) -> None:
     """Remove temporary/trash folders of ``alias`` left by killed processes.
 
@@ -345,7 +278,7 @@ def _write_marker(folder: Path, info: dict[str, Any]) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, folder / MARKER_NAME)
-    _fsync_dir(folder)
+    atomic.fsync_dir(folder)
 
 
 def _publish(tmp: Path, final: Path, alias: str, source: dict[str, Any], *, force: bool) -> Path:
@@ -361,14 +294,14 @@ def _publish(tmp: Path, final: Path, alias: str, source: dict[str, Any], *, forc
             if not (force and attempt == 0) and _is_complete(final, alias, source):
                 shutil.rmtree(tmp, ignore_errors=True)
                 return final
-            _remove_tree(final)
+            atomic.remove_tree(final)
         try:
             os.replace(tmp, final)  # atomic; fails if final is a non-empty directory
         except OSError as exc:
             if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR):
                 raise
             continue  # somebody published in between: re-examine what is there
-        _fsync_dir(final.parent)
+        atomic.fsync_dir(final.parent)
         return final
     raise RuntimeError(f"could not move the converted model into {final}")
 
@@ -401,7 +334,7 @@ def convert_embedded(alias: str = DEFAULT_MODEL, *, force: bool = False, progres
 
     models_dir = final.parent
     models_dir.mkdir(parents=True, exist_ok=True)
-    with _file_lock(models_dir / f"{alias}.lock", what=spec.display_name) as locked:
+    with atomic.file_lock(models_dir / f"{alias}.lock", what=spec.display_name) as locked:
         if not force and _is_complete(final, alias, source):
             return final  # another process finished it while we waited
         if locked:

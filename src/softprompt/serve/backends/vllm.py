@@ -1,32 +1,27 @@
 """Serve soft prompts through vLLM: a soft prompt is rows prepended to (or placed among) the
 token embeddings, which vLLM's V1 engine takes as ``prompt_embeds``.
 
-What stays ours: the prompt registry, model-identity checks, hot swap, input validation,
-limits, calibration and ensemble votes (this class reuses the in-process
-:class:`~softprompt.serve.engine.Engine`'s code for all of them, so both answer the same
-requests the same way).  What goes to vLLM: every forward pass.  Per example and member,
-the rendered template (BOS, soft rows, text, the input) becomes one [T, hidden] tensor of
-input embeddings, built here from the model's embedding matrix (the only weights this
-process loads).
+What stays ours: registry, identity checks, hot swap, validation, limits, calibration and
+votes (the in-process :class:`~softprompt.serve.engine.Engine`'s code, so both answer alike).
+What goes to vLLM: every forward pass, on one [T, hidden] tensor of input embeddings per
+example and member (BOS, soft rows, text, the input), built here from the model's
+embedding matrix (the only weights this process loads).
 
 Classification
-    The score of a label is the summed log-prob of its verbalizer tokens, as in the
-    engine.  The label words form a trie; each node with children is one vLLM request
-    (``max_tokens=1`` with ``logprob_token_ids`` = the children: raw log-probs over the
-    full vocabulary) on the context plus the node's tokens.  Labels that differ in their
-    first token (the usual case) need one request per example; multi-token labels that
-    share a first token need one more request per shared prefix, and are scored exactly.
+    A label scores the summed log-prob of its verbalizer tokens, as in the engine.  The label
+    words form a trie; each node with children is one vLLM request (``max_tokens=1``,
+    ``logprob_token_ids`` = the children: raw log-probs over the vocabulary) on the context
+    plus the node's tokens: one request per example when first tokens differ, one more per
+    shared prefix otherwise, scored exactly.
     The prompt's stored calibration and the ensemble vote then run as in the engine.
 
 Generation
-    vLLM decodes (greedy at temperature 0, or sampling with ``temperature`` / ``top_p`` /
-    ``seed``), stopping at EOS, at a line break when asked (``stop_token_ids``) and at the
-    stop strings.  A line break before any answer token is skipped like the engine does
-    (``conditioning.take_token``): the request is continued with it appended.
+    vLLM decodes (greedy, or sampling with ``temperature`` / ``top_p`` / ``seed``) until EOS, a
+    line break when asked (``stop_token_ids``) or a stop string; a line break before any answer
+    token is skipped, as in the engine (``conditioning.take_token``).
 
 Refused at registration
-    Prefix-tuned prompts (per-layer key/values, ``--method prefix``) are not input
-    embeddings and cannot be sent to vLLM; encoder prompts (classification heads) neither.
+    Prefix-tuned prompts (per-layer key/values) and encoder prompts (heads) are not input embeddings.
 """
 from __future__ import annotations
 
@@ -52,7 +47,7 @@ from ...core.prompts import ModelIdentity, SoftPrompt, embedding_fingerprint
 from ...core.templates import encode_text
 from ..engine import (
     Engine, InvalidInputError, OverloadedError, PromptRejectedError, ServeError, ShuttingDownError, TaskSpec,
-    UnknownTaskError, WrongKindError, Item as _Item,
+    WrongKindError, Item as _Item,
 )
 from ..metrics import Gauge, Metrics
 from .vllm_transport import ClientGoneError, InProcessTransport, RemoteTransport, VllmUnavailableError

@@ -1,0 +1,139 @@
+"""The package's shape, checked: no import cycle, imports only go down the layers, no module too
+long to hold in one's head, and one module that knows about model families (README: Architecture)."""
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).parents[1] / "src" / "softprompt"
+LAYERS = ["data", "core", "families", "hard", "training", "apps", "serve", "cli"]
+"""Bottom to top: a module may import its own layer and the ones before it, never a later one."""
+TOP_LEVEL = {"__init__", "__main__", "testing"}  # the public facade, the entry point, tiny test models
+MAX_LINES = 500
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in SRC.rglob("*.py")}
+
+
+def _imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """softprompt modules ``name`` imports, at any depth of its code (lazy imports count: a cycle
+    hidden in a function body is still a cycle), except under ``if TYPE_CHECKING:``."""
+    tree = ast.parse(path.read_text())
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out: set[str] = set()
+
+    def visit(node):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            return
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("softprompt"))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            if mod.startswith("softprompt"):
+                for a in node.names:  # `from .x import y` may name a submodule y
+                    out.add(f"{mod}.{a.name}" if f"{mod}.{a.name}" in known else mod)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    resolved = set()
+    for mod in out:
+        while mod not in known and "." in mod:
+            mod = mod.rpartition(".")[0]
+        if mod in known and mod != name:
+            resolved.add(mod)
+    return resolved
+
+
+def _graph() -> dict[str, set[str]]:
+    mods = _modules()
+    known = set(mods)
+    return {n: _imports(n, p, known) for n, p in mods.items()}
+
+
+def _layer(name: str) -> int | None:
+    parts = name.split(".")
+    if len(parts) == 1:
+        return None  # the package itself
+    head = parts[1]
+    if head in TOP_LEVEL:
+        return None
+    return LAYERS.index(head) if head in LAYERS else -1
+
+
+def test_every_module_sits_in_a_layer():
+    stray = [n for n in _modules() if _layer(n) == -1]
+    assert not stray, f"modules outside the layers {LAYERS}: {stray}"
+
+
+def test_imports_only_go_down():
+    bad = []
+    for name, deps in _graph().items():
+        mine = _layer(name)
+        if mine is None:
+            continue
+        for dep in deps:
+            theirs = _layer(dep)
+            if theirs is not None and theirs > mine:
+                bad.append(f"{name} -> {dep}")
+    assert not bad, "imports of a higher layer:\n" + "\n".join(sorted(bad))
+
+
+def test_no_import_cycle():
+    graph = _graph()
+    # a package's __init__ re-exporting its submodules is not a cycle of the code: drop package -> own child
+    graph = {n: {d for d in deps if not d.startswith(n + ".")} for n, deps in graph.items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def dfs(n):
+        state[n] = 1
+        stack.append(n)
+        for d in sorted(graph.get(n, ())):
+            if state.get(d) == 1:
+                cycles.append(stack[stack.index(d):] + [d])
+            elif d not in state:
+                dfs(d)
+        stack.pop()
+        state[n] = 2
+
+    for n in sorted(graph):
+        if n not in state:
+            dfs(n)
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_no_module_over_the_line_limit():
+    long = {n: len(p.read_text().splitlines()) for n, p in _modules().items()}
+    long = {n: k for n, k in long.items() if k > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+FAMILY_CHECKS = re.compile(r"is_encoder_decoder|is_encoder_model|is_encoder_config|\.is_decoder\b")
+
+
+def test_family_check_lives_in_one_module():
+    hits = sorted({_module_name(p) for p in SRC.rglob("*.py") if FAMILY_CHECKS.search(p.read_text())})
+    assert hits == ["softprompt.families"], f"model-family checks outside softprompt/families/__init__.py: {hits}"
+
+
+@pytest.mark.parametrize("question,module", [("where does a soft token enter the model", "softprompt/core/conditioning.py"),
+                                             ("where is a new method added", "softprompt/apps/compare/planners.py")])
+def test_readme_answers_a_newcomer(question, module):
+    readme = (SRC.parents[1] / "README.md").read_text()
+    assert module in readme and (SRC.parent / module).exists(), f"README should point to {module} for {question!r}"
