@@ -271,14 +271,7 @@ def _convert_into(alias: str, tmp_dir: Path, progress: bool = True) -> None:
 
 def _write_marker(folder: Path, info: dict[str, Any]) -> None:
     """Write the completion marker atomically (temp file + fsync + rename)."""
-    tmp = folder / (MARKER_NAME + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(info, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, folder / MARKER_NAME)
-    atomic.fsync_dir(folder)
+    atomic.write_text(folder / MARKER_NAME, json.dumps(info, indent=2, sort_keys=True) + "\n")
 
 
 def _publish(tmp: Path, final: Path, alias: str, source: dict[str, Any], *, force: bool) -> Path:
