@@ -1,0 +1,322 @@
+"""Training and scoring commands: train, eval, predict, demo."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shlex
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import (CALIBRATION_HELP, EVAL_CALIBRATION_HELP, MODEL_HELP, _bank, _calibration, _command_line,
+                     _device, _eval_calibrated, _evaluate, _fail, _load_model, _load_task_data, _results_table,
+                     _row, _set_threads, _split, _verbalizer, app, console)
+from .launch import _launch
+
+
+# ----------------------------------------------------------------------------- train
+@app.command()
+def train(
+    ctx: typer.Context,
+    task: Optional[str] = typer.Option(None, help="Built-in task name (see `softprompt tasks`)."),
+    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    out: Path = typer.Option(Path("runs/prompt"), help="Output folder: prompt.safetensors, checkpoint, history, metrics."),
+    train_file: Optional[Path] = typer.Option(None, help="Your training data (.csv/.tsv/.jsonl)."),
+    valid_file: Optional[Path] = typer.Option(None, help="Your validation data (for best-prompt selection)."),
+    test_file: Optional[Path] = typer.Option(None, help="Your held-out data (scored after training)."),
+    field: Optional[list[str]] = typer.Option(None, help="Template field = file column, e.g. --field text='Tweet text'. Repeatable."),
+    label_column: Optional[str] = typer.Option(None, help="Column holding the class label (default 'label')."),
+    target_column: Optional[str] = typer.Option(None, help="Column holding the answer, for generation tasks."),
+    template: Optional[str] = typer.Option(None, help="Template, e.g. '{soft:20} Tweet: {text}\\nAnswer:'."),
+    verbalizer: Optional[list[str]] = typer.Option(None, help="LABEL=WORD, one per label. Repeatable."),
+    instruction: Optional[str] = typer.Option(None, help="Zero-shot instruction (baseline; also 'text' init)."),
+    init: str = typer.Option("labels", help="Init: random | vocab | text | labels."),
+    method: str = typer.Option("prompt", help="prompt: train the template's {soft:N} tokens; ptuning: the same tokens through an encoder network (P-tuning); prefix: also learned key/values at every layer (prefix tuning)."),
+    prefix_tokens: int = typer.Option(10, help="Length of the learned key/value prefix (--method prefix)."),
+    encoder: str = typer.Option("lstm", help="P-tuning's prompt encoder (--method ptuning): lstm (bidirectional LSTM + MLP) | mlp."),
+    encoder_hidden: int = typer.Option(128, help="Width of the encoder network (--method ptuning, --reparam mlp)."),
+    reparam: str = typer.Option("none", help="--method prefix: none (train key/values directly) | mlp (produce them with an MLP while training; the saved prompt holds plain key/values)."),
+    epochs: int = typer.Option(20),
+    max_steps: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 0.3; 0.001 when training through an encoder network: --method ptuning, --reparam mlp)."),
+    batch_size: int = typer.Option(8),
+    optimizer: str = typer.Option("adamw", help="adamw | adafactor"),
+    loss: str = typer.Option("rank", help="rank (cross-entropy over labels) | lm (log-prob of the gold words)"),
+    warmup_steps: int = typer.Option(10),
+    eval_every: int = typer.Option(0, help="Validate every N steps (0: each epoch)."),
+    patience: Optional[int] = typer.Option(None, help="Stop after N validations without improvement."),
+    valid_split: str = typer.Option("validation", help="Split used for validation when it exists."),
+    valid_limit: Optional[int] = typer.Option(200, help="Use at most N validation examples."),
+    train_limit: Optional[int] = typer.Option(None, help="Use at most N training examples (a seeded sample)."),
+    test_split: str = typer.Option("test"),
+    test_limit: Optional[int] = typer.Option(None, help="Score at most N held-out examples."),
+    seed: int = typer.Option(0),
+    restarts: int = typer.Option(1, min=1, help="Train N times (seeds SEED, SEED+1000, ...) and keep the prompt that scores best on the validation data, or on the training data without any: guards against a run stuck at the majority class. Costs N times the training."),
+    resume: bool = typer.Option(False, help="Continue from OUT/checkpoint.safetensors (with --restarts: each run from its own OUT/restartN)."),
+    eval_batch_size: int = typer.Option(32),
+    encoding: str = typer.Option("utf-8", help="Text encoding of your files, e.g. latin-1 or cp1252."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: torch's choice)."),
+    processes: int = typer.Option(1, min=1, help="Train data-parallel on N processes of this host: re-runs this command under `accelerate launch --num_processes N` (one per GPU; on CPUs, gloo). Each process takes 1/N of every batch; the result equals a 1-process run to float rounding, and --resume works across process counts. Several hosts: run `accelerate launch -m softprompt train ...` yourself (README, 'Scaling out')."),
+    compile: str = typer.Option("auto", help="torch.compile the frozen model's forward in the prompt + input training step: on | off | auto (on with CUDA; on CPUs eager was faster)."),
+    shard_model: bool = typer.Option(False, help="Under several processes: shard the frozen model's decoder layers over them (FSDP2), for a model larger than one device. Prompt tuning on decoder models only."),
+):
+    """Train a soft prompt (the base model stays frozen), then score it on held-out data.
+
+    Data-parallel: `--processes N`, or `accelerate launch --multi_gpu --num_processes N -m softprompt train ...`
+    (accelerate's torchrun launcher; on a host without GPUs it starts N CPU processes with gloo) or
+    `torchrun --nproc_per_node N -m softprompt train ...`."""
+    from ..training.distributed import DataParallel, launched, process_device, shard_frozen_model
+    from ..training.restarts import train_with_restarts
+    from ..core.compiled import resolve_compile
+    from ..core.method import Method
+    from ..training.prompt import TrainConfig, encoders_for
+
+    if processes > 1 and launched() and processes != int(os.environ["WORLD_SIZE"]):
+        _fail(f"--processes {processes} under a launcher that started {os.environ['WORLD_SIZE']} processes; "
+              "drop --processes (the launcher decides)")
+    if processes > 1 and not launched():
+        raise typer.Exit(_launch(processes, [w for w in shlex.split(_command_line(ctx))[1:]], "--processes"))
+    if shard_model and not launched():
+        _fail("--shard-model needs several processes: add --processes N or run under `accelerate launch`")
+
+    try:
+        resolve_compile(compile, "cpu")  # a bad --compile fails before any data or model loads
+    except ValueError as e:
+        _fail(str(e))
+    data = _load_task_data(task, train_file, test_file, valid_file, field, label_column, target_column,
+                           template, verbalizer, instruction, None, encoding=encoding)
+    _set_threads(threads)
+    train_ex = list(_split(data, "train"))
+    if train_limit and train_limit < len(train_ex):
+        train_ex = random.Random(seed).sample(train_ex, train_limit)
+    valid_ex = data.splits.get(valid_split)
+    if valid_ex and valid_limit:
+        valid_ex = valid_ex[:valid_limit]
+    try:  # any spelling of the method (prompt, prompt_tuning, PEFT's PROMPT_TUNING) -> the training one
+        method = Method.parse(method).short
+    except ValueError as e:
+        _fail(str(e))
+    if lr is None:  # an encoder's weights move its output far more per Adam step than a prompt's own values
+        lr = 1e-3 if method == Method.P_TUNING.short or reparam != "none" else 0.3
+    cfg = TrainConfig(init=init, method=method, prefix_tokens=prefix_tokens, epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, optimizer=optimizer,
+                      loss=loss, warmup_steps=warmup_steps, eval_every=eval_every, patience=patience, seed=seed,
+                      eval_batch_size=eval_batch_size, encoder=encoder, encoder_hidden=encoder_hidden, reparam=reparam,
+                      compile=compile)
+    try:
+        encoders_for(cfg)  # a bad method/encoder combination fails before the model loads
+    except ValueError as e:
+        _fail(str(e))
+    device = process_device(_device())
+    # a sharded model is loaded on the CPU, and only its shard moves to the device
+    m, tok = _load_model(model, "cpu" if shard_model else device)
+    if shard_model:
+        try:
+            if method != "prompt":
+                raise ValueError(f"--shard-model supports --method prompt only, not {method!r}")
+            shard_frozen_model(m, device)
+        except ValueError as e:
+            _fail(str(e))
+    dp = DataParallel.current(m)
+    try:
+        result = train_with_restarts(m, tok, data.task, train_ex, valid_ex, cfg, restarts, out_dir=out, resume=resume,
+                                     progress=dp.is_main)
+    except ValueError as e:
+        _fail(str(e))
+    if not dp.is_main and not dp.lockstep:
+        return  # the main process scores, saves and reports
+    for run in result.prompt.training.get("restarts", []):
+        fit = ", ".join(f"{k} {v:.4f}" for k, v in run.items() if isinstance(v, float))
+        console.print(f"restart seed {run['seed']}: {run['judged_on']} {fit}{'  <- kept' if run['chosen'] else ''}")
+    rows = []
+    test_ex = data.splits.get(test_split)
+    if test_ex:
+        test_ex = test_ex[:test_limit] if test_limit else test_ex
+        bank = _bank(m, tok)
+        entry = bank.add_prompt(result.prompt, "trained")
+        metrics = _evaluate(bank, entry, test_ex, data.task.kind, eval_batch_size, f"scoring {test_split}")
+        result.prompt.metrics = {test_split: {k: v for k, v in metrics.items() if k != "confusion"}}
+        rows.append(_row("soft prompt", metrics))
+    if not dp.is_main:
+        return  # a sharded model: every rank ran the test forwards above, the main one reports
+    size = result.prompt.save(out / "prompt.safetensors")
+    (out / "metrics.json").write_text(json.dumps(result.prompt.metrics, indent=1))
+    shape = f"{result.prompt.n_tokens} tokens x {result.prompt.hidden_size} floats"
+    if result.prompt.kv is not None:
+        shape += f" + {result.prompt.n_prefix}-position key/values at every layer"
+    console.print(f"saved {out / 'prompt.safetensors'} ({size:,} bytes: {shape}, {result.prompt.n_params:,} parameters); "
+                  f"{result.steps} steps in {result.wall_time_s:.0f}s, "
+                  f"{result.tokens_per_s:.0f} training tokens/s, best step {result.best_step}")
+    if rows:
+        console.print(_results_table(rows, f"{data.task.name}: {test_split} ({len(test_ex)} examples)"))
+
+
+# ----------------------------------------------------------------------------- eval / predict
+@app.command("eval")
+def eval_(
+    prompt: Optional[Path] = typer.Argument(None, help="A prompt .safetensors (omit with --hard)."),
+    task: Optional[str] = typer.Option(None, help="Built-in task (default: the prompt's own task)."),
+    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    split: str = typer.Option("test"),
+    limit: Optional[int] = typer.Option(None, help="Score at most N examples."),
+    hard: bool = typer.Option(False, help="Also score the template without soft tokens (zero-shot baseline)."),
+    test_file: Optional[Path] = typer.Option(None, help="Your own labelled file instead of a built-in task."),
+    field: Optional[list[str]] = typer.Option(None),
+    label_column: Optional[str] = typer.Option(None),
+    target_column: Optional[str] = typer.Option(None),
+    batch_size: int = typer.Option(32),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics here."),
+    calibration: str = typer.Option("saved", help=EVAL_CALIBRATION_HELP),
+    verbalizer: Optional[list[str]] = typer.Option(None, help="LABEL=WORD, one per label: score with these label words "
+                                                   "instead of the prompt's or the task's. Repeatable."),
+    encoding: str = typer.Option("utf-8", help="Text encoding of --test-file, e.g. latin-1."),
+):
+    """Score a saved prompt (and optionally the hard template) on a task's split."""
+    from ..core.prompts import PromptFileError, PromptMismatchError, SoftPrompt
+    from ..core.templates import Template
+
+    if prompt is None and not hard:
+        _fail("give a prompt file, or --hard for the zero-shot template")
+    sp = None
+    if prompt is not None:
+        try:
+            sp = SoftPrompt.load(prompt)
+        except (PromptFileError, FileNotFoundError) as e:
+            _fail(str(e))
+    name = task or (sp.task if sp else None)
+    if sp is not None and verbalizer:
+        sp.verbalizer = _verbalizer(verbalizer, sp.template)
+    data = _load_task_data(name if not test_file else None, None, test_file, None, field, label_column, target_column,
+                           sp.template if (sp and test_file) else None,
+                           verbalizer or ([f"{k}={v}" for k, v in (sp.verbalizer or {}).items()] if (sp and test_file)
+                                          else None),
+                           None, None, encoding=encoding)
+    examples = _split(data, "test" if test_file else split)
+    examples = examples[:limit] if limit else examples
+    m, tok = _load_model(model)
+    bank = _bank(m, tok)
+    rows, results = [], {}
+    choices = [c.strip() for c in calibration.split(",") if c.strip()] or ["saved"]
+    if sp is not None:
+        try:
+            entry = bank.add_prompt(sp, "prompt")
+        except PromptMismatchError as e:
+            _fail(str(e))
+        _eval_calibrated(bank, entry, examples, sp.kind, batch_size, choices, sp.calibration, "soft",
+                         f"soft prompt ({prompt.name})", rows, results)
+    if hard:
+        if not bank.family.supports("rank_classification"):
+            _fail("--hard needs a decoder model: an encoder has no zero-shot reading without a trained head")
+        tmpl = Template(sp.template if sp else data.task.template).without_soft()
+        e = bank.add("hard", tmpl, verbalizer=(sp.verbalizer if sp else data.task.verbalizer), kind=data.task.kind)
+        _eval_calibrated(bank, e, examples, data.task.kind, batch_size, choices, None, "hard",
+                         f"hard template: {tmpl.text!r}", rows, results)
+    console.print(_results_table(rows, f"{data.task.name}: {split} ({len(examples)} examples)"))
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=1))
+
+
+@app.command()
+def predict(
+    prompt: Path = typer.Argument(..., help="A prompt .safetensors."),
+    text: Optional[list[str]] = typer.Option(None, help="Input text (for single-field templates). Repeatable."),
+    input_file: Optional[Path] = typer.Option(None, help="A .jsonl file of objects with the template's fields."),
+    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    max_new_tokens: int = typer.Option(24),
+    calibration: str = typer.Option("saved", help=CALIBRATION_HELP),
+):
+    """Print the prompt's answer for each input (label and probabilities, or generated text)."""
+    from ..core.prompts import PromptFileError, PromptMismatchError, SoftPrompt
+    from ..core.scoring import classify, generate
+    from ..data import Example
+    from ..core.templates import Template
+
+    try:
+        sp = SoftPrompt.load(prompt)
+    except (PromptFileError, FileNotFoundError) as e:
+        _fail(str(e))
+    fields_needed = Template(sp.template).fields
+    inputs: list[dict] = []
+    for t in text or []:
+        if len(fields_needed) != 1:
+            _fail(f"this prompt's template needs fields {list(fields_needed)}; use --input-file with JSON lines")
+        inputs.append({fields_needed[0]: t})
+    if input_file:
+        for n, line in enumerate(input_file.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    inputs.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    _fail(f"{input_file} line {n}: not JSON ({e})")
+    if not inputs:
+        _fail("give --text or --input-file")
+    for n, obj in enumerate(inputs, 1):
+        missing = [f for f in fields_needed if f not in obj]
+        if missing:
+            _fail(f"input {n} lacks fields {missing}; the template needs {list(fields_needed)}")
+    m, tok = _load_model(model)
+    bank = _bank(m, tok)
+    try:
+        entry = bank.add_prompt(sp, "prompt")
+    except PromptMismatchError as e:
+        _fail(str(e))
+    exs = [Example(fields={k: str(v) for k, v in obj.items()}) for obj in inputs]
+    if sp.kind == "classification":
+        res = classify(bank, entry, exs, calibration=_calibration(bank, entry, calibration, sp.calibration, exs))
+        for obj, pred, probs in zip(inputs, res.predictions, res.probabilities.tolist()):
+            console.print_json(json.dumps({"input": obj, "label": pred,
+                                           "probabilities": dict(zip(res.labels, [round(p, 4) for p in probs]))}))
+    else:
+        res = generate(bank, entry, exs, max_new_tokens=max_new_tokens)
+        for obj, t in zip(inputs, res.texts):
+            console.print_json(json.dumps({"input": obj, "output": t}))
+
+
+# ----------------------------------------------------------------------------- demo
+@app.command()
+def demo(
+    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    out: Path = typer.Option(Path("runs/demo"), help="Where the trained prompt is saved."),
+    epochs: int = typer.Option(2, help="Training epochs of the soft prompt."),
+    lr: float = typer.Option(0.3, help="Learning rate of the soft prompt (the one default of train and compare)."),
+    seed: int = typer.Option(0),
+):
+    """The quickstart: on the bundled demo set (hand-written customer messages, complaint vs praise),
+    score a zero-shot instruction as written, the best hard prompt found by instruction search
+    (calibrated, chosen on the training messages only), and a trained soft prompt, on held-out
+    messages; save the soft prompt."""
+    from ..hard.baselines import zero_shot_template
+    from ..core.bank import PromptBank
+    from ..hard.instruction_search import search_instructions
+    from ..data import load_task
+    from ..training.prompt import TrainConfig, train_prompt
+
+    data = load_task("demo")
+    task = data.task
+    m, tok = _load_model(model)
+    bank = PromptBank(m, tok)
+    train, test = data.splits["train"], data.splits["test"]
+    zs = bank.add("zero-shot", zero_shot_template(task), verbalizer=task.verbalizer)
+    rows = [_row("zero-shot instruction (uncalibrated)", _evaluate(bank, zs, test, task.kind, 32, "zero-shot"),
+                 {"trained params": 0, "artifact bytes": 0})]
+    with console.status("searching instructions (scored on 64 training messages only) ..."):
+        sample = random.Random(seed).sample(train, min(64, len(train)))  # a quick search: the demo takes minutes
+        found = search_instructions(m, tok, task, sample, calibration="contextual", induce=2, seed=seed)
+    hard = bank.add("searched", found.template, verbalizer=task.verbalizer)
+    rows.append(_row(f"searched instruction, {found.calibration} calibration",
+                     _evaluate(bank, hard, test, task.kind, 32, "searched", found.fitted),
+                     {"trained params": 0, "artifact bytes": len(found.template.encode())}))
+    cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=8, init="labels", seed=seed, warmup_steps=5)
+    result = train_prompt(m, tok, task, train, None, cfg, out_dir=out)
+    size = result.prompt.save(out / "prompt.safetensors")
+    e = bank.add_prompt(result.prompt, "soft")
+    metrics = _evaluate(bank, e, test, task.kind, 32, "soft prompt")
+    rows.append(_row("soft prompt (trained)", metrics, {"trained params": result.prompt.embeddings.numel(), "artifact bytes": size}))
+    console.print(_results_table(rows, f"demo: {len(train)} train / {len(test)} held-out messages"))
+    console.print(f"searched instruction ({len(found.candidates)} candidates, {found.seconds:.0f}s): {found.best!r}",
+                  markup=False)
+    console.print(f"prompt saved to {out / 'prompt.safetensors'}; try:\n  softprompt predict {out / 'prompt.safetensors'} "
+                  "--text 'My parcel arrived crushed and nobody answers my emails.'")
+    console.print("a full comparison with confidence intervals and a recommendation: softprompt compare --task demo")
+
