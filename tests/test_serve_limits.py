@@ -92,15 +92,15 @@ def test_small_token_budget_splits_passes_and_answers_as_one_by_one(lm, monkeypa
 
 def test_classify_respects_the_token_budget(lm, monkeypatch):
     """scoring.classify (eval, compare) forms batches within the budget and scores the same."""
-    import softprompt.core.scoring as scoring
+    import softprompt.families.decoder as decoder  # where classify's decoder contexts are run
 
     model, tok = lm
     bank = PromptBank(model, tok)
     e = bank.add_prompt(random_prompt(model, SENT, verbalizer=verbalizer(20), seed=4), "x")
     exs = [Example({"text": t}) for t in TEXTS]
     seen = []
-    real = scoring.run_context
-    monkeypatch.setattr(scoring, "run_context", lambda b, ei, sfx: seen.append(real(b, ei, sfx).mask.shape[1] * len(sfx))
+    real = decoder.run_context
+    monkeypatch.setattr(decoder, "run_context", lambda b, ei, sfx: seen.append(real(b, ei, sfx).mask.shape[1] * len(sfx))
                         or real(b, ei, sfx))
     small = ref_classify(bank, e, exs, max_batch_tokens=40)
     assert len(seen) > 1 and all(n <= 40 for n in seen[:-1] if n)
