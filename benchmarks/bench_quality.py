@@ -11,7 +11,7 @@ sentences (alps_dev.tsv), scored on the 872 GLUE dev sentences (alps_test.tsv).
 the 300-tweet subset used while exploring recipes.  --method ptuning trains the same soft
 tokens through a prompt encoder (--encoder lstm|mlp); --reparam mlp does the same for
 prefix tuning's key/values.  Both default to lr 1e-3: an Adam step on an encoder moves its
-output several times lr (see softprompt/reparam.py).
+output several times lr (see softprompt/core/reparam.py).
 --template and --verbalizer LABEL=WORDS override the built-in task's (a "\n" typed in the shell
 is a line break), e.g. to put the question in the model's chat format; the words get a leading
 space after a template that ends in text, as `softprompt train --verbalizer` gives them.
