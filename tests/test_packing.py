@@ -5,7 +5,7 @@ import torch
 
 from softprompt.core.bank import PromptBank
 from softprompt.core.conditioning import continuation_logprobs, full_context, run_context, tree_visibility
-from softprompt.core.packing import pack_batch, pack_rows, packed_logprobs
+from softprompt.core.packing import DEFAULT_PACK_TOKENS, pack_batch, pack_rows, packed_logprobs
 from softprompt.data import Example, Task
 from softprompt.testing import tiny_causal_lm, tiny_tokenizer
 from softprompt.training.prompt import TrainConfig, batch_loss, resolve_context, train_prompt
@@ -85,7 +85,7 @@ def test_packing_cuts_padding():
     for budget in (None, 2 * longest):  # default budget: the longest example
         packed = pack_batch(seqs, conts, pack_tokens=budget)
         assert len(packed.rows) < len(texts) and packed.real_tokens == alone.real_tokens
-        assert packed.source.shape[1] <= (budget or longest)
+        assert packed.source.shape[1] <= (budget or max(DEFAULT_PACK_TOKENS, longest))
         assert packed.padding < alone.padding
         # and fewer padded slots than full_context's context pass alone (before its padded lane pass)
         assert packed.padding < int((full_context(bank, idx, suffixes).mask == 0).sum())
@@ -104,6 +104,8 @@ def test_pack_rows_first_fit_within_budget():
     assert all(sum(lengths[i] for i in r) <= 10 for r in rows)
     assert len(rows) == 4  # 31 tokens: 4 rows of 10 is the least possible
     assert pack_rows([12, 3], 10) == [[0], [1]]  # longer than the budget: a row of its own
+    # first-fit fills [8, 8, 2, 2] + [8, 8] (widest 20); evened out: [8, 8, 2] + [8, 8, 2] (widest 18)
+    assert pack_rows([8, 8, 8, 8, 2, 2], 20) == [[0, 2, 4], [1, 3, 5]]
 
 
 def test_tree_visibility_is_block_diagonal():
