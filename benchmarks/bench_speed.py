@@ -304,7 +304,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--context", default="auto", choices=["auto", "cached", "full", "packed"],
                    help="our training step (TrainConfig.context): auto = cached on a CPU, full on a GPU")
-    p.add_argument("--pack-tokens", type=int, help="context packed: the most tokens per row (default: 512, or the longest example)")
+    p.add_argument("--pack-tokens", type=int, help="context packed: the most tokens per row (default: 256, or the longest example)")
     p.add_argument("--pack-compare", action="store_true",
                    help="also run the full step unpacked and packed (eager; core/packing.py): training tokens/s")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="precision of the frozen model (both sides)")

@@ -45,7 +45,7 @@ class TrainConfig:
     # GPUs, where a small model is launch-bound), "packed" (full, with several examples and their label words
     # in one row under a block-diagonal mask: less padding, the same numbers; not prefix tuning), "auto"
     # (cached on a CPU, full on a GPU)
-    pack_tokens: int | None = None  # context "packed": the most tokens per row (None: 512, or the batch's longest
+    pack_tokens: int | None = None  # context "packed": the most tokens per row (None: 256, or the batch's longest
     # example if longer); smaller means shorter rows (less attention arithmetic), more of them, more padding
     compile: str = "auto"  # the "full" and "packed" steps' frozen forward through torch.compile (compiled.py): on | off |
     # auto (on for CUDA, off on CPUs, where it was not faster); ignored by the cached step and a sharded model

@@ -88,7 +88,9 @@ CONTEXT_MODES = ("auto", "cached", "full", "packed")
 def resolve_context(mode: str, model) -> str:
     """``auto`` -> ``cached`` on a CPU, ``full`` elsewhere.  Measured on SmolLM2-135M: the cached
     step trains 1.85x faster than HF PEFT on 2 CPU cores but 0.43-0.51x on an H100, where it runs
-    about twice as many kernels per step (docs/benchmarks.md, "On a GPU")."""
+    about twice as many kernels per step (docs/benchmarks.md, "On a GPU").  ``packed`` (``full``
+    with several examples per row, ``core/packing.py``) is opt-in: ``auto`` stays unchanged until
+    it is measured on a GPU."""
     if mode not in CONTEXT_MODES:
         raise ValueError(f"context must be one of {CONTEXT_MODES}, got {mode!r}")
     from .distributed import is_sharded
