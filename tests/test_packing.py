@@ -169,3 +169,30 @@ def test_packed_with_eager_attention_and_compiled_forward():
     for name in ("compiled", "eager"):
         torch.testing.assert_close(results[name][0], results["sdpa"][0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(results[name][1], results["sdpa"][1], atol=1e-5, rtol=1e-4)
+
+
+def test_cli_train_context_option(tmp_path):
+    """`softprompt train --context packed` trains packed (saved with the prompt); a bad value and
+    prefix tuning are refused before any data or model loads."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from softprompt.cli import app
+    from softprompt.core.prompts import SoftPrompt
+
+    r = CliRunner().invoke(app, ["train", "--task", "sst2", "--context", "fast"])
+    assert r.exit_code != 0 and "--context must be one of" in r.output
+    r = CliRunner().invoke(app, ["train", "--task", "sst2", "--context", "packed", "--method", "prefix"])
+    assert r.exit_code != 0 and "prefix tuning" in r.output
+    model_dir = tmp_path / "tiny"
+    tiny_causal_lm().save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    data = tmp_path / "toy.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in zip(TEXTS, LABELS)))
+    r = CliRunner().invoke(app, [
+        "train", "--model", str(model_dir), "--train-file", str(data), "--template", "{soft:4} review : {text} label :",
+        "--verbalizer", "pos=good", "--verbalizer", "neg=bad", "--verbalizer", "meh=so so", "--epochs", "1",
+        "--batch-size", "3", "--init", "vocab", "--context", "packed", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    assert SoftPrompt.load(tmp_path / "run" / "prompt.safetensors").training["context"] == "packed"
