@@ -128,10 +128,10 @@ def pack_batch(seqs: list[list[int]], conts: list[list[list[int]]], *, pack_toke
                 cont.extend([cont0[k] + j] * m)
                 q += m
             col += n
-    mask = additive_mask(tree_visibility(group, lane), dtype)
+    mask = additive_mask(tree_visibility(group.to(device), lane.to(device)), dtype)  # built where it is used
     as_t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
     return PackedBatch(
-        source=source.to(device), mask=mask.to(device), positions=positions.to(device),
+        source=source.to(device), mask=mask, positions=positions.to(device),
         score_at=as_t(at), score_tok=as_t(tok), score_cont=as_t(cont),
         n_conts=[len(cs) for cs in conts], rows=rows, real_tokens=n_real,
     )
