@@ -180,7 +180,7 @@ def our_task(task, n_tokens):
 
 
 def ours_train(model, tok, task, examples, steps, batch_size, n_tokens, lr, context="auto", compile=False,
-               timings=None):
+               timings=None, pack_tokens=None):
     """Training tokens/s over ``steps`` steps after 2 warm-up steps; ``timings`` (a dict) gets the
     warm-up seconds (where a compiled step compiles) and the seconds per timed step."""
     from softprompt.core.bank import PromptBank
@@ -204,7 +204,7 @@ def ours_train(model, tok, task, examples, steps, batch_size, n_tokens, lr, cont
         for ex in batch:
             ids, lab = example_ids(tok, ex, task.verbalizer)
             tokens += 1 + len(ids) + len(lab)
-        loss, _ = batch_loss(bank, entry, batch, "lm", context=context, compile=compile)
+        loss, _ = batch_loss(bank, entry, batch, "lm", context=context, compile=compile, pack_tokens=pack_tokens)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -235,12 +235,14 @@ def child(args) -> dict:
     from softprompt.core import compiled
 
     compiled.DEFAULT_BUCKET = args.bucket
-    side = args.child.rsplit("-", 1)[0]  # ours | peft | eager-full | compiled
+    side = args.child.rsplit("-", 1)[0]  # ours | peft | eager-full | compiled | packed
     if args.child.endswith("train"):
         timings: dict = {}
-        extra = {} if side == "peft" else {"context": args.context, "timings": timings}
+        extra = {} if side == "peft" else {"context": args.context, "timings": timings, "pack_tokens": args.pack_tokens}
         if side in ("eager-full", "compiled"):
             extra |= {"context": "full", "compile": side == "compiled"}
+        if side == "packed":
+            extra |= {"context": "packed", "compile": False}
         fn = peft_train if side == "peft" else ours_train
         tps = fn(model, tok, task, data["train"], args.train_steps, args.batch_size, args.n_tokens, 0.03, **extra)
         return {"train_tokens_per_s": tps, **timings}
@@ -300,8 +302,11 @@ def main() -> None:
     p.add_argument("--n-tokens", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--context", default="auto", choices=["auto", "cached", "full"],
+    p.add_argument("--context", default="auto", choices=["auto", "cached", "full", "packed"],
                    help="our training step (TrainConfig.context): auto = cached on a CPU, full on a GPU")
+    p.add_argument("--pack-tokens", type=int, help="context packed: the most tokens per row (default: 256, or the longest example)")
+    p.add_argument("--pack-compare", action="store_true",
+                   help="also run the full step unpacked and packed (eager; core/packing.py): training tokens/s")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="precision of the frozen model (both sides)")
     p.add_argument("--compile-compare", action="store_true",
                    help="also run the full step eager and compiled (compiled.py): tokens/s, compile time, break-even")
@@ -317,7 +322,8 @@ def main() -> None:
 
     def run(part: str) -> dict:
         cmd = [sys.executable, __file__, "--child", part] + [
-            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("child", "json", "compile_compare") and v is not None
+            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("child", "json", "compile_compare", "pack_compare")
+            and v is not None
         ]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         return json.loads(out.strip().splitlines()[-1])
@@ -325,6 +331,8 @@ def main() -> None:
     parts = ["ours-train", "peft-train", "ours-eval", "peft-eval"]
     if args.compile_compare:
         parts += ["eager-full-train", "compiled-train", "compiled-eval"]
+    if args.pack_compare:
+        parts += [p for p in ("eager-full-train", "packed-train") if p not in parts]
     res = {part: run(part) for part in parts}
     agree = sum(a == b for a, b in zip(res["ours-eval"]["preds"], res["peft-eval"]["preds"])) / args.eval_limit
     rows = [
@@ -342,6 +350,10 @@ def main() -> None:
         print(f"{name:56s} {ours:12.1f} {peft:12.1f} {ours / peft:8.2f}x")
     if args.compile_compare:
         compile_report(res)
+    if args.pack_compare:
+        full, packed = res["eager-full-train"]["train_tokens_per_s"], res["packed-train"]["train_tokens_per_s"]
+        print(f"{'full step training tokens/s: unpacked -> packed (eager)':56s} {full:12.1f} {packed:12.1f} "
+              f"{packed / full:8.2f}x")
     print(f"eval: first {args.eval_limit} RAFT test tweets; the two sides' predictions agree on {agree:.1%} "
           "(the same prompt on both sides: a check that both score the same thing)")
     if args.json:

@@ -59,6 +59,7 @@ def train(
     encoding: str = typer.Option("utf-8", help="Text encoding of your files, e.g. latin-1 or cp1252."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: torch's choice)."),
     processes: int = typer.Option(1, min=1, help="Train data-parallel on N processes of this host: re-runs this command under `accelerate launch --num_processes N` (one per GPU; on CPUs, gloo). Each process takes 1/N of every batch; the result equals a 1-process run to float rounding, and --resume works across process counts. Several hosts: run `accelerate launch -m softprompt train ...` yourself (README, 'Scaling out')."),
+    context: str = typer.Option("auto", help="How a training batch runs: cached (the prompt's key/values once, then each input) | full (prompt + input in one pass per row) | packed (full, several examples per row under a block-diagonal mask: less padding) | auto (cached on CPUs, full with CUDA). The same numbers to float rounding."),
     compile: str = typer.Option("auto", help="torch.compile the frozen model's forward in the prompt + input training step: on | off | auto (on with CUDA; on CPUs eager was faster)."),
     shard_model: bool = typer.Option(False, help="Under several processes: shard the frozen model's decoder layers over them (FSDP2), for a model larger than one device. Prompt tuning on decoder models only."),
 ):
@@ -71,7 +72,7 @@ def train(
     from ..training.restarts import train_with_restarts
     from ..core.compiled import resolve_compile
     from ..core.method import Method
-    from ..training.prompt import TrainConfig, encoders_for
+    from ..training.prompt import CONTEXT_MODES, TrainConfig, encoders_for
 
     if processes > 1 and launched() and processes != int(os.environ["WORLD_SIZE"]):
         _fail(f"--processes {processes} under a launcher that started {os.environ['WORLD_SIZE']} processes; "
@@ -85,6 +86,8 @@ def train(
         resolve_compile(compile, "cpu")  # a bad --compile fails before any data or model loads
     except ValueError as e:
         _fail(str(e))
+    if context not in CONTEXT_MODES:  # before any data or model loads
+        _fail(f"--context must be one of {', '.join(CONTEXT_MODES)}, got {context!r}")
     data = _load_task_data(task, train_file, test_file, valid_file, field, label_column, target_column,
                            template, verbalizer, instruction, None, encoding=encoding)
     _set_threads(threads)
@@ -98,12 +101,14 @@ def train(
         method = Method.parse(method).short
     except ValueError as e:
         _fail(str(e))
+    if context == "packed" and method == "prefix":
+        _fail("--context packed cannot train prefix tuning (learned per-layer key/values); use cached or full")
     if lr is None:  # an encoder's weights move its output far more per Adam step than a prompt's own values
         lr = 1e-3 if method == Method.P_TUNING.short or reparam != "none" else 0.3
     cfg = TrainConfig(init=init, method=method, prefix_tokens=prefix_tokens, epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, optimizer=optimizer,
                       loss=loss, warmup_steps=warmup_steps, eval_every=eval_every, patience=patience, seed=seed,
                       eval_batch_size=eval_batch_size, encoder=encoder, encoder_hidden=encoder_hidden, reparam=reparam,
-                      compile=compile)
+                      compile=compile, context=context)
     try:
         encoders_for(cfg)  # a bad method/encoder combination fails before the model loads
     except ValueError as e:

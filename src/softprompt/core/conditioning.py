@@ -181,6 +181,26 @@ def _lane_passes(width: int, rows: list[int], conts: list[list[int]], multi: lis
     return passes
 
 
+def tree_visibility(group: torch.Tensor, lane: torch.Tensor) -> torch.Tensor:
+    """Which earlier tokens each token may attend to, [n, L, L] bool, from per-token ``group``
+    and ``lane`` ids [n, L]: token i sees token j <= i of its own group (-1: padding) when j
+    is shared by the group (lane -1) or in i's lane.  So one row holds several independent
+    sequences (groups), each a context with label lanes branching off it (a tree).  A padded
+    query sees only itself: no query row is ever fully masked."""
+    L = group.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=group.device).tril()
+    same = (group[:, :, None] == group[:, None, :]) & (group[:, None, :] >= 0)
+    branch = (lane[:, None, :] < 0) | (lane[:, :, None] == lane[:, None, :])
+    eye = torch.eye(L, dtype=torch.bool, device=group.device) & (group < 0)[:, :, None]
+    return (same & branch & causal) | eye
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``allowed`` [n, Q, K] as the 4D additive mask [n, 1, Q, K] both sdpa and eager attention take."""
+    zeros = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return zeros.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
 def _lane_pass(model, ctx: Context, lanes: list[Lane], conts: list[list[int]], tree: bool) -> torch.Tensor:
     """One forward pass of ``lanes`` on top of their rows' context key/values; returns the
     summed log-probs of tokens 2.. of each continuation, in lane order."""
@@ -215,13 +235,9 @@ def _lane_pass(model, ctx: Context, lanes: list[Lane], conts: list[list[int]], t
     positions = ctx.next_pos.index_select(0, lane_rows)[:, None] + off
     if tree:
         n, L = ids.shape
-        causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
-        own = (seg[:, :, None] == seg[:, None, :]) & real[:, :, None] & causal  # own earlier tokens only
+        own = tree_visibility(seg, torch.full_like(seg, -1))  # own earlier tokens only
         allowed = torch.cat([cmask.bool()[:, None, :].expand(n, L, width), own], dim=-1)
-        dtype = ctx.layers[0][0].dtype
-        # additive form, understood by both sdpa and eager attention; a padded query still sees its context
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-        mask = mask[:, None]
+        mask = additive_mask(allowed, ctx.layers[0][0].dtype)  # a padded query still sees its context
     else:  # one continuation per lane: the ordinary causal mask does it
         mask = torch.cat([cmask, real.long()], dim=1)
     out = model.base_model(

@@ -37,7 +37,8 @@ class Family(Protocol):
         """An empty bank of prompts for ``model`` (carrying this family as ``bank.family``)."""
 
     def batch_loss(self, bank, entry: int, examples, loss: str = "rank", class_weights: torch.Tensor | None = None,
-                   context: str = "cached", compile: bool = False) -> tuple[torch.Tensor, int]:
+                   context: str = "cached", compile: bool = False, pack_tokens: int | None = None
+                   ) -> tuple[torch.Tensor, int]:
         """Mean training loss over ``examples`` with entry ``entry``, and the tokens run."""
 
     def label_scores(self, bank, entry_idx: torch.Tensor, suffixes: list[list[int]], max_batch_tokens: int,

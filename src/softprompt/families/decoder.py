@@ -10,6 +10,7 @@ import torch
 from ..core.bank import PromptBank
 from ..core.conditioning import continuation_logprobs, full_context, greedy_generate, label_logprobs, run_context
 from ..core.losses import answer_loss, answer_targets, classification_loss
+from ..core.packing import packed_logprobs
 from .base import FamilyBase
 
 
@@ -23,24 +24,31 @@ class DecoderFamily(FamilyBase):
         return AutoModelForCausalLM
 
     def batch_loss(self, bank: PromptBank, entry: int, examples, loss: str = "rank",
-                   class_weights: torch.Tensor | None = None, context: str = "cached", compile: bool = False
-                   ) -> tuple[torch.Tensor, int]:
-        """``train.batch_loss`` for decoders: the prompt's context run cached or in one ``full`` pass."""
+                   class_weights: torch.Tensor | None = None, context: str = "cached", compile: bool = False,
+                   pack_tokens: int | None = None) -> tuple[torch.Tensor, int]:
+        """``train.batch_loss`` for decoders: the prompt's context run cached, in one ``full`` pass, or
+        ``packed`` (several examples and their label words per row, ``core/packing.py``)."""
         e = bank.entries[entry]
         suffixes = [bank.suffix_ids(entry, ex.fields) for ex in examples]
         entry_idx = torch.full((len(examples),), entry)
-        if context == "full":
+        packed = dict(compile=compile, pack_tokens=pack_tokens)
+        if context == "packed":
+            ctx = None
+        elif context == "full":
             ctx = full_context(bank, entry_idx, suffixes, compile=compile)
         else:
             ctx = run_context(bank, entry_idx, suffixes)
         n_tokens = sum(len(s) for s in suffixes)
         if e.kind == "classification":
-            scores = torch.stack(label_logprobs(bank, ctx))  # [B, n_labels]
+            rows = (label_logprobs(bank, ctx) if ctx is not None
+                    else packed_logprobs(bank, entry_idx, suffixes, [e.label_ids] * len(examples), **packed))
+            scores = torch.stack(rows)  # [B, n_labels]
             gold = torch.tensor([e.labels.index(ex.label) for ex in examples], device=scores.device)
             n_tokens += sum(len(ids) - 1 for ids in e.label_ids) * len(examples)
             return classification_loss(scores, gold, loss, class_weights), n_tokens
         targets = answer_targets(bank.tokenizer, examples)
-        lp = continuation_logprobs(bank, ctx, list(range(len(examples))), targets)
+        lp = (continuation_logprobs(bank, ctx, list(range(len(examples))), targets) if ctx is not None
+              else torch.cat(packed_logprobs(bank, entry_idx, suffixes, [[t] for t in targets], **packed)))
         n_tokens += sum(len(t) for t in targets)
         return answer_loss(lp, targets), n_tokens
 

@@ -328,7 +328,8 @@ class EncoderFamily(FamilyBase):
     def classify_with_head(self, bank, entry, examples, *, batch_size: int = 32, progress: bool | str = False):
         return classify(bank, entry, examples, batch_size=batch_size, progress=progress)
 
-    def batch_loss(self, bank, entry, examples, loss="rank", class_weights=None, context="cached", compile=False):
+    def batch_loss(self, bank, entry, examples, loss="rank", class_weights=None, context="cached", compile=False,
+                   pack_tokens=None):
         raise UnsupportedError(self.name, "rank_classification", "encoder prompts train with their head, in "
                                "encoder.train_encoder_prompt, not through train.batch_loss")
 

@@ -222,10 +222,10 @@ class Seq2SeqFamily(FamilyBase):
         return AutoModelForSeq2SeqLM
 
     def batch_loss(self, bank: PromptBank, entry: int, examples, loss: str = "rank",
-                   class_weights: torch.Tensor | None = None, context: str = "cached", compile: bool = False
-                   ) -> tuple[torch.Tensor, int]:
-        """Encoder once per example, label words or answer + EOS as decoder targets; ``context``
-        and ``compile`` have no encoder-decoder form and are ignored."""
+                   class_weights: torch.Tensor | None = None, context: str = "cached", compile: bool = False,
+                   pack_tokens: int | None = None) -> tuple[torch.Tensor, int]:
+        """Encoder once per example, label words or answer + EOS as decoder targets; ``context``,
+        ``compile`` and ``pack_tokens`` have no encoder-decoder form and are ignored."""
         return batch_loss(bank, entry, examples, loss, class_weights)
 
     def label_scores(self, bank: PromptBank, entry_idx: torch.Tensor, suffixes: list[list[int]],

@@ -42,8 +42,12 @@ class TrainConfig:
     seed: int = 0
     context: str = "auto"  # how a batch runs: "cached" (the prompt's key/values once, then each input on top:
     # least arithmetic, best on CPUs), "full" (prompt + input in one pass per row: fewest passes, best on
-    # GPUs, where a small model is launch-bound), "auto" (cached on a CPU, full on a GPU)
-    compile: str = "auto"  # the "full" step's frozen forward through torch.compile (compiled.py): on | off |
+    # GPUs, where a small model is launch-bound), "packed" (full, with several examples and their label words
+    # in one row under a block-diagonal mask: less padding, the same numbers; not prefix tuning), "auto"
+    # (cached on a CPU, full on a GPU)
+    pack_tokens: int | None = None  # context "packed": the most tokens per row (None: 256, or the batch's longest
+    # example if longer); smaller means shorter rows (less attention arithmetic), more of them, more padding
+    compile: str = "auto"  # the "full" and "packed" steps' frozen forward through torch.compile (compiled.py): on | off |
     # auto (on for CUDA, off on CPUs, where it was not faster); ignored by the cached step and a sharded model
 
     def to_dict(self) -> dict[str, Any]:

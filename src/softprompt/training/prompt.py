@@ -82,13 +82,15 @@ def initial_prefix_kv(model, tokenizer, task: Task, cfg: TrainConfig) -> torch.T
 
 
 # ----------------------------------------------------------------------------- loss
-CONTEXT_MODES = ("auto", "cached", "full")
+CONTEXT_MODES = ("auto", "cached", "full", "packed")
 
 
 def resolve_context(mode: str, model) -> str:
     """``auto`` -> ``cached`` on a CPU, ``full`` elsewhere.  Measured on SmolLM2-135M: the cached
     step trains 1.85x faster than HF PEFT on 2 CPU cores but 0.43-0.51x on an H100, where it runs
-    about twice as many kernels per step (docs/benchmarks.md, "On a GPU")."""
+    about twice as many kernels per step (docs/benchmarks.md, "On a GPU").  ``packed`` (``full``
+    with several examples per row, ``core/packing.py``) is opt-in: ``auto`` stays unchanged until
+    it is measured on a GPU."""
     if mode not in CONTEXT_MODES:
         raise ValueError(f"context must be one of {CONTEXT_MODES}, got {mode!r}")
     from .distributed import is_sharded
@@ -96,7 +98,7 @@ def resolve_context(mode: str, model) -> str:
     if is_sharded(model):  # FSDP cannot backpropagate into a cache built by an earlier forward of a sharded layer
         if mode == "cached":
             raise ValueError("context 'cached' does not work with a sharded frozen model; use 'full' or 'auto'")
-        return "full"
+        return "packed" if mode == "packed" else "full"
     if mode != "auto":
         return mode
     return "cached" if model.get_input_embeddings().weight.device.type == "cpu" else "full"
@@ -104,14 +106,16 @@ def resolve_context(mode: str, model) -> str:
 
 def batch_loss(
     bank: PromptBank, entry: int, examples, loss: str = "rank", class_weights: torch.Tensor | None = None,
-    context: str = "cached", compile: bool = False,
+    context: str = "cached", compile: bool = False, pack_tokens: int | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Mean loss over ``examples`` and the number of tokens run (for throughput).
 
     ``context`` (see :attr:`TrainConfig.context`) only changes how the numbers are computed,
     not the numbers: both modes give the same loss and gradients to float rounding; so does
-    ``compile`` (the ``full`` step's frozen forward through ``compiled.py``)."""
-    return bank.family.batch_loss(bank, entry, examples, loss, class_weights, context=context, compile=compile)
+    ``compile`` (the ``full`` step's frozen forward through ``compiled.py``) and ``pack_tokens``
+    (the row budget of ``context="packed"``: ``core/packing.py``)."""
+    return bank.family.batch_loss(bank, entry, examples, loss, class_weights, context=context, compile=compile,
+                                  pack_tokens=pack_tokens)
 
 
 def loss_weight(task: Task, examples, class_weights: torch.Tensor | None = None) -> float:
@@ -130,9 +134,9 @@ def sharded_loss(bank: PromptBank, entry: int, task: Task, batch, cfg: TrainConf
     nothing, and a sharded frozen model still sees every rank run the same forwards."""
     mine = dp.shard(batch)
     if not mine:
-        loss, _ = batch_loss(bank, entry, batch[:1], cfg.loss, class_weights, context)
+        loss, _ = batch_loss(bank, entry, batch[:1], cfg.loss, class_weights, context, pack_tokens=cfg.pack_tokens)
         return loss * 0.0, 0
-    loss, n_tok = batch_loss(bank, entry, mine, cfg.loss, class_weights, context)
+    loss, n_tok = batch_loss(bank, entry, mine, cfg.loss, class_weights, context, pack_tokens=cfg.pack_tokens)
     return loss * (loss_weight(task, mine, class_weights) / loss_weight(task, batch, class_weights)), n_tok
 
 
@@ -198,7 +202,10 @@ class PromptTrainable(Trainable):
         self.description = f"training {task.name}"
         self.context = resolve_context(cfg.context, model)
         self.compile_full = (resolve_compile(cfg.compile, model.get_input_embeddings().weight.device)
-                             and self.context == "full" and not is_sharded(model))
+                             and self.context in ("full", "packed") and not is_sharded(model))
+        if self.context == "packed" and cfg.method == "prefix":
+            raise ValueError("context 'packed' cannot train prefix tuning (learned per-layer key/values that no "
+                             "forward pass recomputes); use context 'cached' or 'full'")
         self.dp = DataParallel.current(model)
         torch.manual_seed(cfg.seed)
         weight = model.get_input_embeddings().weight
@@ -246,7 +253,7 @@ class PromptTrainable(Trainable):
             return sharded_loss(self.bank, self.entry, self.task, examples, self.cfg, self.class_weights,
                                 self.context, self.dp)
         return batch_loss(self.bank, self.entry, examples, self.cfg.loss, self.class_weights, self.context,
-                          self.compile_full)
+                          self.compile_full, self.cfg.pack_tokens)
 
     def validate(self, examples) -> dict:
         return validate(self.bank, self.entry, examples, self.cfg, self.dp)
