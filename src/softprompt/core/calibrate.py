@@ -1,7 +1,7 @@
 """Fitting a calibration (``calibration.py``) for a bank entry: the label scores of content-free
-inputs, of the unlabelled inputs, or of the template's domain premise.  Apart from the
-correction itself because fitting needs the scorer, and the scorer's artifacts carry a
-correction."""
+inputs, of the unlabelled inputs, or of the template's domain premise.  A module apart from
+the correction (``calibration.py``) because fitting runs the scorer, while the prompt artifacts
+the scorer reads carry a correction: one module for both would be an import cycle."""
 from __future__ import annotations
 
 import torch
