@@ -37,8 +37,6 @@ def _launch(processes: int, words: list[str], option: str) -> int:
             skip = True
         elif not w.startswith(option + "="):
             args.append(w)
-    from . import launch_command  # looked up on the package, where tests replace it
-
     cmd = launch_command(processes, args)
     err.print(f"launching {processes} processes: {shlex.join(cmd)}", markup=False)
     return subprocess.run(cmd).returncode

@@ -82,7 +82,7 @@ import torch
 
 from ..core.bank import PromptBank
 from ..core.prompts import ModelIdentity, SoftPrompt
-from . import validation
+from .validation import check_prompts, input_fields, suffixes
 from .config import BATCHING_MODES, EngineConfig
 from .metrics import Gauge, Metrics
 from .runner import Runner, vote_classify, vote_generate
@@ -275,13 +275,13 @@ class Engine:
         return self.scheduler.control(op)
     # ------------------------------------------------------------------ checks (validation.py)
     def _check_prompts(self, name: str, prompts: list[SoftPrompt], member_names: list[str], vote: str) -> dict:
-        return validation.check_prompts(self, name, prompts, member_names, vote)
+        return check_prompts(self, name, prompts, member_names, vote)
 
     def _fields(self, spec: TaskSpec, value: str | Mapping[str, str]) -> dict[str, str]:
-        return validation.input_fields(self, spec, value)
+        return input_fields(self, spec, value)
 
     def _suffixes(self, spec: TaskSpec, fields: dict[str, str], extra_tokens: int = 0) -> list[list[int]]:
-        return validation.suffixes(self, spec, fields, extra_tokens)
+        return suffixes(self, spec, fields, extra_tokens)
 
     # ------------------------------------------------------------------ submission
     def _make_item(self, op: str, spec: TaskSpec, value, extra_tokens: int = 0) -> Item:
