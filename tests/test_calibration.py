@@ -222,8 +222,10 @@ def test_encoder_decoder_and_encoder_banks():
     raw = label_logprobs(bank, encode(bank, torch.tensor([0]), [encode_text(tok, " \n label :")]))[0]
     assert pmi.log_prior == pytest.approx(raw.log_softmax(-1).tolist(), abs=1e-5)
 
+    from softprompt.families import ENCODER
+
     class EncoderLike:
-        is_encoder = True
+        family = ENCODER
 
     with pytest.raises(ValueError, match="batch only"):
         fit_calibration(EncoderLike(), 0, "contextual")

@@ -50,7 +50,7 @@ def _fit(bank, entry, method: str, *, inputs, batch_size: int) -> Calibration:
         unlabelled = [Example(fields=dict(x.fields if isinstance(x, Example) else x)) for x in inputs]
         raw = classify(bank, e, unlabelled, batch_size=batch_size).scores
         return Calibration("batch", log_prior_from_scores(raw))
-    if getattr(bank, "is_encoder", False):
+    if not bank.family.supports("rank_classification"):  # an encoder's head has no verbalizer to score
         raise ValueError(f"{method} calibration needs a language-model verbalizer; encoder heads support batch only")
     template = bank.entries[e].template
     if method == "contextual":

@@ -90,8 +90,6 @@ class EncoderEntry:
 class EncoderBank(NamedEntries):
     """Prompts (soft tokens + head) for one frozen encoder, selected per example by index."""
 
-    is_encoder = True
-
     def __init__(self, model, tokenizer, *, max_length: int | None = None):
         self.family = family_of(model)
         if not self.family.supports("head_classification"):
