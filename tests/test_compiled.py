@@ -107,19 +107,71 @@ def _ctx_like(ctx, hidden, layers, mask):
     return Context(layers=layers, mask=mask, next_pos=ctx.next_pos, last_hidden=last, entry_idx=ctx.entry_idx)
 
 
+def test_a_smaller_batch_reuses_the_graph_and_gives_the_eager_scores(model_tok, eager_and_compiled):
+    """3 rows are padded to 4 (bucketed_rows): the compiled graph of the 4-row batches serves them,
+    and the padded row changes no real row's scores."""
+    from torch._dynamo.utils import counters
+
+    bank, entry, _ = _bank(model_tok)
+    exs = [Example({"text": t}, label=lab) for t, lab in zip(TEXTS[:3], LABELS[:3])]
+    with torch.no_grad():
+        comp = classify(bank, entry, exs, batch_size=4, compile="on")  # warm: the 4-row graph exists
+        graphs = counters["stats"]["unique_graphs"]
+        comp = classify(bank, entry, exs, batch_size=4, compile="on")
+        eager = classify(bank, entry, exs, batch_size=4, compile="off")
+    assert counters["stats"]["unique_graphs"] == graphs
+    torch.testing.assert_close(comp.scores, eager.scores, atol=1e-5, rtol=1e-5)
+
+
+def test_padded_rows_change_no_real_row(model_tok):
+    bank, entry, _ = _bank(model_tok)
+    seqs = [bank.entries[entry].prefix_ids + bank.suffix_ids(entry, {"text": t}) for t in TEXTS[:3]]
+    width = max(map(len, seqs))
+    (ids,) = _ids(seqs, width)
+    mask = (torch.arange(width)[None] < torch.tensor([len(s) for s in seqs])[:, None]).long()
+    embeds = bank.embed(ids, torch.full((3,), entry))
+    pos = torch.arange(width)[None].expand(3, -1)
+    pe, pm, pp = compiled.pad_rows(embeds, mask, pos, 8)
+    assert pe.shape[0] == pm.shape[0] == pp.shape[0] == 8 and pm[3:, 0].all() and not pm[3:, 1:].any()
+    with torch.no_grad():
+        ref, _ = compiled._forward(bank.model.base_model, embeds, mask, pos)
+        padded, _ = compiled._forward(bank.model.base_model, pe, pm, pp)
+    assert torch.isfinite(padded).all()
+    torch.testing.assert_close(padded[:3][mask.bool()], ref[mask.bool()], atol=1e-5, rtol=1e-5)
+    m4 = torch.zeros(3, 1, width, width)
+    assert compiled.pad_rows(embeds, m4, pos, 4)[1][3].eq(0).all()  # 4D additive: the padded row sees itself
+
+
+def test_bucketed_rows():
+    assert [compiled.bucketed_rows(n) for n in (1, 2, 3, 5, 8, 9, 17)] == [1, 2, 4, 8, 8, 16, 24]
+    with pytest.raises(ValueError):
+        compiled.bucketed_rows(0)
+
+
 def test_bucketed_rounds_up_to_a_multiple():
     assert [bucketed(n, 16) for n in (1, 16, 17, 33)] == [16, 16, 32, 48]
     with pytest.raises(ValueError, match="bucket"):
         bucketed(5, 0)
 
 
-def test_compile_modes():
+def test_compile_modes(monkeypatch):
+    monkeypatch.delenv(compiled.COMPILE_ENV_VAR, raising=False)  # the suite may run with it set
     assert resolve_compile("auto", "cpu") is False and resolve_compile("auto", "cuda") is True
     assert resolve_compile("on", "cpu") is True and resolve_compile("off", "cuda") is False
     assert resolve_compile(None, "cpu") is False and resolve_compile(True, "cpu") is True
     with pytest.raises(ValueError, match="compile must be one of"):
         resolve_compile("yes", "cpu")
     assert TrainConfig().compile == "auto"
+
+
+def test_compile_env_sets_what_auto_means(monkeypatch):
+    monkeypatch.setenv(compiled.COMPILE_ENV_VAR, "on")
+    assert resolve_compile("auto", "cpu") is True and resolve_compile("off", "cpu") is False
+    monkeypatch.setenv(compiled.COMPILE_ENV_VAR, "off")
+    assert resolve_compile("auto", "cuda") is False and resolve_compile("on", "cuda") is True
+    monkeypatch.setenv(compiled.COMPILE_ENV_VAR, "maybe")
+    with pytest.raises(ValueError, match="SOFTPROMPT_COMPILE"):
+        resolve_compile("auto", "cpu")
 
 
 def test_one_compiled_function_per_model(model_tok):

@@ -196,3 +196,58 @@ def test_cli_train_context_option(tmp_path):
         "--batch-size", "3", "--init", "vocab", "--context", "packed", "--out", str(tmp_path / "run")])
     assert r.exit_code == 0, r.output
     assert SoftPrompt.load(tmp_path / "run" / "prompt.safetensors").training["context"] == "packed"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_classify_packed_equals_cached_and_full(family):
+    """Rank classification from packed rows gives the cached and full scores, including for a
+    mixed batch of two entries and under a token budget that splits a batch into several passes."""
+    from softprompt.core.scoring import classify
+
+    model, tok = tiny_causal_lm(family), tiny_tokenizer()
+    bank, entry, _ = _bank(model, tok)
+    other = bank.add("u", "{soft:2} text : {text} verdict :", torch.randn(2, 32, generator=torch.Generator().manual_seed(1)),
+                     verbalizer=VERBALIZER)
+    exs = [Example({"text": t}, label=lab) for t, lab in zip(TEXTS, LABELS)]
+    entries = [entry, other] * (len(TEXTS) // 2)
+    ref = classify(bank, entries, exs, batch_size=4, context="cached")
+    for context, budget in (("full", 4096), ("packed", 4096), ("packed", 30)):
+        res = classify(bank, entries, exs, batch_size=4, context=context, max_batch_tokens=budget)
+        torch.testing.assert_close(res.scores, ref.scores, atol=1e-5, rtol=1e-5)
+        assert res.predictions == ref.predictions
+
+
+def test_packed_label_scores_stay_within_the_token_budget(monkeypatch):
+    """No packed pass holds more than max_batch_tokens tokens (unless one example alone is longer)."""
+    from softprompt.core import packing
+
+    model, tok = tiny_causal_lm(), tiny_tokenizer()
+    bank, entry, _ = _bank(model, tok)
+    suffixes = [bank.suffix_ids(entry, {"text": t}) for t in TEXTS]
+    seen = []
+    real = packing.packed_logprobs
+
+    def spy(bank, idx, sfx, conts, **kw):
+        seen.append((sum(len(bank.entries[e].prefix_ids) + len(s) + sum(len(c) - 1 for c in cs)
+                         for e, s, cs in zip(idx.tolist(), sfx, conts)), len(sfx), kw["pack_tokens"]))
+        return real(bank, idx, sfx, conts, **kw)
+
+    monkeypatch.setattr(packing, "packed_logprobs", spy)
+    with torch.no_grad():
+        scores = packing.packed_label_scores(bank, torch.full((len(TEXTS),), entry), suffixes, 40)
+    assert len(scores) == len(TEXTS) and len(seen) > 1
+    assert all(tokens <= 40 or n == 1 for tokens, n, _ in seen) and all(b == 40 for *_, b in seen)
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        packing.packed_label_scores(bank, torch.full((1,), entry), suffixes[:1], 0)
+
+
+def test_classify_context_errors():
+    from softprompt.core.scoring import classify
+
+    model, tok = tiny_causal_lm(), tiny_tokenizer()
+    bank, entry, _ = _bank(model, tok)
+    exs = [Example({"text": "good"}, label="pos")]
+    with pytest.raises(ValueError, match="context must be one of"):
+        classify(bank, entry, exs, context="paged")
+    with pytest.raises(ValueError, match="context 'cached' runs eagerly"):
+        classify(bank, entry, exs, context="cached", compile="on")

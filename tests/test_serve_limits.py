@@ -102,7 +102,7 @@ def test_classify_respects_the_token_budget(lm, monkeypatch):
     real = decoder.run_context
     monkeypatch.setattr(decoder, "run_context", lambda b, ei, sfx: seen.append(real(b, ei, sfx).mask.shape[1] * len(sfx))
                         or real(b, ei, sfx))
-    small = ref_classify(bank, e, exs, max_batch_tokens=40)
+    small = ref_classify(bank, e, exs, max_batch_tokens=40, context="cached")  # the path the spy watches
     assert len(seen) > 1 and all(n <= 40 for n in seen[:-1] if n)
     big = ref_classify(bank, e, exs, max_batch_tokens=1 << 20)
     torch.testing.assert_close(small.scores, big.scores, atol=2e-5, rtol=0)

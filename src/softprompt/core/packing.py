@@ -176,4 +176,33 @@ def packed_logprobs(bank: PromptBank, entry_idx: torch.Tensor, suffixes: list[li
     return list(total.split(pb.n_conts))
 
 
-__all__ = ["DEFAULT_PACK_TOKENS", "PackedBatch", "check_packable", "pack_batch", "pack_rows", "packed_logprobs"]
+def packed_label_scores(bank: PromptBank, entry_idx: torch.Tensor, suffixes: list[list[int]], max_batch_tokens: int,
+                        *, compile: bool = False) -> list[torch.Tensor]:
+    """Rank-classification scores of a batch from packed rows: per row, its entry's label words'
+    summed log-probs (``label_logprobs`` on a ``full_context`` to float rounding).  Memory stays
+    bounded by ``max_batch_tokens``: the batch runs in passes of at most that many packed tokens
+    (prompt + input + label lanes; at least one example each), in rows of at most that many."""
+    if max_batch_tokens < 1:
+        raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+    idx = entry_idx.tolist()
+    conts = [bank.entries[e].label_ids for e in idx]
+    sizes = [len(bank.entries[e].prefix_ids) + len(s) + sum(len(c) - 1 for c in cs)
+             for e, s, cs in zip(idx, suffixes, conts)]
+    passes: list[list[int]] = [[]]
+    used = 0
+    for k, n in enumerate(sizes):
+        if passes[-1] and used + n > max_batch_tokens:
+            passes.append([])
+            used = 0
+        passes[-1].append(k)
+        used += n
+    budget = min(DEFAULT_PACK_TOKENS, max_batch_tokens)
+    out: list[torch.Tensor] = []
+    for ks in passes:
+        out += packed_logprobs(bank, entry_idx[ks], [suffixes[k] for k in ks], [conts[k] for k in ks],
+                               compile=compile, pack_tokens=budget)
+    return out
+
+
+__all__ = ["DEFAULT_PACK_TOKENS", "PackedBatch", "check_packable", "pack_batch", "pack_rows", "packed_label_scores",
+           "packed_logprobs"]

@@ -73,6 +73,7 @@ def classify(
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     calibration=None,
     compile: str | bool = "auto",
+    context: str = "auto",
 ) -> Classification:
     """Label each example with its entry's verbalizer; metrics are filled when examples carry labels.
 
@@ -80,13 +81,15 @@ def classify(
     tokens, and label words are scored in passes of that size (``conditioning.py``).
     ``calibration`` (a ``calibration.Calibration``) is subtracted from the label scores before
     the argmax and the softmax; the uncalibrated scores stay on the result as ``raw_scores``.
-    ``compile`` (on | off | auto: on for CUDA): run each batch's prompt + input in one compiled pass
-    (``compiled.py``) instead of on the prompt's cached key/values; the same scores to float rounding."""
-    from .compiled import resolve_compile
-
-    use_compile = resolve_compile(compile, bank.device)
+    ``context``: how a batch runs, the same scores to float rounding: ``cached`` (the prompt's
+    key/values once, each input on top: the least arithmetic), ``full`` (prompt + input in one
+    pass per row), ``packed`` (``full`` with several examples and their label words per row,
+    ``core/packing.py``: the fewest passes and no padding), ``auto`` (``full`` when compiled,
+    else ``cached``).  ``compile`` (on | off | auto: on for CUDA): the full and packed passes
+    through ``compiled.py``."""
+    use_compile, context = scoring_context(context, compile, bank.device)
     result = _classify_raw(bank, entry, examples, batch_size=batch_size, progress=progress,
-                           max_batch_tokens=max_batch_tokens, compile=use_compile)
+                           max_batch_tokens=max_batch_tokens, compile=use_compile, context=context)
     result.raw_scores = result.scores
     if calibration is None or not calibration.active:
         return result
@@ -100,8 +103,28 @@ def classify(
     return result
 
 
+SCORING_CONTEXTS = ("auto", "cached", "full", "packed")
+
+
+def scoring_context(context: str, compile: str | bool | None, device) -> tuple[bool, str]:
+    """(compile?, context) for ``classify``; a compiled ``cached`` pass does not exist, so asking
+    for both is an error rather than a silent eager run."""
+    from .compiled import resolve_compile
+
+    if context not in SCORING_CONTEXTS:
+        raise ValueError(f"context must be one of {SCORING_CONTEXTS}, got {context!r}")
+    use_compile = resolve_compile(compile, device)
+    if context == "auto":
+        return use_compile, "full" if use_compile else "cached"
+    if context == "cached" and use_compile:
+        if compile in ("on", True):
+            raise ValueError("compile='on' applies to the full and packed passes; context 'cached' runs eagerly")
+        use_compile = False
+    return use_compile, context
+
+
 def _classify_raw(bank: PromptBank, entry, examples, *, batch_size: int, progress: bool | str,
-                  max_batch_tokens: int, compile: bool = False) -> Classification:
+                  max_batch_tokens: int, compile: bool = False, context: str = "cached") -> Classification:
     if not bank.family.supports("rank_classification"):  # encoder models read classes with a head, not a verbalizer
         return bank.family.classify_with_head(bank, entry, examples, batch_size=batch_size, progress=progress)
     entries = _entries_for(bank, entry, len(examples))
@@ -116,7 +139,7 @@ def _classify_raw(bank: PromptBank, entry, examples, *, batch_size: int, progres
     desc = progress if isinstance(progress, str) else "scoring"
     for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
         rows = _label_scores(bank, torch.tensor([entries[i] for i in idx]), [suffixes[i] for i in idx], max_batch_tokens,
-                             compile)
+                             compile, context)
         for i, s in zip(idx, rows):
             scores[i] = s.float().cpu()
     probs = scores.softmax(-1)
@@ -129,10 +152,12 @@ def _classify_raw(bank: PromptBank, entry, examples, *, batch_size: int, progres
 
 
 def _label_scores(bank: PromptBank, entry_idx: torch.Tensor, suffixes: list[list[int]],
-                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, compile: bool = False) -> list[torch.Tensor]:
+                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, compile: bool = False,
+                  context: str = "cached") -> list[torch.Tensor]:
     """Label log-probs of a batch, by the bank's model family: decoder-only models score from the
-    prompt's cached context (``conditioning.py``), encoder-decoders (T5) as decoder targets (``seq2seq.py``)."""
-    return bank.family.label_scores(bank, entry_idx, suffixes, max_batch_tokens, compile)
+    prompt's cached context (``conditioning.py``), a full pass or packed rows (``packing.py``),
+    encoder-decoders (T5) as decoder targets (``seq2seq.py``)."""
+    return bank.family.label_scores(bank, entry_idx, suffixes, max_batch_tokens, compile, context)
 
 
 def _generated(bank: PromptBank, entry_idx: torch.Tensor, suffixes: list[list[int]], max_new_tokens: int,

@@ -42,8 +42,8 @@ class Family(Protocol):
         """Mean training loss over ``examples`` with entry ``entry``, and the tokens run."""
 
     def label_scores(self, bank, entry_idx: torch.Tensor, suffixes: list[list[int]], max_batch_tokens: int,
-                     compile: bool = False) -> list[torch.Tensor]:
-        """Per row, the summed log-probs of its entry's label words."""
+                     compile: bool = False, context: str = "cached") -> list[torch.Tensor]:
+        """Per row, the summed log-probs of its entry's label words (``context``: cached | full | packed)."""
 
     def generate(self, bank, entry_idx: torch.Tensor, suffixes: list[list[int]], *, max_new_tokens: int,
                  stop_ids: set[int], skip_leading: AbstractSet[int] = frozenset()) -> list[list[int]]:

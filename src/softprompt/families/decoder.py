@@ -10,7 +10,7 @@ import torch
 from ..core.bank import PromptBank
 from ..core.conditioning import continuation_logprobs, full_context, greedy_generate, label_logprobs, run_context
 from ..core.losses import answer_loss, answer_targets, classification_loss
-from ..core.packing import packed_logprobs
+from ..core.packing import packed_label_scores, packed_logprobs
 from .base import FamilyBase
 
 
@@ -53,9 +53,13 @@ class DecoderFamily(FamilyBase):
         return answer_loss(lp, targets), n_tokens
 
     def label_scores(self, bank: PromptBank, entry_idx: torch.Tensor, suffixes: list[list[int]],
-                     max_batch_tokens: int, compile: bool = False) -> list[torch.Tensor]:
-        """Label log-probs scored from the prompt's cached context (or one compiled full pass)."""
-        ctx = full_context(bank, entry_idx, suffixes, compile=True) if compile else run_context(bank, entry_idx, suffixes)
+                     max_batch_tokens: int, compile: bool = False, context: str = "cached") -> list[torch.Tensor]:
+        """Label log-probs scored from the prompt's cached context, one ``full`` pass per row, or
+        ``packed`` rows (``compile``: the full and packed passes through ``compiled.py``)."""
+        if context == "packed":
+            return packed_label_scores(bank, entry_idx, suffixes, max_batch_tokens, compile=compile)
+        ctx = (full_context(bank, entry_idx, suffixes, compile=compile) if context == "full"
+               else run_context(bank, entry_idx, suffixes))
         return label_logprobs(bank, ctx, max_batch_tokens=max_batch_tokens)
 
     def generate(self, bank: PromptBank, entry_idx: torch.Tensor, suffixes: list[list[int]], *, max_new_tokens: int,

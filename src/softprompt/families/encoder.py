@@ -331,7 +331,7 @@ class EncoderFamily(FamilyBase):
         raise UnsupportedError(self.name, "rank_classification", "encoder prompts train with their head, in "
                                "encoder.train_encoder_prompt, not through train.batch_loss")
 
-    def label_scores(self, bank, entry_idx, suffixes, max_batch_tokens, compile=False):
+    def label_scores(self, bank, entry_idx, suffixes, max_batch_tokens, compile=False, context="cached"):
         self.require("rank_classification")
 
     def generate(self, bank, entry_idx, suffixes, *, max_new_tokens, stop_ids, skip_leading=frozenset()):

@@ -229,7 +229,9 @@ class Seq2SeqFamily(FamilyBase):
         return batch_loss(bank, entry, examples, loss, class_weights)
 
     def label_scores(self, bank: PromptBank, entry_idx: torch.Tensor, suffixes: list[list[int]],
-                     max_batch_tokens: int, compile: bool = False) -> list[torch.Tensor]:
+                     max_batch_tokens: int, compile: bool = False, context: str = "cached") -> list[torch.Tensor]:
+        """The encoder once per row, the label words as decoder targets (``compile`` and ``context``
+        have no encoder-decoder form and are ignored, as in training)."""
         return label_logprobs(bank, encode(bank, entry_idx, suffixes), max_batch_tokens=max_batch_tokens)
 
     def generate(self, bank: PromptBank, entry_idx: torch.Tensor, suffixes: list[list[int]], *, max_new_tokens: int,
