@@ -187,3 +187,27 @@ def test_train_cli_rejects_a_bad_compile_mode():
 
     r = CliRunner().invoke(app, ["train", "--task", "sst2", "--compile", "maybe"])
     assert r.exit_code != 0 and "compile must be one of" in r.output
+
+
+def test_bf16_autocast_keeps_the_trainable_tensors_loss_and_scores_in_fp32(model_tok, monkeypatch):
+    """The CUDA path's bf16 autocast, run on the CPU: the frozen forward in bf16, what it hands
+    back cast to fp32, so the loss, the soft prompt's gradient and the label scores are fp32 and
+    close to the fp32 numbers (bf16 rounding)."""
+    monkeypatch.setattr(compiled, "autocast_for", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    bank, entry, soft = _bank(model_tok)
+    exs = [Example({"text": t}, label=lab) for t, lab in zip(TEXTS, LABELS)]
+    loss, _ = batch_loss(bank, entry, exs, "rank", context="full")
+    loss.backward()
+    assert loss.dtype == soft.grad.dtype == torch.float32 and soft.grad.abs().sum() > 0
+    with torch.no_grad():
+        bf16 = classify(bank, entry, exs, batch_size=4, context="full", compile="off").scores
+    monkeypatch.undo()
+    ref_bank, ref_entry, ref_soft = _bank(model_tok)
+    ref_loss, _ = batch_loss(ref_bank, ref_entry, exs, "rank", context="full")
+    ref_loss.backward()
+    with torch.no_grad():
+        ref = classify(ref_bank, ref_entry, exs, batch_size=4, context="full", compile="off").scores
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, ref)  # bf16 really ran
+    torch.testing.assert_close(bf16, ref, atol=0.1, rtol=0.05)
+    torch.testing.assert_close(loss.detach(), ref_loss.detach(), atol=0.05, rtol=0.05)
+    assert torch.nn.functional.cosine_similarity(soft.grad.flatten(), ref_soft.grad.flatten(), dim=0) > 0.95

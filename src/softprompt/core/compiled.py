@@ -138,7 +138,7 @@ def full_forward(model, embeds: torch.Tensor, mask: torch.Tensor, positions: tor
     fn = compiled_forward(model, dynamic) if compile else _forward
     with autocast_for(embeds.device):
         hidden, layers = fn(base, embeds, mask, positions)
-    if hidden.dtype != embeds.dtype:  # pragma: no cover - bf16 autocast (CUDA only)
+    if hidden.dtype != embeds.dtype:  # bf16 autocast (CUDA; tests run it on the CPU)
         hidden = hidden.to(embeds.dtype)
         layers = [(k.to(embeds.dtype), v.to(embeds.dtype)) for k, v in layers]
     if hidden.shape[0] != n:
