@@ -15,9 +15,17 @@ same prompt length, batch size and precision (fp32) for both sides:
   resident set before scoring, i.e. the memory the evaluation itself adds to the loaded model.
 
     python benchmarks/bench_speed.py [--eval-limit 640] [--train-steps 12] [--threads 2]
+        [--compile-compare] [--pack-compare] [--profile] [--dtype bf16] [--device cuda]
 
 Prints a table (and --json writes the numbers).  The test examples scored are the first
-``--eval-limit`` of the 3,399 labelled test tweets.
+``--eval-limit`` of the 3,399 labelled test tweets.  ``--compile-compare`` adds the full step
+eager vs compiled (compiled.py): tokens/s, compile time (the compiled side's 2 warm-up steps minus
+the eager side's; each child starts with an empty inductor cache, so it is a cold compile) and
+break-even steps.  ``--profile`` adds, per side, torch.profiler counts of one training step after
+warm-up and of one scoring call on one batch: on CUDA the kernel launches (CPU-side launch calls,
+a CUDA-graph replay counted once) and the GPU kernels run, on a CPU the aten operators at every
+depth (``count_events``).  bench_speed_grid.py runs the compile comparison over precisions x batch
+sizes as one table; gpu_issue16.sh runs that grid on a lent GPU.
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,6 +74,68 @@ def sync(device: str) -> None:
     """GPU work is asynchronous: wait for it before reading a clock."""
     if on_gpu(device):
         torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------- profiling
+# CPU-side calls that launch work on the GPU (CUDA runtime and driver API: eager aten kernels go
+# through cudaLaunchKernel, inductor's Triton kernels through cuLaunchKernel(Ex)); a CUDA-graph
+# replay (cudaGraphLaunch) launches all its kernels at once and counts as one launch.
+LAUNCH_CALLS = frozenset({"cudaLaunchKernel", "cudaLaunchKernelExC", "cudaLaunchCooperativeKernel",
+                          "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch"})
+
+
+def count_events(events) -> dict:
+    """Counts over profiler events given as (name, on_gpu) pairs:
+
+    * ``aten_ops``: CPU events named ``aten::*`` at every depth, as the profiler lists them
+      (``aten::linear`` and the ``aten::mm`` inside it count 2; forward, backward and optimizer);
+      inductor's fused kernels are not aten ops and do not count;
+    * ``launches``: CPU-side launch calls (LAUNCH_CALLS), a CUDA-graph replay counted once;
+    * ``graph_launches``: of those, the CUDA-graph replays;
+    * ``gpu_kernels``: events on the GPU other than memory copies/sets and synchronisations
+      (each kernel of a replayed graph counts here)."""
+    counts = dict.fromkeys(("aten_ops", "launches", "graph_launches", "gpu_kernels"), 0)
+    for name, on_gpu_ in events:
+        if on_gpu_:
+            counts["gpu_kernels"] += not (name.startswith(("Memcpy", "Memset")) or "Sync" in name)
+        elif name.startswith("aten::"):
+            counts["aten_ops"] += 1
+        elif name in LAUNCH_CALLS:
+            counts["launches"] += 1
+            counts["graph_launches"] += name == "cudaGraphLaunch"
+    return counts
+
+
+def profile_counts(fn) -> dict:
+    """``count_events`` over one call of ``fn`` under torch.profiler (GPU activity too on CUDA)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu(DEVICE) else [])
+    with profile(activities=activities) as prof:
+        fn()
+        sync(DEVICE)
+    return count_events((e.name, e.device_type != DeviceType.CPU) for e in prof.events())
+
+
+def timed_steps(step, steps: int, timings: dict | None = None, profile: dict | None = None) -> float:
+    """Tokens/s of ``step(i)`` (one optimizer step on batch i, returning its token count) over
+    ``steps`` steps after 2 warm-up steps.  ``timings`` gets the warm-up seconds (where a compiled
+    step compiles) and the seconds per timed step; ``profile`` gets ``count_events`` of one more
+    step on batch 2 (shapes already seen, so nothing compiles inside the profile)."""
+    start = time.perf_counter()
+    for i in range(2):
+        step(i)
+    sync(DEVICE)
+    t0 = time.perf_counter()
+    tokens = sum(step(i) for i in range(2, steps + 2))
+    sync(DEVICE)
+    wall = time.perf_counter() - t0
+    if timings is not None:
+        timings |= {"warmup_s": t0 - start, "step_s": wall / steps}
+    if profile is not None:
+        profile |= profile_counts(lambda: step(2))
+    return tokens / wall
 
 
 def setup(threads: int, device: str = "cpu", dtype: str = "fp32"):
@@ -120,17 +191,17 @@ def peft_batch(tok, seqs, label_lens):
     return ids.to(DEVICE), mask.to(DEVICE), labels.to(DEVICE)
 
 
-def peft_train(model, tok, task, examples, steps, batch_size, n_tokens, lr):
+def batch_at(examples, step: int, batch_size: int) -> list:
+    return [examples[(step * batch_size + i) % len(examples)] for i in range(batch_size)]
+
+
+def peft_train(model, tok, task, examples, steps, batch_size, n_tokens, lr, timings=None, profile=None):
     pm = peft_model(model, tok, n_tokens)
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
-    tokens, t0 = 0, None
-    for step in range(steps + 2):
-        if step == 2:
-            sync(DEVICE)
-            t0, tokens = time.perf_counter(), 0  # two warm-up steps
-        batch = [examples[(step * batch_size + i) % len(examples)] for i in range(batch_size)]
-        seqs, lens = [], []
-        for ex in batch:
+
+    def step(i: int) -> int:
+        seqs, lens, tokens = [], [], 0
+        for ex in batch_at(examples, i, batch_size):
             ids, lab = example_ids(tok, ex, task.verbalizer)
             seqs.append(ids + lab)
             lens.append(len(lab))
@@ -140,8 +211,9 @@ def peft_train(model, tok, task, examples, steps, batch_size, n_tokens, lr):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    sync(DEVICE)
-    return tokens / (time.perf_counter() - t0)
+        return tokens
+
+    return timed_steps(step, steps, timings, profile)
 
 
 def peft_eval(model, tok, task, examples, batch_size, n_tokens):
@@ -180,9 +252,8 @@ def our_task(task, n_tokens):
 
 
 def ours_train(model, tok, task, examples, steps, batch_size, n_tokens, lr, context="auto", compile=False,
-               timings=None, pack_tokens=None):
-    """Training tokens/s over ``steps`` steps after 2 warm-up steps; ``timings`` (a dict) gets the
-    warm-up seconds (where a compiled step compiles) and the seconds per timed step."""
+               timings=None, pack_tokens=None, profile=None):
+    """Training tokens/s of our step (``timed_steps`` says what ``timings`` and ``profile`` get)."""
     from softprompt.core.bank import PromptBank
     from softprompt.training.prompt import batch_loss, resolve_context
 
@@ -193,26 +264,17 @@ def ours_train(model, tok, task, examples, steps, batch_size, n_tokens, lr, cont
     bank = PromptBank(model, tok)
     entry = bank.add(t.name, t.template, param, verbalizer=t.verbalizer)
     opt = torch.optim.AdamW([param], lr=lr)
-    tokens, t0, start = 0, None, time.perf_counter()
-    for step in range(steps + 2):
-        if step == 2:
-            sync(DEVICE)
-            t0, tokens = time.perf_counter(), 0
-            if timings is not None:
-                timings["warmup_s"] = t0 - start
-        batch = [examples[(step * batch_size + i) % len(examples)] for i in range(batch_size)]
-        for ex in batch:
-            ids, lab = example_ids(tok, ex, task.verbalizer)
-            tokens += 1 + len(ids) + len(lab)
+
+    def step(i: int) -> int:
+        batch = batch_at(examples, i, batch_size)
+        tokens = sum(1 + len(ids) + len(lab) for ids, lab in (example_ids(tok, ex, task.verbalizer) for ex in batch))
         loss, _ = batch_loss(bank, entry, batch, "lm", context=context, compile=compile, pack_tokens=pack_tokens)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    sync(DEVICE)
-    wall = time.perf_counter() - t0
-    if timings is not None:
-        timings["step_s"] = wall / steps
-    return tokens / wall
+        return tokens
+
+    return timed_steps(step, steps, timings, profile)
 
 
 def ours_eval(model, tok, task, examples, batch_size, n_tokens, compile="off"):
@@ -236,16 +298,19 @@ def child(args) -> dict:
 
     compiled.DEFAULT_BUCKET = args.bucket
     side = args.child.rsplit("-", 1)[0]  # ours | peft | eager-full | compiled | packed
+    profile = {} if args.profile else None
     if args.child.endswith("train"):
         timings: dict = {}
-        extra = {} if side == "peft" else {"context": args.context, "timings": timings, "pack_tokens": args.pack_tokens}
+        extra = {"timings": timings, "profile": profile}
+        if side != "peft":
+            extra |= {"context": args.context, "pack_tokens": args.pack_tokens}
         if side in ("eager-full", "compiled"):
             extra |= {"context": "full", "compile": side == "compiled"}
         if side == "packed":
             extra |= {"context": "packed", "compile": False}
         fn = peft_train if side == "peft" else ours_train
         tps = fn(model, tok, task, data["train"], args.train_steps, args.batch_size, args.n_tokens, 0.03, **extra)
-        return {"train_tokens_per_s": tps, **timings}
+        return {"train_tokens_per_s": tps, **timings} | ({"profile": profile} if args.profile else {})
     fn = peft_eval if side == "peft" else ours_eval
     if side == "compiled":
         fn = lambda *a: ours_eval(*a, compile="on")  # noqa: E731
@@ -264,10 +329,36 @@ def child(args) -> dict:
     preds = fn(model, tok, task, examples, args.batch_size, args.n_tokens)
     sync(args.device)
     wall = time.perf_counter() - t0
-    return {
+    out = {
         "examples_per_s": len(examples) / wall, "eval_s": wall,
         "peak_eval_mib": (peak() - before) / 2**20, "preds": preds, "warmup_s": warmup_s,
     }
+    if args.profile:  # one scoring call on one batch, its set-up (prompt bank / PEFT wrapper) included
+        out["profile"] = profile_counts(lambda: fn(model, tok, task, examples[: args.batch_size], args.batch_size,
+                                                   args.n_tokens))
+    return out
+
+
+# the options a child reads (run_child passes these on)
+CHILD_OPTIONS = ("eval_limit", "train_steps", "batch_size", "eval_batch_size", "n_tokens", "threads", "device",
+                 "context", "pack_tokens", "dtype", "bucket", "profile")
+
+
+def run_child(part: str, opts: dict, timeout: float | None = None) -> dict:
+    """Run one side (``part``, e.g. "compiled-train") in a fresh process with ``opts`` (CHILD_OPTIONS)
+    and return what it measured.  Each child gets an empty inductor cache (TORCHINDUCTOR_CACHE_DIR),
+    so compile times are cold ones.  A failed child raises RuntimeError with the end of its stderr."""
+    cmd = [sys.executable, __file__, "--child", part]
+    for k in CHILD_OPTIONS:
+        v = opts.get(k)
+        if v is not None and v is not False:
+            cmd.append(f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}"))
+    with tempfile.TemporaryDirectory(prefix="inductor-", ignore_cleanup_errors=True) as cache:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env=os.environ | {"TORCHINDUCTOR_CACHE_DIR": cache})
+    if proc.returncode:
+        raise RuntimeError(f"{part} exited with {proc.returncode}:\n" + "\n".join(proc.stderr.splitlines()[-20:]))
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def break_even(compile_s: float, eager_step_s: float, compiled_step_s: float) -> float | None:
@@ -276,10 +367,28 @@ def break_even(compile_s: float, eager_step_s: float, compiled_step_s: float) ->
     return max(compile_s, 0.0) / gain if gain > 0 else None
 
 
-def compile_report(res: dict) -> None:
+def compile_seconds(res: dict) -> float:
+    """Compilation time of the compiled full step: 2 warm-up steps each; the difference is compilation."""
+    return res["compiled-train"]["warmup_s"] - res["eager-full-train"]["warmup_s"]
+
+
+def profile_rows(what: str, parts: list, device: str) -> list[tuple[str, list]]:
+    """(label, one count per part) rows for the profiled ``what`` ("training step" | "scoring call"):
+    on CUDA kernel launches (CPU-side launch calls, a CUDA-graph replay counted once) and GPU kernels
+    run; on a CPU aten operators at every depth (count_events).  A part without a profile gives None."""
+    keys = ([("launches", f"kernel launches / {what} (CUDA graph = 1)"), ("gpu_kernels", f"GPU kernels run / {what}")]
+            if on_gpu(device) else [("aten_ops", f"aten ops / {what} (every depth)")])
+    return [(label, [(p or {}).get("profile", {}).get(k) for p in parts]) for k, label in keys]
+
+
+def cells(values, width: int = 12, fmt: str = ",.0f") -> str:
+    return " ".join(f"{v:{width}{fmt}}" if v is not None else f"{'-':>{width}s}" for v in values)
+
+
+def compile_report(res: dict, device: str) -> None:
     eager, comp, peft = res["eager-full-train"], res["compiled-train"], res["peft-train"]
     ce, oe, pe = res["compiled-eval"], res["ours-eval"], res["peft-eval"]
-    compile_s = comp["warmup_s"] - eager["warmup_s"]  # 2 warm-up steps each; the difference is compilation
+    compile_s = compile_seconds(res)
     steps = break_even(compile_s, eager["step_s"], comp["step_s"])
     print(f"{'full step (context=full)':56s} {'eager':>12s} {'compiled':>12s} {'HF PEFT':>12s}")
     print(f"{'  training tokens/s':56s} {eager['train_tokens_per_s']:12.1f} {comp['train_tokens_per_s']:12.1f} "
@@ -289,19 +398,33 @@ def compile_report(res: dict) -> None:
     print(f"{'  training warm-up s (2 steps; compiled: + compilation)':56s} {eager['warmup_s']:12.1f} "
           f"{comp['warmup_s']:12.1f}")
     print(f"{'  scoring warm-up s (1 batch; compiled: + compilation)':56s} {oe['warmup_s']:12.1f} {ce['warmup_s']:12.1f}")
+    for label, values in (profile_rows("training step", [eager, comp, peft], device)
+                          + profile_rows("scoring call", [oe, ce, pe], device)):
+        if any(v is not None for v in values):
+            print(f"  {label:54s} {cells(values)}")
     print(f"  compile time ~{compile_s:.1f} s; break-even: "
           + (f"{steps:.0f} training steps" if steps is not None else "never (the compiled step is not faster)"))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_common_options(p: argparse.ArgumentParser) -> None:
+    """Options shared with bench_speed_grid.py."""
     p.add_argument("--eval-limit", type=int, default=640)
     p.add_argument("--train-steps", type=int, default=12)
-    p.add_argument("--batch-size", type=int, default=8, help="training batch size")
-    p.add_argument("--eval-batch-size", type=int, default=32)
     p.add_argument("--n-tokens", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bucket", type=int, default=32, help="compiled step: sequence lengths padded to a multiple of this")
+    p.add_argument("--profile", action="store_true",
+                   help="also count, with torch.profiler, kernel launches (CUDA) or aten ops (CPU) of one training "
+                        "step after warm-up and of one scoring call on one batch")
+    p.add_argument("--json", type=Path)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_options(p)
+    p.add_argument("--batch-size", type=int, default=8, help="training batch size")
+    p.add_argument("--eval-batch-size", type=int, default=32)
     p.add_argument("--context", default="auto", choices=["auto", "cached", "full", "packed"],
                    help="our training step (TrainConfig.context): auto = cached on a CPU, full on a GPU")
     p.add_argument("--pack-tokens", type=int, help="context packed: the most tokens per row (default: 256, or the longest example)")
@@ -310,8 +433,6 @@ def main() -> None:
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="precision of the frozen model (both sides)")
     p.add_argument("--compile-compare", action="store_true",
                    help="also run the full step eager and compiled (compiled.py): tokens/s, compile time, break-even")
-    p.add_argument("--bucket", type=int, default=32, help="compiled step: sequence lengths padded to a multiple of this")
-    p.add_argument("--json", type=Path)
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -320,20 +441,12 @@ def main() -> None:
         print(json.dumps(child(args)))
         return
 
-    def run(part: str) -> dict:
-        cmd = [sys.executable, __file__, "--child", part] + [
-            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("child", "json", "compile_compare", "pack_compare")
-            and v is not None
-        ]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        return json.loads(out.strip().splitlines()[-1])
-
     parts = ["ours-train", "peft-train", "ours-eval", "peft-eval"]
     if args.compile_compare:
         parts += ["eager-full-train", "compiled-train", "compiled-eval"]
     if args.pack_compare:
         parts += [p for p in ("eager-full-train", "packed-train") if p not in parts]
-    res = {part: run(part) for part in parts}
+    res = {part: run_child(part, vars(args)) for part in parts}
     agree = sum(a == b for a, b in zip(res["ours-eval"]["preds"], res["peft-eval"]["preds"])) / args.eval_limit
     rows = [
         ("training tokens/s", res["ours-train"]["train_tokens_per_s"], res["peft-train"]["train_tokens_per_s"]),
@@ -343,17 +456,24 @@ def main() -> None:
     where = torch.cuda.get_device_name(0) if on_gpu(args.device) else f"{os.cpu_count()} cores, threads {args.threads}"
     memory = "GPU memory allocated" if on_gpu(args.device) else "resident set"
     rows[2] = (f"peak eval memory above model (MiB, {memory})",) + rows[2][1:]
+    for what, side in (("training step", "train"), ("scoring call", "eval")):
+        rows += [(label, *values) for label, values in
+                 profile_rows(what, [res[f"ours-{side}"], res[f"peft-{side}"]], args.device) if None not in values]
     print(f"machine: {platform.machine()} {where}, torch {torch.__version__}; "
           f"{args.n_tokens} soft tokens, train batch {args.batch_size}, eval batch {args.eval_batch_size}, {args.dtype}")
     print(f"{'metric':56s} {'softprompt':>12s} {'HF PEFT':>12s} {'ratio':>8s}")
     for name, ours, peft in rows:
-        print(f"{name:56s} {ours:12.1f} {peft:12.1f} {ours / peft:8.2f}x")
+        fmt = ",d" if isinstance(ours, int) else ".1f"  # counts / measurements
+        print(f"{name:56s} {ours:12{fmt}} {peft:12{fmt}} {ours / peft if peft else float('nan'):8.2f}x")
     if args.compile_compare:
-        compile_report(res)
+        compile_report(res, args.device)
     if args.pack_compare:
         full, packed = res["eager-full-train"]["train_tokens_per_s"], res["packed-train"]["train_tokens_per_s"]
         print(f"{'full step training tokens/s: unpacked -> packed (eager)':56s} {full:12.1f} {packed:12.1f} "
               f"{packed / full:8.2f}x")
+        for label, values in profile_rows("training step", [res["eager-full-train"], res["packed-train"]], args.device):
+            if None not in values:
+                print(f"{'  ' + label:56s} {cells(values)}")
     print(f"eval: first {args.eval_limit} RAFT test tweets; the two sides' predictions agree on {agree:.1%} "
           "(the same prompt on both sides: a check that both score the same thing)")
     if args.json:
