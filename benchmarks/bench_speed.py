@@ -292,6 +292,8 @@ def child(args) -> dict:
     """One side's eval (throughput + peak memory) or training, in this fresh process."""
     global DEVICE
     DEVICE = args.device
+    # "fp32" means fp32 on both sides: no bf16 autocast of our full step on CUDA (compiled.py)
+    os.environ["SOFTPROMPT_AUTOCAST"] = "bf16" if args.dtype == "bf16" else "off"
     model, tok, data = setup(args.threads, args.device, args.dtype)
     task = data.task
     from softprompt.core import compiled

@@ -16,8 +16,8 @@ Compiled scoring compiles one graph per (rows, padded width): keep every scoring
 (``--eval-limit`` a multiple of each eval batch size; eval batch x (longest input + prompt) within
 classify's 8,192-token batch budget, so <= 64 here) and ``--bucket`` above the longest sequence
 (train <= 85, first 1,024 test tweets <= 102 tokens with BOS and 20 soft tokens: 112), so that each
-side compiles once.  On CUDA the full step (eager and compiled) runs the frozen forward under bf16
-autocast whatever ``--dtype`` says (compiled.py); PEFT and the cached scorer run in ``--dtype``.
+side compiles once.  Both sides run in ``--dtype``: bench_speed.py turns our full step's bf16
+autocast on CUDA (compiled.py) off for fp32 (``SOFTPROMPT_AUTOCAST=off``).
 ``--budget-s`` skips the combinations that would not finish in time (the table says which); the
 table and JSON are rewritten after each combination, so a run cut short keeps what finished.
 """

@@ -2,6 +2,9 @@
 
 Compiling is slow on a small CPU, so one tiny Llama and ONE compiled function serve the whole
 module, and every compiled call uses the same batch size and length bucket (one graph)."""
+import contextlib
+import warnings
+
 import pytest
 import torch
 
@@ -211,3 +214,18 @@ def test_bf16_autocast_keeps_the_trainable_tensors_loss_and_scores_in_fp32(model
     torch.testing.assert_close(bf16, ref, atol=0.1, rtol=0.05)
     torch.testing.assert_close(loss.detach(), ref_loss.detach(), atol=0.05, rtol=0.05)
     assert torch.nn.functional.cosine_similarity(soft.grad.flatten(), ref_soft.grad.flatten(), dim=0) > 0.95
+
+
+def test_autocast_env(monkeypatch):
+    """bf16 autocast on CUDA unless SOFTPROMPT_AUTOCAST=off (the fp32 benchmark rows); never on a CPU."""
+    cuda = torch.device("cuda")  # only the context manager is built: no CUDA needed
+    monkeypatch.delenv(compiled.AUTOCAST_ENV_VAR, raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "CUDA is not available" where it is not
+        assert isinstance(compiled.autocast_for(cuda), torch.autocast)
+    assert isinstance(compiled.autocast_for(torch.device("cpu")), contextlib.nullcontext)
+    monkeypatch.setenv(compiled.AUTOCAST_ENV_VAR, "off")
+    assert isinstance(compiled.autocast_for(cuda), contextlib.nullcontext)
+    monkeypatch.setenv(compiled.AUTOCAST_ENV_VAR, "fp8")
+    with pytest.raises(ValueError, match="SOFTPROMPT_AUTOCAST"):
+        compiled.autocast_for(torch.device("cpu"))

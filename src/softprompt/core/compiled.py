@@ -28,6 +28,7 @@ from .cache_api import cache_layers, output_cache
 COMPILE_MODES = ("auto", "on", "off")
 COMPILE_ENV_VAR = "SOFTPROMPT_COMPILE"  # what "auto" means when set (on | off): e.g. the suite run compiled
 TORCH_MODE_ENV_VAR = "SOFTPROMPT_COMPILE_MODE"  # torch.compile's mode: default | reduce-overhead | max-autotune
+AUTOCAST_ENV_VAR = "SOFTPROMPT_AUTOCAST"  # the full/packed forward on CUDA: bf16 (default) | off
 DEFAULT_BUCKET = 32
 # compiled callables per frozen model, by (dynamic flag, torch.compile mode); weak, so a dropped model frees its graphs
 _COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[bool, str], object]]" = weakref.WeakKeyDictionary()
@@ -107,8 +108,13 @@ def compiled_forward(model, dynamic: bool = False):
 
 
 def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA, nothing elsewhere (CPU bf16 is slower than fp32 on most CPUs)."""
-    if device.type == "cuda":  # pragma: no cover - no GPU in the test environment
+    """bf16 autocast on CUDA, nothing elsewhere (CPU bf16 is slower than fp32 on most CPUs);
+    ``$SOFTPROMPT_AUTOCAST=off`` keeps CUDA in the model's own precision (a true fp32 run, e.g. to
+    compare with an fp32 baseline)."""
+    mode = os.environ.get(AUTOCAST_ENV_VAR) or "bf16"
+    if mode not in ("bf16", "off"):
+        raise ValueError(f"${AUTOCAST_ENV_VAR} must be bf16 or off, got {mode!r}")
+    if device.type == "cuda" and mode == "bf16":  # pragma: no cover - no GPU in the test environment
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
