@@ -171,9 +171,9 @@ def test_packed_with_eager_attention_and_compiled_forward():
         torch.testing.assert_close(results[name][1], results["sdpa"][1], atol=1e-5, rtol=1e-4)
 
 
-def test_cli_train_context_option(tmp_path):
+def test_cli_train_context_option(tmp_path, monkeypatch):
     """`softprompt train --context packed` trains packed (saved with the prompt); a bad value and
-    prefix tuning are refused before any data or model loads."""
+    prefix tuning are refused before any data or model loads; `eval --context` scores the same."""
     import json
 
     from typer.testing import CliRunner
@@ -196,6 +196,26 @@ def test_cli_train_context_option(tmp_path):
         "--batch-size", "3", "--init", "vocab", "--context", "packed", "--out", str(tmp_path / "run")])
     assert r.exit_code == 0, r.output
     assert SoftPrompt.load(tmp_path / "run" / "prompt.safetensors").training["context"] == "packed"
+    # `softprompt eval --context`: the same metrics from packed rows as from the cached prompt
+    from softprompt.families import decoder
+
+    packed_calls = []
+    real = decoder.packed_label_scores
+    monkeypatch.setattr(decoder, "packed_label_scores", lambda *a, **k: packed_calls.append(1) or real(*a, **k))
+    metrics = {}
+    for context in ("cached", "packed"):
+        out = tmp_path / f"{context}.json"
+        r = CliRunner().invoke(app, ["eval", str(tmp_path / "run" / "prompt.safetensors"), "--model", str(model_dir),
+                                     "--test-file", str(data), "--context", context, "--json", str(out)])
+        assert r.exit_code == 0, r.output
+        metrics[context] = json.loads(out.read_text())["soft"]
+    assert metrics["packed"]["n"] == len(TEXTS) and packed_calls  # packed rows really scored
+    for key in ("accuracy", "macro_f1"):
+        assert metrics["packed"][key] == metrics["cached"][key]
+    r = CliRunner().invoke(app, ["eval", "x.safetensors", "--context", "paged"])
+    assert r.exit_code != 0 and "context must be one of" in " ".join(r.output.split())
+    r = CliRunner().invoke(app, ["eval", "x.safetensors", "--context", "cached", "--compile", "on"])
+    assert r.exit_code != 0 and "runs eagerly" in " ".join(r.output.split())
 
 
 @pytest.mark.parametrize("family", FAMILIES)

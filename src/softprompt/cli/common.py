@@ -195,12 +195,15 @@ def _calibration(bank, entry, choice: str, saved, inputs, batch_size: int = 32):
         _fail(str(e))
 
 
-def _evaluate(bank, entry, examples, kind: str, batch_size: int, desc: str, calibration=None) -> dict:
+def _evaluate(bank, entry, examples, kind: str, batch_size: int, desc: str, calibration=None,
+              scoring: dict | None = None) -> dict:
+    """Metrics and ms per example; ``scoring``: classify's ``context`` / ``compile`` options."""
     from ..core.scoring import classify, generate
 
     t = time.perf_counter()
     if kind == "classification":
-        res = classify(bank, entry, examples, batch_size=batch_size, progress=desc, calibration=calibration)
+        res = classify(bank, entry, examples, batch_size=batch_size, progress=desc, calibration=calibration,
+                       **(scoring or {}))
     else:
         res = generate(bank, entry, examples, batch_size=max(batch_size // 2, 1), progress=desc)
     m = dict(res.metrics)
@@ -210,13 +213,14 @@ def _evaluate(bank, entry, examples, kind: str, batch_size: int, desc: str, cali
     return m
 
 
-def _eval_calibrated(bank, entry, examples, kind, batch_size, choices, saved, key, title, rows, results) -> None:
+def _eval_calibrated(bank, entry, examples, kind, batch_size, choices, saved, key, title, rows, results,
+                     scoring: dict | None = None) -> None:
     """One result (and table row) per calibration choice; keys ``key`` or ``key/choice`` when several."""
     several = kind == "classification" and len(choices) > 1
     for choice in (choices if kind == "classification" else ["none"]):
         cal = _calibration(bank, entry, choice, saved, examples, batch_size) if kind == "classification" else None
         k = f"{key}/{choice}" if several else key
-        results[k] = _evaluate(bank, entry, examples, kind, batch_size, title, cal)
+        results[k] = _evaluate(bank, entry, examples, kind, batch_size, title, cal, scoring)
         rows.append(_row(title, results[k], {"calibration": cal.method} if cal is not None else None))
 
 

@@ -176,11 +176,21 @@ def eval_(
     verbalizer: Optional[list[str]] = typer.Option(None, help="LABEL=WORD, one per label: score with these label words "
                                                    "instead of the prompt's or the task's. Repeatable."),
     encoding: str = typer.Option("utf-8", help="Text encoding of --test-file, e.g. latin-1."),
+    context: str = typer.Option("auto", help="How a batch is scored, the same scores either way: cached (prompt once, "
+                                "each input on top; fastest on CPUs) | full (prompt + input in one pass) | packed "
+                                "(full, several examples per row) | auto (full when compiled, else cached)."),
+    compile: str = typer.Option("auto", help="torch.compile the full and packed passes: on | off | auto (on with CUDA)."),
 ):
     """Score a saved prompt (and optionally the hard template) on a task's split."""
     from ..core.prompts import PromptFileError, PromptMismatchError, SoftPrompt
+    from ..core.scoring import scoring_context
     from ..core.templates import Template
 
+    try:
+        scoring_context(context, compile, "cpu")  # bad --context / --compile fail before anything loads
+    except ValueError as e:
+        _fail(str(e))
+    scoring = {"context": context, "compile": compile}
     if prompt is None and not hard:
         _fail("give a prompt file, or --hard for the zero-shot template")
     sp = None
@@ -209,14 +219,14 @@ def eval_(
         except PromptMismatchError as e:
             _fail(str(e))
         _eval_calibrated(bank, entry, examples, sp.kind, batch_size, choices, sp.calibration, "soft",
-                         f"soft prompt ({prompt.name})", rows, results)
+                         f"soft prompt ({prompt.name})", rows, results, scoring)
     if hard:
         if not bank.family.supports("rank_classification"):
             _fail("--hard needs a decoder model: an encoder has no zero-shot reading without a trained head")
         tmpl = Template(sp.template if sp else data.task.template).without_soft()
         e = bank.add("hard", tmpl, verbalizer=(sp.verbalizer if sp else data.task.verbalizer), kind=data.task.kind)
         _eval_calibrated(bank, e, examples, data.task.kind, batch_size, choices, None, "hard",
-                         f"hard template: {tmpl.text!r}", rows, results)
+                         f"hard template: {tmpl.text!r}", rows, results, scoring)
     console.print(_results_table(rows, f"{data.task.name}: {split} ({len(examples)} examples)"))
     if json_out:
         json_out.write_text(json.dumps(results, indent=1))
