@@ -248,7 +248,7 @@ def test_packed_label_scores_stay_within_the_token_budget(monkeypatch):
     real = packing.packed_logprobs
 
     def spy(bank, idx, sfx, conts, **kw):
-        seen.append((sum(len(bank.entries[e].prefix_ids) + len(s) + sum(len(c) - 1 for c in cs)
+        seen.append((sum(packing.packed_size(len(bank.entries[e].prefix_ids) + len(s), cs)
                          for e, s, cs in zip(idx.tolist(), sfx, conts)), len(sfx), kw["pack_tokens"]))
         return real(bank, idx, sfx, conts, **kw)
 

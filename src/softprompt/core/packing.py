@@ -60,6 +60,12 @@ def pack_rows(lengths: list[int], budget: int) -> list[list[int]]:
     return [sorted(r) for r in rows]
 
 
+def packed_size(n_context: int, conts: list[list[int]]) -> int:
+    """Tokens an example takes in a packed row: its context, then each continuation's tokens but
+    its last (the context's last token predicts a continuation's first, each fed token the next)."""
+    return n_context + sum(len(c) - 1 for c in conts)
+
+
 @dataclass
 class PackedBatch:
     """The packed rows of a batch and where its scores come from."""
@@ -92,7 +98,7 @@ def pack_batch(seqs: list[list[int]], conts: list[list[list[int]]], *, pack_toke
         raise ValueError("an example rendered to no tokens at all")
     if any(len(c) == 0 for cs in conts for c in cs):
         raise ValueError("a continuation (label word or target) rendered to no tokens")
-    sizes = [len(s) + sum(len(c) - 1 for c in cs) for s, cs in zip(seqs, conts)]
+    sizes = [packed_size(len(s), cs) for s, cs in zip(seqs, conts)]
     budget = max(max(sizes), DEFAULT_PACK_TOKENS) if pack_tokens is None else pack_tokens
     rows = pack_rows(sizes, budget)
     width = max(sum(sizes[k] for k in r) for r in rows)
@@ -186,8 +192,7 @@ def packed_label_scores(bank: PromptBank, entry_idx: torch.Tensor, suffixes: lis
         raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
     idx = entry_idx.tolist()
     conts = [bank.entries[e].label_ids for e in idx]
-    sizes = [len(bank.entries[e].prefix_ids) + len(s) + sum(len(c) - 1 for c in cs)
-             for e, s, cs in zip(idx, suffixes, conts)]
+    sizes = [packed_size(len(bank.entries[e].prefix_ids) + len(s), cs) for e, s, cs in zip(idx, suffixes, conts)]
     passes: list[list[int]] = [[]]
     used = 0
     for k, n in enumerate(sizes):
@@ -205,4 +210,4 @@ def packed_label_scores(bank: PromptBank, entry_idx: torch.Tensor, suffixes: lis
 
 
 __all__ = ["DEFAULT_PACK_TOKENS", "PackedBatch", "check_packable", "pack_batch", "pack_rows", "packed_label_scores",
-           "packed_logprobs"]
+           "packed_logprobs", "packed_size"]
