@@ -113,7 +113,7 @@ def main() -> None:
     where = torch.cuda.get_device_name(0) if B.on_gpu(args.device) else f"{os.cpu_count()} cores, threads {args.threads}"
     header = (f"machine: {platform.machine()} {where}, torch {torch.__version__}; {args.n_tokens} soft tokens; "
               f"{args.train_steps} timed training steps after 2 warm-up; first {args.eval_limit} RAFT test tweets; "
-              f"bucket {args.bucket}")
+              f"bucket {args.bucket}; torch.compile mode {os.environ.get('SOFTPROMPT_COMPILE_MODE') or 'default'}")
     start, last = time.monotonic(), 0.0
     deadline = start + args.budget_s if args.budget_s else None
     rows, results, skipped = [], {}, []
@@ -142,6 +142,7 @@ def main() -> None:
         print(f"{key}: the cached scorer's and PEFT's predictions agree on "
               + ("-" if agree is None else f"{agree:.1%}") + f"; {res['seconds']:.0f} s")
     print(f"total {time.monotonic() - start:.0f} s")
+
 
 if __name__ == "__main__":
     main()

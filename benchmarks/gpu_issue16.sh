@@ -19,6 +19,9 @@
 # warm after call 2 (model, installs and stash stay in /tmp), a third call (carry .gpu_carry/b) can run
 # what the budget skipped:
 #   GRID_ARGS="--dtypes bf16 --batch-sizes 32 --eval-batch-sizes 64" bash benchmarks/gpu_issue16.sh
+# and CUDA graphs (torch.compile mode reduce-overhead; every child inherits the variable) the same way:
+#   SOFTPROMPT_COMPILE_MODE=reduce-overhead GRID_ARGS="--dtypes bf16 --batch-sizes 8 --eval-batch-sizes 32" \
+#       bash benchmarks/gpu_issue16.sh
 set -uo pipefail
 py=${PYTHON:-python3}
 OUT=${OUT:-/tmp/softprompt-issue16}
