@@ -87,7 +87,7 @@ test-fast: setup-test
 	$(PY) -m pytest -q -m "not slow"
 
 # The suite with every compile="auto" on (compiled.py): the compiled full pass scores wherever the
-# eager run scores from the cached prompt.  ~20 min on 2 cores (compilation), so not part of `test`.
+# eager run scores from the cached prompt.  ~8 min on 2 cores against ~5 eager (compilation), so not part of `test`.
 test-compiled: setup-test setup-vllm
 	SOFTPROMPT_COMPILE=on $(PY) -m pytest -q
 
