@@ -14,12 +14,13 @@ import time
 import torch
 
 from softprompt import PromptBank, classify, load_model, load_task
+from softprompt.core.conditioning import CONTEXT_MODES
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("repeats", type=int, nargs="?", default=3)
-    p.add_argument("--contexts", nargs="+", default=["auto"], choices=["auto", "cached", "full", "packed"])
+    p.add_argument("--contexts", nargs="+", default=["auto"], choices=CONTEXT_MODES)
     p.add_argument("--limit", type=int, default=96)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)

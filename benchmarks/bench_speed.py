@@ -41,6 +41,8 @@ from pathlib import Path
 
 import torch
 
+from softprompt.core.conditioning import CONTEXT_MODES
+
 DEVICE = "cpu"  # set by child() from --device
 TEMPLATE_HARD = "Tweet: {text}\nIs this tweet a complaint? Answer:"
 
@@ -427,7 +429,7 @@ def main() -> None:
     add_common_options(p)
     p.add_argument("--batch-size", type=int, default=8, help="training batch size")
     p.add_argument("--eval-batch-size", type=int, default=32)
-    p.add_argument("--context", default="auto", choices=["auto", "cached", "full", "packed"],
+    p.add_argument("--context", default="auto", choices=CONTEXT_MODES,
                    help="our training step (TrainConfig.context): auto = cached on a CPU, full on a GPU")
     p.add_argument("--pack-tokens", type=int, help="context packed: the most tokens per row (default: 256, or the longest example)")
     p.add_argument("--pack-compare", action="store_true",

@@ -58,3 +58,11 @@ def test_atomic_safetensors_is_byte_identical_to_save_file(tmp_path):
     save_file(tensors, str(tmp_path / "a.safetensors"), metadata={"k": "v"})
     atomic.write_safetensors(tmp_path / "b.safetensors", tensors, metadata={"k": "v"})
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+def test_budget_chunks_cut_in_order_within_the_budget():
+    from softprompt.core.conditioning import budget_chunks
+
+    assert budget_chunks([3, 3, 3, 9, 1], 6) == [[0, 1], [2], [3], [4]]  # 9 > 6 stands alone
+    assert budget_chunks([1, 1, 1], 0) == [[0], [1], [2]]  # a zero budget: one per group
+    assert budget_chunks([], 5) == []

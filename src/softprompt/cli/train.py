@@ -72,7 +72,8 @@ def train(
     from ..training.restarts import train_with_restarts
     from ..core.compiled import resolve_compile
     from ..core.method import Method
-    from ..training.prompt import CONTEXT_MODES, TrainConfig, encoders_for
+    from ..core.conditioning import CONTEXT_MODES
+    from ..training.prompt import TrainConfig, encoders_for
 
     if processes > 1 and launched() and processes != int(os.environ["WORLD_SIZE"]):
         _fail(f"--processes {processes} under a launcher that started {os.environ['WORLD_SIZE']} processes; "

@@ -81,6 +81,9 @@ DEFAULT_MAX_BATCH_TOKENS = 8192
 LOGITS_CHUNK_ELEMENTS = 1 << 24
 # attention implementations that take a custom 4D additive mask (what packed label lanes need)
 TREE_MASK_ATTENTION = ("sdpa", "eager")
+# how a batch's prompt + input run, in training and scoring alike (the same numbers to float rounding):
+# run_context (cached), full_context (full), packing.py (packed); auto: each caller's measured default
+CONTEXT_MODES = ("auto", "cached", "full", "packed")
 
 
 def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -146,6 +149,20 @@ def continuation_logprobs(
 Lane = tuple[int, list[int]]  # (context row, indices of the continuations packed into it)
 
 
+def budget_chunks(sizes: list[int], budget: int) -> list[list[int]]:
+    """Indices 0..len(sizes)-1 in order, cut greedily into groups whose sizes sum to at most
+    ``budget`` (a group always holds at least one, so an item over the budget stands alone)."""
+    chunks: list[list[int]] = []
+    used = 0
+    for i, n in enumerate(sizes):
+        if not chunks or used + n > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(i)
+        used += n
+    return chunks
+
+
 def _lane_passes(width: int, rows: list[int], conts: list[list[int]], multi: list[int], budget: int,
                  tree: bool) -> list[list[Lane]]:
     """Pack the continuations ``multi`` into lanes (one per context row, more when a row's
@@ -158,16 +175,8 @@ def _lane_passes(width: int, rows: list[int], conts: list[list[int]], multi: lis
         by_row.setdefault(rows[i], []).append(i)
     lanes: list[tuple[Lane, int]] = []
     for r, pairs in by_row.items():
-        cur: list[int] = []
-        used = 0
-        for i in pairs:
-            n = len(conts[i]) - 1
-            if cur and used + n > cap:
-                lanes.append(((r, cur), used))
-                cur, used = [], 0
-            cur.append(i)
-            used += n
-        lanes.append(((r, cur), used))
+        sizes = [len(conts[i]) - 1 for i in pairs]
+        lanes += [((r, [pairs[j] for j in chunk]), sum(sizes[j] for j in chunk)) for chunk in budget_chunks(sizes, cap)]
     passes: list[list[Lane]] = []
     cur_pass: list[Lane] = []
     top = 0

@@ -22,7 +22,7 @@ import torch
 
 from . import compiled
 from .bank import PromptBank, pad_right
-from .conditioning import TREE_MASK_ATTENTION, additive_mask, token_logprobs, tree_visibility
+from .conditioning import TREE_MASK_ATTENTION, additive_mask, budget_chunks, token_logprobs, tree_visibility
 
 
 # default row budget.  A longer row cuts more padding, but attention over it is dense (the masked
@@ -193,17 +193,9 @@ def packed_label_scores(bank: PromptBank, entry_idx: torch.Tensor, suffixes: lis
     idx = entry_idx.tolist()
     conts = [bank.entries[e].label_ids for e in idx]
     sizes = [packed_size(len(bank.entries[e].prefix_ids) + len(s), cs) for e, s, cs in zip(idx, suffixes, conts)]
-    passes: list[list[int]] = [[]]
-    used = 0
-    for k, n in enumerate(sizes):
-        if passes[-1] and used + n > max_batch_tokens:
-            passes.append([])
-            used = 0
-        passes[-1].append(k)
-        used += n
     budget = min(DEFAULT_PACK_TOKENS, max_batch_tokens)
     out: list[torch.Tensor] = []
-    for ks in passes:
+    for ks in budget_chunks(sizes, max_batch_tokens):
         out += packed_logprobs(bank, entry_idx[ks], [suffixes[k] for k in ks], [conts[k] for k in ks],
                                compile=compile, pack_tokens=budget)
     return out

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .bank import PromptBank
-from .conditioning import DEFAULT_MAX_BATCH_TOKENS, newline_ids
+from .conditioning import CONTEXT_MODES, DEFAULT_MAX_BATCH_TOKENS, newline_ids
 
 
 def length_sorted_batches(lengths: list[int], batch_size: int, max_tokens: int | None = None,
@@ -103,16 +103,13 @@ def classify(
     return result
 
 
-SCORING_CONTEXTS = ("auto", "cached", "full", "packed")
-
-
 def scoring_context(context: str, compile: str | bool | None, device) -> tuple[bool, str]:
     """(compile?, context) for ``classify``; a compiled ``cached`` pass does not exist, so asking
     for both is an error rather than a silent eager run."""
     from .compiled import resolve_compile
 
-    if context not in SCORING_CONTEXTS:
-        raise ValueError(f"context must be one of {SCORING_CONTEXTS}, got {context!r}")
+    if context not in CONTEXT_MODES:
+        raise ValueError(f"context must be one of {CONTEXT_MODES}, got {context!r}")
     use_compile = resolve_compile(compile, device)
     if context == "auto":
         return use_compile, "full" if use_compile else "cached"
