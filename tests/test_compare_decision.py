@@ -298,7 +298,7 @@ def test_cli_eval_takes_a_verbalizer(tmp_path):
 
 
 def test_cli_demo_shows_the_searched_calibrated_hard_prompt(tmp_path):
-    r = CliRunner().invoke(app, ["demo", "--model", str(_tiny_folder(tmp_path)), "--epochs", "1", "--out",
+    r = CliRunner().invoke(app, ["demo", "--model", str(_tiny_folder(tmp_path)), "--max-steps", "2", "--out",
                                  str(tmp_path / "demo")])
     assert r.exit_code == 0, r.output
     text = " ".join(r.output.replace("│", " ").split())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 import random
 import shlex
 from pathlib import Path
@@ -38,22 +39,22 @@ def train(
     encoder: str = typer.Option("lstm", help="P-tuning's prompt encoder (--method ptuning): lstm (bidirectional LSTM + MLP) | mlp."),
     encoder_hidden: int = typer.Option(128, help="Width of the encoder network (--method ptuning, --reparam mlp)."),
     reparam: str = typer.Option("none", help="--method prefix: none (train key/values directly) | mlp (produce them with an MLP while training; the saved prompt holds plain key/values)."),
-    epochs: int = typer.Option(20),
-    max_steps: Optional[int] = typer.Option(None),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 0.3; 0.001 when training through an encoder network: --method ptuning, --reparam mlp)."),
+    epochs: Optional[int] = typer.Option(None, help="Train exactly this many epochs (default: the recipe's, until validation, or the training loss without validation data, stops improving, at most --max-steps)."),
+    max_steps: Optional[int] = typer.Option(None, help="At most this many steps (default: the recipe's, 120)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate, absolute (default: chosen on the validation data by successive halving over 0.1/0.3/1.0 x the model's embedding-entry std and 2 seeds; 0.3 x that std without validation data; for --method ptuning / --reparam mlp 0.001 or a search over 3e-4/1e-3/3e-3)."),
     batch_size: int = typer.Option(8),
-    optimizer: str = typer.Option("adamw", help="adamw | adafactor"),
+    optimizer: Optional[str] = typer.Option(None, help="adamw (default) | adafactor | adafactor-relative (steps scaled by each tensor's RMS, as Lester et al.)"),
     loss: str = typer.Option("rank", help="rank (cross-entropy over labels) | lm (log-prob of the gold words)"),
-    warmup_steps: int = typer.Option(10),
-    eval_every: int = typer.Option(0, help="Validate every N steps (0: each epoch)."),
-    patience: Optional[int] = typer.Option(None, help="Stop after N validations without improvement."),
+    warmup_steps: Optional[int] = typer.Option(None, help="Linear warmup steps (default 10)."),
+    eval_every: Optional[int] = typer.Option(None, help="Validate every N steps (default: the recipe's 10; with --epochs, each epoch)."),
+    patience: Optional[int] = typer.Option(None, help="Stop after N evaluations without improvement (default: the recipe's 6; none with --epochs)."),
     valid_split: str = typer.Option("validation", help="Split used for validation when it exists."),
     valid_limit: Optional[int] = typer.Option(200, help="Use at most N validation examples."),
     train_limit: Optional[int] = typer.Option(None, help="Use at most N training examples (a seeded sample)."),
     test_split: str = typer.Option("test"),
     test_limit: Optional[int] = typer.Option(None, help="Score at most N held-out examples."),
     seed: int = typer.Option(0),
-    restarts: int = typer.Option(1, min=1, help="Train N times (seeds SEED, SEED+1000, ...) and keep the prompt that scores best on the validation data, or on the training data without any: guards against a run stuck at the majority class. Costs N times the training."),
+    restarts: int = typer.Option(1, min=1, help="Train N times (seeds SEED, SEED+1000, ...) and keep the prompt that scores best on the validation data, or on the training data without any. Costs N times the training. Without it, a run that collapsed (one class for >= 90% of the validation examples, or a training loss at the uniform guess) is retrained from another seed automatically, at most twice."),
     resume: bool = typer.Option(False, help="Continue from OUT/checkpoint.safetensors (with --restarts: each run from its own OUT/restartN)."),
     eval_batch_size: int = typer.Option(32),
     encoding: str = typer.Option("utf-8", help="Text encoding of your files, e.g. latin-1 or cp1252."),
@@ -74,6 +75,8 @@ def train(
     from ..core.method import Method
     from ..core.conditioning import CONTEXT_MODES
     from ..training.prompt import TrainConfig, encoders_for
+    from ..training.recipe import DEFAULT_RECIPE
+    from ..training.search import train_with_recipe
 
     if processes > 1 and launched() and processes != int(os.environ["WORLD_SIZE"]):
         _fail(f"--processes {processes} under a launcher that started {os.environ['WORLD_SIZE']} processes; "
@@ -104,15 +107,20 @@ def train(
         _fail(str(e))
     if context == "packed" and method == "prefix":
         _fail("--context packed cannot train prefix tuning (learned per-layer key/values); use cached or full")
-    if lr is None:  # an encoder's weights move its output far more per Adam step than a prompt's own values
-        lr = 1e-3 if method == Method.P_TUNING.short or reparam != "none" else 0.3
-    cfg = TrainConfig(init=init, method=method, prefix_tokens=prefix_tokens, epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, optimizer=optimizer,
-                      loss=loss, warmup_steps=warmup_steps, eval_every=eval_every, patience=patience, seed=seed,
-                      eval_batch_size=eval_batch_size, encoder=encoder, encoder_hidden=encoder_hidden, reparam=reparam,
-                      compile=compile, context=context)
+    # the recipe's (training/recipe.py) unless the user fixed them; --epochs or --restarts: the fixed-schedule path
+    given = {k: v for k, v in dict(optimizer=optimizer, warmup_steps=warmup_steps, eval_every=eval_every,
+                                   patience=patience, max_steps=max_steps).items() if v is not None}
+    fixed_schedule = epochs is not None or restarts > 1
+    recipe = DEFAULT_RECIPE
+    overrides = dict(init=init, method=method, prefix_tokens=prefix_tokens, batch_size=batch_size, loss=loss,
+                     eval_batch_size=eval_batch_size, encoder=encoder, encoder_hidden=encoder_hidden, reparam=reparam,
+                     compile=compile, context=context, **given)
+    if fixed_schedule:
+        overrides.update(epochs=epochs or 20, max_steps=max_steps, eval_every=eval_every or 0, patience=patience)
     try:
+        cfg = TrainConfig(**{"optimizer": recipe.optimizer, "warmup_steps": recipe.warmup_steps, **overrides})
         encoders_for(cfg)  # a bad method/encoder combination fails before the model loads
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         _fail(str(e))
     device = process_device(_device())
     # a sharded model is loaded on the CPU, and only its shard moves to the device
@@ -126,15 +134,19 @@ def train(
             _fail(str(e))
     dp = DataParallel.current(m)
     try:
-        result = train_with_restarts(m, tok, data.task, train_ex, valid_ex, cfg, restarts, out_dir=out, resume=resume,
-                                     progress=dp.is_main)
+        if fixed_schedule:
+            if lr is None:  # an encoder's weights move its output far more per Adam step than a prompt's own values
+                lr = 1e-3 if encoders_for(cfg) else recipe.absolute_lr(m)
+            result = train_with_restarts(m, tok, data.task, train_ex, valid_ex, replace(cfg, lr=lr, seed=seed), restarts,
+                                         out_dir=out, resume=resume, progress=dp.is_main)
+        else:
+            result = train_with_recipe(m, tok, data.task, train_ex, valid_ex, recipe=recipe, lr=lr, seed=seed,
+                                       out_dir=out, resume=resume, progress=dp.is_main, **overrides)
     except ValueError as e:
         _fail(str(e))
     if not dp.is_main and not dp.lockstep:
         return  # the main process scores, saves and reports
-    for run in result.prompt.training.get("restarts", []):
-        fit = ", ".join(f"{k} {v:.4f}" for k, v in run.items() if isinstance(v, float))
-        console.print(f"restart seed {run['seed']}: {run['judged_on']} {fit}{'  <- kept' if run['chosen'] else ''}")
+    print_training_choices(result.prompt.training, result.stop_reason)
     rows = []
     test_ex = data.splits.get(test_split)
     if test_ex:
@@ -156,6 +168,27 @@ def train(
                   f"{result.tokens_per_s:.0f} training tokens/s, best step {result.best_step}")
     if rows:
         console.print(_results_table(rows, f"{data.task.name}: {test_split} ({len(test_ex)} examples)"))
+
+
+def print_training_choices(training: dict, stop_reason: str) -> None:
+    """What the training chose and why: the learning-rate search, collapse restarts, --restarts runs."""
+    for run in training.get("lr_search", []):
+        scores = " -> ".join("/".join(f"{x:.3f}" for x in sc[:2]) for sc in run["scores"])
+        console.print(f"lr {run['lr']:.4g} seed {run['seed']}: {run['steps']} steps, validation {scores}"
+                      f"{'  <- chosen' if run['chosen'] else ''}")
+    for a in training.get("collapse_restarts", []):
+        if a["collapsed"]:
+            console.print(f"seed {a['seed']} collapsed ({a['collapsed']}): "
+                          f"{'kept, every retry collapsed too' if a['chosen'] else 'retrained from another seed'}")
+    for run in training.get("restarts", []):
+        fit = ", ".join(f"{k} {v:.4f}" for k, v in run.items() if isinstance(v, float))
+        console.print(f"restart seed {run['seed']}: {run['judged_on']} {fit}{'  <- kept' if run['chosen'] else ''}")
+    console.print(f"training stopped: {STOP_REASONS.get(stop_reason, stop_reason)}")
+
+
+STOP_REASONS = {"max_steps": "reached --max-steps", "epochs": "reached --epochs",
+                "validation_plateau": "the validation score stopped improving",
+                "loss_plateau": "the training loss stopped improving"}
 
 
 # ----------------------------------------------------------------------------- eval / predict
@@ -294,8 +327,10 @@ def predict(
 def demo(
     model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
     out: Path = typer.Option(Path("runs/demo"), help="Where the trained prompt is saved."),
-    epochs: int = typer.Option(2, help="Training epochs of the soft prompt."),
-    lr: float = typer.Option(0.3, help="Learning rate of the soft prompt (the one default of train and compare)."),
+    max_steps: int = typer.Option(50, help="At most this many training steps (the recipe stops earlier once the "
+                                  "validation score stops improving)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate, absolute (default: the training recipe's, 0.3 x "
+                                       "the model's embedding-entry std, as train and compare use)."),
     seed: int = typer.Option(0),
 ):
     """The quickstart: on the bundled demo set (hand-written customer messages, complaint vs praise),
@@ -306,7 +341,7 @@ def demo(
     from ..core.bank import PromptBank
     from ..hard.instruction_search import search_instructions
     from ..data import load_task
-    from ..training.prompt import TrainConfig, train_prompt
+    from ..training.search import train_with_recipe
 
     data = load_task("demo")
     task = data.task
@@ -323,13 +358,18 @@ def demo(
     rows.append(_row(f"searched instruction, {found.calibration} calibration",
                      _evaluate(bank, hard, test, task.kind, 32, "searched", found.fitted),
                      {"trained params": 0, "artifact bytes": len(found.template.encode())}))
-    cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=8, init="labels", seed=seed, warmup_steps=5)
-    result = train_prompt(m, tok, task, train, None, cfg, out_dir=out)
+    # the training recipe (training/recipe.py) with a demo's step budget; 32 held-out training messages validate it
+    held = random.Random(seed).sample(range(len(train)), 32)
+    valid = [train[i] for i in held]
+    fit_on = [ex for i, ex in enumerate(train) if i not in set(held)]
+    result = train_with_recipe(m, tok, task, fit_on, valid, lr=lr, seed=seed, search=False, out_dir=out,
+                               max_steps=max_steps, warmup_steps=5)
+    print_training_choices(result.prompt.training, result.stop_reason)
     size = result.prompt.save(out / "prompt.safetensors")
     e = bank.add_prompt(result.prompt, "soft")
     metrics = _evaluate(bank, e, test, task.kind, 32, "soft prompt")
     rows.append(_row("soft prompt (trained)", metrics, {"trained params": result.prompt.embeddings.numel(), "artifact bytes": size}))
-    console.print(_results_table(rows, f"demo: {len(train)} train / {len(test)} held-out messages"))
+    console.print(_results_table(rows, f"demo: {len(fit_on)} train + {len(valid)} validation / {len(test)} held-out messages"))
     console.print(f"searched instruction ({len(found.candidates)} candidates, {found.seconds:.0f}s): {found.best!r}",
                   markup=False)
     console.print(f"prompt saved to {out / 'prompt.safetensors'}; try:\n  softprompt predict {out / 'prompt.safetensors'} "

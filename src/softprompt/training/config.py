@@ -66,6 +66,8 @@ class TrainResult:
     # numbers the optimizer updated: for P-tuning / reparameterised prefix tuning the encoder
     # network's weights, which are more than the saved prompt holds (``prompt.n_params``)
     trainable_params: int | None = None
+    # why training ended: max_steps | epochs | validation_plateau | loss_plateau | paused (search.py)
+    stop_reason: str = "max_steps"
 
 
 __all__ = ["DEFAULT_LR", "TrainConfig", "TrainResult"]

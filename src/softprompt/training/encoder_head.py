@@ -16,6 +16,7 @@ from ..families.encoder import (
     DEFAULT_HEAD_LR, METHOD_HEAD_ONLY, METHOD_PROMPT, STANDARDISE_EXAMPLES, EncoderBank, _features, classify,
     encoder_template, fold_standardised,
 )
+from .selection import classification_score, prediction_shares
 from .config import TrainConfig
 from .distributed import DataParallel
 from .loop import Trainable, check_training_inputs, fit
@@ -130,8 +131,9 @@ class EncoderTrainable(Trainable):
         m = classification_metrics([ex.label for ex in examples], preds, labels)
         gold = torch.tensor([labels.index(ex.label) for ex in examples])
         loss = float(F.cross_entropy(logits, gold))
-        return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "loss": loss,
-                "score": (m["accuracy"], m["macro_f1"], -loss)}
+        out = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "loss": loss,
+               **prediction_shares(logits.argmax(-1), gold)}
+        return {**out, "score": classification_score(out)}  # the one rule (selection.py), as prompt training
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         return {k: p.detach().clone() for k, p in self.params.items()}
@@ -158,14 +160,14 @@ class EncoderTrainable(Trainable):
 def train_encoder_prompt(
     model, tokenizer, task, train_examples, valid_examples=None, config=None, *, n_tokens: int | None = None,
     pooling: str = "mean", head_lr: float | None = None, out_dir: str | Path | None = None, resume: bool = False,
-    progress: bool = True, init: torch.Tensor | None = None,
+    progress: bool = True, init: torch.Tensor | None = None, until_step: int | None = None,
 ):
     """Train soft tokens and a linear head on a frozen encoder; returns a ``TrainResult``.
 
     ``config`` is a :class:`~softprompt.training.config.TrainConfig` (``lr`` is the soft tokens'
     peak rate; the head uses ``head_lr``, same schedule).  ``n_tokens`` defaults to the number of
     soft tokens in ``task.template``; 0 trains the head alone (a linear probe).  With
-    ``valid_examples`` the best state by validation (accuracy, macro-F1, -loss) is kept.
+    ``valid_examples`` the best state by validation (the one rule of ``selection.py``) is kept.
     """
     cfg = config or TrainConfig()
     if task.kind != "classification":
@@ -182,6 +184,7 @@ def train_encoder_prompt(
     head_lr = DEFAULT_HEAD_LR if head_lr is None else head_lr
     trainable = EncoderTrainable(model, tokenizer, task, train_examples, cfg, n, pooling=pooling, head_lr=head_lr,
                                  init=init)
-    return fit(trainable, train_examples, valid_examples, cfg, out_dir=out_dir, resume=resume, progress=progress)
+    return fit(trainable, train_examples, valid_examples, cfg, out_dir=out_dir, resume=resume, progress=progress,
+               until_step=until_step)
 
 

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from .distributed import DataParallel
 from .checkpoint import CHECKPOINT, RunProgress, checkpoint_to_resume, optimizer_state, save_checkpoint
 from .config import TrainConfig, TrainResult
+from .recipe import loss_plateaued
 
 ARTIFACT = "prompt.safetensors"
 
@@ -70,14 +71,15 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 def make_optimizer(params, cfg: TrainConfig):
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adafactor":
+    if cfg.optimizer in ("adafactor", "adafactor-relative"):
         from transformers.optimization import Adafactor
 
+        # adafactor-relative: each step scaled by the parameter's RMS, as Lester et al. trained prompts
         return Adafactor(
-            params, lr=cfg.lr, weight_decay=cfg.weight_decay, scale_parameter=False, relative_step=False,
-            warmup_init=False,
+            params, lr=cfg.lr, weight_decay=cfg.weight_decay, scale_parameter=cfg.optimizer == "adafactor-relative",
+            relative_step=False, warmup_init=False,
         )
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use adamw or adafactor")
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use adamw, adafactor or adafactor-relative")
 
 
 def set_lr(optimizer, step: int, total: int, cfg: TrainConfig) -> None:
@@ -156,14 +158,27 @@ class Trainable(ABC):
         ``train_examples``, ``best_step``, ``steps`` and ``wall_time_s``."""
 
 
+def epochs_needed(cfg: TrainConfig, n: int) -> int:
+    """``cfg.epochs``, or with ``epochs=0`` as many as ``cfg.max_steps`` needs (the recipe's way:
+    a run is bounded by steps and stopped on convergence, not by an epoch count)."""
+    if cfg.epochs:
+        return cfg.epochs
+    if not cfg.max_steps:
+        raise ValueError("epochs=0 needs max_steps (train until convergence, at most max_steps)")
+    return math.ceil(cfg.max_steps / math.ceil(n / cfg.batch_size))
+
+
 def fit(trainable: Trainable, train_examples, valid_examples, cfg: TrainConfig, *,
-        out_dir: str | os.PathLike | None = None, resume: bool = False, progress: bool = True) -> TrainResult:
+        out_dir: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
+        until_step: int | None = None) -> TrainResult:
     """Train ``trainable`` on ``train_examples``.
 
     With ``valid_examples`` the best values by validation score are kept (and early stopping
-    applies); without, the last values are.  With ``out_dir`` checkpoints, the final artifact
-    (``prompt.safetensors``) and ``history.json`` are written there, and ``resume=True``
-    continues from the last checkpoint."""
+    applies); without, the last values are (and ``patience`` stops on a flat training loss).
+    With ``out_dir`` checkpoints, the final artifact (``prompt.safetensors``) and
+    ``history.json`` are written there, and ``resume=True`` continues from the last checkpoint.
+    ``until_step`` pauses the run after that step (checkpointed; ``stop_reason`` "paused"), so a
+    search can continue only the runs worth it (``search.py``) with the same schedule."""
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -177,7 +192,7 @@ def fit(trainable: Trainable, train_examples, valid_examples, cfg: TrainConfig, 
     optimizer = accelerator.prepare(make_optimizer(groups, cfg))
     trainable.prepare()
 
-    plan = batch_plan(len(train_examples), cfg.batch_size, cfg.epochs, cfg.seed)
+    plan = batch_plan(len(train_examples), cfg.batch_size, epochs_needed(cfg, len(train_examples)), cfg.seed)
     if cfg.max_steps is not None:
         plan = plan[: cfg.max_steps]
     total = len(plan)
@@ -205,8 +220,10 @@ def fit(trainable: Trainable, train_examples, valid_examples, cfg: TrainConfig, 
     bar = tqdm(total=total, initial=run.step, desc=trainable.description, disable=not (progress and dp.is_main),
                unit="step")
     stopped_early = False
+    stop_reason = "max_steps" if cfg.max_steps is not None and cfg.max_steps <= total else "epochs"
     running = None
-    for step in range(run.step, total):
+    stop_at = total if until_step is None else min(total, until_step)
+    for step in range(run.step, stop_at):
         epoch, idx = plan[step]
         set_lr(optimizer, step, total, cfg)
         trainable.condition()
@@ -234,16 +251,30 @@ def fit(trainable: Trainable, train_examples, valid_examples, cfg: TrainConfig, 
             if run.judge(score):
                 best = trainable.snapshot()
             stopped_early = run.out_of_patience(cfg.patience)
+            if stopped_early:
+                stop_reason = "validation_plateau"
+        elif not valid_examples and cfg.patience and (step + 1) % eval_every == 0:
+            stopped_early = loss_plateaued([h["loss"] for h in run.history] + [loss_value], eval_every, cfg.patience)
+            if stopped_early:
+                stop_reason = "loss_plateau"
+        paused = step + 1 == stop_at and not done and not stopped_early
+        if stopped_early or done:
+            record["stop"] = stop_reason
         run.history.append(record)
         bar.update(1)
         bar.set_postfix(loss=f"{running:.4f}", tok_s=f"{run.tokens_per_s:.0f}",
                         **({"valid": f"{record['valid'].get('accuracy', record['valid'].get('f1', 0)):.3f}"}
                            if "valid" in record else {}))
-        if (step + 1) % ckpt_every == 0 or done or stopped_early:
+        if (step + 1) % ckpt_every == 0 or done or stopped_early or paused:
             checkpoint()
         if stopped_early:
             break
     bar.close()
+    if not stopped_early:
+        if run.history and "stop" in run.history[-1]:  # ended now, or before a resume
+            stop_reason = run.history[-1]["stop"]
+        elif run.step < total:
+            stop_reason = "paused"
     best_step = run.best_step if valid_examples else len(run.history)
     if valid_examples:
         final = best
@@ -255,6 +286,7 @@ def fit(trainable: Trainable, train_examples, valid_examples, cfg: TrainConfig, 
     result = TrainResult(
         prompt=artifact, history=run.history, best_step=best_step, steps=len(run.history), wall_time_s=run.elapsed,
         tokens_per_s=run.tokens_per_s, stopped_early=stopped_early, trainable_params=sum(p.numel() for p in params),
+        stop_reason=stop_reason,
     )
     if out is not None and dp.is_main:
         artifact.save(out / ARTIFACT)
@@ -263,4 +295,4 @@ def fit(trainable: Trainable, train_examples, valid_examples, cfg: TrainConfig, 
     return result
 
 
-__all__ = ["Trainable", "batch_plan", "check_training_inputs", "fit", "lr_at", "make_optimizer", "set_lr"]
+__all__ = ["Trainable", "batch_plan", "check_training_inputs", "epochs_needed", "fit", "lr_at", "make_optimizer", "set_lr"]

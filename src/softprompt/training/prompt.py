@@ -32,6 +32,7 @@ from ..core.scoring import classification_metrics, classify, generate, qa_metric
 from ..data import Task
 from ..core.templates import Template
 from .config import TrainConfig, TrainResult
+from .selection import classification_score, generation_score, prediction_shares
 from .loop import Trainable, check_training_inputs, fit
 
 
@@ -150,13 +151,13 @@ def validate(bank: PromptBank, entry: int, examples, cfg: TrainConfig, dp: DataP
         res = classify(bank, entry, examples, batch_size=cfg.eval_batch_size, compile=cfg.compile)
         gold = torch.tensor([res.labels.index(ex.label) for ex in examples])
         nll = float(F.cross_entropy(res.scores, gold))
-        m = {"accuracy": res.metrics["accuracy"], "macro_f1": res.metrics["macro_f1"], "loss": nll}
-        # macro-F1 first: a prompt stuck on the majority class can win accuracy, not macro-F1 (issue 14)
-        m["score"] = (m["macro_f1"], m["accuracy"], -nll)
+        m = {"accuracy": res.metrics["accuracy"], "macro_f1": res.metrics["macro_f1"], "loss": nll,
+             **prediction_shares(res.scores.argmax(-1), gold)}
+        m["score"] = classification_score(m)
         return m
     res = generate(bank, entry, examples, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
     m = dict(res.metrics)
-    m["score"] = (m["f1"], m["exact_match"])
+    m["score"] = generation_score(m)
     return m
 
 
@@ -172,14 +173,15 @@ def _validate_sharded(bank: PromptBank, entry: int, examples: list, cfg: TrainCo
         metrics = classification_metrics([ex.label for ex in examples], preds, labels)
         gold = torch.tensor([labels.index(ex.label) for ex in examples])
         nll = float(F.cross_entropy(scores, gold))
-        m = {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "loss": nll}
-        m["score"] = (m["accuracy"], m["macro_f1"], -nll)
+        m = {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "loss": nll,
+             **prediction_shares(scores.argmax(-1), gold)}
+        m["score"] = classification_score(m)  # the single-process rule: N processes keep the same prompt
         return m
     local = generate(bank, entry, mine, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size).texts \
         if mine else []
     texts = dp.gather(local, len(examples))
     m = dict(qa_metrics(texts, [ex.answers or ((ex.target,) if ex.target is not None else ()) for ex in examples]))
-    m["score"] = (m["f1"], m["exact_match"])
+    m["score"] = generation_score(m)
     return m
 
 
@@ -288,13 +290,14 @@ def train_prompt(
     resume: bool = False,
     progress: bool = True,
     init: torch.Tensor | None = None,
+    until_step: int | None = None,
 ) -> TrainResult:
     """Train the soft tokens of ``task.template`` on ``train_examples``; the model stays frozen.
 
     With ``valid_examples`` the best prompt by validation score is kept (and early stopping
     applies); without, the last prompt is returned.  With ``out_dir`` checkpoints and the
     final ``prompt.safetensors`` are written there, and ``resume=True`` continues from the
-    last checkpoint.
+    last checkpoint.  ``until_step`` pauses after that step (see :func:`~softprompt.training.loop.fit`).
     """
     cfg = config or TrainConfig()
     check_training_inputs(model, task, train_examples, valid_examples)
@@ -306,11 +309,12 @@ def train_prompt(
     if family.trainable != "prompt":  # the family's own trainable (the BERT family: soft prompt + head)
         trainer = {"encoder_head": train_encoder_prompt}[family.trainable]
         return trainer(model, tokenizer, task, train_examples, valid_examples, cfg, out_dir=out_dir, resume=resume,
-                       progress=progress, init=init)
+                       progress=progress, init=init, until_step=until_step)
     encoders = encoders_for(cfg)
     from .distributed import is_sharded
 
     if is_sharded(model) and cfg.method != "prompt":
         raise ValueError(f"a sharded frozen model trains method 'prompt' only, not {cfg.method!r}")
     trainable = PromptTrainable(model, tokenizer, task, train_examples, cfg, encoders, init=init)
-    return fit(trainable, train_examples, valid_examples, cfg, out_dir=out_dir, resume=resume, progress=progress)
+    return fit(trainable, train_examples, valid_examples, cfg, out_dir=out_dir, resume=resume, progress=progress,
+               until_step=until_step)

@@ -1,0 +1,105 @@
+"""The one soft-prompt training recipe: optimizer, learning-rate rule, init, stopping rule and
+collapse guard, in one place that ``train``, ``compare`` and ``demo`` all read.
+
+Why a learning rate *relative to the embedding scale*: Lester et al.'s 0.3 was an Adafactor rate;
+AdamW's step is absolute (about ``lr`` per entry per step, whatever the entry's size), and the
+embedded model's input-embedding entries have a standard deviation of about 0.14, so AdamW at 0.3
+moved every prompt entry by two standard deviations per step.  A recipe's ``lr`` is therefore in
+units of the model's embedding-entry standard deviation (``lr_unit="embedding"``): the same number
+means the same relative step on any model.  The default values come from the study in
+``benchmarks/study_recipe.py`` (docs/benchmarks.md, "Training recipe study"), chosen on
+validation scores.
+
+Stopping: a run ends when its validation score (or, without validation data, its training loss)
+has stopped improving for ``patience`` evaluations, or at ``max_steps``; ``TrainResult.stop_reason``
+and the last history record say which.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .config import TrainConfig
+
+LR_UNITS = ("embedding", "absolute")
+
+
+def embedding_scale(model) -> float:
+    """The standard deviation of the model's input-embedding entries (SmolLM2-135M: ~0.14)."""
+    w = model.get_input_embeddings().weight.detach()
+    return float(w.float().std())
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a soft prompt is trained when the user names nothing else."""
+
+    optimizer: str = "adamw"
+    lr: float = 0.3  # peak learning rate, in ``lr_unit``
+    lr_unit: str = "embedding"  # embedding: lr x the model's embedding-entry std; absolute: lr as is
+    init: str = "labels"
+    warmup_steps: int = 10
+    schedule: str = "linear"
+    batch_size: int = 8
+    max_steps: int = 200  # the longest a run may train
+    eval_every: int = 10  # steps between validations (and between training-loss checks without them)
+    patience: int = 6  # evaluations without improvement before the run stops
+    collapse_restarts: int = 2  # runs that collapse are retrained from another seed at most this often
+
+    def __post_init__(self) -> None:
+        if self.lr_unit not in LR_UNITS:
+            raise ValueError(f"lr_unit must be one of {LR_UNITS}, got {self.lr_unit!r}")
+        if not self.lr > 0:
+            raise ValueError(f"the learning rate must be positive, got {self.lr}")
+
+    def absolute_lr(self, model, lr: float | None = None) -> float:
+        """The optimizer's peak rate for ``model`` (``lr`` in this recipe's unit, default its own)."""
+        lr = self.lr if lr is None else lr
+        return lr * embedding_scale(model) if self.lr_unit == "embedding" else lr
+
+    def config(self, model, **overrides) -> TrainConfig:
+        """A :class:`TrainConfig` for ``model`` (``overrides`` win; ``lr`` there is absolute)."""
+        kw = dict(optimizer=self.optimizer, lr=self.absolute_lr(model), init=self.init,
+                  warmup_steps=self.warmup_steps, schedule=self.schedule, batch_size=self.batch_size,
+                  epochs=0, max_steps=self.max_steps, eval_every=self.eval_every, patience=self.patience)
+        kw.update(overrides)
+        return TrainConfig(**kw)
+
+
+DEFAULT_RECIPE = Recipe()
+
+
+def uniform_loss(n_labels: int) -> float:
+    """The rank loss of a prompt that knows nothing: ``log K`` for K labels."""
+    return math.log(max(n_labels, 2))
+
+
+def collapse_reason(result, n_labels: int, *, share: float = 0.9) -> str | None:
+    """Why a finished classification run counts as collapsed, or None.
+
+    * its kept prompt predicts one class for >= ``share`` of the validation examples, or
+    * its training loss over the last evaluation window stayed at or above the uniform guess."""
+    kept = next((h.get("valid") for h in result.history if h["step"] == result.best_step and "valid" in h), None)
+    if kept and kept.get("top_share") is not None and kept["top_share"] >= share:
+        if kept.get("gold_top_share", 0.0) < share:  # a validation set that is itself one class cannot tell
+            return f"predicts one class for {kept['top_share']:.0%} of the validation examples"
+    losses = [h["loss"] for h in result.history]
+    tail = losses[-max(1, min(len(losses), 10)):]
+    if tail and sum(tail) / len(tail) >= uniform_loss(n_labels):
+        return f"training loss {sum(tail) / len(tail):.3f} stayed at or above the uniform guess {uniform_loss(n_labels):.3f}"
+    return None
+
+
+def loss_plateaued(losses: list[float], window: int, patience: int, tol: float = 0.01) -> bool:
+    """True when the mean training loss of the last ``patience`` complete windows of ``window``
+    steps never beat the best earlier window by more than ``tol`` (relative)."""
+    n = len(losses) // max(window, 1)
+    if n <= patience:
+        return False
+    means = [sum(losses[i * window:(i + 1) * window]) / window for i in range(n)]
+    best_before = min(means[: n - patience])
+    return min(means[n - patience:]) > best_before * (1 - tol)
+
+
+__all__ = ["DEFAULT_RECIPE", "LR_UNITS", "Recipe", "collapse_reason", "embedding_scale", "loss_plateaued",
+           "uniform_loss"]

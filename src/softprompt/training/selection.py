@@ -1,0 +1,31 @@
+"""The one rule that ranks trained prompts on labelled examples, used by every trainer (prompt,
+encoder head), every process count and the restart/search code alike, so one process and N keep
+the same prompt.  Larger is better.
+
+Classification: macro-F1, then accuracy, then lower loss.  Macro-F1 first: a prompt stuck on the
+majority class can win accuracy on imbalanced data, not macro-F1.  Generation: token F1, then
+exact match.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def classification_score(m: dict) -> tuple:
+    return (m["macro_f1"], m["accuracy"], -m["loss"])
+
+
+def generation_score(m: dict) -> tuple:
+    return (m["f1"], m["exact_match"])
+
+
+def prediction_shares(pred: torch.Tensor, gold: torch.Tensor) -> dict:
+    """The share of the most predicted class and of the most common gold class: a prompt that
+    answers one class for (nearly) every input has collapsed (``recipe.collapse_reason``)."""
+    def top(t: torch.Tensor) -> float:
+        return float(torch.bincount(t).max()) / len(t) if len(t) else 0.0
+
+    return {"top_share": top(pred), "gold_top_share": top(gold)}
+
+
+__all__ = ["classification_score", "generation_score", "prediction_shares"]
