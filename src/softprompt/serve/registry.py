@@ -13,6 +13,13 @@ Layout (names are task names; files and folders starting with ``.`` are ignored)
 A manifest is ``{"members": ["a.safetensors", "b.safetensors"], "vote": "mean" | "vote"}`` (the
 names of :mod:`softprompt.apps.ensemble`; ``"majority"``, the old name of ``"vote"``, still loads);
 member paths are relative to the manifest's folder and must stay inside the prompts folder.
+Reading the folder (``sources.py``) never fails as a whole: a bad entry (a manifest too large
+or too deep, any unexpected error) is reported for its task and the others load.
+
+A file another task uses as a member cannot be removed (409 ``task_in_use``), and an upload
+over it is refused when that task would no longer load with the new prompt.  "Uses" follows
+the member's path entry by entry: a symlink is its own entry, so deleting an alias spares the
+tasks that reach its target directly (:func:`~softprompt.serve.sources.entries_on`).
 
 Uploads (:meth:`Registry.put`) are checked completely before anything changes: the name,
 the size, the safetensors framing, the artifact's metadata and its base-model identity,
