@@ -33,6 +33,8 @@ def serve_cmd(
     max_labels: int = typer.Option(100, help="Most labels a classification prompt may have; more is refused (422) at upload and load."),
     max_label_tokens: int = typer.Option(16, help="Most tokens per label word; longer words are refused at upload and load."),
     max_template_tokens: int = typer.Option(1024, help="Most tokens in a prompt's fixed prefix (template head); longer is refused."),
+    max_tasks: int = typer.Option(256, help="Most tasks served at once; another is refused (422 too_many_tasks; from the folder: reported by reload)."),
+    max_prefix_cache_mb: int = typer.Option(2048, help="MiB of cached template-head key/values all tasks may hold; beyond: 422 prefix_memory_full."),
     backend: str = typer.Option("engine", help="engine: the in-process batching engine (default). vllm: send every "
                                 "forward pass to vLLM as input embeddings (prompt/P-tuning prompts; prefix-tuned ones "
                                 "are refused): vLLM's engine in this process (needs vllm installed, e.g. .venv-vllm "
@@ -66,7 +68,8 @@ def serve_cmd(
         config = EngineConfig(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
                               max_input_tokens=max_input_tokens, max_new_tokens_limit=max_new_tokens,
                               max_batch_tokens=max_batch_tokens, max_labels=max_labels,
-                              max_label_tokens=max_label_tokens, max_template_tokens=max_template_tokens)
+                              max_label_tokens=max_label_tokens, max_template_tokens=max_template_tokens,
+                              max_tasks=max_tasks, max_prefix_cache_bytes=max_prefix_cache_mb << 20)
     except ValueError as e:
         _fail(str(e))
     try:

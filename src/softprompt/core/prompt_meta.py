@@ -97,18 +97,25 @@ def _depth(text: str) -> int:
     return best
 
 
+def load_bounded_json(text: Any, where: str, what: str = "the softprompt metadata") -> Any:
+    """``json.loads`` for untrusted text: at most MAX_META_CHARS characters and MAX_META_DEPTH
+    levels, else PromptFileError (never RecursionError).  Shared by artifact metadata and the
+    server's manifests, so every JSON a server reads from disk or a client has one set of bounds."""
+    if not isinstance(text, str):
+        raise PromptFileError(f"{where}: {what} must be a JSON string")
+    if len(text) > MAX_META_CHARS:
+        raise PromptFileError(f"{where}: {what} is {len(text)} characters; the limit is {MAX_META_CHARS}")
+    if _depth(text) > MAX_META_DEPTH:
+        raise PromptFileError(f"{where}: {what} nests deeper than {MAX_META_DEPTH} levels")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise PromptFileError(f"{where}: {what} is not valid JSON ({e})") from None
+
+
 def parse_meta(text: Any, where: str) -> PromptMeta:
     """Parse and validate the metadata JSON of the artifact at ``where``."""
-    if not isinstance(text, str):
-        raise PromptFileError(f"{where}: the softprompt metadata must be a JSON string")
-    if len(text) > MAX_META_CHARS:
-        raise PromptFileError(f"{where}: the softprompt metadata is {len(text)} characters; the limit is {MAX_META_CHARS}")
-    if _depth(text) > MAX_META_DEPTH:
-        raise PromptFileError(f"{where}: the softprompt metadata nests deeper than {MAX_META_DEPTH} levels")
-    try:
-        raw = json.loads(text)
-    except (ValueError, RecursionError) as e:
-        raise PromptFileError(f"{where}: the softprompt metadata is not valid JSON ({e})") from None
+    raw = load_bounded_json(text, where)
     if not isinstance(raw, dict):
         raise PromptFileError(f"{where}: the softprompt metadata must be a JSON object, got {type(raw).__name__}")
     try:

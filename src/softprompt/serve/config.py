@@ -29,6 +29,8 @@ class EngineConfig:
     max_labels: int = 100  # labels per classification prompt
     max_label_tokens: int = 16  # tokens per label word
     max_template_tokens: int = 1024  # tokens in a prompt's fixed prefix
+    max_tasks: int = 256  # tasks served at once; beyond: too_many_tasks
+    max_prefix_cache_bytes: int = 2 << 30  # cached template-head key/values of all tasks; beyond: prefix_memory_full
     batching: str = "mixed"  # "mixed" (rows of any task) or "per_task"
     prefix_cache: bool | str = "auto"  # reuse template-head key/values; "auto": on a CPU only
     split_padding: float | None | str = "auto"  # padded fraction a pass may have; "auto": 0.25 on a CPU
@@ -42,6 +44,8 @@ class EngineConfig:
             raise ValueError("max_batch_tokens, max_labels, max_label_tokens and max_template_tokens must be >= 1")
         if min(self.max_input_tokens, self.max_input_chars, self.max_new_tokens_limit) < 1:
             raise ValueError("max_input_tokens, max_input_chars and max_new_tokens_limit must be >= 1")
+        if self.max_tasks < 1 or self.max_prefix_cache_bytes < 1:
+            raise ValueError("max_tasks and max_prefix_cache_bytes must be >= 1")
         if self.prefix_cache != "auto" and not isinstance(self.prefix_cache, bool):
             raise ValueError(f"prefix_cache must be True, False or 'auto', got {self.prefix_cache!r}")
         sp = self.split_padding
@@ -51,7 +55,7 @@ class EngineConfig:
     def limits(self) -> dict:
         """The request and prompt limits every backend enforces (the vLLM one has no batcher)."""
         keys = ("max_queue", "max_input_tokens", "max_input_chars", "max_new_tokens_limit", "max_labels",
-                "max_label_tokens", "max_template_tokens")
+                "max_label_tokens", "max_template_tokens", "max_tasks")
         return {k: getattr(self, k) for k in keys}
 
     def replace(self, **changes) -> "EngineConfig":

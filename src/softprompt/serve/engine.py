@@ -62,6 +62,11 @@ Memory
     (``max_labels``, ``max_label_tokens``, ``max_template_tokens``; refused with
     :class:`PromptRejectedError` otherwise), and an input by ``max_input_tokens``, so peak
     memory is a few times ``max_batch_tokens`` tokens' key/values whatever a client sends.
+    What the tasks hold between requests is bounded too: at most ``max_tasks`` tasks, whose
+    cached template-head key/values (members x head tokens x one token's key/values over all
+    layers, see :meth:`Engine.head_bytes`) total at most ``max_prefix_cache_bytes``; a task
+    beyond either is refused (``too_many_tasks``, ``prefix_memory_full``), and a replacement
+    counts instead of its old version, not on top of it.
 
 Overload
     The queue is bounded (``max_queue`` rows); beyond that ``submit`` raises
@@ -80,7 +85,7 @@ from typing import Any
 
 import torch
 
-from ..core.bank import PromptBank
+from ..core.bank import PromptBank, model_shape
 from ..core.prompts import ModelIdentity, SoftPrompt
 from .validation import check_prompts, input_fields, suffixes
 from .config import BATCHING_MODES, EngineConfig
@@ -127,6 +132,10 @@ class Engine:
         self.max_labels = config.max_labels
         self.max_label_tokens = config.max_label_tokens
         self.max_template_tokens = config.max_template_tokens
+        self.max_tasks, self.max_prefix_cache_bytes = config.max_tasks, config.max_prefix_cache_bytes
+        shape = model_shape(model)  # one cached head token: k and v of every layer
+        self.kv_bytes_per_token = (2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"]
+                                   * model.get_input_embeddings().weight.element_size())
         cfg = model.config
         self.max_positions = int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 0) or 1 << 30)
 
@@ -143,6 +152,8 @@ class Engine:
         self.metrics.add(Gauge("softprompt_running_rows", "Rows in the batch being run.", lambda: sched.busy_rows))
         self.metrics.add(Gauge("softprompt_tasks", "Tasks being served.", lambda: len(self._specs)))
         self.metrics.add(Gauge("softprompt_bank_entries", "Prompts in the bank.", lambda: len(self.bank)))
+        self.metrics.add(Gauge("softprompt_prefix_cache_bytes", "Cached template-head key/values of all tasks.",
+                               lambda: sum(self.head_bytes(s.prompts, s.prefix_lens) for s in self._specs.values())))
         self.metrics.add(Gauge("softprompt_max_batch_size", "Configured max batch size (rows).", lambda: self.max_batch_size))
 
     max_batch_size = _part("scheduler", "max_batch_size", "Rows per batch at most.")
@@ -216,6 +227,7 @@ class Engine:
         prefix_kv = self._prefix_kv_off_worker(name, prompts)
 
         def op() -> TaskSpec:
+            self._check_room(name, prompts, plan["prefix_lens"])  # again: another task may have come meanwhile
             version = next(self._versions)
             entry_names = tuple(f"{name}@{version}/{k}" for k in range(len(prompts)))
             added: list[str] = []
@@ -275,7 +287,39 @@ class Engine:
         return self.scheduler.control(op)
     # ------------------------------------------------------------------ checks (validation.py)
     def _check_prompts(self, name: str, prompts: list[SoftPrompt], member_names: list[str], vote: str) -> dict:
-        return check_prompts(self, name, prompts, member_names, vote)
+        plan = check_prompts(self, name, prompts, member_names, vote)
+        self._check_room(name, prompts, plan["prefix_lens"])  # before computing any key/values
+        return plan
+
+    # the vLLM backend (no __init__ of ours) sets max_tasks only: it keeps no key/value cache
+    max_tasks: int = EngineConfig.max_tasks
+    max_prefix_cache_bytes: int | None = None
+    kv_bytes_per_token: int = 0
+
+    def head_bytes(self, prompts: Sequence[SoftPrompt], prefix_lens: Sequence[int]) -> int:
+        """Bytes of cached prefix key/values a task's members hold: their head tokens (template
+        head + learned prefix) x one token's key/values over all layers."""
+        return sum(n + p.n_prefix for n, p in zip(prefix_lens, prompts)) * self.kv_bytes_per_token
+
+    def _check_room(self, name: str, prompts: Sequence[SoftPrompt], prefix_lens: Sequence[int]) -> None:
+        """Refuse a task past ``max_tasks`` or ``max_prefix_cache_bytes``; task ``name``'s current
+        version does not count, as the new one replaces it."""
+        others = [s for n, s in self._specs.items() if n != name]
+        if len(others) >= self.max_tasks:
+            raise PromptRejectedError(
+                f"cannot add task {name!r}: this server already serves {len(others)} tasks, the limit "
+                "(max_tasks, softprompt serve --max-tasks); delete a task first", code="too_many_tasks")
+        if self.max_prefix_cache_bytes is None:
+            return
+        need = self.head_bytes(prompts, prefix_lens)
+        held = sum(self.head_bytes(s.prompts, s.prefix_lens) for s in others)
+        if held + need > self.max_prefix_cache_bytes:
+            mib = 1 << 20
+            raise PromptRejectedError(
+                f"cannot add task {name!r}: its cached prefix key/values take {need / mib:.1f} MiB and the other "
+                f"tasks hold {held / mib:.1f} MiB of the {self.max_prefix_cache_bytes / mib:.1f} MiB limit "
+                "(max_prefix_cache_bytes, softprompt serve --max-prefix-cache-mb); delete a task or shorten "
+                "the template", code="prefix_memory_full")
 
     def _fields(self, spec: TaskSpec, value: str | Mapping[str, str]) -> dict[str, str]:
         return input_fields(self, spec, value)

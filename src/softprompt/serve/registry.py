@@ -13,6 +13,13 @@ Layout (names are task names; files and folders starting with ``.`` are ignored)
 A manifest is ``{"members": ["a.safetensors", "b.safetensors"], "vote": "mean" | "vote"}`` (the
 names of :mod:`softprompt.apps.ensemble`; ``"majority"``, the old name of ``"vote"``, still loads);
 member paths are relative to the manifest's folder and must stay inside the prompts folder.
+Reading the folder (``sources.py``) never fails as a whole: a bad entry (a manifest too large
+or too deep, any unexpected error) is reported for its task and the others load.
+
+A file another task uses as a member cannot be removed (409 ``task_in_use``), and an upload
+over it is refused when that task would no longer load with the new prompt.  "Uses" follows
+the member's path entry by entry: a symlink is its own entry, so deleting an alias spares the
+tasks that reach its target directly (:func:`~softprompt.serve.sources.entries_on`).
 
 Uploads (:meth:`Registry.put`) are checked completely before anything changes: the name,
 the size, the safetensors framing, the artifact's metadata and its base-model identity,
@@ -39,25 +46,24 @@ start-up, makes consistent again):
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import re
 import shutil
 import threading
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..core import atomic
 from ..core.prompts import PromptFileError, SoftPrompt
-from .engine import VOTES, Engine, PromptRejectedError, ServeError, TaskSpec, UnknownTaskError
+from .engine import Engine, PromptRejectedError, ServeError, TaskSpec, UnknownTaskError
+from .sources import TaskSource, folder_source, goes_through, manifest_source, single_source
+from .validation import check_prompts
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPLOAD_BYTES = 8 << 20
-MAX_MEMBERS = 32
 TASK_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 #: a task is stored as <name>.safetensors, <name>/ or <name>.json, so a name with one of these
 #: suffixes would address another task's files (``demo.safetensors`` is task ``demo``'s file)
@@ -149,23 +155,6 @@ class FolderLock:
         self.release()
 
 
-@dataclass(frozen=True)
-class TaskSource:
-    """Where a task lives on disk."""
-
-    name: str
-    files: tuple[Path, ...]  # member prompt files
-    member_names: tuple[str, ...]
-    vote: str
-    origin: Path  # the file, folder or manifest that defines the task
-    fingerprint: tuple  # changes when any file behind the task changes
-
-
-def _stat(p: Path) -> tuple:
-    st = p.stat()
-    return (str(p), st.st_mtime_ns, st.st_size)
-
-
 class Registry:
     """Keeps an :class:`Engine`'s task table in step with a folder of prompt artifacts."""
 
@@ -184,33 +173,6 @@ class Registry:
             return p.resolve().is_relative_to(self.root_resolved)
         except OSError:
             return False
-
-    def _manifest(self, path: Path, name: str) -> TaskSource:
-        try:
-            data = json.loads(path.read_text("utf-8"))
-        except (OSError, ValueError) as e:
-            raise PromptRejectedError(f"{path}: unreadable manifest ({e})") from None
-        if not isinstance(data, dict) or not isinstance(data.get("members"), list) or not data["members"]:
-            raise PromptRejectedError(f"{path}: a manifest is {{\"members\": [\"a.safetensors\", ...], \"vote\": \"mean\"}}")
-        vote = data.get("vote", "mean")
-        if vote not in VOTES:
-            raise PromptRejectedError(f"{path}: vote must be one of {VOTES}, got {vote!r}")
-        if len(data["members"]) > MAX_MEMBERS:
-            raise PromptRejectedError(f"{path}: at most {MAX_MEMBERS} members")
-        files, names = [], []
-        for m in data["members"]:
-            rel = m.get("path") if isinstance(m, dict) else m
-            if not isinstance(rel, str) or not rel.endswith(".safetensors") or os.path.isabs(rel):
-                raise PromptRejectedError(f"{path}: member {m!r} must be a relative path to a .safetensors file")
-            f = path.parent / rel
-            if not self._inside(f):
-                raise PromptRejectedError(f"{path}: member {rel!r} points outside the prompts folder")
-            if not f.is_file():
-                raise PromptRejectedError(f"{path}: member {rel!r} does not exist")
-            files.append(f)
-            names.append(m.get("name", f.stem) if isinstance(m, dict) else f.stem)
-        fp = tuple(_stat(f) for f in [path, *files]) + (vote,)
-        return TaskSource(name, tuple(files), tuple(map(str, names)), vote, path, fp)
 
     def scan(self) -> tuple[dict[str, TaskSource], dict[str, str]]:
         """What the folder defines now: ``(tasks, errors by name)``; nothing is loaded."""
@@ -235,28 +197,21 @@ class Registry:
                     raise PromptRejectedError(
                         f"task {name!r} is defined twice ({found[name].origin.name} and {entry.name}); keep one")
                 if entry.suffix == ".safetensors" and entry.is_file():
-                    src = TaskSource(name, (entry,), (name,), "mean", entry, (_stat(entry), "mean"))
+                    src = single_source(name, entry)
                 elif entry.suffix == ".json" and entry.is_file():
-                    src = self._manifest(entry, name)
+                    src = manifest_source(entry, name, self._inside)
+                elif (entry / "manifest.json").is_file():
+                    src = manifest_source(entry / "manifest.json", name, self._inside)
                 else:
-                    manifest = entry / "manifest.json"
-                    if manifest.is_file():
-                        src = self._manifest(manifest, name)
-                    else:
-                        files = [f for f in sorted(entry.glob("*.safetensors")) if not f.name.startswith(".")]
-                        if not files:
-                            raise PromptRejectedError(f"folder {entry} holds no .safetensors prompts")
-                        if len(files) > MAX_MEMBERS:
-                            raise PromptRejectedError(f"folder {entry}: at most {MAX_MEMBERS} members")
-                        if not all(self._inside(f) for f in files):
-                            raise PromptRejectedError(f"folder {entry}: a member points outside the prompts folder")
-                        src = TaskSource(name, tuple(files), tuple(f.stem for f in files), "mean", entry,
-                                         tuple(_stat(f) for f in files) + ("mean",))
+                    src = folder_source(name, entry, self._inside)
                 found[name] = src
             except ServeError as e:
                 errors[name] = e.message
             except OSError as e:
                 errors[name] = f"{entry}: {e}"
+            except Exception as e:  # noqa: BLE001 - one bad entry must not stop the others loading
+                logger.exception("unexpected error reading %s", entry)
+                errors[name] = f"{entry}: unexpected error ({type(e).__name__}: {str(e)[:300]})"
         for name in errors:
             found.pop(name, None)
         return found, errors
@@ -279,6 +234,12 @@ class Registry:
         with self._lock:
             found, errors = self.scan()
             report: dict[str, Any] = {"added": [], "replaced": [], "removed": [], "unchanged": [], "errors": errors}
+            for name in list(self._loaded):  # removals first: they free room (max_tasks) for additions
+                if name not in found and name not in errors:
+                    del self._loaded[name]
+                    if name in self.engine.tasks():
+                        self.engine.unregister(name)
+                    report["removed"].append(name)
             for name, src in found.items():
                 old = self._loaded.get(name)
                 if old is not None and old.fingerprint == src.fingerprint and name in self.engine.tasks():
@@ -290,14 +251,12 @@ class Registry:
                     errors[name] = e.message
                     logger.warning("not serving task %r: %s", name, e.message)
                     continue
+                except Exception as e:  # noqa: BLE001 - reported for this task; the others still load
+                    logger.exception("unexpected error loading task %r", name)
+                    errors[name] = f"unexpected error loading {src.origin} ({type(e).__name__}: {str(e)[:300]})"
+                    continue
                 self._loaded[name] = src
                 report["replaced" if old is not None else "added"].append(name)
-            for name in list(self._loaded):
-                if name not in found and name not in errors:
-                    del self._loaded[name]
-                    if name in self.engine.tasks():
-                        self.engine.unregister(name)
-                    report["removed"].append(name)
             return report
 
     # ------------------------------------------------------------------ one writer, crash recovery
@@ -333,19 +292,60 @@ class Registry:
         return [p for p in (self.root / f"{name}.safetensors", self.root / name, self.root / f"{name}.json")
                 if p.exists() or p.is_symlink()]
 
+    def _entry(self, p: Path) -> Path:
+        """``p`` (a name directly in the folder) as the directory entry :func:`entries_on` reports."""
+        return self.root_resolved / p.name
+
+    def _users(self, name: str, paths: list[Path]) -> list[tuple[str, int, Path]]:
+        """``(task, member index, entry)`` of every member of another loaded task whose path goes
+        through one of ``paths`` (entries of the folder): removing or replacing the entry breaks it.
+        A symlink is its own entry, so removing an alias leaves the tasks that use its target."""
+        entries = [self._entry(p) for p in paths]
+        found = []
+        for other, src in self._loaded.items():
+            if other == name or not entries:
+                continue
+            for k, f in enumerate(src.files):
+                try:
+                    hit = goes_through(f, entries)
+                except OSError:
+                    continue  # a member already unreachable is not broken by this change
+                if hit is not None:
+                    found.append((other, k, hit))
+        return found
+
+    def _in_use(self, name: str, entry: Path, other: str, doing: str, why: str = "") -> TaskInUseError:
+        origin = self._loaded[other].origin
+        where = origin.relative_to(self.root) if origin.is_relative_to(self.root) else origin
+        return TaskInUseError(
+            f"cannot {doing} task {name!r}: {entry.name} is a member of task {other!r} ({where}){why}; "
+            f"delete {other!r} first", task=name, used_by=other)
+
     def _check_unused(self, name: str, paths: list[Path], doing: str) -> None:
         """Refuse to remove files that another served task (a manifest) uses."""
-        gone = [p.resolve() for p in paths]
-        for other, src in self._loaded.items():
-            if other == name:
+        for other, _, entry in self._users(name, paths):
+            raise self._in_use(name, entry, other, doing)
+
+    def _check_members_accept(self, name: str, final: Path, prompt: SoftPrompt) -> None:
+        """A new ``<name>.safetensors`` becomes a member of every task that uses that file; refuse
+        it (409) when one of those tasks would no longer load with it (the engine's own checks,
+        e.g. different labels), so an upload cannot break an ensemble at its next reload."""
+        swaps: dict[str, list[int]] = {}
+        entry = self._entry(final)
+        for other, k, _ in self._users(name, [final]):
+            swaps.setdefault(other, []).append(k)
+        if swaps:  # the upload's own faults first: they are the answer whatever uses the file
+            check_prompts(self.engine, name, [prompt], [name], "mean")
+        for other, members in swaps.items():
+            spec = self.engine.tasks().get(other)
+            if spec is None:
                 continue
-            for f in src.files:
-                f = f.resolve()
-                for p in gone:
-                    if f == p or f.is_relative_to(p):
-                        raise TaskInUseError(
-                            f"cannot {doing} task {name!r}: {p.name} is a member of task {other!r} "
-                            f"({src.origin.relative_to(self.root)}); delete {other!r} first", task=name, used_by=other)
+            prompts = [prompt if k in members else p for k, p in enumerate(spec.prompts)]
+            try:
+                check_prompts(self.engine, other, prompts, list(spec.member_names), spec.vote)
+            except ServeError as e:
+                raise self._in_use(name, entry, other, "replace",
+                                   f", and that task would not load with the new file ({e.message})") from None
 
     def _aside(self, paths: list[Path], kind: str, moved: list[tuple[Path, Path]]) -> list[tuple[Path, Path]]:
         for p in paths:
@@ -377,6 +377,7 @@ class Registry:
                     prompt = SoftPrompt.load(tmp)
                 except (PromptFileError, ValueError, KeyError, TypeError) as e:
                     raise PromptRejectedError(f"not a usable prompt artifact: {str(e).replace(str(tmp), 'the upload')}") from None
+                self._check_members_accept(name, final, prompt)
                 old_spec = self.engine.tasks().get(name)
                 spec = self.engine.register(name, [prompt], source=str(final))  # raises if rejected
                 moved: list[tuple[Path, Path]] = []
@@ -393,7 +394,7 @@ class Registry:
                         self.engine.unregister(name)
                     raise
                 self._empty_trash(moved)
-                self._loaded[name] = TaskSource(name, (final,), (name,), "mean", final, (_stat(final), "mean"))
+                self._loaded[name] = single_source(name, final)
                 return spec, old_spec is not None
             finally:
                 tmp.unlink(missing_ok=True)

@@ -176,7 +176,7 @@ class VllmBackend(Engine):
         max_new_tokens_limit: int = 256,
         max_labels: int = 100,
         max_label_tokens: int = 16,
-        max_template_tokens: int = 1024,
+        max_template_tokens: int = 1024, max_tasks: int = 256,  # tasks at once (it has no key/value cache)
         base_name: str | None = None,
         metrics: Metrics | None = None,
         start_timeout_s: float = 600.0,
@@ -193,7 +193,7 @@ class VllmBackend(Engine):
         self.max_input_chars = int(max_input_chars)
         self.max_new_tokens_limit = int(max_new_tokens_limit)
         self.max_labels, self.max_label_tokens = int(max_labels), int(max_label_tokens)
-        self.max_template_tokens = int(max_template_tokens)
+        self.max_template_tokens, self.max_tasks = int(max_template_tokens), int(max_tasks)
         self.max_positions = front.max_positions
         self.start_timeout_s = float(start_timeout_s)
         self.tokenizer_lock = threading.RLock()
