@@ -33,6 +33,7 @@ def serve_cmd(
     max_labels: int = typer.Option(100, help="Most labels a classification prompt may have; more is refused (422) at upload and load."),
     max_label_tokens: int = typer.Option(16, help="Most tokens per label word; longer words are refused at upload and load."),
     max_template_tokens: int = typer.Option(1024, help="Most tokens in a prompt's fixed prefix (template head); longer is refused."),
+    max_response_bytes: int = typer.Option(16 << 20, help="Largest classify answer (estimated from inputs x labels x label names, ensemble members' maps included); beyond: 422 before any work."),
     backend: str = typer.Option("engine", help="engine: the in-process batching engine (default). vllm: send every "
                                 "forward pass to vLLM as input embeddings (prompt/P-tuning prompts; prefix-tuned ones "
                                 "are refused): vLLM's engine in this process (needs vllm installed, e.g. .venv-vllm "
@@ -66,7 +67,8 @@ def serve_cmd(
         config = EngineConfig(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
                               max_input_tokens=max_input_tokens, max_new_tokens_limit=max_new_tokens,
                               max_batch_tokens=max_batch_tokens, max_labels=max_labels,
-                              max_label_tokens=max_label_tokens, max_template_tokens=max_template_tokens)
+                              max_label_tokens=max_label_tokens, max_template_tokens=max_template_tokens,
+                              max_response_bytes=max_response_bytes)
     except ValueError as e:
         _fail(str(e))
     try:

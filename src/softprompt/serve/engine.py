@@ -82,7 +82,7 @@ import torch
 
 from ..core.bank import PromptBank
 from ..core.prompts import ModelIdentity, SoftPrompt
-from .validation import check_prompts, input_fields, suffixes
+from .validation import check_prompts, check_response_size, input_fields, suffixes
 from .config import BATCHING_MODES, EngineConfig
 from .metrics import Gauge, Metrics
 from .runner import Runner, vote_classify, vote_generate
@@ -127,6 +127,8 @@ class Engine:
         self.max_labels = config.max_labels
         self.max_label_tokens = config.max_label_tokens
         self.max_template_tokens = config.max_template_tokens
+        self.max_response_bytes = config.max_response_bytes
+        self.input_embeddings = model.get_input_embeddings().weight  # the scale prompt values are checked against
         cfg = model.config
         self.max_positions = int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 0) or 1 << 30)
 
@@ -306,6 +308,7 @@ class Engine:
             raise InvalidInputError(f"vote must be one of {VOTES}, got {vote!r}")
         if not inputs:
             raise InvalidInputError("no inputs given")
+        check_response_size(self, spec, len(inputs))
         items = []
         for i, value in enumerate(inputs):
             try:

@@ -177,6 +177,7 @@ class VllmBackend(Engine):
         max_labels: int = 100,
         max_label_tokens: int = 16,
         max_template_tokens: int = 1024,
+        max_response_bytes: int = 16 << 20,
         base_name: str | None = None,
         metrics: Metrics | None = None,
         start_timeout_s: float = 600.0,
@@ -194,6 +195,8 @@ class VllmBackend(Engine):
         self.max_new_tokens_limit = int(max_new_tokens_limit)
         self.max_labels, self.max_label_tokens = int(max_labels), int(max_label_tokens)
         self.max_template_tokens = int(max_template_tokens)
+        self.max_response_bytes = int(max_response_bytes)
+        self.input_embeddings = front.embeddings  # the scale prompt values are checked against
         self.max_positions = front.max_positions
         self.start_timeout_s = float(start_timeout_s)
         self.tokenizer_lock = threading.RLock()
