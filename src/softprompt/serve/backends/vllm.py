@@ -176,8 +176,7 @@ class VllmBackend(Engine):
         max_new_tokens_limit: int = 256,
         max_labels: int = 100,
         max_label_tokens: int = 16,
-        max_template_tokens: int = 1024,
-        max_response_bytes: int = 16 << 20,
+        max_template_tokens: int = 1024, max_response_bytes: int = 16 << 20,
         base_name: str | None = None,
         metrics: Metrics | None = None,
         start_timeout_s: float = 600.0,
@@ -194,10 +193,8 @@ class VllmBackend(Engine):
         self.max_input_chars = int(max_input_chars)
         self.max_new_tokens_limit = int(max_new_tokens_limit)
         self.max_labels, self.max_label_tokens = int(max_labels), int(max_label_tokens)
-        self.max_template_tokens = int(max_template_tokens)
-        self.max_response_bytes = int(max_response_bytes)
-        self.input_embeddings = front.embeddings  # the scale prompt values are checked against
-        self.max_positions = front.max_positions
+        self.max_template_tokens, self.max_response_bytes = int(max_template_tokens), int(max_response_bytes)
+        self.max_positions, self.input_embeddings = front.max_positions, front.embeddings  # values checked vs these
         self.start_timeout_s = float(start_timeout_s)
         self.tokenizer_lock = threading.RLock()
         self._specs: dict[str, TaskSpec] = {}
