@@ -35,6 +35,7 @@ def serve_cmd(
     max_template_tokens: int = typer.Option(1024, help="Most tokens in a prompt's fixed prefix (template head); longer is refused."),
     max_tasks: int = typer.Option(256, help="Most tasks served at once; another is refused (422 too_many_tasks; from the folder: reported by reload)."),
     max_prefix_cache_mb: int = typer.Option(2048, help="MiB of cached template-head key/values all tasks may hold; beyond: 422 prefix_memory_full."),
+    max_response_bytes: int = typer.Option(16 << 20, help="Largest classify answer (estimated from inputs x labels x label names, ensemble members' maps included); beyond: 422 before any work."),
     backend: str = typer.Option("engine", help="engine: the in-process batching engine (default). vllm: send every "
                                 "forward pass to vLLM as input embeddings (prompt/P-tuning prompts; prefix-tuned ones "
                                 "are refused): vLLM's engine in this process (needs vllm installed, e.g. .venv-vllm "
@@ -69,7 +70,8 @@ def serve_cmd(
                               max_input_tokens=max_input_tokens, max_new_tokens_limit=max_new_tokens,
                               max_batch_tokens=max_batch_tokens, max_labels=max_labels,
                               max_label_tokens=max_label_tokens, max_template_tokens=max_template_tokens,
-                              max_tasks=max_tasks, max_prefix_cache_bytes=max_prefix_cache_mb << 20)
+                              max_tasks=max_tasks, max_prefix_cache_bytes=max_prefix_cache_mb << 20,
+                              max_response_bytes=max_response_bytes)
     except ValueError as e:
         _fail(str(e))
     try:

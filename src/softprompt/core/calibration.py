@@ -34,6 +34,10 @@ import torch
 CALIBRATIONS = ("none", "contextual", "batch", "pmi")
 #: Content-free inputs for contextual calibration (Zhao et al. 2021).
 CONTENT_FREE = ("N/A", "", "[MASK]")
+#: the largest magnitude of a log-prior entry: a fitted one is a log-probability (>= -104 in
+#: float32) minus a class prior's log, so anything near this is a broken or hostile artifact
+#: (1e308 is finite in float64 but infinite in float32, and answers NaN probabilities)
+MAX_ABS_LOG_PRIOR = 1e4
 
 
 @dataclass
@@ -52,6 +56,9 @@ class Calibration:
             self.log_prior = [float(v) for v in self.log_prior]
             if not all(math.isfinite(v) for v in self.log_prior):
                 raise ValueError(f"calibration {self.method!r}: log_prior has non-finite values {self.log_prior}")
+            if any(abs(v) > MAX_ABS_LOG_PRIOR for v in self.log_prior):
+                raise ValueError(f"calibration {self.method!r}: log_prior has values beyond +-{MAX_ABS_LOG_PRIOR:g} "
+                                 f"{self.log_prior[:8]}")
 
     @property
     def active(self) -> bool:

@@ -10,9 +10,11 @@ are kept and ignored, so newer writers stay readable.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints, ValidationError, field_validator,
+)
 
 from .method import Method
 
@@ -20,6 +22,27 @@ from .method import Method
 MAX_META_CHARS = 4 << 20
 #: nesting depth accepted in the metadata JSON (real headers nest 3-4 levels)
 MAX_META_DEPTH = 64
+#: the longest label name: every classify answer repeats each name, so this bounds answer size
+MAX_LABEL_CHARS = 256
+#: the longest verbalizer word (the server's token limit is far below: 16 tokens by default)
+MAX_WORD_CHARS = 1024
+#: the longest template (the server also limits its prefix to max_template_tokens)
+MAX_TEMPLATE_CHARS = 1 << 18
+#: the longest model name or path, task name and tensor name
+MAX_NAME_CHARS = 1024
+#: the longest short keyword (kind, method, init, pooling, calibration method, fingerprint)
+MAX_WORD_KEY_CHARS = 128
+
+
+def _str(n: int):
+    """A strict string of at most ``n`` characters (every string a reader uses is bounded)."""
+    return Annotated[StrictStr, StringConstraints(max_length=n)]
+
+
+Label = _str(MAX_LABEL_CHARS)
+Word = _str(MAX_WORD_CHARS)
+Name = _str(MAX_NAME_CHARS)
+Key = _str(MAX_WORD_KEY_CHARS)
 
 
 class PromptFileError(ValueError):
@@ -31,21 +54,21 @@ class _Lenient(BaseModel):
 
 
 class BaseModelMeta(_Lenient):
-    name: StrictStr
+    name: Name
     hidden_size: StrictInt = Field(ge=1)
     vocab_size: StrictInt = Field(ge=1)
-    embedding_fingerprint: StrictStr
+    embedding_fingerprint: Key
 
 
 class HeadMeta(_Lenient):
-    pooling: StrictStr | None = None
-    tensors: list[StrictStr] = []
+    pooling: Key | None = None
+    tensors: list[Name] = Field(default=[], max_length=64)
 
 
 class CalibrationMeta(_Lenient):
     """``calibration.Calibration.to_dict()``."""
 
-    method: StrictStr = "none"
+    method: Key = "none"
     log_prior: list[float] | None = None
 
 
@@ -54,12 +77,12 @@ class PromptMeta(_Lenient):
 
     format_version: StrictInt
     base_model: BaseModelMeta
-    template: StrictStr
-    verbalizer: dict[StrictStr, StrictStr] | None = None
-    task: StrictStr | None = ""
-    kind: StrictStr = "classification"
-    method: StrictStr = Method.PROMPT_TUNING.value
-    init: StrictStr | None = ""
+    template: _str(MAX_TEMPLATE_CHARS)  # type: ignore[valid-type]
+    verbalizer: dict[Label, Word] | None = None
+    task: Name | None = ""
+    kind: Key = "classification"
+    method: Key = Method.PROMPT_TUNING.value
+    init: Key | None = ""
     training: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = None
     head: HeadMeta | None = None
@@ -122,5 +145,11 @@ def parse_meta(text: Any, where: str) -> PromptMeta:
         return PromptMeta.model_validate(raw)
     except ValidationError as e:
         problems = "; ".join(
-            f"{'.'.join(map(str, err['loc'])) or 'metadata'}: {err['msg']}" for err in e.errors()[:5])
+            f"{'.'.join(map(_short, err['loc'])) or 'metadata'}: {err['msg']}" for err in e.errors()[:5])
         raise PromptFileError(f"{where}: invalid softprompt metadata ({problems})") from None
+
+
+def _short(part: Any, n: int = 40) -> str:
+    """A location part for an error message (a 40,000-character label name is cut, not echoed)."""
+    text = str(part)
+    return text if len(text) <= n else f"{text[:n]}...({len(text)} characters)"

@@ -214,6 +214,10 @@ class SoftPrompt:
                    else "must not carry head.* tensors")
             )
         used = (("prompt", tensor), ("prefix_kv", kv), *((f"head.{k}", v) for k, v in head.items()))
+        integral = next((name for name, t in used if t is not None and not t.is_floating_point()), None)
+        if integral:  # an integer tensor would be cast silently: a broken or hostile artifact
+            dtype = dict(used)[integral].dtype
+            raise PromptFileError(f"{path}: tensor {integral!r} has dtype {dtype}; a prompt's tensors are floating point")
         bad = next((name for name, t in used if t is not None and _non_finite(t)), bad)
         if bad:
             raise PromptFileError(f"{path}: tensor {bad!r} contains NaN or infinite values")

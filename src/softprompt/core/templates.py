@@ -21,6 +21,11 @@ sequence for every example.  A literal's trailing spaces are moved onto the foll
 field value ("Tweet: " + "hi" -> "Tweet:" + " hi"), which is how BPE tokenisers expect a
 word after a space.  Special tokens are added explicitly (BOS first, when the tokenizer
 has one) because tokenizers disagree across versions about adding them by default.
+
+Field values are user text: they are tokenised with special-token parsing off, so an input
+containing ``<|endoftext|>`` or ``<|im_start|>`` is plain text and cannot end the prompt or
+open a chat turn.  The template's own text is the prompt author's and keeps its special
+tokens (a chat template writes them on purpose).
 """
 from __future__ import annotations
 
@@ -98,7 +103,7 @@ class Template:
                 prev = segs[i - 1] if i > 0 else None
                 if prev is not None and prev.kind == "text" and prev.value.endswith(" "):  # type: ignore[union-attr]
                     value = " " + value
-                ids.extend(_encode(tokenizer, value))
+                ids.extend(_encode(tokenizer, value, user=True))
             else:
                 text = seg.value
                 nxt = segs[i + 1] if i + 1 < len(segs) else None
@@ -141,12 +146,18 @@ def continue_with(template: str, words: str) -> str:
     return " " + words
 
 
-def _encode(tokenizer, text: str) -> list[int]:
+def _encode(tokenizer, text: str, *, user: bool = False) -> list[int]:
+    """``user``: text from a request or a data set, never parsed for special tokens."""
     if not text:
         return []
-    return list(_cached_encode(tokenizer, text)) if _hashable(tokenizer) else tokenizer(
-        text, add_special_tokens=False
-    ).input_ids
+    if _hashable(tokenizer):
+        return list(_cached_encode(tokenizer, text, user))
+    return _tokenize(tokenizer, text, user)
+
+
+def _tokenize(tokenizer, text: str, user: bool) -> list[int]:
+    kw = {"split_special_tokens": True} if user else {}
+    return list(tokenizer(text, add_special_tokens=False, **kw).input_ids)
 
 
 def _hashable(obj) -> bool:
@@ -158,8 +169,8 @@ def _hashable(obj) -> bool:
 
 
 @lru_cache(maxsize=65536)
-def _cached_encode(tokenizer, text: str) -> tuple[int, ...]:
-    return tuple(tokenizer(text, add_special_tokens=False).input_ids)
+def _cached_encode(tokenizer, text: str, user: bool = False) -> tuple[int, ...]:
+    return tuple(_tokenize(tokenizer, text, user))
 
 
 def encode_text(tokenizer, text: str) -> list[int]:

@@ -45,6 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import ClassifyResult, Engine, GenerateResult, InvalidInputError, ServeError, UnknownTaskError
 from .guard import AdminDisabledError, AuthError, Guard, error_response, token_problem
+from .jsonsafe import FiniteJSONResponse
 from .registry import DEFAULT_MAX_UPLOAD_BYTES, Registry, validate_task_name
 from .schemas import (
     ClassifyRequest, ClassifyResponse, CompletionRequest, GenerateRequest, GenerateResponse, LabelResult, Usage,
@@ -395,6 +396,7 @@ def create_app(
             "Many tasks' soft prompts served from one frozen model, with dynamic batching across tasks. "
             f"Base model: {engine.base_name}."),
         lifespan=lifespan,
+        default_response_class=FiniteJSONResponse,  # never NaN in a body, never a 500 for it
     )
     app.state.engine = engine
     app.state.registry = registry

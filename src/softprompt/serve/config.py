@@ -31,6 +31,7 @@ class EngineConfig:
     max_template_tokens: int = 1024  # tokens in a prompt's fixed prefix
     max_tasks: int = 256  # tasks served at once; beyond: too_many_tasks
     max_prefix_cache_bytes: int = 2 << 30  # cached template-head key/values of all tasks; beyond: prefix_memory_full
+    max_response_bytes: int = 16 << 20  # estimated JSON size of one classify answer, refused before any work
     batching: str = "mixed"  # "mixed" (rows of any task) or "per_task"
     prefix_cache: bool | str = "auto"  # reuse template-head key/values; "auto": on a CPU only
     split_padding: float | None | str = "auto"  # padded fraction a pass may have; "auto": 0.25 on a CPU
@@ -42,6 +43,8 @@ class EngineConfig:
             raise ValueError("max_batch_size and max_queue must be >= 1 and max_wait_ms >= 0")
         if min(self.max_batch_tokens, self.max_labels, self.max_label_tokens, self.max_template_tokens) < 1:
             raise ValueError("max_batch_tokens, max_labels, max_label_tokens and max_template_tokens must be >= 1")
+        if self.max_response_bytes < 1:
+            raise ValueError("max_response_bytes must be >= 1")
         if min(self.max_input_tokens, self.max_input_chars, self.max_new_tokens_limit) < 1:
             raise ValueError("max_input_tokens, max_input_chars and max_new_tokens_limit must be >= 1")
         if self.max_tasks < 1 or self.max_prefix_cache_bytes < 1:
@@ -55,7 +58,8 @@ class EngineConfig:
     def limits(self) -> dict:
         """The request and prompt limits every backend enforces (the vLLM one has no batcher)."""
         keys = ("max_queue", "max_input_tokens", "max_input_chars", "max_new_tokens_limit", "max_labels",
-                "max_label_tokens", "max_template_tokens", "max_tasks")
+                "max_label_tokens", "max_template_tokens", "max_tasks",
+                "max_response_bytes")
         return {k: getattr(self, k) for k in keys}
 
     def replace(self, **changes) -> "EngineConfig":

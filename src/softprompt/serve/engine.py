@@ -87,7 +87,7 @@ import torch
 
 from ..core.bank import PromptBank, model_shape
 from ..core.prompts import ModelIdentity, SoftPrompt
-from .validation import check_prompts, input_fields, suffixes
+from .validation import check_prompts, check_response_size, input_fields, suffixes
 from .config import BATCHING_MODES, EngineConfig
 from .metrics import Gauge, Metrics
 from .runner import Runner, vote_classify, vote_generate
@@ -124,18 +124,13 @@ class Engine:
         self.identity: ModelIdentity = self.bank.identity
         self.base_name = base_name or self.identity.name
         self.config = config = config.resolve(self.bank.device.type)
-        self.max_queue = config.max_queue
-        self.max_input_tokens = config.max_input_tokens
-        self.max_input_chars = config.max_input_chars
-        self.max_new_tokens_limit = config.max_new_tokens_limit
-        # memory: what one prompt may ask of every request
-        self.max_labels = config.max_labels
-        self.max_label_tokens = config.max_label_tokens
-        self.max_template_tokens = config.max_template_tokens
-        self.max_tasks, self.max_prefix_cache_bytes = config.max_tasks, config.max_prefix_cache_bytes
+        for k, v in config.limits().items():  # the request and prompt limits every backend enforces (config.py)
+            setattr(self, k, v)
+        self.max_prefix_cache_bytes = config.max_prefix_cache_bytes  # memory: all tasks' cached head key/values
         shape = model_shape(model)  # one cached head token: k and v of every layer
         self.kv_bytes_per_token = (2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"]
                                    * model.get_input_embeddings().weight.element_size())
+        self.input_embeddings = model.get_input_embeddings().weight  # the scale prompt values are checked against
         cfg = model.config
         self.max_positions = int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 0) or 1 << 30)
 
@@ -350,6 +345,7 @@ class Engine:
             raise InvalidInputError(f"vote must be one of {VOTES}, got {vote!r}")
         if not inputs:
             raise InvalidInputError("no inputs given")
+        check_response_size(self, spec, len(inputs))
         items = []
         for i, value in enumerate(inputs):
             try:

@@ -19,7 +19,7 @@ from ..core.conditioning import (
     newline_ids, run_context, take_token,
 )
 from .config import EngineConfig
-from .spec import ClassifyResult, GenerateResult, Item, canonical_vote
+from .spec import ClassifyResult, GenerateResult, Item, NonFiniteResultError, canonical_vote
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
@@ -38,8 +38,12 @@ def vote_classify(it: Item, member_scores: list[torch.Tensor]) -> ClassifyResult
     member_scores = [s if p.calibration is None else p.calibration.apply(s) for p, s in zip(spec.prompts, raw)] \
         if spec.prompts else raw
     probs_m, preds = [], []
-    for labs, s in zip(spec.member_labels, member_scores):
+    for name, labs, r, s in zip(spec.member_names, spec.member_labels, raw, member_scores):
         p = s.softmax(-1)
+        if not bool(torch.isfinite(r).all() and torch.isfinite(s).all() and torch.isfinite(p).all()):
+            raise NonFiniteResultError(  # JSON has no NaN: never answer null or NaN probabilities
+                f"task {spec.name!r} prompt {name!r} gave non-finite label scores for this input; its values "
+                "(or calibration) are out of the model's range")
         probs_m.append({lab: float(v) for lab, v in zip(labs, p.tolist())})
         preds.append(labs[int(s.argmax())])
     if not spec.ensemble:
@@ -209,7 +213,11 @@ class Runner:
                     order.append(it)
                 per_item[id(it)].append(s.float().cpu())
             for it in order:
-                self.finish(it, self.vote_classify(it, per_item[id(it)]))
+                try:
+                    answer = self.vote_classify(it, per_item[id(it)])
+                except NonFiniteResultError as e:  # this example alone fails; its batch-mates are answered
+                    answer = e
+                self.finish(it, answer)
         if gen_rows:  # decoded by run, together with the other passes' generation rows
             sub = ctx if len(gen_rows) == len(row_owner) else ctx.select(torch.tensor(gen_rows, device=ctx.mask.device))
             self._gen_parts.append((sub, [row_owner[r] for r in gen_rows]))

@@ -41,7 +41,11 @@ def fail(it: Item, exc: BaseException, metrics: Metrics) -> None:
 
 
 def finish(it: Item, result: Any, metrics: Metrics) -> None:
-    """Answer ``it`` with ``result``, unless its client went away (then: a cancellation)."""
+    """Answer ``it`` with ``result``, unless its client went away (then: a cancellation); an
+    exception as ``result`` fails ``it`` alone (its batch-mates keep their answers)."""
+    if isinstance(result, BaseException):
+        fail(it, result, metrics)
+        return
     if it.future.done():
         return
     if it.abandoned:  # nobody is waiting: not an answer ("ok"), a cancellation

@@ -72,6 +72,12 @@ class ShuttingDownError(ServeError):
     status, code = 503, "shutting_down"
 
 
+class NonFiniteResultError(ServeError):
+    """The model's numbers came out NaN or infinite: refused rather than sent as null or NaN."""
+
+    status, code = 422, "non_finite_result"
+
+
 class PromptRejectedError(ServeError):
     status, code = 422, "prompt_rejected"
 

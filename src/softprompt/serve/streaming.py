@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from .engine import Engine, GenerateResult, ServeError
 from .guard import err_type
+from .jsonsafe import dumps_finite
 
 
 def stream_safe_text(text: str, stops: tuple[str, ...]) -> str:
@@ -26,7 +26,8 @@ def stream_safe_text(text: str, stops: tuple[str, ...]) -> str:
 
 
 def sse(obj) -> bytes:
-    return f"data: {json.dumps(obj) if not isinstance(obj, str) else obj}\n\n".encode()
+    """One server-sent event; an object holding NaN or infinity becomes an error event (never ``NaN``)."""
+    return f"data: {dumps_finite(obj) if not isinstance(obj, str) else obj}\n\n".encode()
 
 
 class ClientGone(Exception):

@@ -3,19 +3,25 @@ registered, and each request's input fields and token counts when it is submitte
 
 The checks read their limits from ``owner``: the :class:`~softprompt.serve.engine.Engine` or
 the vLLM backend, anything with ``identity``, ``tokenizer``, ``tokenizer_lock``,
-``max_positions`` and the ``max_*`` limits of :class:`~softprompt.serve.config.EngineConfig`.
+``max_positions``, ``input_embeddings`` and the ``max_*`` limits of
+:class:`~softprompt.serve.config.EngineConfig`.  Prompt values are checked against the
+model's own scale (``values.py``), not only for finiteness: 3e38 is finite but overflows.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from ..core.bank import check_soft_fit
+from ..core.calibration import Calibration
+from ..core.prompt_meta import MAX_LABEL_CHARS
 from ..core.prompts import PromptMismatchError, SoftPrompt
 from ..core.templates import Template, TemplateError, encode_text
 from .spec import VOTES, InputTooLongError, InvalidInputError, ModelMismatchError, PromptRejectedError, TaskSpec
+from .values import check_values
 
 
 def check_prompts(owner: Any, name: str, prompts: list[SoftPrompt], member_names: list[str], vote: str) -> dict:
@@ -46,14 +52,26 @@ def check_prompts(owner: Any, name: str, prompts: list[SoftPrompt], member_names
             raise PromptRejectedError(
                 f"{what}: {len(p.verbalizer)} labels; the limit is {owner.max_labels} (max_labels)",
                 code="too_many_labels")
+        long_label = next((lab for lab in p.verbalizer or {} if not isinstance(lab, str) or len(lab) > MAX_LABEL_CHARS), None)
+        if long_label is not None:  # every answer repeats each label name (the artifact schema refuses it too)
+            raise PromptRejectedError(
+                f"{what}: a label name is not a string of at most {MAX_LABEL_CHARS} characters "
+                f"({len(str(long_label))} characters)", code="label_too_long")
         try:
             t = Template(p.template)
         except TemplateError as e:
             raise PromptRejectedError(f"{what}: bad template: {e}") from None
         emb = p.embeddings
         check_soft_fit(what, t, emb, owner.identity.hidden_size, PromptRejectedError)
-        if not bool(torch.isfinite(emb).all()):
-            raise PromptRejectedError(f"{what}: embeddings contain NaN or infinite values")
+        check_values(owner, what, p)
+        if p.calibration is not None and p.calibration.active:
+            try:  # validated again: the object may have been changed since it was built
+                Calibration(p.calibration.method, p.calibration.log_prior)
+            except ValueError as e:
+                raise PromptRejectedError(f"{what}: bad calibration ({e})", code="values_out_of_range") from None
+            if len(p.calibration.log_prior or ()) != len(p.labels):
+                raise PromptRejectedError(f"{what}: calibration has {len(p.calibration.log_prior or ())} "
+                                          f"log-priors for {len(p.labels)} labels")
         if not t.fields:
             raise PromptRejectedError(f"{what}: template {t.text!r} has no input field such as {{text}}")
         if fields is None:
@@ -62,6 +80,7 @@ def check_prompts(owner: Any, name: str, prompts: list[SoftPrompt], member_names
             raise PromptRejectedError(f"{what}: input fields {list(t.fields)} differ from the other members' {list(fields)}")
         with owner.tokenizer_lock:
             plen = len(t.prefix_ids(owner.tokenizer))
+            fixed = len(t.suffix_ids(owner.tokenizer, {f: "" for f in t.fields}))  # the template's share of an input
             if kind == "classification":
                 if not p.verbalizer:
                     raise PromptRejectedError(f"{what}: a classification prompt needs a verbalizer")
@@ -86,6 +105,11 @@ def check_prompts(owner: Any, name: str, prompts: list[SoftPrompt], member_names
         if plen >= owner.max_positions:
             raise PromptRejectedError(
                 f"{what}: its prefix ({plen} tokens) does not fit the model's {owner.max_positions} positions")
+        if fixed >= owner.max_input_tokens or plen + fixed >= owner.max_positions:
+            raise PromptRejectedError(  # else every request would be refused as too long
+                f"{what}: with an empty input its template already takes {fixed} input tokens ({plen + fixed} "
+                f"positions with its prefix), leaving no room for an input: the limits are {owner.max_input_tokens} "
+                f"tokens (max_input_tokens) and the model's {owner.max_positions} positions", code="template_too_long")
         templates.append(t)
         prefix_lens.append(plen)
         member_labels.append(tuple(p.labels))
@@ -137,3 +161,34 @@ def suffixes(owner: Any, spec: TaskSpec, fields: dict[str, str], extra_tokens: i
         raise InputTooLongError(
             f"prompt + input + new tokens = {total} positions; the model has {owner.max_positions}")
     return suffixes
+
+
+#: bytes of one JSON number with its separators ("name": -1.2345678901234567e-05, )
+_NUMBER_BYTES = 32
+
+
+def response_bytes(spec: TaskSpec, n_inputs: int) -> int:
+    """An upper estimate of the JSON answer to ``n_inputs`` classify inputs (``/v1/classify`` or
+    ``/v1/completions``): every per-label map repeats every label name, so the answer grows
+    as inputs x labels x name length (x members for an ensemble's per-member maps)."""
+    names = [len(json.dumps(lab)) for lab in spec.labels]
+    per_map = sum(names) + _NUMBER_BYTES * len(names)
+    longest = max(names, default=2)
+    if spec.ensemble:  # probabilities and votes, then each member's name, label and probabilities
+        per_input = 2 * per_map + sum(len(json.dumps(m)) + longest + 64 + per_map for m in spec.member_names)
+    else:  # probabilities, scores (or the completion's top_logprobs), and the label up to three times
+        per_input = 3 * per_map + 3 * longest
+    return n_inputs * (per_input + 256)
+
+
+def check_response_size(owner: Any, spec: TaskSpec, n_inputs: int) -> None:
+    """Refuse a classify request whose answer would exceed ``owner.max_response_bytes``, before any work."""
+    if spec.kind != "classification":
+        return
+    size, limit = response_bytes(spec, n_inputs), owner.max_response_bytes
+    if size > limit:
+        raise InvalidInputError(
+            f"the answer to {n_inputs} inputs of task {spec.name!r} ({len(spec.labels)} labels"
+            + (f", {len(spec.members)} members" if spec.ensemble else "")
+            + f") would be about {size} bytes; the limit is {limit} (max_response_bytes): send fewer inputs",
+            code="response_too_large")

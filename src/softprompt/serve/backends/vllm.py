@@ -49,6 +49,7 @@ from ..engine import (
     Engine, InvalidInputError, OverloadedError, PromptRejectedError, ServeError, ShuttingDownError, TaskSpec,
     WrongKindError, Item as _Item,
 )
+from ..config import EngineConfig
 from ..metrics import Gauge, Metrics
 from .vllm_transport import ClientGoneError, InProcessTransport, RemoteTransport, VllmUnavailableError
 
@@ -170,31 +171,20 @@ class VllmBackend(Engine):
         front: FrontModel,
         transport,
         *,
-        max_queue: int = 1024,
-        max_input_tokens: int = 512,
-        max_input_chars: int = 20_000,
-        max_new_tokens_limit: int = 256,
-        max_labels: int = 100,
-        max_label_tokens: int = 16,
-        max_template_tokens: int = 1024, max_tasks: int = 256,  # tasks at once (it has no key/value cache)
         base_name: str | None = None,
         metrics: Metrics | None = None,
         start_timeout_s: float = 600.0,
+        **limits,
     ):  # noqa: D107 - Engine.__init__ is not called: there is no model or bank here
-        if max_queue < 1 or min(max_labels, max_label_tokens, max_template_tokens) < 1:
-            raise ValueError("max_queue, max_labels, max_label_tokens and max_template_tokens must be >= 1")
+        # the request and prompt limits (EngineConfig.limits()): declared and checked in config.py only
+        for k, v in EngineConfig().replace(**limits).limits().items():
+            setattr(self, k, v)
         self.front = front
         self.transport = transport
         self.tokenizer = front.tokenizer
         self.identity = front.identity
         self.base_name = base_name or front.identity.name
-        self.max_queue = int(max_queue)
-        self.max_input_tokens = int(max_input_tokens)
-        self.max_input_chars = int(max_input_chars)
-        self.max_new_tokens_limit = int(max_new_tokens_limit)
-        self.max_labels, self.max_label_tokens = int(max_labels), int(max_label_tokens)
-        self.max_template_tokens, self.max_tasks = int(max_template_tokens), int(max_tasks)
-        self.max_positions = front.max_positions
+        self.max_positions, self.input_embeddings = front.max_positions, front.embeddings  # values checked vs these
         self.start_timeout_s = float(start_timeout_s)
         self.tokenizer_lock = threading.RLock()
         self._specs: dict[str, TaskSpec] = {}
