@@ -250,3 +250,21 @@ def test_cli_shows_and_checks_the_http_limits(tmp_path):
     (tmp_path / "p").mkdir()
     r = CliRunner().invoke(cli, ["serve", "--prompts", str(tmp_path / "p"), "--body-timeout", "0"])
     assert r.exit_code == 2 and "timeouts must be > 0" in r.output and "Traceback" not in r.output, r.output
+
+
+def test_serve_passes_the_connection_limits_to_uvicorn(lm, tmp_path, monkeypatch):
+    import uvicorn
+
+    import softprompt.families.loading
+    from softprompt.serve import serve
+    from softprompt.serve.connection import HeadTimeoutProtocol
+
+    seen = {}
+    monkeypatch.setattr(softprompt.families.loading, "load_model", lambda name, device=None: lm)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw))
+    (tmp_path / "p").mkdir()
+    serve("tiny", tmp_path / "p", header_timeout=3.5, max_connections=7)
+    assert issubclass(seen["http"], HeadTimeoutProtocol) and seen["http"].header_timeout == 3.5
+    assert seen["limit_concurrency"] == 7
+    with pytest.raises(ValueError, match="max_connections"):
+        serve("tiny", tmp_path / "p", max_connections=0)
