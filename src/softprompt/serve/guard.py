@@ -91,15 +91,16 @@ async def read_body(receive, limit: int, timeout: float, min_rate: float) -> byt
     t0 = loop.time()
     body = bytearray()
     while True:
-        # the body must be complete by t0 + max(timeout, bytes so far / rate) to keep the rate
+        # past t0 + max(timeout, bytes so far / rate) the average is below the rate
         due = t0 + (max(timeout, len(body) / min_rate) if min_rate > 0 else float("inf"))
         wait = min(timeout, due - loop.time())
+        slow = f"the request body arrived slower than {min_rate:g} bytes/s"
         if wait <= 0:
-            raise SlowBody(f"the request body arrived slower than {min_rate:g} bytes/s")
+            raise SlowBody(slow)
         try:
             msg = await asyncio.wait_for(receive(), wait)
         except asyncio.TimeoutError:
-            raise SlowBody(f"no part of the request body arrived for {wait:.3g} s") from None
+            raise SlowBody(slow if wait < timeout else f"no part of the request body came for {timeout:g} s") from None
         if msg["type"] == "http.disconnect":
             raise ClientLeft()
         body += msg.get("body", b"")
