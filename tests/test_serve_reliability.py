@@ -8,6 +8,7 @@ generation task, an ensemble folder and an ensemble manifest), and checks:
   one-by-one answer of an in-process engine that runs each example alone;
 * 500+ fuzzed requests (hypothesis) with no 5xx;
 * an overload burst answered with 503 (or 429) + Retry-After, resident memory bounded;
+* clients that trickle their request heads or bodies hold no request slot and are cut off;
 * kill -9 during an upload and during a delete, then a restart: the folder is consistent
   (every task loads, the interrupted operation either happened wholly or not at all) with
   no leftovers.
@@ -405,6 +406,81 @@ def test_clients_that_give_up_free_the_server(world):
     assert metric(srv, "softprompt_requests_total", kind="generate", status="ok", task="qa") == before["ok"]
     print(f"8 clients gave up on {lengths[-1][0]}-{lengths[0][0]}-token generations; the next request was answered "
           f"{waited:.2f}s after they came (uncancelled: >= {uncancelled:.2f}s)")
+
+
+# ----------------------------------------------------------------------------- slow clients
+def _drip(socks: dict, seconds: float, every: float) -> dict:
+    """Send each socket's bytes one at a time, every ``every`` s, until the server closes it
+    or ``seconds`` pass; returns {name: (seconds until closed or None, what the server said)}."""
+    t0, out = time.monotonic(), {n: [None, b"", 0] for n in socks}
+    for s, _ in socks.values():
+        s.setblocking(False)
+    while time.monotonic() - t0 < seconds and any(o[0] is None for o in out.values()):
+        for name, (s, data) in socks.items():
+            o = out[name]
+            if o[0] is not None:
+                continue
+            try:
+                if o[2] < len(data):
+                    s.send(data[o[2]:o[2] + 1])
+                    o[2] += 1
+                while chunk := s.recv(4096):
+                    o[1] += chunk
+                o[0] = time.monotonic() - t0  # recv returned b"": closed by the server
+            except BlockingIOError:
+                pass
+            except OSError:  # reset or broken pipe: closed by the server
+                o[0] = time.monotonic() - t0
+        time.sleep(every)
+    return {n: (o[0], o[1]) for n, o in out.items()}
+
+
+def test_slow_clients_do_not_stop_normal_ones(world, tmp_path):
+    """Two request slots; six trickling bodies, four trickling heads and two silent connections
+    hold none of them, and the server closes each after its 1 s deadline."""
+    prompts = tmp_path / "prompts"  # a second server needs its own folder (the first one holds a lock)
+    prompts.mkdir()
+    (prompts / "sent.safetensors").write_bytes((world["prompts"] / "sent.safetensors").read_bytes())
+    srv = Server({**world, "prompts": prompts}, max_concurrent_requests=2, header_timeout=1, body_timeout=1,
+                 min_body_rate=1024, max_connections=100)
+    try:
+        body = json.dumps({"task": "sent", "inputs": ["fine"]})
+        head = (b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100000\r\n\r\n")
+        socks = {}
+        for i in range(6):
+            s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+            s.sendall(head)
+            socks[f"body{i}"] = (s, b"x" * 1000)
+        for i in range(4):
+            socks[f"head{i}"] = (socket.create_connection(("127.0.0.1", srv.port), timeout=10), head)
+        for i in range(2):
+            socks[f"silent{i}"] = (socket.create_connection(("127.0.0.1", srv.port), timeout=10), b"")
+        with ThreadPoolExecutor(1) as ex:
+            dripped = ex.submit(_drip, socks, 6.0, 0.1)
+            latencies = []
+            with httpx.Client(base_url=srv.url, timeout=10) as c:
+                for _ in range(20):  # normal clients, while the slow ones hold their connections
+                    t0 = time.monotonic()
+                    r = c.post("/v1/classify", content=body, headers={"Content-Type": "application/json"})
+                    latencies.append(time.monotonic() - t0)
+                    assert r.status_code == 200, r.text
+                    time.sleep(0.05)
+            closed = dripped.result(30)
+        for s, _ in socks.values():
+            s.close()
+        assert max(latencies) < 1.0, latencies
+        for name, (took, said) in closed.items():
+            assert took is not None and 0.8 < took < 3.0, (name, took, said[:200])
+            if name.startswith(("body", "head")):
+                assert said.startswith(b"HTTP/1.1 408"), (name, said[:200])
+            else:
+                assert said == b"", (name, said[:200])
+        assert metric(srv, "softprompt_rejected_total", reason="slow_body") == 6
+        print(f"slow clients closed after {sorted(round(t, 2) for t, _ in closed.values())} s; "
+              f"normal requests took at most {max(latencies) * 1000:.0f} ms")
+    finally:
+        srv.stop()
 
 
 # ----------------------------------------------------------------------------- kill -9

@@ -29,6 +29,10 @@ def serve_cmd(
     max_upload_bytes: int = typer.Option(8 << 20, help="Largest prompt upload (PUT /v1/tasks/NAME); beyond: 413."),
     max_concurrent_uploads: int = typer.Option(2, help="Uploads received at once; beyond: 429 + Retry-After."),
     max_concurrent_requests: int = typer.Option(256, help="Requests with a body in flight at once; beyond: 503 + Retry-After."),
+    header_timeout: float = typer.Option(10.0, help="Seconds a request head may take (from the connection's start or the previous answer); beyond: the connection is closed (with a 408 when part of a head came)."),
+    body_timeout: float = typer.Option(10.0, help="Seconds a request body may go without a byte; beyond: 408 + Connection: close."),
+    min_body_rate: float = typer.Option(1024.0, help="Bytes/s a body must average once it has taken --body-timeout seconds (0: no minimum); beyond: 408."),
+    max_connections: int = typer.Option(1000, help="Connections served at once; requests on more get 503 (memory stays below connections x --max-body-bytes)."),
     max_batch_tokens: int = typer.Option(8192, help="Tokens per forward pass (rows x (prompt + input [+ new tokens])); bounds scoring memory."),
     max_labels: int = typer.Option(100, help="Most labels a classification prompt may have; more is refused (422) at upload and load."),
     max_label_tokens: int = typer.Option(16, help="Most tokens per label word; longer words are refused at upload and load."),
@@ -63,6 +67,11 @@ def serve_cmd(
         _fail(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if vllm_url and backend != "vllm":
         _fail("--vllm-url needs --backend vllm")
+    from ..serve.connection import http_limits_problem
+
+    why = http_limits_problem(header_timeout, body_timeout, min_body_rate, max_connections)
+    if why is not None:
+        _fail(why)
     if protect_reads and not (token or os.environ.get(TOKEN_ENV_VAR)):
         _fail(f"--protect-reads needs a token: give --token or set ${TOKEN_ENV_VAR}")
     try:
@@ -80,7 +89,8 @@ def serve_cmd(
               protect_reads=protect_reads, device=_device(), max_inputs=max_inputs,
               max_body_bytes=max_body_bytes, max_upload_bytes=max_upload_bytes,
               max_concurrent_uploads=max_concurrent_uploads, max_concurrent_requests=max_concurrent_requests,
-              backend=backend, vllm_urls=tuple(vllm_url or ()),
+              header_timeout=header_timeout, body_timeout=body_timeout, min_body_rate=min_body_rate,
+              max_connections=max_connections, backend=backend, vllm_urls=tuple(vllm_url or ()),
               vllm_max_model_len=vllm_max_model_len, vllm_eager=vllm_eager,
               vllm_tensor_parallel_size=vllm_tensor_parallel_size)
     except FolderLockedError as e:

@@ -43,6 +43,10 @@ def serve(
     max_body_bytes: int = 1 << 20,
     max_concurrent_uploads: int = 2,
     max_concurrent_requests: int = 256,
+    header_timeout: float = 10.0,
+    body_timeout: float = 10.0,
+    min_body_rate: float = 1024.0,
+    max_connections: int = 1000,
     device: str | None = None,
     log_level: str = "info",
     backend: str = "engine",
@@ -58,7 +62,10 @@ def serve(
     endpoints (except ``/healthz``) behind it too.  ``backend="vllm"`` sends the model work
     to vLLM (``backends/vllm.py``): to the servers at ``vllm_urls``, or to vLLM's engine in
     this process when there are none.  ``config``: the engine's batching and limits (the vLLM
-    backend takes its limits).  Blocks until the server stops."""
+    backend takes its limits).  HTTP-layer limits against slow clients: a request head must
+    arrive within ``header_timeout`` s, a body within ``body_timeout`` s a piece and then at
+    ``min_body_rate`` bytes/s; at most ``max_connections`` connections are served (beyond:
+    503).  Blocks until the server stops."""
     try:
         import uvicorn
     except ImportError as e:  # pragma: no cover
@@ -70,6 +77,12 @@ def serve(
         raise ValueError(f"protect_reads needs a token (--token or ${TOKEN_ENV_VAR})")
     if backend not in ("engine", "vllm"):
         raise ValueError(f"backend must be 'engine' or 'vllm', got {backend!r}")
+    from .connection import http_limits_problem, http_protocol
+
+    why = http_limits_problem(header_timeout, body_timeout, min_body_rate, max_connections)
+    if why is not None:  # before the model loads
+        raise ValueError(why)
+    protocol = http_protocol(header_timeout)
     config = config or EngineConfig()
     root = Path(prompts).expanduser()
     lock = FolderLock(root).acquire()  # before the model loads: a second server fails fast
@@ -96,8 +109,9 @@ def serve(
               + (f"; {len(report['errors'])} rejected" if report["errors"] else ""), flush=True)
         app = create_app(engine, registry=registry, token=token, protect_reads=protect_reads,
                          max_inputs=max_inputs, max_upload_bytes=max_upload_bytes, max_body_bytes=max_body_bytes,
-                         max_concurrent_uploads=max_concurrent_uploads, max_concurrent_requests=max_concurrent_requests)
-        uvicorn.run(app, host=host, port=port, log_level=log_level)
+                         max_concurrent_uploads=max_concurrent_uploads, max_concurrent_requests=max_concurrent_requests,
+                         body_timeout=body_timeout, min_body_rate=min_body_rate)
+        uvicorn.run(app, host=host, port=port, log_level=log_level, http=protocol, limit_concurrency=max_connections)
     finally:
         lock.release()
 

@@ -44,7 +44,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import ClassifyResult, Engine, GenerateResult, InvalidInputError, ServeError, UnknownTaskError
-from .guard import AdminDisabledError, AuthError, Guard, error_response, token_problem
+from .guard import (
+    DEFAULT_BODY_TIMEOUT, DEFAULT_MIN_BODY_RATE, AdminDisabledError, AuthError, Guard, error_response, token_problem,
+)
 from .jsonsafe import FiniteJSONResponse
 from .registry import DEFAULT_MAX_UPLOAD_BYTES, Registry, validate_task_name
 from .schemas import (
@@ -370,11 +372,15 @@ def create_app(
     max_upload_bytes: int | None = None,
     max_concurrent_uploads: int = 2,
     max_concurrent_requests: int = 256,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
+    min_body_rate: float = DEFAULT_MIN_BODY_RATE,
     manage_engine: bool = True,
 ) -> FastAPI:
     """Build the FastAPI app.  ``manage_engine``: start the engine with the app and stop it
     (draining the queue) at shutdown.  ``max_concurrent_uploads`` / ``max_concurrent_requests``
-    bound the bodies being received at once (beyond: 429 / 503 with Retry-After)."""
+    bound the uploads being received and the requests in flight (beyond: 429 / 503 with
+    Retry-After); a body must arrive within ``body_timeout`` s a piece and, past that, at
+    ``min_body_rate`` bytes/s on average (else 408)."""
     max_upload = int(max_upload_bytes or (registry.max_upload_bytes if registry else DEFAULT_MAX_UPLOAD_BYTES))
     if registry is not None:
         registry.max_upload_bytes = max_upload
@@ -399,6 +405,7 @@ def create_app(
         default_response_class=FiniteJSONResponse,  # never NaN in a body, never a 500 for it
     )
     app.state.engine = engine
+    engine.metrics.served = engine.tasks  # a task label is a task being served, else "other"
     app.state.registry = registry
     app.state.server = ServerState(engine, registry, token, protect_reads, int(max_inputs))
     for exc, handler in ((ServeError, on_serve_error), (ClientGone, on_client_gone),
@@ -408,5 +415,6 @@ def create_app(
     _add_routes(app, max_upload)
     app.add_middleware(Guard, metrics=engine.metrics, max_body=int(max_body_bytes), max_upload=max_upload, token=token,
                        protect_reads=protect_reads, max_uploads=int(max_concurrent_uploads),
-                       max_requests=int(max_concurrent_requests))
+                       max_requests=int(max_concurrent_requests), body_timeout=float(body_timeout),
+                       min_body_rate=float(min_body_rate))
     return app

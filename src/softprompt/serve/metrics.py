@@ -8,7 +8,7 @@ order, and read values back for tests and benchmarks (``value``, ``count``, ``su
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import prometheus_client as prom
 
@@ -23,12 +23,18 @@ class Counter:
         self.name, self.help, self.labelnames = name, help, tuple(sorted(labelnames))
         self._registry: prom.CollectorRegistry | None = None
         self._metric = None
+        # label -> a function onto a closed set of values (every value makes a series: a
+        # label a client can choose must never pass through unchecked)
+        self.domains: dict[str, Callable[[str], str]] = {}
 
     def register(self, registry: prom.CollectorRegistry) -> None:
         self._registry = registry
         self._metric = prom.Counter(self.name.removesuffix("_total"), self.help, self.labelnames, registry=registry)
 
     def inc(self, amount: float = 1.0, **labels: str) -> None:
+        for k, close in self.domains.items():
+            if k in labels:
+                labels[k] = close(labels[k])
         (self._metric.labels(**labels) if self.labelnames else self._metric).inc(amount)
 
     def value(self, **labels: str) -> float:
@@ -81,9 +87,12 @@ class Metrics:
 
     def __init__(self):
         self.registry = prom.CollectorRegistry(auto_describe=True)
+        # the names of the tasks being served (set by the app): any other task is counted as "other"
+        self.served: Callable[[], Collection[str]] | None = None
         self.requests = self.add(Counter(
             "softprompt_requests_total", "Answered examples per task, kind and outcome (engine level).",
             ("task", "kind", "status")))
+        self.requests.domains["task"] = self.task_label
         self.http_requests = self.add(Counter(
             "softprompt_http_requests_total", "HTTP requests per route and status code.", ("route", "method", "status")))
         self.rejected = self.add(Counter(
@@ -102,6 +111,10 @@ class Metrics:
         self.http_latency = self.add(Histogram(
             "softprompt_http_request_latency_seconds", "HTTP request latency per route (seconds).",
             labelnames=("route",)))
+
+    def task_label(self, task: str) -> str:
+        served = self.served
+        return task if served is None or task in served() else "other"
 
     def add(self, metric):
         metric.register(self.registry)

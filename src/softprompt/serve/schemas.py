@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 SCHEMA_MAX_CHARS = 100_000  # hard ceiling in the schema; the engine enforces its (smaller) configured limit
 
@@ -12,6 +12,8 @@ SCHEMA_MAX_CHARS = 100_000  # hard ceiling in the schema; the engine enforces it
 Text = Annotated[StrictStr, Field(min_length=1, max_length=SCHEMA_MAX_CHARS)]
 Fields = Annotated[dict[Annotated[StrictStr, Field(max_length=64)], Text], Field(min_length=1, max_length=16)]
 InputValue = Union[Text, Fields]
+# JSON's NaN / Infinity (which Python's json module accepts) are no numbers a request may carry
+FiniteNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 TaskName = Annotated[StrictStr, Field(min_length=1, max_length=64, description="a task name, see GET /v1/tasks")]
 
 
@@ -76,8 +78,8 @@ class CompletionRequest(BaseModel):
     model: Annotated[StrictStr, Field(min_length=1, max_length=200, description='"<base>:<task>", see GET /v1/models')]
     prompt: Union[Text, Annotated[list[Text], Field(min_length=1)]]
     max_tokens: StrictInt | None = Field(16, ge=1)
-    temperature: StrictFloat | StrictInt | None = None
-    top_p: StrictFloat | StrictInt | None = None
+    temperature: FiniteNumber | None = None
+    top_p: FiniteNumber | None = None
     n: StrictInt = Field(1, ge=1, le=1, description="only 1 is supported (decoding is greedy)")
     stream: StrictBool = False
     stop: Union[Annotated[StrictStr, Field(min_length=1, max_length=64)],

@@ -33,9 +33,10 @@ def random_prompt(
 
 class ServerThread:
     """``with ServerThread(app) as srv: httpx.get(srv.url + "/healthz")`` -- uvicorn on a
-    free port of 127.0.0.1, stopped (gracefully) on exit."""
+    free port of 127.0.0.1, stopped (gracefully) on exit; ``config``: more ``uvicorn.Config``
+    keywords (e.g. ``http=`` for the protocol class)."""
 
-    def __init__(self, app, *, log_level: str = "warning", timeout: float = 30.0):
+    def __init__(self, app, *, log_level: str = "warning", timeout: float = 30.0, **config):
         import uvicorn
 
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -44,7 +45,7 @@ class ServerThread:
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on", backlog=2048,
-                                                    timeout_keep_alive=30))
+                                                    **{"timeout_keep_alive": 30, **config}))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.timeout = timeout
 
