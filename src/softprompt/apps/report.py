@@ -230,7 +230,7 @@ def _blocks(results: dict[str, Any], plots: list[tuple[str, str]]) -> list[tuple
                        "them in one batch (per query), with each prompt's prefix key/values cached as when serving. "
                        if cfg.get("latency_examples") else "*Latency*: not measured in this run. ")
                     + "*Training time*: wall time of the training loop per prompt (an ensemble: all members; with "
-                    "restarts: every candidate run). "
+                    "a learning-rate search or restarts: every candidate run). "
                     + ("*(≤ majority)*: test accuracy at or below always answering the majority class. "
                        "*Validation*: the score each prompt is chosen on (mean over the row's runs); *calibration*: "
                        "the one each run kept on validation (see Calibration)." if len(head) > len(TABLE_HEAD) else ""))))
