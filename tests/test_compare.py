@@ -204,6 +204,7 @@ def test_cli_compare_runs_on_user_files(tmp_path):
     chosen = next(c for c in search if c["chosen"])
     assert (train["lr"], train["seed"]) == (chosen["lr"], chosen["seed"]) and chosen["steps"] == train["steps"]
     assert sum(c["steps"] for c in search) <= 2.75 * 4  # the better half goes on, not every candidate
+    assert res["decision"]["soft"]["cost"]["search_runs"] == 6  # the decision's cost counts every candidate
     row = next(r for r in res["rows"] if r["runs"] == ["soft/main/len20/text/n12/seed0"] and r["section"] == "main")
     assert "lr chosen on validation" in row["name"] and "lr chosen on validation" in r.output
     md = (out / "report.md").read_text()

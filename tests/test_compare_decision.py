@@ -231,6 +231,11 @@ def test_default_soft_runs_follow_the_training_recipe(tmp_path):
         assert (run.spec["max_steps"], run.spec["patience"]) == (DEFAULT_RECIPE.max_steps, DEFAULT_RECIPE.patience)
     assert search_runs(DEFAULT_RECIPE.max_steps) == 2.75 and main.cost > 2.5 * sweep.cost
     assert rows[0].name.endswith("lr chosen on validation)")
+    # --restarts is a seed choice of its own: it replaces the search (the recipe's rate)
+    best_of, _ = C.Comparison(C.CompareConfig(methods=("soft",), seeds=(0,), restarts=2), data, model, tok, tmp_path,
+                              progress=False).plan()
+    assert [(rid, r.spec["lr"]) for rid, r in best_of.items()] == [
+        ("soft/main/len20/text/n16/seed0/best-of-2", recipe_lr(comp))]
     # no validation data: the main runs train at the recipe's rate, unsearched; --epochs fixes the schedule
     data = TaskData(TASK, {"train": mk(16), "test": mk(6, 1)})
     fixed = C.CompareConfig(methods=("soft",), seeds=(0,), valid_limit=0, epochs=3, min_steps=10)
