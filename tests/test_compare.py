@@ -41,12 +41,12 @@ def toy_data(seed=0, n_train=16, n_test=12, name="toy"):
 def tiny_config(**kw):
     base = {"train_limit": None, "valid_limit": 4, "test_limit": None, "shots": 2, "fewshot_seeds": (0,),
             "fewshot_orders": 2, "cot_max_new_tokens": 3, "prompt_length": 2, "seeds": (0, 1), "lengths": (1, 2),
-            "inits": ("vocab", "labels"), "positions": ("prefix", "between", "answer"), "epochs": 1, "min_steps": 2,
+            "inits": ("vocab", "labels"), "positions": ("prefix", "between", "answer"), "max_steps": 4,
             "lr": 0.1, "batch_size": 8, "warmup_steps": 1, "train_sizes": (4, 0), "latency_examples": 2,
             "eval_batch_size": 16, "eval_task": "toy2",
-            # the tests below predate the lr grid and the start from the chosen hard prompt (issue 14):
-            # one lr and label init keep their plans small; test_compare_decision covers both
-            "lrs": (0.1,), "init": "labels"}
+            # the tests below predate the start from the chosen hard prompt (issue 14): label init keeps
+            # their plans small; test_compare_decision covers it
+            "init": "labels"}
     base.update(kw)
     return C.CompareConfig(**base)
 
@@ -188,15 +188,27 @@ def test_cli_compare_runs_on_user_files(tmp_path):
     args = ["compare", "--model", str(folder), "--train-file", str(tmp_path / "train.csv"),
             "--test-file", str(tmp_path / "test.csv"), "--template", "{soft:2} review : {text} label :",
             "--verbalizer", "neg=no", "--verbalizer", "pos=yes", "--methods", "zero_shot,soft", "--seeds", "0",
-            "--epochs", "1", "--min-steps", "1", "--latency-examples", "1", "--no-progress", "--out", str(out),
+            "--max-steps", "4", "--latency-examples", "1", "--no-progress", "--out", str(out),
             "--publish", str(tmp_path / "docs")]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     res = load_results(out)
-    # issue 14: a quarter of the 16 training examples is held out for validation, the main method trains at
-    # each lr of the grid, from the hard prompt's instruction (built from the label words: no --instruction)
-    assert sorted(res["runs"]) == ["soft/main/len20/text/n12/seed0", "soft/main/len20/text/n12/seed0/lr0.03",
-                                   "soft/main/len20/text/n12/seed0/lr0.1", "zero_shot"]
+    # issue 14: a quarter of the 16 training examples is held out for validation, the main method starts from the
+    # hard prompt's instruction (built from the label words: no --instruction); issue 22: one run per seed, its
+    # learning rate chosen on validation by successive halving over 3 rates x 2 seeds
+    assert sorted(res["runs"]) == ["soft/main/len20/text/n12/seed0", "zero_shot"]
+    soft = res["runs"]["soft/main/len20/text/n12/seed0"]
+    search, train = soft["train"]["lr_search"], soft["train"]
+    assert soft["spec"]["lr"] == "auto" and train["lr_auto"] and len(search) == 6
+    assert len({(c["lr"], c["seed"]) for c in search}) == 6 and sum(c["chosen"] for c in search) == 1
+    chosen = next(c for c in search if c["chosen"])
+    assert (train["lr"], train["seed"]) == (chosen["lr"], chosen["seed"]) and chosen["steps"] == train["steps"]
+    assert sum(c["steps"] for c in search) <= 2.75 * 4  # the better half goes on, not every candidate
+    assert res["decision"]["soft"]["cost"]["search_runs"] == 6  # the decision's cost counts every candidate
+    row = next(r for r in res["rows"] if r["runs"] == ["soft/main/len20/text/n12/seed0"] and r["section"] == "main")
+    assert "lr chosen on validation" in row["name"] and "lr chosen on validation" in r.output
+    md = (out / "report.md").read_text()
+    assert "## Learning rates" in md and md.count("| soft/main/len20/text/n12/seed0 |") >= 6
     instruction = "Classify the text. Answer no or yes."
     assert res["runs"]["zero_shot"]["template"] == instruction + "\nreview : {text} label :"
     assert res["data"]["valid"] == 4 and res["data"]["valid_source"] == "held out from the training pool"
@@ -205,6 +217,17 @@ def test_cli_compare_runs_on_user_files(tmp_path):
     assert res["task"]["name"] == tmp_path.name  # train.csv + test.csv: named after their folder, not "train"
     assert res["decision"]["deploy"] in ("hard", "soft") and res["decision"]["recommendation"]
     assert (tmp_path / "docs" / "report.md").exists() and "zero-shot instruction" in r.output
+    # --lrs: the explicit grid of absolute rates (one row and one run per rate and seed, no search)
+    r = CliRunner().invoke(app, args[:-4] + ["--lrs", "0.05,0.1", "--out", str(tmp_path / "grid")])
+    assert r.exit_code == 0, r.output
+    grid = load_results(tmp_path / "grid")
+    ids = sorted(rid for rid in grid["runs"] if rid.startswith("soft/"))
+    assert ids == ["soft/main/len20/text/n12/seed0/lr0.05", "soft/main/len20/text/n12/seed0/lr0.1"]
+    assert [grid["runs"][i]["train"]["lr"] for i in ids] == [0.05, 0.1]
+    assert not any(grid["runs"][i]["train"].get("lr_search") or grid["runs"][i]["train"]["lr_auto"] for i in ids)
+    names = [r["name"] for r in grid["rows"] if r["section"] == "main" and r["runs"][0] in ids]
+    assert len(names) == 2 and names[0].endswith(", lr 0.05") and names[1].endswith(", lr 0.1")
+    assert "lr chosen on validation" not in r.output
 
 
 QA = Task(name="qa", kind="generation", template="{soft:2} context : {context} question : {question} answer :",
@@ -285,10 +308,12 @@ def test_cli_compare_generation_on_user_files(tmp_path):
     assert f"Command: `{res['command']}`" in (out / "report.md").read_text()
 
 
-# the spec keys of a prompt-tuning run as planned before P-tuning / prefix tuning joined
-# compare: they (and the run ids) must not change, or old results.json files stop resuming
+# the spec keys of a prompt-tuning run: P-tuning / prefix tuning add theirs only to their own runs, so a
+# method joining compare does not change these (and old results.json files keep resuming); issue 22 changed
+# them once, for the training recipe's schedule (max_steps, patience) and the learning-rate search
 SOFT_SPEC_KEYS = ["kind", "template", "init", "init_text", "seed", "n_train", "train_fp", "valid_fp", "test_fp",
-                  "model", "epochs", "lr", "batch_size", "warmup_steps", "optimizer", "verbalizer", "eval_every"]
+                  "model", "max_steps", "lr", "batch_size", "warmup_steps", "optimizer", "verbalizer", "eval_every",
+                  "patience"]
 
 
 def _check_ptuning_prefix(results, out, model, tok, n: int, cfg):
@@ -334,7 +359,7 @@ def test_compare_ptuning_and_prefix_classification(tmp_path):
     assert sorted(runs) == ["soft/main/len2/labels/n16/seed0", "soft/prefix/len2/labels/n16/seed0",
                             "soft/ptuning-lstm/len2/labels/n16/seed0"]
     # issue 14 deliberately adds the calibrations every classification prompt is scored under
-    assert list(runs["soft/main/len2/labels/n16/seed0"].spec) == [*SOFT_SPEC_KEYS, "calibrations"]
+    assert list(runs["soft/main/len2/labels/n16/seed0"].spec) == [*SOFT_SPEC_KEYS, "search", "calibrations"]
     results = comp.run()
     for rec in results["runs"].values():
         assert 0 <= rec["metrics"]["accuracy"] <= 1 and rec["latency"]["batch1_ms"] > 0

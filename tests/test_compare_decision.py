@@ -197,7 +197,7 @@ def test_cli_compare_on_user_csv_in_one_command(tmp_path):
     res = load_results(out)
     assert res["task"]["name"] == "sms" and res["task"]["template"] == "{soft:20}Text: {text}\nAnswer:"
     assert res["instruction"] == "Classify the text. Answer no or yes."
-    assert res["config"]["shots"] == 4 and res["config"]["lr"] == 0.3 and res["environment"]["threads"] == 1
+    assert res["config"]["shots"] == 4 and res["config"]["lrs"] == [0.3] and res["environment"]["threads"] == 1
     assert res["decision"]["recommendation"] and "Recommendation:" in r.output
     md = (out / "report.md").read_text()
     assert md.startswith("# Hard prompts vs soft prompts: sms on ")
@@ -211,11 +211,36 @@ def test_cli_compare_on_user_csv_in_one_command(tmp_path):
     assert "stale" not in md and res["decision"]["recommendation"] in md
 
 
-def test_one_default_learning_rate():
-    from softprompt.training.prompt import TrainConfig
+def test_default_soft_runs_follow_the_training_recipe(tmp_path):
+    """Issue 22: one home for the default learning rate and schedule, the recipe.  The main method's
+    runs search their rate (costed as 2.75 runs), the sweeps train at the recipe's rate, both until
+    convergence (at most the recipe's max_steps); without validation data nothing is searched."""
+    from softprompt.apps.compare.planners import recipe_lr, search_runs
+    from softprompt.training.recipe import DEFAULT_RECIPE
 
-    assert TrainConfig().lr == C.DEFAULT_LR == C.CompareConfig().lr == 0.3
-    assert C.DEFAULT_LR in C.CompareConfig().lrs
+    model, tok = tiny_causal_lm(), tiny_tokenizer()
+    cfg = C.CompareConfig(methods=("soft", "length"), lengths=(1, 20), seeds=(0,), latency_examples=1)
+    assert cfg.lr is None and cfg.lrs == () and cfg.epochs is None and cfg.max_steps is None
+    data = TaskData(TASK, {"train": mk(16), "validation": mk(4, 2), "test": mk(6, 1)})
+    comp = C.Comparison(cfg, data, model, tok, tmp_path, progress=False, log=lambda s: None)
+    runs, rows = comp.plan()
+    main, sweep = runs["soft/main/len20/text/n16/seed0"], runs["soft/length/len1/text/n16/seed0"]
+    assert main.spec["lr"] == "auto" and main.spec["search"]["seeds"] == 2
+    assert sweep.spec["lr"] == recipe_lr(comp) == pytest.approx(DEFAULT_RECIPE.absolute_lr(model), rel=1e-5)
+    for run in (main, sweep):
+        assert (run.spec["max_steps"], run.spec["patience"]) == (DEFAULT_RECIPE.max_steps, DEFAULT_RECIPE.patience)
+    assert search_runs(DEFAULT_RECIPE.max_steps) == 2.75 and main.cost > 2.5 * sweep.cost
+    assert rows[0].name.endswith("lr chosen on validation)")
+    # --restarts is a seed choice of its own: it replaces the search (the recipe's rate)
+    best_of, _ = C.Comparison(C.CompareConfig(methods=("soft",), seeds=(0,), restarts=2), data, model, tok, tmp_path,
+                              progress=False).plan()
+    assert [(rid, r.spec["lr"]) for rid, r in best_of.items()] == [
+        ("soft/main/len20/text/n16/seed0/best-of-2", recipe_lr(comp))]
+    # no validation data: the main runs train at the recipe's rate, unsearched; --epochs fixes the schedule
+    data = TaskData(TASK, {"train": mk(16), "test": mk(6, 1)})
+    fixed = C.CompareConfig(methods=("soft",), seeds=(0,), valid_limit=0, epochs=3, min_steps=10)
+    (run,) = C.Comparison(fixed, data, model, tok, tmp_path, progress=False).plan()[0].values()
+    assert run.spec["lr"] == recipe_lr(comp) and (run.spec["max_steps"], run.spec["patience"]) == (10, None)
 
 
 def test_help_is_not_cut_at_80_columns():
@@ -332,6 +357,7 @@ def test_no_validation_means_no_decision_and_the_report_says_why(tmp_path):
     res = C.run_compare(small_config(methods=("zero_shot", "soft"), valid_limit=0), data, model, tok, tmp_path,
                         progress=False, log=lambda s: None, report=False)
     assert res["data"]["valid"] == 0 and res["decision"]["deploy"] is None
-    assert [r for r in res["runs"] if r.startswith("soft")] == ["soft/main/len2/text/n12/seed0"]  # no lr grid
+    # no validation data to pick with: only the grid's first rate
+    assert [r for r in res["runs"] if r.startswith("soft")] == ["soft/main/len2/text/n12/seed0/lr0.1"]
     md = write_report(res, tmp_path)["markdown"].read_text()
     assert "No decision: without validation data" in md

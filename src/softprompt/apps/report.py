@@ -230,7 +230,7 @@ def _blocks(results: dict[str, Any], plots: list[tuple[str, str]]) -> list[tuple
                        "them in one batch (per query), with each prompt's prefix key/values cached as when serving. "
                        if cfg.get("latency_examples") else "*Latency*: not measured in this run. ")
                     + "*Training time*: wall time of the training loop per prompt (an ensemble: all members; with "
-                    "restarts: every candidate run). "
+                    "a learning-rate search or restarts: every candidate run). "
                     + ("*(≤ majority)*: test accuracy at or below always answering the majority class. "
                        "*Validation*: the score each prompt is chosen on (mean over the row's runs); *calibration*: "
                        "the one each run kept on validation (see Calibration)." if len(head) > len(TABLE_HEAD) else ""))))
@@ -273,6 +273,7 @@ def _blocks(results: dict[str, Any], plots: list[tuple[str, str]]) -> list[tuple
         b.append(("table", ["gold", "parsed", "generated text (first 160 characters)"], samples, "lll"))
     if generative:
         b += _sample_blocks(rows, runs)
+    b += _lr_blocks(runs)
     b += _restart_blocks(runs)
     b.append(("h", 2, "Every run"))
     detail = []
@@ -289,6 +290,24 @@ def _blocks(results: dict[str, Any], plots: list[tuple[str, str]]) -> list[tuple
     b.append(("pre", "\n".join(f"{k}: {json.dumps(v)}" for k, v in cfg.items())))
     b.append(("p", f"Zero-shot instruction: `{results.get('instruction', '')}`. All numbers are in `results.json`."))
     return b
+
+
+def _lr_blocks(runs: dict[str, Any]) -> list[tuple]:
+    """Soft runs whose learning rate was chosen automatically: every candidate of the search, so the
+    choice (made on validation data, never on test) can be checked."""
+    table = []
+    for rid, r in runs.items():
+        for c in (r.get("train") or {}).get("lr_search") or []:
+            scores = " → ".join(f"{100 * s[0]:.1f}" if s and math.isfinite(s[0]) else "–" for s in c["scores"])
+            table.append([rid, f"{c['lr']:.3g}", str(c["seed"]), str(c["steps"]), scores, "chosen" if c["chosen"] else ""])
+    if not table:
+        return []
+    return [("h", 2, "Learning rates"),
+            ("p", ("Each run's learning rate (and seed) was chosen automatically on the validation data by successive "
+                   "halving: every candidate trains a quarter of the schedule, the better half on to half of it, the "
+                   "best to the end (validation score per stage, macro-F1 or token F1 %). The run's training time "
+                   "counts every candidate.")),
+            ("table", ["run", "lr", "seed", "steps", "validation by stage", ""], table, "lrrrll")]
 
 
 def _restart_blocks(runs: dict[str, Any]) -> list[tuple]:

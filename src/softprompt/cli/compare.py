@@ -75,12 +75,19 @@ def compare(
     lengths: str = typer.Option("1,5,20,100", help="Prompt lengths of the length sweep."),
     inits: str = typer.Option("random,vocab,text,labels", help="Inits of the init sweep."),
     positions: str = typer.Option("prefix,between,answer", help="Hybrid positions of the soft tokens."),
-    epochs: int = typer.Option(15, help="Training epochs per prompt."),
-    min_steps: int = typer.Option(60, help="At least this many training steps (small sets get more epochs)."),
-    lr: float = typer.Option(0.3, help="Learning rate of the sweeps (length, init, hybrid, curve, ensemble members); "
-                             "the one default of `train`, `compare` and `demo`."),
-    lrs: str = typer.Option("0.03,0.1,0.3", help="Learning rates of the main prompt-tuning method (x --seeds); validation "
-                            "data picks the best, and the whole grid counts as its training cost."),
+    max_steps: Optional[int] = typer.Option(None, help="At most this many steps per trained prompt (default: the training "
+                                            "recipe's); a run stops earlier once its validation score (or, without "
+                                            "validation data, its training loss) stops improving."),
+    epochs: Optional[int] = typer.Option(None, help="Instead of stopping on convergence: a fixed schedule of exactly N "
+                                         "epochs per trained prompt."),
+    min_steps: int = typer.Option(0, help="With --epochs: at least this many steps (small sets get more epochs)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (absolute) of the sweeps (length, init, hybrid, curve) and "
+                                       "of prefix tuning (default: the training recipe's, 0.3 x the model's "
+                                       "embedding-entry std, as `train` and `demo` use)."),
+    lrs: str = typer.Option("", help="Main prompt-tuning method: an explicit grid of absolute learning rates, e.g. "
+                            "0.03,0.1,0.3 (one row per rate x --seeds; validation data picks; the whole grid counts as "
+                            "training cost). Default: each seed's rate chosen on validation data by successive halving "
+                            "over 0.1/0.3/1.0 x the embedding-entry std and 2 seeds (the cost of 2.75 runs)."),
     calibration: str = typer.Option("none,contextual,batch,pmi", help="Calibrations every rank-classified prompt is scored "
                                     "under (comma list); validation data picks one per prompt."),
     select_metric: str = typer.Option("macro_f1", help="Metric that chooses each family's best prompt on validation data: "
@@ -102,7 +109,8 @@ def compare(
     prefix_reparam: str = typer.Option("none", help="Prefix tuning (--methods prefix): none (key/values trained "
                                        "directly, at --lr) | mlp (through an MLP, at --encoder-lr)."),
     restarts: int = typer.Option(1, help="Train every soft prompt N times (seeds s, s+1000, ...) and keep the best fit "
-                                 "to the validation data, or to the training data without any (N times the training)."),
+                                 "to the validation data, or to the training data without any (N times the training; "
+                                 "replaces the main method's learning-rate search: its runs train at --lr)."),
     train_sizes: str = typer.Option("8,16,32,all", help="Learning curve: training-set sizes ('all' = the whole pool)."),
     curve_seeds: str = typer.Option("0", help="Learning curve: seeds per size."),
     train_limit: int = typer.Option(256, help="Training pool: a seeded sample of at most N examples (0 = all)."),
@@ -171,7 +179,7 @@ def compare(
             instructions=tuple(_read_instructions(instructions_file)), induce=induce,
             sweep_seeds=_cmp_list(sweep_seeds, int, "sweep-seeds"), lengths=_cmp_list(lengths, int, "lengths"),
             inits=_cmp_list(inits, what="inits"), positions=_cmp_list(positions, what="positions"), epochs=epochs,
-            min_steps=min_steps, lr=lr, batch_size=batch_size, warmup_steps=warmup_steps, optimizer=optimizer,
+            min_steps=min_steps, max_steps=max_steps, lr=lr, batch_size=batch_size, warmup_steps=warmup_steps, optimizer=optimizer,
             ptuning_encoder=ptuning_encoder, encoder_lr=encoder_lr, prefix_reparam=prefix_reparam, restarts=restarts,
             train_sizes=_cmp_sizes(train_sizes), curve_seeds=_cmp_list(curve_seeds, int, "curve-seeds"),
             eval_task=eval_task, eval_label_map=_parse_pairs(eval_label_map, "--eval-label-map"),

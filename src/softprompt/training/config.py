@@ -5,12 +5,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-DEFAULT_LR = 0.3
-"""The one default learning rate of prompt tuning (``train``, ``compare`` and ``demo``): Lester et al.'s
-0.3.  On 50-64 examples the best rate varies by task (0.03 vs 0.3 flipped a held-out task's verdict),
-so ``compare`` also tries 0.03 and 0.1 and picks on validation data (``compare.LR_GRID``)."""
-
-
 @dataclass
 class TrainConfig:
     """Hyper-parameters of one prompt-training run (all plain data, saved with the prompt)."""
@@ -26,7 +20,7 @@ class TrainConfig:
     epochs: int = 20
     max_steps: int | None = None
     batch_size: int = 8
-    lr: float = DEFAULT_LR
+    lr: float = 0.3  # absolute; the library's default rate is the recipe's (recipe.py: Recipe.config(model))
     optimizer: str = "adamw"  # adamw | adafactor
     weight_decay: float = 1e-5
     warmup_steps: int = 10
@@ -70,4 +64,4 @@ class TrainResult:
     stop_reason: str = "max_steps"
 
 
-__all__ = ["DEFAULT_LR", "TrainConfig", "TrainResult"]
+__all__ = ["TrainConfig", "TrainResult"]

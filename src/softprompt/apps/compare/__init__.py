@@ -16,6 +16,7 @@ The package, in the order its imports go::
     measure      latency per query, the one-line run summary
     planners     the registry: one ``@planner("method")`` per method; ``plan()`` runs them in order
     hard_runs    planners and executors of the searched-instruction, nearest-neighbour and CoT runs
+    soft_training  how a soft run trains: the recipe (learning rate chosen on validation), or --restarts
     runner       Comparison: data, persistence in results.json, execution of every run
     decision_report  the report's decision and calibration sections
 
@@ -34,7 +35,9 @@ search          the best instruction found on the training pool (``instruction_s
 cot             two-stage chain-of-thought: reasoning, then the labels ranked after it
                 (``baselines.cot_two_stage``); the free-text parse is a diagnostic
 soft            prompt tuning with the task template, ``prompt_length`` tokens,
-                ``init``, one run per learning rate in ``lrs`` x seed in ``seeds``
+                ``init``, one run per seed in ``seeds``, each trained by the recipe
+                (``search.train_with_recipe``): its learning rate chosen on validation
+                data by successive halving; ``lrs`` given: one row per rate of that grid
 length          prompt tuning at each of ``lengths`` (seeds ``sweep_seeds``)
 init            prompt tuning with each of ``inits``
 hybrid          instruction text + soft tokens at each of ``positions``: ``prefix``
@@ -51,6 +54,7 @@ ptuning         P-tuning: the ``soft`` template's ``prompt_length`` tokens train
                 one run per seed in ``seeds`` (opt-in: not in ``DEFAULT_METHODS``)
 prefix          prefix tuning: ``prompt_length`` learned key/value positions at every layer,
                 on the task template without its soft slots; directly at ``lr``
+                (default the recipe's)
                 (``prefix_reparam`` none) or through an MLP at ``encoder_lr`` (mlp); one run
                 per seed in ``seeds`` (opt-in; not for encoder-decoder models)
 ==============  ==========================================================================
@@ -92,7 +96,6 @@ history.
 from __future__ import annotations
 
 from ...core.calibration import CALIBRATIONS
-from ...training.config import DEFAULT_LR
 from .config import (
     ALL_METHODS,
     CLASSIFICATION_ONLY,
@@ -102,7 +105,6 @@ from .config import (
     FAMILY_PE,
     FAMILY_PT,
     FAMILY_TR,
-    LR_GRID,
     PLAN_ORDER,
     POSITIONS,
     RESULTS,
@@ -119,14 +121,12 @@ __all__ = [
     "ALL_METHODS",
     "CALIBRATIONS",
     "CLASSIFICATION_ONLY",
-    "DEFAULT_LR",
     "DEFAULT_METHODS",
     "FAMILY_EN",
     "FAMILY_HY",
     "FAMILY_PE",
     "FAMILY_PT",
     "FAMILY_TR",
-    "LR_GRID",
     "PLAN_ORDER",
     "POSITIONS",
     "RESULTS",

@@ -17,7 +17,6 @@ from typing import Any
 from ...core.calibration import CALIBRATIONS
 from ...core.reparam import ENCODERS
 from ...data import Example
-from ...training.config import DEFAULT_LR  # the one default learning rate (train, compare, demo)
 from .decision import SELECT_METRICS
 
 __all__ = [
@@ -46,7 +45,6 @@ FORMAT = 1
 CLASSIFICATION_ONLY = ("cot", "ensemble", "transfer", "search", "knn")  # methods that need label words
 HARD_KINDS = ("hard", "cot", "search", "search_plain", "knn")  # run first: the hard prompt chosen among them is where soft prompts start
 ENCODER_HIDDEN = 128  # width of the P-tuning encoder / prefix MLP (TrainConfig.encoder_hidden)
-LR_GRID = (0.03, 0.1, 0.3)  # the main method's learning rates; validation data picks among them
 
 FAMILY_PE = "prompt engineering"
 FAMILY_PT = "prompt tuning"
@@ -86,10 +84,13 @@ class CompareConfig:
     lengths: tuple[int, ...] = (1, 5, 20, 100)
     inits: tuple[str, ...] = ("random", "vocab", "text", "labels")
     positions: tuple[str, ...] = POSITIONS
-    epochs: int = 15
-    min_steps: int = 60  # small training sets get more epochs, so every run takes >= this many steps
-    lr: float = DEFAULT_LR  # sweeps (length, init, hybrid, curve, ensemble members) train at this lr
-    lrs: tuple[float, ...] = LR_GRID  # the main method trains at each, and validation picks (decision.py)
+    # the schedule: the training recipe's (training/recipe.py: at most max_steps, stop on convergence)
+    # unless epochs is given (a fixed schedule of that many epochs, at least min_steps steps, no early stop)
+    max_steps: int | None = None  # None: the recipe's
+    epochs: int | None = None
+    min_steps: int = 0  # with epochs: small training sets get more epochs, so every run takes >= this many steps
+    lr: float | None = None  # absolute rate of the sweeps (length, init, hybrid, curve); None: the recipe's
+    lrs: tuple[float, ...] = ()  # main method: () = chosen per seed on validation (search.py); else an absolute grid
     batch_size: int = 8
     warmup_steps: int = 10
     optimizer: str = "adamw"
@@ -144,8 +145,10 @@ class CompareConfig:
         bad = [c for c in self.calibrations if c not in CALIBRATIONS]
         if bad or not self.calibrations:
             raise ValueError(f"unknown calibrations {bad}; choose from {', '.join(CALIBRATIONS)}")
-        if not self.lrs or any(not lr > 0 for lr in (*self.lrs, self.lr)):
-            raise ValueError("learning rates must be positive (and --lrs needs at least one)")
+        if any(not lr > 0 for lr in (*self.lrs, *([] if self.lr is None else [self.lr]))):
+            raise ValueError("learning rates must be positive")
+        if any(n is not None and n < 1 for n in (self.max_steps, self.epochs)):
+            raise ValueError("max_steps and epochs must be at least 1 when given")
         if self.chat not in ("auto", "on", "off"):
             raise ValueError(f"chat must be auto, on or off, got {self.chat!r}")
         if not 0 <= self.valid_fraction < 1:

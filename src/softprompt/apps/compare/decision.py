@@ -285,7 +285,9 @@ def candidates(results: dict[str, Any]) -> tuple[list[dict], list[dict]]:
                    for _, r in fams["hard"])
     train_s = sum(((r.get("train") or {}).get("wall_s") or 0.0) + (r.get("valid_wall_s") or 0.0)
                   for _, r in fams["soft"] if r.get("kind") != "ensemble")
-    n_soft = sum(1 for _, r in fams["soft"] if r.get("kind") != "ensemble")
+    # a run whose learning rate was searched counts every candidate it trained
+    n_soft = sum(max(1, len((r.get("train") or {}).get("lr_search") or []))
+                 for _, r in fams["soft"] if r.get("kind") != "ensemble")
     out: dict[str, list[dict]] = {"hard": [], "soft": []}
     for side, recs in fams.items():
         for rid, rec in recs:

@@ -26,6 +26,8 @@ from typing import Any
 
 from ...hard import baselines as B
 from ...core.templates import Template
+from ...training.recipe import DEFAULT_RECIPE
+from ...training.search import SEARCH_LRS, rung_steps
 from .config import (
     CLASSIFICATION_ONLY,
     ENCODER_HIDDEN,
@@ -41,7 +43,10 @@ from .config import (
 )
 from .templates import few_shot_answer_template, hybrid_template, with_soft_length
 
-__all__ = ["EXECUTORS", "PLANNERS", "Plan", "add", "executor", "hard_run", "plan", "planner", "soft_run"]
+__all__ = ["EXECUTORS", "PLANNERS", "Plan", "add", "executor", "hard_run", "plan", "planner", "recipe_lr", "schedule",
+           "search_runs", "soft_run"]
+
+SEARCH_SEEDS = 2  # seeds per learning rate in the main method's search (train_with_recipe's search_seeds)
 
 
 @dataclass(frozen=True)
@@ -95,11 +100,14 @@ class Plan:
     main: list[str] = field(default_factory=list)
 
     def main_runs(self, lr: float | None = None) -> list[str]:
+        """The main prompt-tuning runs, one per seed: at ``lr`` (a rate of the explicit ``lrs`` grid;
+        default its first), or without a grid with the rate chosen on validation data per seed."""
         comp, cfg = self.comp, self.comp.cfg
-        lr = cfg.lr if lr is None else lr
-        at = f", lr {lr:g}" if "soft" in self.methods and len(cfg.lrs) > 1 and comp.valid else ""
+        lr = lr if lr is not None else (cfg.lrs[0] if cfg.lrs else None)
+        at = "" if lr is None or len(cfg.lrs) < 2 or not comp.valid else f", lr {lr:g}"
+        auto = "auto" if comp.valid and cfg.restarts == 1 else None  # --restarts: its own seed choice, no search
         return [soft_run(comp, self.main_tpl, self.main_init, s, label=f"{self.main_label}{at}, seed {s}", tag="main",
-                         lr=lr, grid=True) for s in cfg.seeds]
+                         lr=auto if lr is None else lr, grid=lr is not None) for s in cfg.seeds]
 
 
 def start_instruction(comp) -> str:
@@ -135,11 +143,12 @@ def plan(comp) -> list[Row]:
         methods -= set(CLASSIFICATION_ONLY)
     init = main_init(comp)
     best_of = f", best of {cfg.restarts} runs" if cfg.restarts > 1 else ""
+    lr_note = ", lr chosen on validation" if not cfg.lrs and comp.valid and cfg.restarts == 1 else ""
     init_name = ("text init from the chosen hard prompt" if init == "text" and comp.start and cfg.init is None
                  else f"{init} init")
     ctx = Plan(comp, methods, comp._chat_format if comp.chat else None,
                main_tpl=with_soft_length(task.template, cfg.prompt_length), main_init=init,
-               main_label=f"prompt tuning ({_tokens(cfg.prompt_length)}, {init_name}{best_of})", best_of=best_of)
+               main_label=f"prompt tuning ({_tokens(cfg.prompt_length)}, {init_name}{lr_note}{best_of})", best_of=best_of)
     rows: list[Row] = []
     for name in PLAN_ORDER:
         entry = PLANNERS[name]
@@ -155,46 +164,68 @@ def add(comp, run: Run) -> str:
     return run.id
 
 
-def _epochs_for(comp, n: int) -> int:
-    steps_per_epoch = math.ceil(n / comp.cfg.batch_size)
-    return max(comp.cfg.epochs, math.ceil(comp.cfg.min_steps / steps_per_epoch))
+def schedule(cfg, n: int) -> tuple[int, int, int | None]:
+    """``(steps, eval_every, patience)`` of a run on ``n`` examples: the recipe's (at most
+    ``max_steps``, validating at least 4 times so each rung of the search has a score, stopping on
+    convergence), or with ``epochs`` a fixed schedule (at least ``min_steps``, no early stop)."""
+    if cfg.epochs:
+        steps = max(cfg.epochs, math.ceil(cfg.min_steps / math.ceil(n / cfg.batch_size))) * math.ceil(n / cfg.batch_size)
+        steps = min(steps, cfg.max_steps or steps)
+        return steps, math.ceil(steps / cfg.epochs), None
+    steps = cfg.max_steps or DEFAULT_RECIPE.max_steps
+    return steps, max(1, min(DEFAULT_RECIPE.eval_every, steps // 4)), DEFAULT_RECIPE.patience
+
+
+def recipe_lr(comp) -> float:
+    """The recipe's absolute rate for the comparison's model (6 significant digits, so that a
+    spec planned on another device still matches)."""
+    if getattr(comp, "_recipe_lr", None) is None:
+        comp._recipe_lr = float(f"{DEFAULT_RECIPE.absolute_lr(comp.model):.6g}")
+    return comp._recipe_lr
+
+
+def search_runs(steps: int, n_candidates: int = len(SEARCH_LRS) * SEARCH_SEEDS) -> float:
+    """What a successive-halving search costs, in full runs of ``steps`` (six candidates: 2.75)."""
+    done, total = 0, 0
+    for until, k in rung_steps(steps, n_candidates):
+        total, done = total + (until - done) * k, until
+    return total / steps
 
 
 def soft_run(comp, template: str, init: str, seed: int, *, n_train: int = 0, label: str, tag: str,
-             method: dict[str, Any] | None = None, lr: float | None = None, grid: bool = False) -> str:
-    """Plan one prompt training.  ``method``: TrainConfig fields of P-tuning / prefix tuning,
-    added to the spec only for those runs, so prompt-tuning specs and ids stay as they were
-    (and old ``results.json`` files still resume)."""
+             method: dict[str, Any] | None = None, lr: float | str | None = None, grid: bool = False) -> str:
+    """Plan one prompt training with the recipe (``search.train_with_recipe``).  ``lr``: absolute,
+    ``"auto"`` (chosen on validation data by successive halving), or None: ``cfg.lr``, else the
+    recipe's.  ``grid``: a rate of the explicit ``lrs`` grid, named in the id.  ``method``:
+    TrainConfig fields of P-tuning / prefix tuning."""
     cfg = comp.cfg
     train = comp._train_subset(n_train, seed)
-    epochs = _epochs_for(comp, len(train))
-    steps = epochs * math.ceil(len(train) / cfg.batch_size)
-    # validate as often as `epochs` nominal epochs, however many epochs small sets get
-    eval_every = math.ceil(steps / cfg.epochs) if comp.valid else 0
+    steps, eval_every, patience = schedule(cfg, len(train))
+    lr = lr if lr is not None else (cfg.lr if cfg.lr is not None else recipe_lr(comp))
     init_text = start_instruction(comp) or B.hard_template(comp.task.template).render_text({})
     spec = {
         "kind": "soft", "template": template, "init": init, "init_text": init_text if init == "text" else None,
         "seed": seed, "n_train": len(train), "train_fp": fingerprint(train), "valid_fp": comp.fp["valid"],
-        "test_fp": comp.fp["test"], "model": comp.fp["model"], "epochs": epochs,
-        "lr": cfg.lr if lr is None else lr,
+        "test_fp": comp.fp["test"], "model": comp.fp["model"], "max_steps": steps, "lr": lr,
         "batch_size": cfg.batch_size, "warmup_steps": cfg.warmup_steps, "optimizer": cfg.optimizer,
-        "verbalizer": comp.task.verbalizer, "eval_every": eval_every,
+        "verbalizer": comp.task.verbalizer, "eval_every": eval_every, "patience": patience,
     }
+    if lr == "auto":
+        spec["search"] = {"lrs": list(SEARCH_LRS), "seeds": SEARCH_SEEDS}
     if comp.generative:
         spec["max_new_tokens"] = cfg.max_new_tokens
     else:
         spec["calibrations"] = list(cfg.calibrations)
     spec.update(method or {})
     n_soft = (method or {}).get("prefix_tokens") or Template(template).n_soft
-    run_id = f"soft/{tag}/len{n_soft}/{init}/n{len(train)}/seed{seed}"
-    if grid and spec["lr"] != cfg.lr:  # the lr grid: only other rates are named, so default ids stay as they were
-        run_id += f"/lr{spec['lr']:g}"
+    run_id = f"soft/{tag}/len{n_soft}/{init}/n{len(train)}/seed{seed}" + (f"/lr{lr:g}" if grid else "")
     restarts = cfg.restarts
-    if restarts > 1:  # only then in the spec and id: single-run specs and ids stay as they were
+    if restarts > 1:  # only then in the spec and id
         spec["restarts"] = restarts
         run_id += f"/best-of-{restarts}"
-    n_valid = (steps // eval_every) * len(comp.valid) if eval_every else 0
-    cost = ((steps * cfg.batch_size * 3 + n_valid) * restarts + len(comp.test)
+    n_valid = (steps // eval_every) * len(comp.valid) if comp.valid else 0
+    runs = search_runs(steps) if lr == "auto" else 1.0
+    cost = ((steps * cfg.batch_size * 3 + n_valid) * runs * restarts + len(comp.test)
             + 3 * cfg.latency_examples)
     return add(comp, Run(run_id, "soft", label, spec, cost))
 
@@ -273,15 +304,15 @@ def plan_few_shot(comp, p: Plan) -> list[Row]:
 # ----------------------------------------------------------------------------- trained prompts
 @planner("soft", when=("soft", "ensemble", "transfer"))
 def plan_soft(comp, p: Plan) -> list[Row]:
-    """The main prompt-tuning runs (one per seed, at each learning rate of the grid when there is
-    validation data to pick with); their rows only when ``soft`` itself is a method."""
+    """The main prompt-tuning runs (one per seed); with an explicit ``lrs`` grid and validation
+    data to pick with, one row per rate.  Their rows only when ``soft`` itself is a method."""
     cfg = comp.cfg
-    p.main = p.main_runs()
-    lrs = tuple(dict.fromkeys(cfg.lrs)) if comp.valid else (cfg.lr,)  # no validation data: nothing to pick with
+    lrs = tuple(dict.fromkeys(cfg.lrs))[: None if comp.valid else 1] or (None,)  # no validation: nothing to pick with
+    p.main = p.main_runs(lrs[0])
     rows = []
     if "soft" in p.methods:
         for lr in lrs:
-            ids = p.main if lr == cfg.lr else p.main_runs(lr)
+            ids = p.main if lr == lrs[0] else p.main_runs(lr)
             name = p.main_label + (f", lr {lr:g}" if len(lrs) > 1 else "")
             rows.append(Row(name, FAMILY_PT, "main", ids, x=cfg.prompt_length))
     return rows
@@ -313,7 +344,7 @@ def plan_prefix(comp, p: Plan) -> list[Row]:
     tpl = Template(comp.task.template).without_soft().text
     ids = [soft_run(comp, tpl, p.main_init, s, label=f"{name}, seed {s}",
                     tag="prefix" if rp == "none" else f"prefix-{rp}", method=spec,
-                    lr=cfg.lr if rp == "none" else cfg.encoder_lr) for s in cfg.seeds]
+                    lr=None if rp == "none" else cfg.encoder_lr) for s in cfg.seeds]
     return [Row(name, FAMILY_PT, "main", ids, x=cfg.prompt_length)]
 
 

@@ -6,7 +6,6 @@ rerun skips finished runs (same *spec*: template, data fingerprints, budgets, se
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import re
@@ -275,8 +274,9 @@ class Comparison:
             bar.close()
 
     def _cleanup(self, run: Run) -> None:
-        if run.kind == "soft":
-            (self.out / "prompts" / _safe(run.id) / "checkpoint.safetensors").unlink(missing_ok=True)
+        if run.kind == "soft":  # the run's own, its search candidates' and its restarts' checkpoints
+            for ckpt in (self.out / "prompts" / _safe(run.id)).rglob("checkpoint.safetensors"):
+                ckpt.unlink(missing_ok=True)
 
     def _execute(self, run: Run) -> dict[str, Any]:
         """The record of one run: the runner's own kinds, else the kind's registered executor."""
@@ -341,32 +341,14 @@ class Comparison:
                 "tokens_added": B.template_overhead_tokens(tpl, self.tok), "train": None}
 
     def _exec_soft(self, run: Run) -> dict[str, Any]:
-        from ...training.restarts import train_with_restarts
-        from ...training.prompt import TrainConfig
+        from .soft_training import train_record, train_soft
 
         sp = run.spec
         task = Task(name=self.task.name, kind=self.task.kind, template=sp["template"], verbalizer=self.task.verbalizer,
                     instruction=self.instruction)
-        seed = sp["seed"]
-        train = self._train_subset(sp["n_train"] if sp["n_train"] < len(self.pool) else 0, seed)
-        cfg = TrainConfig(init=sp["init"], init_text=sp["init_text"], epochs=sp["epochs"], batch_size=sp["batch_size"],
-                          lr=sp["lr"], warmup_steps=sp["warmup_steps"], optimizer=sp["optimizer"], seed=seed,
-                          eval_every=sp["eval_every"], eval_batch_size=self.cfg.eval_batch_size,
-                          max_new_tokens=sp.get("max_new_tokens", TrainConfig.max_new_tokens),
-                          **{k: sp[k] for k in ("method", "encoder", "encoder_hidden", "reparam", "prefix_tokens")
-                             if k in sp})
+        train = self._train_subset(sp["n_train"] if sp["n_train"] < len(self.pool) else 0, sp["seed"])
         run_dir = self.out / "prompts" / _safe(run.id)
-        restarts = sp.get("restarts", 1)
-        try:
-            res = train_with_restarts(self.model, self.tok, task, train, self.valid or None, cfg, restarts,
-                                      out_dir=run_dir, resume=True, progress=self.progress)
-        except ValueError as e:
-            if "different config" not in str(e):
-                raise
-            for stale in run_dir.rglob("checkpoint.safetensors"):  # each restart keeps its own
-                stale.unlink()
-            res = train_with_restarts(self.model, self.tok, task, train, self.valid or None, cfg, restarts,
-                                      out_dir=run_dir, progress=self.progress)
+        res = train_soft(self, sp, task, train, run_dir)
         name = f"run:{run.id}"
         self.bank.add_prompt(res.prompt, name)
         try:
@@ -382,8 +364,6 @@ class Comparison:
         metrics = scored["metrics"]
         res.prompt.metrics = {"test": {k: v for k, v in metrics.items() if k != "confusion"}}
         size = res.prompt.save(run_dir / "prompt.safetensors")
-        hist = res.history
-        stride = max(1, math.ceil(len(hist) / 2000))
         extra: dict[str, Any] = {}
         if "method" in sp:  # P-tuning / prefix tuning: what was trained is not what was saved
             extra = {"method": sp["method"], "artifact_params": res.prompt.n_params,
@@ -393,13 +373,7 @@ class Comparison:
             "trainable_params": res.trainable_params if "method" in sp else res.prompt.embeddings.numel(),
             "artifact_bytes": size, "artifact": str((run_dir / "prompt.safetensors").relative_to(self.out)),
             "tokens_added": B.template_overhead_tokens(sp["template"], self.tok) + res.prompt.n_prefix,
-            "train": {
-                "wall_s": res.wall_time_s, "steps": res.steps, "epochs": sp["epochs"], "n_train": len(train),
-                "best_step": res.best_step, "tokens_per_s": res.tokens_per_s, "stopped_early": res.stopped_early,
-                "loss": [[h["step"], h["loss"]] for h in hist[::stride]],
-                **({"restarts": res.prompt.training["restarts"]} if restarts > 1 else {}),
-                "valid": [[h["step"], h["valid"].get("accuracy", h["valid"].get("f1"))] for h in hist if "valid" in h],
-            },
+            "train": train_record(res, sp, len(train)),
         }
 
     def _load_member(self, run_id: str) -> SoftPrompt:
