@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 
 from softprompt import PromptBank, classify, load_model, load_task
-from softprompt.training.config import TrainConfig
 from softprompt.training.prompt import train_prompt
 from softprompt.training.recipe import DEFAULT_RECIPE, Recipe
 
@@ -49,7 +48,13 @@ RECIPES: dict[str, Recipe] = {
 TASKS = ("demo", "sst2", "agnews", "twitter_complaints", "cb", "rte")
 
 
-def sample_split(data, seed: int, n_train: int, n_valid: int):
+def sample_split(data, seed: int, n_train: int, n_valid: int, protocol: str = "few-shot"):
+    if protocol == "demo":  # exactly as `softprompt demo`: 32 training messages held out, stratified
+        from softprompt.cli.train import DEMO_VALID
+        from softprompt.data.splits import holdout_split
+
+        train = list(data["train"])
+        return holdout_split(train, data.task.labels, DEMO_VALID / len(train), DEMO_VALID, seed)
     pool = list(data["train"]) + (list(data.splits["validation"]) if "validation" in data.splits else [])
     rng = random.Random(seed)
     picked = rng.sample(pool, min(len(pool), n_train + n_valid))
@@ -57,11 +62,12 @@ def sample_split(data, seed: int, n_train: int, n_valid: int):
 
 
 def run_one(model, tok, data, recipe: Recipe, seed: int, n_train: int, n_valid: int, n_test: int,
-            max_steps: int | None = None) -> dict:
+            max_steps: int | None = None, protocol: str = "few-shot") -> dict:
     task = data.task
-    train, valid = sample_split(data, seed, n_train, n_valid)
+    train, valid = sample_split(data, seed, n_train, n_valid, protocol)
     test = list(data["test"])[:n_test]
-    cfg = recipe.config(model, seed=seed, **({"max_steps": max_steps} if max_steps else {}))
+    cfg = recipe.config(model, seed=seed, **({"max_steps": max_steps} if max_steps else {}),
+                        **({"warmup_steps": 5} if protocol == "demo" else {}))
     t0 = time.perf_counter()
     res = train_prompt(model, tok, task, train, valid, cfg, progress=False)
     seconds = time.perf_counter() - t0
@@ -101,6 +107,9 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=300)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-steps", type=int, default=None, help="cap every recipe's max_steps (a cheaper study)")
+    ap.add_argument("--protocol", choices=("few-shot", "demo"), default="few-shot",
+                    help="few-shot: --train/--valid examples sampled per seed; demo: `softprompt demo`'s split "
+                         "(its 200 training messages less 32 held out, stratified) and warmup")
     ap.add_argument("--out", type=Path, default=Path("runs/study_recipe.jsonl"))
     ap.add_argument("--table", action="store_true", help="only print the table of --out")
     args = ap.parse_args()
@@ -109,7 +118,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         model, tok = load_model()
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        done = {(r["task"], r["recipe"], r["seed"]) for r in rows}
+        done = {(r["task"], r["recipe"], r["seed"]) for r in rows}  # one protocol per --out file
         for name in args.tasks:
             data = load_task(name)
             for recipe in args.recipes:
@@ -117,8 +126,9 @@ def main() -> None:
                     if (name, recipe, seed) in done:
                         continue
                     r = {"task": name, "recipe": recipe, "seed": seed, "max_steps": args.max_steps,
+                         "protocol": args.protocol,
                          **run_one(model, tok, data, RECIPES[recipe], seed, args.train, args.valid, args.test,
-                                   args.max_steps)}
+                                   args.max_steps, args.protocol)}
                     print(json.dumps(r), flush=True)
                     with args.out.open("a") as f:
                         f.write(json.dumps(r) + "\n")

@@ -112,29 +112,3 @@ def test_the_vllm_backend_takes_the_task_cap_from_the_config(lm):
     with pytest.raises(PromptRejectedError) as e:
         backend.register("b", prompt(model, 3))
     assert e.value.code == "too_many_tasks"
-
-
-def test_serve_flags_reach_the_engine_config(lm, tmp_path, monkeypatch):
-    import uvicorn
-    from typer.testing import CliRunner
-
-    import softprompt.families.loading
-    import softprompt.serve as serve_pkg
-    from softprompt.cli import app
-
-    seen = {}
-
-    class Spy(Engine):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            seen.update(vars(self.config))
-
-    monkeypatch.setattr(softprompt.families.loading, "load_model", lambda *a, **kw: lm)
-    monkeypatch.setattr(serve_pkg, "Engine", Spy)
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: None)
-    (tmp_path / "p").mkdir()
-    r = CliRunner().invoke(app, ["serve", "--prompts", str(tmp_path / "p"), "--max-tasks", "7",
-                                 "--max-prefix-cache-mb", "3"])
-    assert r.exit_code == 0, r.output
-    assert (seen["max_tasks"], seen["max_prefix_cache_bytes"]) == (7, 3 << 20)
-    assert (EngineConfig().max_tasks, EngineConfig().max_prefix_cache_bytes) == (256, 2 << 30)

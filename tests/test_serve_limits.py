@@ -337,8 +337,12 @@ def test_serve_flags_reach_the_engine(lm, tmp_path, monkeypatch):
     (tmp_path / "p").mkdir()
     r = CliRunner().invoke(app, ["serve", "--prompts", str(tmp_path / "p"), "--max-batch-tokens", "1234",
                                  "--max-labels", "7", "--max-label-tokens", "3", "--max-template-tokens", "99",
-                                 "--max-input-tokens", "77"])
+                                 "--max-input-tokens", "77", "--max-tasks", "7", "--max-prefix-cache-mb", "3",
+                                 "--max-response-bytes", "12345"])
     assert r.exit_code == 0, r.output
-    assert {k: seen[k] for k in ("max_batch_tokens", "max_labels", "max_label_tokens", "max_template_tokens",
-                                 "max_input_tokens")} == dict(max_batch_tokens=1234, max_labels=7, max_label_tokens=3,
-                                                              max_template_tokens=99, max_input_tokens=77)
+    want = dict(max_batch_tokens=1234, max_labels=7, max_label_tokens=3, max_template_tokens=99, max_input_tokens=77,
+                max_tasks=7, max_prefix_cache_bytes=3 << 20, max_response_bytes=12345)
+    assert {k: seen[k] for k in want} == want
+    r = CliRunner().invoke(app, ["serve", "--prompts", str(tmp_path / "p")])
+    assert r.exit_code == 0, r.output
+    assert (seen["max_tasks"], seen["max_prefix_cache_bytes"], seen["max_response_bytes"]) == (256, 2 << 30, 16 << 20)

@@ -250,29 +250,3 @@ def test_integer_prompt_tensors_are_refused(lm, tmp_path):
     good.embeddings = good.embeddings.to(torch.int64)
     with pytest.raises(PromptRejectedError, match="floating point"):
         eng.register("mem", good)
-
-
-def test_max_response_bytes_flag_reaches_the_engine(lm, tmp_path, monkeypatch):
-    """`softprompt serve --max-response-bytes N` sets the engine's limit (default 16 MiB)."""
-    import uvicorn
-    from typer.testing import CliRunner
-
-    import softprompt.families.loading
-    import softprompt.serve as serve_pkg
-    from softprompt.cli import app
-
-    seen = []
-
-    class Spy(Engine):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            seen.append(self.max_response_bytes)
-
-    monkeypatch.setattr(softprompt.families.loading, "load_model", lambda *a, **kw: lm)
-    monkeypatch.setattr(serve_pkg, "Engine", Spy)
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: None)
-    (tmp_path / "p").mkdir()
-    for flags, want in (([], 16 << 20), (["--max-response-bytes", "12345"], 12345)):
-        r = CliRunner().invoke(app, ["serve", "--prompts", str(tmp_path / "p"), *flags])
-        assert r.exit_code == 0, r.output
-        assert seen[-1] == want

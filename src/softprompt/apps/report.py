@@ -24,7 +24,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .compare.decision import METRIC_NAMES
 from .compare.decision_report import calibration_blocks, decision_blocks
 from .report_plots import METRICS, PLOTS, best_row, draw_plots, metric_names, plot_names
 

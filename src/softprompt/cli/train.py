@@ -323,6 +323,9 @@ def predict(
 
 
 # ----------------------------------------------------------------------------- demo
+DEMO_VALID = 32  # training messages held out (stratified) to validate the demo's soft prompt
+
+
 @app.command()
 def demo(
     model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
@@ -341,6 +344,7 @@ def demo(
     from ..core.bank import PromptBank
     from ..hard.instruction_search import search_instructions
     from ..data import load_task
+    from ..data.splits import holdout_split
     from ..training.search import train_with_recipe
 
     data = load_task("demo")
@@ -359,9 +363,7 @@ def demo(
                      _evaluate(bank, hard, test, task.kind, 32, "searched", found.fitted),
                      {"trained params": 0, "artifact bytes": len(found.template.encode())}))
     # the training recipe (training/recipe.py) with a demo's step budget; 32 held-out training messages validate it
-    held = random.Random(seed).sample(range(len(train)), 32)
-    valid = [train[i] for i in held]
-    fit_on = [ex for i, ex in enumerate(train) if i not in set(held)]
+    fit_on, valid = holdout_split(train, task.labels, DEMO_VALID / len(train), DEMO_VALID, seed)
     result = train_with_recipe(m, tok, task, fit_on, valid, lr=lr, seed=seed, search=False, out_dir=out,
                                max_steps=max_steps, warmup_steps=5)
     print_training_choices(result.prompt.training, result.stop_reason)

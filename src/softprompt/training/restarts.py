@@ -24,7 +24,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..core.bank import PromptBank
 from .distributed import DataParallel
 from ..data import Task
 from .prompt import TrainConfig, TrainResult, train_prompt, validate
