@@ -92,6 +92,9 @@ def compare(
                                     "under (comma list); validation data picks one per prompt."),
     select_metric: str = typer.Option("macro_f1", help="Metric that chooses each family's best prompt on validation data: "
                                       "macro_f1 | balanced_accuracy | accuracy (a constant predictor can win accuracy)."),
+    max_latency_ms: Optional[float] = typer.Option(None, help="Rule out prompts slower than this many ms per query "
+                                                   "(batch 1, as measured) before choosing; with --report-only, "
+                                                   "recompute the decision under it."),
     valid_fraction: float = typer.Option(0.25, help="Without validation data (--valid-file or a validation split): hold out "
                                          "this share of the training pool (stratified, at most --valid-limit) to choose on."),
     start_from_hard: bool = typer.Option(True, help="Soft prompts start from the hard prompt chosen on validation (its "
@@ -143,6 +146,8 @@ def compare(
             from ..apps.compare.decision import from_results
 
             old = res.get("decision") or {}
+            if max_latency_ms is not None:
+                res.setdefault("config", {})["max_latency_ms"] = max_latency_ms
             res["decision"] = from_results(res)
             for side in ("hard", "soft"):  # a saved prompt file stays valid while the same prompt is chosen
                 new_c, old_c = (res["decision"] or {}).get(side), old.get(side) or {}
@@ -175,7 +180,7 @@ def compare(
             fewshot_orders=fewshot_orders, cot_max_new_tokens=cot_max_new_tokens, cot_limit=cot_limit,
             prompt_length=prompt_length, init=init, seeds=_cmp_list(seeds, int, "seeds"),
             lrs=_cmp_list(lrs, float, "lrs"), calibrations=_cmp_list(calibration, what="calibration"),
-            select_metric=select_metric, valid_fraction=valid_fraction, start_from_hard=start_from_hard, chat=chat,
+            select_metric=select_metric, max_latency_ms=max_latency_ms, valid_fraction=valid_fraction, start_from_hard=start_from_hard, chat=chat,
             instructions=tuple(_read_instructions(instructions_file)), induce=induce,
             sweep_seeds=_cmp_list(sweep_seeds, int, "sweep-seeds"), lengths=_cmp_list(lengths, int, "lengths"),
             inits=_cmp_list(inits, what="inits"), positions=_cmp_list(positions, what="positions"), epochs=epochs,

@@ -4,15 +4,21 @@ the same prompt.  Larger is better.
 
 Classification: macro-F1, then accuracy, then lower loss.  Macro-F1 first: a prompt stuck on the
 majority class can win accuracy on imbalanced data, not macro-F1.  Generation: token F1, then
-exact match.
+exact match.  ``softprompt compare`` ranks its candidates with the same function
+(``apps/compare/decision.select``); only there may the user put another metric first
+(``--select-metric``), because that choice is the deployment's objective, not a training detail.
 """
 from __future__ import annotations
 
 import torch
 
 
-def classification_score(m: dict) -> tuple:
-    return (m["macro_f1"], m["accuracy"], -m["loss"])
+def classification_score(m: dict, metric: str = "macro_f1") -> tuple:
+    """``(metric, the other of macro-F1/accuracy, -loss)``; a missing value ranks lowest (compare's
+    candidates carry no loss: every one of them ties there)."""
+    other = "accuracy" if metric != "accuracy" else "macro_f1"
+    inf = float("inf")
+    return (m.get(metric, -inf), m.get(other, -inf), -m.get("loss", inf))
 
 
 def generation_score(m: dict) -> tuple:

@@ -112,6 +112,7 @@ class CompareConfig:
     # each family's best is chosen on validation data by select_metric, never on test
     calibrations: tuple[str, ...] = CALIBRATIONS
     select_metric: str = "macro_f1"
+    max_latency_ms: float | None = None  # candidates slower than this per query (batch 1) are ruled out first
     valid_fraction: float = 0.25  # without a validation split: this share of the pool is held out (stratified)
     start_from_hard: bool = True  # soft prompts start from the chosen hard prompt (instruction, calibration)
     chat: str = "auto"  # hand-written prompts in the model's chat format: auto (when it has one) | on | off
@@ -140,6 +141,8 @@ class CompareConfig:
             raise ValueError(f"encoder_lr must be positive, got {self.encoder_lr}")
         if self.restarts < 1:
             raise ValueError(f"restarts must be at least 1, got {self.restarts}")
+        if self.max_latency_ms is not None and not self.max_latency_ms > 0:
+            raise ValueError(f"max_latency_ms must be positive, got {self.max_latency_ms}")
         if self.select_metric not in SELECT_METRICS:
             raise ValueError(f"unknown selection metric {self.select_metric!r}; choose from {', '.join(SELECT_METRICS)}")
         bad = [c for c in self.calibrations if c not in CALIBRATIONS]

@@ -23,6 +23,12 @@ from typing import Any
 
 import numpy as np
 
+from .decision_stats import (  # noqa: F401  (the statistics' public names stay importable from here)
+    LEVEL, METRIC_NAMES, N_BOOT, SELECT_METRICS, _score, _weighted_metrics, at_or_below_majority, bootstrap_weights,
+    macro_f1, majority_rate, mcnemar_exact, metric_value, paired_bootstrap, select,
+)
+from .decision_checks import beats_floor, break_even, majority_floor, stability, within_latency
+
 __all__ = [
     "SELECT_METRICS",
     "at_or_below_majority",
@@ -36,132 +42,6 @@ __all__ = [
     "select",
 ]
 
-SELECT_METRICS = ("macro_f1", "accuracy", "balanced_accuracy")
-"""Metrics a family's best method can be chosen with (``--select-metric``); macro-F1 is the default."""
-METRIC_NAMES = {"macro_f1": "macro-F1", "accuracy": "accuracy", "balanced_accuracy": "balanced accuracy"}
-N_BOOT = 2000
-LEVEL = 0.95
-
-
-# ----------------------------------------------------------------------------- metrics on index arrays
-def _indicators(labels: np.ndarray, n_labels: int) -> np.ndarray:
-    out = np.zeros((len(labels), n_labels))
-    out[np.arange(len(labels)), labels] = 1.0
-    return out
-
-
-def _weighted_metrics(w: np.ndarray, gold: np.ndarray, pred: np.ndarray, n_labels: int) -> dict[str, np.ndarray]:
-    """Accuracy, macro-F1 and balanced accuracy of ``pred`` for each row of example weights ``w``
-    ([B, n] counts: a bootstrap resample, or one row of ones for the plain metric).  Macro-F1
-    follows ``scoring.classification_metrics``: per-label F1, zero for a label never predicted
-    right, averaged over all labels."""
-    g, p = _indicators(gold, n_labels), _indicators(pred, n_labels)
-    n = w.sum(axis=1)
-    tp = w @ (g * p)  # [B, L]
-    gold_n, pred_n = w @ g, w @ p
-    denom = gold_n + pred_n
-    f1 = np.where(tp > 0, 2 * tp / np.where(denom > 0, denom, 1), 0.0)
-    recall = np.where(gold_n > 0, tp / np.where(gold_n > 0, gold_n, 1), np.nan)
-    balanced = np.nanmean(recall, axis=1)  # over the labels that occur in gold
-    return {"accuracy": tp.sum(axis=1) / n, "macro_f1": f1.mean(axis=1), "balanced_accuracy": balanced}
-
-
-def metric_value(gold, pred, n_labels: int, metric: str) -> float:
-    """One metric of label-index predictions (``accuracy``, ``macro_f1``, ``balanced_accuracy``)."""
-    if metric not in SELECT_METRICS:
-        raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(SELECT_METRICS)}")
-    gold, pred = np.asarray(gold, dtype=int), np.asarray(pred, dtype=int)
-    return float(_weighted_metrics(np.ones((1, len(gold))), gold, pred, n_labels)[metric][0])
-
-
-def macro_f1(gold, pred, n_labels: int) -> float:
-    return metric_value(gold, pred, n_labels, "macro_f1")
-
-
-def majority_rate(gold, n_labels: int | None = None) -> float:
-    """Accuracy of always answering the most frequent gold label."""
-    gold = np.asarray(gold, dtype=int)
-    if gold.size == 0:
-        raise ValueError("no gold labels")
-    return float(np.bincount(gold, minlength=n_labels or 0).max() / gold.size)
-
-
-def at_or_below_majority(accuracy: float, majority: float | None, tol: float = 1e-9) -> bool:
-    """True when a method does no better than always answering the majority class."""
-    return majority is not None and accuracy <= majority + tol
-
-
-# ----------------------------------------------------------------------------- paired statistics
-def bootstrap_weights(n: int, n_boot: int = N_BOOT, seed: int = 0) -> np.ndarray:
-    """[n_boot, n] resample counts: row b says how often each example is drawn in resample b
-    (n draws with replacement).  Both prompts are scored on the SAME resamples: that is what
-    makes the bootstrap paired."""
-    if n <= 0:
-        raise ValueError("the bootstrap needs at least one example")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_boot, n))
-    return np.stack([np.bincount(row, minlength=n) for row in idx]).astype(float)
-
-
-def paired_bootstrap(gold, pred_a, pred_b, n_labels: int, *, metrics=("accuracy", "macro_f1"), n_boot: int = N_BOOT,
-                     seed: int = 0, level: float = LEVEL) -> dict[str, dict[str, float]]:
-    """Difference ``b - a`` of each metric on the same examples, with a percentile bootstrap
-    interval at ``level``: ``{metric: {a, b, difference, low, high}}``."""
-    gold, a, b = (np.asarray(x, dtype=int) for x in (gold, pred_a, pred_b))
-    if not len(gold) == len(a) == len(b):
-        raise ValueError(f"paired predictions need the same examples: {len(gold)} gold, {len(a)} and {len(b)} predictions")
-    w = bootstrap_weights(len(gold), n_boot, seed)
-    ma, mb = _weighted_metrics(w, gold, a, n_labels), _weighted_metrics(w, gold, b, n_labels)
-    out = {}
-    for m in metrics:
-        diffs = mb[m] - ma[m]
-        lo, hi = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
-        va, vb = metric_value(gold, a, n_labels, m), metric_value(gold, b, n_labels, m)
-        out[m] = {"a": va, "b": vb, "difference": vb - va, "low": float(lo), "high": float(hi)}
-    return out
-
-
-def mcnemar_exact(gold, pred_a, pred_b) -> dict[str, Any]:
-    """McNemar's exact test: of the examples exactly one prompt gets right (``a_only`` +
-    ``b_only``), is the split compatible with a fair coin?  Two-sided exact binomial p-value
-    (``scipy.stats.binomtest``); 1.0 when the prompts never disagree on correctness."""
-    from scipy.stats import binomtest
-
-    gold, a, b = (np.asarray(x, dtype=int) for x in (gold, pred_a, pred_b))
-    if not len(gold) == len(a) == len(b):
-        raise ValueError(f"paired predictions need the same examples: {len(gold)} gold, {len(a)} and {len(b)} predictions")
-    ra, rb = a == gold, b == gold
-    a_only, b_only = int((ra & ~rb).sum()), int((rb & ~ra).sum())
-    k = a_only + b_only
-    p = 1.0 if k == 0 else float(binomtest(min(a_only, b_only), k, 0.5).pvalue)
-    return {"a_only": a_only, "b_only": b_only, "p_value": min(p, 1.0)}
-
-
-# ----------------------------------------------------------------------------- selection
-def _score(c: dict, metric: str) -> tuple:
-    v = c.get("valid") or {}
-    other = "accuracy" if metric != "accuracy" else "macro_f1"
-    cost = (c.get("cost") or {})
-    return (v.get(metric, float("-inf")), v.get(other, float("-inf")), -(cost.get("train_s") or 0.0),
-            -(cost.get("tokens_added") or 0.0))
-
-
-def select(candidates: list[dict], metric: str = "macro_f1") -> dict | None:
-    """The candidate with the best validation ``metric`` (ties: the other metric, then less
-    training, then fewer tokens per query, then the first).  Only ``candidate["valid"]`` is
-    read: a candidate's test scores cannot change the choice."""
-    if metric not in SELECT_METRICS:
-        raise ValueError(f"unknown selection metric {metric!r}; choose from {', '.join(SELECT_METRICS)}")
-    scored = [c for c in candidates if c.get("valid")]
-    if not scored:
-        return None
-    best = scored[0]
-    for c in scored[1:]:
-        if _score(c, metric) > _score(best, metric):
-            best = c
-    return best
-
-
 # ----------------------------------------------------------------------------- the decision
 def _pts(x: float) -> str:
     return f"{100 * x:+.1f}"
@@ -170,7 +50,7 @@ def _pts(x: float) -> str:
 def _public(c: dict | None, majority: float | None) -> dict | None:
     if c is None:
         return None
-    out = {k: v for k, v in c.items() if k != "predictions"}
+    out = {k: v for k, v in c.items() if k not in ("predictions", "valid_predictions")}
     test = c.get("test") or {}
     out["at_or_below_majority"] = at_or_below_majority(test.get("accuracy", 0.0), majority) if test else None
     return out
@@ -197,8 +77,27 @@ def _cost_text(c: dict) -> str:
     return ", ".join(parts)
 
 
+def _floor_text(floor: dict, metric: str) -> str:
+    name = METRIC_NAMES.get(metric, metric)
+    return f"always answering *{floor['label']}* (validation {name} {100 * floor['valid'][metric]:.1f})"
+
+
+def _break_even_text(be: dict | None) -> str:
+    if be is None:
+        return ""
+    lat = f"{be['soft_ms']:.1f} vs {be['hard_ms']:.1f} ms per query for the hard prompt"
+    if be["queries"] == 0:
+        return f" Break-even: the soft prompt cost no more to make than the hard prompt ({lat})."
+    if be["queries"] is None:
+        return (f" Break-even: never, in time: the soft prompt is not faster per query ({lat}), so its "
+                f"{_secs(be['one_off_s'])} of training is not paid back by cheaper queries.")
+    return (f" Break-even: the soft prompt's {_secs(be['one_off_s'])} of training (less the hard prompt's search) "
+            f"is paid back by its faster queries ({lat}) after {be['queries']:,} queries.")
+
+
 def decide(hard: dict | None, soft: dict | None, gold, n_labels: int, *, metric: str = "macro_f1",
-           majority: float | None = None, n_boot: int = N_BOOT, seed: int = 0) -> dict[str, Any] | None:
+           majority: float | None = None, n_boot: int = N_BOOT, seed: int = 0, valid_gold=None,
+           labels: list[str] | None = None) -> dict[str, Any] | None:
     """The decision block of a comparison (kept in ``results.json`` and rendered first).
 
     ``hard`` and ``soft`` are the candidates :func:`select` chose, each a dict with ``name``,
@@ -206,12 +105,28 @@ def decide(hard: dict | None, soft: dict | None, gold, n_labels: int, *, metric:
     ``gold``'s order) and ``cost`` (``train_s``, ``search_s``, ``tokens_added``, ``latency_ms``).
     The rule: deploy the soft prompt only when it is not worse than the hard prompt on validation
     (when there is validation data; ``metric``, then the other metric) AND the test interval of
-    the ``metric`` difference lies above zero."""
+    the ``metric`` difference lies above zero.  With ``valid_gold`` (validation label indices) a
+    prompt must also beat always answering the majority label there (``floor``), else neither is
+    recommended (``deploy`` "neither"); ``break_even`` says when training pays for itself."""
     if hard is None and soft is None:
         return None
     name = METRIC_NAMES.get(metric, metric)
+    floor = majority_floor(valid_gold, n_labels, labels, metric)
+    if floor is not None:
+        floor.update({"hard_beats": beats_floor(hard, floor, metric), "soft_beats": beats_floor(soft, floor, metric)})
+        floor["beaten"] = bool(floor["hard_beats"] or floor["soft_beats"])
+    be = break_even(hard, soft)
     out: dict[str, Any] = {"select_metric": metric, "majority_rate": majority, "n_test": len(gold),
-                           "hard": _public(hard, majority), "soft": _public(soft, majority)}
+                           "hard": _public(hard, majority), "soft": _public(soft, majority), "floor": floor,
+                           "break_even": be}
+    if floor is not None and not floor["beaten"]:
+        chosen = " nor ".join(f"the {k} prompt *{c['name']}* ({name} {100 * c['valid'][metric]:.1f})"
+                              for k, c in (("hard", hard), ("soft", soft)) if c is not None)
+        out.update({"deploy": "neither", "difference": None, "mcnemar": None, "significant": None, "recommendation": (
+            f"Deploy neither: neither {chosen} beats {_floor_text(floor, metric)} on the validation data, at this "
+            f"data size and model. More data, another model or other prompts may; "
+            f"a constant answer needs no model at all.")})
+        return out
     if hard is None or soft is None:
         only = hard or soft
         kind = "hard" if hard else "soft"
@@ -250,8 +165,18 @@ def decide(hard: dict | None, soft: dict | None, gold, n_labels: int, *, metric:
                 "and the hard prompt needs no training.")
     if deploy == "hard":
         text += f" Costs: the hard prompt {_cost_text(hard)}; the soft prompt {_cost_text(soft)}."
+    text += _break_even_text(be)
+    mc_significant = mc["p_value"] < 1 - LEVEL
+    if mc_significant != significant and not worse_on_valid:
+        text += (f" The two paired tests disagree (McNemar {'is' if mc_significant else 'is not'} significant, the "
+                 f"{name} interval {'spans' if not significant else 'excludes'} zero): the rule follows the interval, "
+                 f"because it measures the selection metric and the size of the difference, while McNemar counts "
+                 f"only the examples exactly one prompt gets right (accuracy).")
+    if floor is not None and not floor[f"{deploy}_beats"]:
+        text += f" Note: the {deploy} prompt does not beat {_floor_text(floor, metric)} on validation."
     out.update({"deploy": deploy, "difference": diff, "mcnemar": mc, "significant": significant,
-                "soft_worse_on_validation": worse_on_valid, "recommendation": text,
+                "tests_agree": mc_significant == significant, "soft_worse_on_validation": worse_on_valid,
+                "recommendation": text,
                 "bootstrap": {"resamples": n_boot, "level": LEVEL, "seed": seed, "kind": "paired percentile"}})
     return out
 
@@ -302,29 +227,62 @@ def candidates(results: dict[str, Any]) -> tuple[list[dict], list[dict]]:
                 out[side].append({"name": rec.get("label", rid) + ("" if cal == "none" else f", {cal} calibration"),
                                   "run": rid, "calibration": cal, "template": rec.get("template"),
                                   "instruction": rec.get("instruction"), "valid": v.get("valid"), "test": v["test"],
-                                  "predictions": v["predictions"], "cost": cost,
+                                  "predictions": v["predictions"], "valid_predictions": v.get("valid_predictions"),
+                                  "cost": cost,
                                   **({"artifact": rec["artifact"]} if rec.get("artifact") else {})})
     return out["hard"], out["soft"]
 
 
-def from_results(results: dict[str, Any], metric: str | None = None, *, n_boot: int = N_BOOT,
-                 seed: int = 0) -> dict[str, Any] | None:
+def from_results(results: dict[str, Any], metric: str | None = None, *, n_boot: int = N_BOOT, seed: int = 0,
+                 max_latency_ms: float | None = None) -> dict[str, Any] | None:
     """The decision block of a comparison, a function of its ``results.json`` alone (classification
-    tasks; None for generation or when nothing competed)."""
+    tasks; None for generation or when nothing competed).  Candidates slower than ``max_latency_ms``
+    per query (default: the comparison's ``--max-latency-ms``) are ruled out before choosing;
+    ``stability`` reruns the choice on resamples of the validation examples."""
     data = results.get("data") or {}
     gold = data.get("test_gold")
     if (results.get("task") or {}).get("kind") != "classification" or not gold:
         return None
-    metric = metric or (results.get("config") or {}).get("select_metric") or "macro_f1"
+    config = results.get("config") or {}
+    metric = metric or config.get("select_metric") or "macro_f1"
+    max_ms = max_latency_ms if max_latency_ms is not None else config.get("max_latency_ms")
     hard, soft = candidates(results)
+    counts = {"hard": len(hard), "soft": len(soft)}
+    (hard, slow_h), (soft, slow_s) = within_latency(hard, max_ms), within_latency(soft, max_ms)
+    limit = None if max_ms is None else {"max_ms": max_ms, "ruled_out": {"hard": len(slow_h), "soft": len(slow_s)}}
+    if limit and not hard and not soft and (slow_h or slow_s):
+        return {"select_metric": metric, "deploy": None, "latency_limit": limit, "candidates": counts,
+                "recommendation": f"No decision: every candidate is slower than {max_ms:g} ms per query "
+                                  "(--max-latency-ms)."}
     h, s = select(hard, metric), select(soft, metric)
     if (h is None and hard) or (s is None and soft):  # no validation data: nothing may be chosen on test
         return {"select_metric": metric, "deploy": None, "recommendation": (
             "No decision: without validation data no prompt can be chosen except by its test score, which "
             "this comparison does not do. Give validation data (--valid-file, or a training pool large enough "
             "to hold some out).")}
-    n_labels = len((results.get("task") or {}).get("verbalizer") or {}) or (max(gold) + 1)
-    out = decide(h, s, gold, n_labels, metric=metric, majority=data.get("majority_accuracy"), n_boot=n_boot, seed=seed)
+    labels = list((results.get("task") or {}).get("verbalizer") or {})
+    n_labels = len(labels) or (max(gold) + 1)
+    valid_gold = data.get("valid_gold")
+    out = decide(h, s, gold, n_labels, metric=metric, majority=data.get("majority_accuracy"), n_boot=n_boot, seed=seed,
+                 valid_gold=valid_gold, labels=labels or None)
     if out is not None:
-        out["candidates"] = {"hard": len(hard), "soft": len(soft)}
+        out["candidates"] = counts
+        out["latency_limit"] = limit
+        if limit and (slow_h or slow_s):
+            out["recommendation"] += (f" Ruled out before choosing, slower than {max_ms:g} ms per query: "
+                                      f"{len(slow_h)} hard and {len(slow_s)} soft candidates.")
+        st = stability(hard, soft, valid_gold, gold, n_labels, metric=metric, decision=out["deploy"], seed=seed,
+                       n_boot=n_boot)
+        out["stability"] = st
+        if st is not None:
+            out["recommendation"] += " " + stability_text(st, out["deploy"])
     return out
+
+
+def stability_text(st: dict, deploy: str) -> str:
+    """"The same recommendation in 94% of 200 resamples of the validation examples" and its split."""
+    split = ", ".join(f"{k} {v}" for k, v in st["counts"].items() if v)
+    same = "" if st.get("same_prompts") is None else (
+        f"; the same two prompts were chosen in {100 * st['same_prompts']:.0f}%")
+    return (f"Stability: {deploy} in {100 * st['agreement']:.0f}% of {st['resamples']} resamples of the validation "
+            f"examples (each family's best and the decision rerun on each: {split}{same}).")

@@ -11,7 +11,7 @@ from typing import Any
 
 from .decision import METRIC_NAMES, SELECT_SECTIONS
 
-__all__ = ["calibration_blocks", "decision_blocks"]
+__all__ = ["calibration_blocks", "check_lines", "decision_blocks"]
 
 
 def _p(x: float | None) -> str:
@@ -63,6 +63,9 @@ def decision_blocks(results: dict[str, Any]) -> list[tuple]:
                           f"percentile bootstrap ({boot.get('resamples')} resamples of the test examples, seed "
                           f"{boot.get('seed')}). McNemar's exact test: {mc['b_only']} examples only the soft prompt "
                           f"gets right, {mc['a_only']} only the hard prompt, p = {mc['p_value']:.3g}.")))
+    checks = check_lines(dec)
+    if checks:
+        out.append(("p", "**Checks on the choice.** " + " ".join(checks)))
     cands = dec.get("candidates") or {}
     src = data.get("valid_source", "validation split")
     maj = data.get("majority_accuracy")
@@ -81,6 +84,39 @@ def decision_blocks(results: dict[str, Any]) -> list[tuple]:
         out.append(("p", (f"Soft prompts started from the chosen hard prompt *{start['name']}*: its instruction "
                           f"(`{start.get('instruction') or ''}`) as text initialisation and as the hybrids' text.")))
     return out
+
+
+def check_lines(dec: dict[str, Any]) -> list[str]:
+    """One sentence per check of ``decision_checks``: the majority floor, stability under resampled
+    validation data, the break-even query count, the latency limit."""
+    mname = METRIC_NAMES.get(dec.get("select_metric", "macro_f1"), dec.get("select_metric"))
+    lines = []
+    floor = dec.get("floor")
+    if floor:
+        beat = [k for k in ("hard", "soft") if floor.get(f"{k}_beats")]
+        lines.append(f"Majority floor: always answering *{floor['label']}* scores "
+                     f"{_p(floor['valid'].get(dec.get('select_metric', 'macro_f1')))}% validation {mname}; "
+                     + (f"beaten by the {' and the '.join(beat)} prompt." if beat else "neither chosen prompt beats it."))
+    st = dec.get("stability")
+    if st:
+        split = ", ".join(f"{k} {v}" for k, v in st["counts"].items() if v)
+        lines.append(f"Stability: the recommendation ({dec.get('deploy')}) comes out of {_p(st['agreement'])}% of "
+                     f"{st['resamples']} bootstrap resamples of the validation examples, each rerunning both families' "
+                     f"choice and the rule ({split}).")
+    be = dec.get("break_even")
+    if be:
+        when = ("never (the soft prompt is not faster per query)" if be["queries"] is None
+                else f"after {be['queries']:,} queries")
+        lines.append(f"Break-even: {be['one_off_s']:.1f} s of extra one-off cost at {be['soft_ms']:.1f} vs "
+                     f"{be['hard_ms']:.1f} ms per query is paid back {when}.")
+    lim = dec.get("latency_limit")
+    if lim:
+        r = lim["ruled_out"]
+        lines.append(f"Latency limit {lim['max_ms']:g} ms per query: {r['hard']} hard and {r['soft']} soft candidates "
+                     "ruled out before choosing.")
+    if dec.get("tests_agree") is False:
+        lines.append("The paired bootstrap interval and McNemar's test disagree; the rule follows the interval.")
+    return lines
 
 
 def calibration_blocks(results: dict[str, Any]) -> list[tuple]:

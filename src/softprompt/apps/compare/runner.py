@@ -220,7 +220,8 @@ class Comparison:
         if not self.generative:
             pos = {lab: i for i, lab in enumerate(self.task.labels)}
             self.results["data"].update({
-                "test_gold": [pos[ex.label] for ex in self.test], "valid_source": self.valid_source,
+                "test_gold": [pos[ex.label] for ex in self.test], "valid_gold": [pos[ex.label] for ex in self.valid],
+                "valid_source": self.valid_source,
                 "valid_label_counts": {lab: sum(ex.label == lab for ex in self.valid) for lab in self.task.labels}})
         if self.notes:
             self.results["notes"] = list(self.notes)

@@ -45,7 +45,8 @@ def score_variants(bank, entry, valid, test, calibrations, *, batch_size: int = 
     "metrics": chosen test metrics (with confusion), "valid_metrics": chosen validation metrics,
     "valid_s": seconds spent scoring validation (the selection's cost)}``.
 
-    ``predictions`` are label indices on ``test`` (for the paired test of ``decision``);
+    ``predictions`` are label indices on ``test`` (for the paired test of ``decision``),
+    ``valid_predictions`` on ``valid`` (for the decision's stability under resampling);
     ``calibration`` is the fitted prior applied to test (what a deployed prompt would carry).
     The run's own choice among its calibrations is the best on validation by ``select_metric``
     (without validation data: the first of ``calibrations``)."""
@@ -71,7 +72,9 @@ def score_variants(bank, entry, valid, test, calibrations, *, batch_size: int = 
         v = {"test": summary_metrics(gold_test, pred, labels), "calibration": cal_test.to_dict(),
              "predictions": [labels.index(p) for p in pred], "valid": None}
         if raw_valid is not None:
-            v["valid"] = summary_metrics([ex.label for ex in valid], _predict(raw_valid, cal_valid, labels), labels)
+            vp = _predict(raw_valid, cal_valid, labels)
+            v["valid"] = summary_metrics([ex.label for ex in valid], vp, labels)
+            v["valid_predictions"] = [labels.index(p) for p in vp]  # decision_checks.stability resamples them
         variants[method] = v
     chosen = select([{"name": k, **v} for k, v in variants.items()], select_metric) if valid else None
     name = chosen["name"] if chosen else cals[0]
@@ -94,6 +97,7 @@ def variants_from_scores(labels: list[str], valid, test, valid_scores: dict | No
         if valid_scores is not None and valid:
             vp = [labels[j] for j in valid_scores[method].argmax(-1).tolist()]
             v["valid"] = summary_metrics([ex.label for ex in valid], vp, labels)
+            v["valid_predictions"] = [labels.index(p) for p in vp]
         variants[method] = v
     chosen = select([{"name": k, **v} for k, v in variants.items()], select_metric) if valid_scores else None
     name = chosen["name"] if chosen else list(variants)[0]
@@ -127,4 +131,5 @@ def ensemble_variants(comp, names: list[str], res) -> tuple[dict, float]:
     if comp.valid:
         rv = ensemble_classify(comp.bank, names, comp.valid, batch_size=comp.cfg.eval_batch_size * len(names))
         v["valid"] = summary_metrics([ex.label for ex in comp.valid], rv.predictions["mean"], labels)
+        v["valid_predictions"] = [labels.index(p) for p in rv.predictions["mean"]]
     return {"none": v}, time.perf_counter() - t
