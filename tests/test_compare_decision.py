@@ -83,6 +83,11 @@ def test_compare_chooses_on_validation_and_starts_soft_prompts_from_the_hard_pro
     assert dec["soft"]["cost"]["train_s"] >= sum(r["train"]["wall_s"] for r in softs) - 1e-6
     assert set(dec["difference"]) == {"macro_f1", "accuracy"} and dec["deploy"] in ("hard", "soft")
     assert json.loads((out / "results.json").read_text())["decision"]["recommendation"] == dec["recommendation"]
+    # issue 23: every candidate carries its validation predictions; the block its floor, stability, break-even
+    assert d["valid_gold"] and all(len(c["valid_predictions"]) == len(d["valid_gold"]) for c in hard + soft)
+    assert dec["floor"]["label"] in TASK.labels and dec["stability"]["resamples"] == 200
+    assert sum(dec["stability"]["counts"].values()) == 200 and "Stability:" in dec["recommendation"]
+    assert dec["break_even"]["hard_ms"] == dec["hard"]["cost"]["latency_ms"] and dec["latency_limit"] is None
     # the chosen hard prompt is saved as an artifact that scores as the decision says
     from softprompt.core.bank import PromptBank
     from softprompt.core.prompts import SoftPrompt
@@ -96,6 +101,7 @@ def test_compare_chooses_on_validation_and_starts_soft_prompts_from_the_hard_pro
     assert again.metrics["accuracy"] == pytest.approx(dec["hard"]["test"]["accuracy"])
     md = (out / "report.md").read_text()
     assert "## Decision" in md and "**Recommendation.**" in md and "## Calibration" in md and "Headline" not in md
+    assert "**Checks on the choice.** Majority floor: always answering" in md
     # test labels do not move the choice: perturb every test score, recompute
     shuffled = copy.deepcopy(res)
     rng = random.Random(0)

@@ -81,6 +81,15 @@ def case_probe(out: Path, resume: bool = False):  # head only on a tiny BERT: po
                                 progress=False)
 
 
+IMBALANCED_VALID = [Example({"text": t}, "pos") for t in POS + POS[:2]] + [Example({"text": t}, "neg") for t in NEG[:2]]
+"""8 pos / 2 neg (80/20): accuracy and macro-F1 can rank steps differently; both runs must use the one rule."""
+
+
+def case_imbalanced(out: Path, resume: bool = False):
+    return train_prompt(tiny_causal_lm(), tiny_tokenizer(), TOY, TRAIN, IMBALANCED_VALID, PROMPT_CFG, out_dir=out,
+                        resume=resume, progress=False)
+
+
 def case_fsdp(out: Path, resume: bool = False):
     """Prompt tuning with the frozen model's layers sharded over the processes (FSDP2 on gloo)."""
     from softprompt.training.distributed import launched, shard_frozen_model
@@ -92,7 +101,7 @@ def case_fsdp(out: Path, resume: bool = False):
                         progress=False)
 
 
-CASES = {"prompt": case_prompt, "ptuning": case_ptuning, "prefix": case_prefix, "encoder": case_encoder,
+CASES = {"prompt": case_prompt, "imbalanced": case_imbalanced, "ptuning": case_ptuning, "prefix": case_prefix, "encoder": case_encoder,
          "probe": case_probe, "fsdp": case_fsdp, "resume": case_prompt}
 
 WORKER = textwrap.dedent("""
@@ -161,7 +170,7 @@ def test_two_processes_train_the_same_prompt_as_one(tmp_path, monkeypatch):
     import softprompt.training.prompt as T
 
     one, two = tmp_path / "one", tmp_path / "two"
-    names = ["prompt", "ptuning", "prefix", "encoder", "probe", "fsdp"]
+    names = ["prompt", "imbalanced", "ptuning", "prefix", "encoder", "probe", "fsdp"]
     for name in names:
         CASES[name](one / name)
     # a 1-process run that dies after its checkpoint at step 4, to be resumed by 2 processes
@@ -206,6 +215,12 @@ def test_two_processes_train_the_same_prompt_as_one(tmp_path, monkeypatch):
     for name in names:
         assert_same_run(one / name, two / name)
     assert_same_run(one / "prompt", two / "resume")  # resumed on 2 processes from a 1-process checkpoint
+    # imbalanced validation (80/20): both runs kept the step best by selection.classification_score
+    from softprompt.training.selection import classification_score
+
+    hist = [h for h in json.loads((one / "imbalanced" / "history.json").read_text()) if "valid" in h]
+    best = max(hist, key=lambda h: classification_score(h["valid"]))["step"]
+    assert SoftPrompt.load(one / "imbalanced" / "prompt.safetensors").training["best_step"] == best
     # sanity: the comparison can fail - different seeds give different prompts
     a = SoftPrompt.load(one / "prompt" / "prompt.safetensors").embeddings
     b = SoftPrompt.load(one / "ptuning" / "prompt.safetensors").embeddings

@@ -440,3 +440,34 @@ def test_restarts_keep_the_best_fitting_encoder_run(bert):
     assert [r["seed"] for r in runs if r["chosen"]] == [best]
     assert torch.equal(chosen.prompt.embeddings, singles[best].prompt.embeddings)
     assert torch.equal(chosen.prompt.head["weight"], singles[best].prompt.head["weight"])
+
+
+def test_encoder_trainer_ranks_by_the_one_selection_rule(bert, monkeypatch):
+    """The encoder trainer's validate() scores with training.selection.classification_score, as
+    prompt training does: on 80/20 validation data a state stuck on the majority class (accuracy
+    0.8, macro-F1 0.44) ranks below a balanced one (accuracy 0.7, macro-F1 0.67)."""
+    import softprompt.training.encoder_head as EH
+    from softprompt.core.scoring import Classification
+    from softprompt.training.encoder_head import EncoderTrainable
+    from softprompt.training.selection import classification_score
+
+    model, tok = bert
+    labels = SENTIMENT.labels
+    gold = [labels[0]] * 8 + [labels[1]] * 2
+    exs = [Example({"text": "good movie"}, g) for g in gold]
+    trainable = EncoderTrainable(model, tok, SENTIMENT, exs, TrainConfig(seed=0), 2, pooling="mean", head_lr=0.1)
+    preds = {"stuck": [labels[0]] * 10, "balanced": [labels[0]] * 5 + [labels[1]] * 5}
+    which = {}
+
+    def fake_classify(bank, entry, examples, batch_size=32):
+        p = preds[which["now"]]
+        scores = torch.tensor([[0.0, -1.0] if x == labels[0] else [-1.0, 0.0] for x in p])
+        return Classification(labels, p, scores.softmax(-1), scores, {})
+
+    monkeypatch.setattr(EH, "classify", fake_classify)
+    out = {}
+    for name in preds:
+        which["now"] = name
+        out[name] = trainable.validate(exs)
+        assert out[name]["score"] == classification_score(out[name])
+    assert out["stuck"]["accuracy"] > out["balanced"]["accuracy"] and out["balanced"]["score"] > out["stuck"]["score"]

@@ -11,7 +11,9 @@ The package, in the order its imports go::
 
     config       CompareConfig, method names, Run / Row, data fingerprints
     templates    the templates a comparison builds (lengths, hybrids, transfer, few-shot answers)
-    decision     choosing on validation; paired bootstrap, McNemar, the recommendation
+    decision_stats  metrics on weighted examples, paired bootstrap, McNemar, the selection rule
+    decision_checks majority floor, stability over resampled validation, break-even, latency limit
+    decision     choosing on validation; the recommendation and its checks
     variants     one prompt scored under every calibration on validation and test
     measure      latency per query, the one-line run summary
     planners     the registry: one ``@planner("method")`` per method; ``plan()`` runs them in order
@@ -65,7 +67,11 @@ without one, a stratified ``valid_fraction`` of the training pool (``splits.py``
 go first; the hard prompt best on validation (``select_metric``, default macro-F1) is where
 soft prompts start (``start_from_hard``: its instruction as text init and hybrid text).  At the
 end ``results["decision"]`` holds each family's prompt chosen on validation, their paired
-bootstrap interval and McNemar test on the test set, and the recommendation.
+bootstrap interval and McNemar test on the test set, and the recommendation.  Issue 23 checks
+it (``decision_checks``): neither prompt is recommended when neither beats always answering the
+majority label on validation (``floor``); ``stability`` reruns the whole choice on 200
+resamples of the validation examples; ``break_even`` is the query count after which the soft
+prompt's training is paid back by faster queries; ``max_latency_ms`` rules out slow candidates.
 
 ``DEFAULT_METHODS`` (what the CLI's ``--methods all`` means) is every method except
 ``ptuning`` and ``prefix``: each adds one training per seed, and a default comparison
