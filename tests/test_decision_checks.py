@@ -176,3 +176,16 @@ def test_winners_curse_today_s_rule_rarely_finds_the_real_gain():
         cands.insert(int(rng.integers(0, 51)), _cand("real", _noisy(gold, 0.6, rng), gold))
         hits += D.select(cands)["name"] == "real"
     assert 0.05 <= hits / 200 <= 0.30, hits / 200
+
+
+def test_max_latency_option_is_validated_and_documented():
+    from typer.testing import CliRunner
+
+    from softprompt.apps.compare import CompareConfig
+    from softprompt.cli import app
+
+    assert CompareConfig(max_latency_ms=12.5).to_dict()["max_latency_ms"] == 12.5
+    with pytest.raises(ValueError, match="max_latency_ms must be positive"):
+        CompareConfig(max_latency_ms=0)
+    out = CliRunner().invoke(app, ["compare", "--help"], terminal_width=200).output
+    assert "--max-latency-ms" in out
