@@ -202,7 +202,13 @@ def test_cli_compare_runs_on_user_files(tmp_path):
     assert soft["spec"]["lr"] == "auto" and train["lr_auto"] and len(search) == 6
     assert len({(c["lr"], c["seed"]) for c in search}) == 6 and sum(c["chosen"] for c in search) == 1
     chosen = next(c for c in search if c["chosen"])
-    assert (train["lr"], train["seed"]) == (chosen["lr"], chosen["seed"]) and chosen["steps"] == train["steps"]
+    retried = train.get("collapse_restarts") or []  # the chosen run collapsed: retrained from another seed at its rate
+    assert train["lr"] == chosen["lr"]
+    if retried:
+        assert retried[0]["seed"] == chosen["seed"] and retried[0]["collapsed"]
+        assert train["seed"] == next(a["seed"] for a in retried if a["chosen"])
+    else:
+        assert train["seed"] == chosen["seed"] and chosen["steps"] == train["steps"]
     assert sum(c["steps"] for c in search) <= 2.75 * 4  # the better half goes on, not every candidate
     assert res["decision"]["soft"]["cost"]["search_runs"] == 6  # the decision's cost counts every candidate
     row = next(r for r in res["rows"] if r["runs"] == ["soft/main/len20/text/n12/seed0"] and r["section"] == "main")

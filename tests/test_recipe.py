@@ -11,7 +11,7 @@ from softprompt.training.config import TrainConfig
 from softprompt.training.loop import Trainable, fit
 from softprompt.training.prompt import train_prompt
 from softprompt.training.recipe import DEFAULT_RECIPE, Recipe, collapse_reason, embedding_scale, loss_plateaued
-from softprompt.training.search import guard_collapse, rung_steps, search_lr, successive_halving
+from softprompt.training.search import SEARCH_LRS, guard_collapse, rung_steps, search_lr, successive_halving
 
 POS = ["good movie", "great film", "love this movie", "amazing film", "good good", "happy great"]
 NEG = ["bad movie", "awful film", "hate this movie", "terrible film", "bad bad", "sad awful"]
@@ -163,5 +163,5 @@ def test_cli_train_by_default_searches_the_rate_and_says_why_it_stopped(tmp_path
     search = saved.training["lr_search"]
     assert len(search) == 6 and sum(s["chosen"] for s in search) == 1  # 3 rates x 2 seeds
     scale = embedding_scale(model)
-    assert sorted({round(s["lr"] / scale, 6) for s in search}) == [0.1, 0.3, 1.0]
+    assert sorted({round(s["lr"] / scale, 6) for s in search}) == sorted(SEARCH_LRS)
     assert saved.training["recipe"]["lr_unit"] == "embedding"

@@ -28,7 +28,7 @@ from .distributed import DataParallel
 from .recipe import DEFAULT_RECIPE, Recipe, collapse_reason
 
 SEED_STRIDE = 1000  # attempt a of seed s trains with seed s + a * SEED_STRIDE
-SEARCH_LRS = (0.1, 0.3, 1.0)  # candidate rates, in the recipe's unit (embedding-entry std)
+SEARCH_LRS = (0.3, 1.0, 2.2)  # candidate rates, in the recipe's unit (embedding-entry std): the study's AdamW rates
 
 
 class Run(Protocol):
