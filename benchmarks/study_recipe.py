@@ -39,6 +39,7 @@ RECIPES: dict[str, Recipe] = {
     "adamw_rel0.1": replace(DEFAULT_RECIPE, lr=0.1),
     "adamw_rel0.3": replace(DEFAULT_RECIPE, lr=0.3),
     "adamw_rel1": replace(DEFAULT_RECIPE, lr=1.0),
+    "adamw_rel2.2": replace(DEFAULT_RECIPE, lr=2.2),
     "adafactor_rel0.3": replace(DEFAULT_RECIPE, optimizer="adafactor-relative", lr=0.3, lr_unit="absolute"),
     "init_text": replace(DEFAULT_RECIPE, init="text"),
     "init_vocab": replace(DEFAULT_RECIPE, init="vocab"),

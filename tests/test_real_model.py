@@ -26,8 +26,13 @@ def real():
 
 
 def test_demo_prompt_learns_and_beats_zero_shot(real, tmp_path):
-    from softprompt import PromptBank, SoftPrompt, TrainConfig, classify, load_task, train_prompt
+    """The soft prompt as `softprompt demo` trains it (the default recipe, the demo's step budget,
+    32 training messages held out to validate it) beats the zero-shot instruction."""
+    from softprompt import PromptBank, SoftPrompt, classify, load_task
+    from softprompt.cli.train import DEMO_MAX_STEPS, DEMO_VALID
     from softprompt.core.templates import Template
+    from softprompt.data.splits import holdout_split
+    from softprompt.training.search import train_with_recipe
 
     model, tok = real
     data = load_task("demo")
@@ -36,18 +41,18 @@ def test_demo_prompt_learns_and_beats_zero_shot(real, tmp_path):
     zs = bank.add("zs", Template(task.instruction + "\n" + Template(task.template).without_soft().text),
                   verbalizer=task.verbalizer)
     zero_shot = classify(bank, zs, test).metrics["accuracy"]
-    cfg = TrainConfig(epochs=2, lr=0.1, batch_size=8, init="labels", warmup_steps=5)
-    res = train_prompt(model, tok, task, data["train"], None, cfg, out_dir=tmp_path, progress=False)
+    train, valid = holdout_split(data["train"], task.labels, DEMO_VALID / len(data["train"]), DEMO_VALID, 0)
+    res = train_with_recipe(model, tok, task, train, valid, seed=0, search=False, out_dir=tmp_path,
+                            max_steps=DEMO_MAX_STEPS, warmup_steps=5, progress=False)
     losses = [h["loss"] for h in res.history]
     assert sum(losses[-10:]) / 10 < 0.7 * sum(losses[:10]) / 10, losses
     prompt = SoftPrompt.load(tmp_path / "prompt.safetensors", model=model)
     bank.add_prompt(prompt, "soft")
     soft = classify(bank, "soft", test).metrics["accuracy"]
-    # measured 2026-11-22: zero-shot 0.47, soft 0.80 (loss 1.03 -> 0.59), transformers 5.23.  Measured
-    # 2026-12-02 with transformers 5.24: zero-shot 0.47, soft 0.68, identically at commit 3348ea8 (where
-    # 0.80 was measured) and after the issue-13 redesign, so the change is the environment's, not the
-    # code's; the bar is the lower of the two measurements less a margin, the gain over zero-shot unchanged
-    assert soft >= 0.65 and soft >= zero_shot + 0.15, (soft, zero_shot)
+    # measured 2026-12-06 (transformers 5.25; benchmarks/study_recipe.py --protocol demo, adamw_rel0.3 at 100
+    # steps): soft 0.80 / 0.76 for seeds 0 / 2 against zero-shot 0.47; the bar is seed 0's less a margin.  The
+    # issue-22 target (>= 0.85 over 3 seeds) is not reached yet: docs/benchmarks.md, "Training recipe study"
+    assert soft >= 0.72 and soft >= zero_shot + 0.15, (soft, zero_shot)
     assert all(not p.requires_grad for p in model.parameters())
 
 

@@ -82,7 +82,7 @@ def compare(
                                          "epochs per trained prompt."),
     min_steps: int = typer.Option(0, help="With --epochs: at least this many steps (small sets get more epochs)."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (absolute) of the sweeps (length, init, hybrid, curve) and "
-                                       "of prefix tuning (default: the training recipe's, 2.2 x the model's "
+                                       "of prefix tuning (default: the training recipe's, 0.3 x the model's "
                                        "embedding-entry std, as `train` and `demo` use)."),
     lrs: str = typer.Option("", help="Main prompt-tuning method: an explicit grid of absolute learning rates, e.g. "
                             "0.03,0.1,0.3 (one row per rate x --seeds; validation data picks; the whole grid counts as "

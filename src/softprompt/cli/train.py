@@ -41,7 +41,7 @@ def train(
     reparam: str = typer.Option("none", help="--method prefix: none (train key/values directly) | mlp (produce them with an MLP while training; the saved prompt holds plain key/values)."),
     epochs: Optional[int] = typer.Option(None, help="Train exactly this many epochs (default: the recipe's, until validation, or the training loss without validation data, stops improving, at most --max-steps)."),
     max_steps: Optional[int] = typer.Option(None, help="At most this many steps (default: the recipe's, 120)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate, absolute (default: chosen on the validation data by successive halving over 0.3/1.0/2.2 x the model's embedding-entry std and 2 seeds; 2.2 x that std without validation data; for --method ptuning / --reparam mlp 0.001 or a search over 3e-4/1e-3/3e-3)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate, absolute (default: chosen on the validation data by successive halving over 0.3/1.0/2.2 x the model's embedding-entry std and 2 seeds; 0.3 x that std without validation data; for --method ptuning / --reparam mlp 0.001 or a search over 3e-4/1e-3/3e-3)."),
     batch_size: int = typer.Option(8),
     optimizer: Optional[str] = typer.Option(None, help="adamw (default) | adafactor | adafactor-relative (steps scaled by each tensor's RMS, as Lester et al.)"),
     loss: str = typer.Option("rank", help="rank (cross-entropy over labels) | lm (log-prob of the gold words)"),
@@ -324,15 +324,16 @@ def predict(
 
 # ----------------------------------------------------------------------------- demo
 DEMO_VALID = 32  # training messages held out (stratified) to validate the demo's soft prompt
+DEMO_MAX_STEPS = 100  # the demo's step budget: the whole demo stays within a few minutes on 2 cores
 
 
 @app.command()
 def demo(
     model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
     out: Path = typer.Option(Path("runs/demo"), help="Where the trained prompt is saved."),
-    max_steps: int = typer.Option(50, help="At most this many training steps (the recipe stops earlier once the "
+    max_steps: int = typer.Option(DEMO_MAX_STEPS, help="At most this many training steps (the recipe stops earlier once the "
                                   "validation score stops improving)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate, absolute (default: the training recipe's, 2.2 x "
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate, absolute (default: the training recipe's, 0.3 x "
                                        "the model's embedding-entry std, as train and compare use)."),
     seed: int = typer.Option(0),
 ):

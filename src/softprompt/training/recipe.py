@@ -35,7 +35,7 @@ class Recipe:
     """How a soft prompt is trained when the user names nothing else."""
 
     optimizer: str = "adamw"
-    lr: float = 2.2  # peak learning rate, in ``lr_unit`` (SmolLM2-135M: 2.2 x 0.136 = 0.30 absolute)
+    lr: float = 0.3  # peak learning rate, in ``lr_unit`` (SmolLM2-135M: 0.3 x 0.136 = 0.041 absolute)
     lr_unit: str = "embedding"  # embedding: lr x the model's embedding-entry std; absolute: lr as is
     init: str = "labels"
     warmup_steps: int = 10

@@ -111,6 +111,8 @@ def search_lr(train: Callable[..., TrainResult], base: TrainConfig, lrs: Sequenc
     folder without one); ``resume=True`` continues each from there."""
     if not base.max_steps:
         raise ValueError("the search needs max_steps (every candidate follows the same schedule)")
+    if work_dir is None and DataParallel.current().active:  # every process must continue from the same checkpoints
+        raise ValueError("a data-parallel learning-rate search needs an out_dir shared by the processes")
     cands = [(lr, seed) for seed in seeds for lr in lrs]
     with tempfile.TemporaryDirectory(prefix="sp-search-") if work_dir is None else contextlib.nullcontext(work_dir) as d:
         runs = [PromptRun(train, replace(base, lr=lr, seed=seed), Path(d) / f"c{i}", resume)
