@@ -46,7 +46,12 @@ class Scripted(Trainable):
         return {"p": self.p.detach().clone()}
 
     def finish(self, final, summary):
-        return final
+        return Artifact(final)
+
+
+class Artifact(dict):
+    def save(self, path):
+        torch.save(dict(self), path)
 
 
 def test_loss_plateau_rule():
@@ -63,6 +68,14 @@ def test_a_flat_loss_stops_and_a_falling_one_runs_on():
     assert flat.history[-1]["stop"] == "loss_plateau"
     falling = fit(Scripted([1.0 - 0.004 * i for i in range(200)]), data, None, cfg, progress=False)
     assert falling.stop_reason == "max_steps" and falling.steps == 200
+
+
+def test_resuming_a_run_that_stopped_does_not_train_on(tmp_path):
+    cfg = TrainConfig(epochs=0, max_steps=200, batch_size=1, eval_every=10, patience=3, warmup_steps=0)
+    data = [Example({"text": "x"}, "pos")] * 4
+    first = fit(Scripted([0.7] * 200), data, None, cfg, out_dir=tmp_path, progress=False)
+    again = fit(Scripted([0.1] * 200), data, None, cfg, out_dir=tmp_path, resume=True, progress=False)
+    assert (again.steps, again.stop_reason) == (first.steps, "loss_plateau") == (40, "loss_plateau")
 
 
 def test_recipe_learning_rate_is_relative_to_the_embedding_scale():

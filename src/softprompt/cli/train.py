@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
 import random
 import shlex
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 

@@ -223,6 +223,8 @@ def fit(trainable: Trainable, train_examples, valid_examples, cfg: TrainConfig, 
     stop_reason = "max_steps" if cfg.max_steps is not None and cfg.max_steps <= total else "epochs"
     running = None
     stop_at = total if until_step is None else min(total, until_step)
+    if run.history and "stop" in run.history[-1]:  # resuming a run that had already ended (stopped early too)
+        stop_at = run.step
     for step in range(run.step, stop_at):
         epoch, idx = plan[step]
         set_lr(optimizer, step, total, cfg)
