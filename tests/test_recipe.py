@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from softprompt.data import Example, Task
+from softprompt.data import Example
 from softprompt.testing import tiny_causal_lm, tiny_tokenizer
 from softprompt.training.config import TrainConfig
 from softprompt.training.loop import Trainable, fit
@@ -13,11 +13,7 @@ from softprompt.training.prompt import train_prompt
 from softprompt.training.recipe import DEFAULT_RECIPE, Recipe, collapse_reason, embedding_scale, loss_plateaued
 from softprompt.training.search import SEARCH_LRS, guard_collapse, rung_steps, search_lr, successive_halving
 
-POS = ["good movie", "great film", "love this movie", "amazing film", "good good", "happy great"]
-NEG = ["bad movie", "awful film", "hate this movie", "terrible film", "bad bad", "sad awful"]
-TASK = Task(name="toy", kind="classification", template="{soft:4} review : {text} label :",
-            verbalizer={"pos": " yes", "neg": " no"})
-TRAIN = [Example({"text": t}, "pos") for t in POS] + [Example({"text": t}, "neg") for t in NEG]
+from test_train import TASK, TRAIN  # the toy sentiment task of the training tests
 
 
 # ----------------------------------------------------------------------------- stopping
