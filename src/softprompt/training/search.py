@@ -147,9 +147,6 @@ def guard_collapse(train: Callable[[TrainConfig], TrainResult], cfg: TrainConfig
     return chosen, records
 
 
-__all__ = ["DEFAULT_RECIPE", "PromptRun", "Recipe", "Run", "SEARCH_LRS", "best_score", "guard_collapse",
-           "rung_steps", "search_lr", "successive_halving"]
-
 
 # ----------------------------------------------------------------------------- the default way to train
 ENCODER_LRS = (3e-4, 1e-3, 3e-3)  # absolute: an encoder network's weights (P-tuning, prefix through an MLP)
@@ -204,3 +201,7 @@ def train_with_recipe(model, tokenizer, task, train_examples, valid_examples=Non
         result.prompt.save(out / "prompt.safetensors")
         (out / "history.json").write_text(json.dumps(result.history, indent=1))
     return result
+
+
+__all__ = ["ENCODER_LRS", "PromptRun", "Run", "SEARCH_LRS", "SEED_STRIDE", "best_score", "guard_collapse", "rung_steps",
+           "search_lr", "successive_halving", "train_with_recipe"]
