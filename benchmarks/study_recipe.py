@@ -29,6 +29,7 @@ import torch
 from softprompt import PromptBank, classify, load_model, load_task
 from softprompt.training.prompt import train_prompt
 from softprompt.training.recipe import DEFAULT_RECIPE, Recipe
+from softprompt.training.selection import kept_validation
 
 # one factor at a time around the base recipe (AdamW, a step relative to the embedding scale)
 RECIPES: dict[str, Recipe] = {
@@ -75,7 +76,7 @@ def run_one(model, tok, data, recipe: Recipe, seed: int, n_train: int, n_valid: 
     bank = PromptBank(model, tok)
     e = bank.add_prompt(res.prompt, "p")
     m = classify(bank, e, test, batch_size=32).metrics
-    best = next((h["valid"] for h in res.history if h["step"] == res.best_step and "valid" in h), {})
+    best = kept_validation(res) or {}
     return {"valid_macro_f1": best.get("macro_f1"), "valid_accuracy": best.get("accuracy"),
             "test_accuracy": m["accuracy"], "test_macro_f1": m["macro_f1"], "steps": res.steps,
             "best_step": res.best_step, "train_s": round(seconds, 1), "lr": cfg.lr,

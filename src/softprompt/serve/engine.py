@@ -286,8 +286,7 @@ class Engine:
         self._check_room(name, prompts, plan["prefix_lens"])  # before computing any key/values
         return plan
 
-    # the vLLM backend (no __init__ of ours) sets max_tasks only: it keeps no key/value cache
-    max_tasks: int = EngineConfig.max_tasks
+    # the vLLM backend (no __init__ of ours) keeps no key/value cache: no memory bound to check
     max_prefix_cache_bytes: int | None = None
     kv_bytes_per_token: int = 0
 

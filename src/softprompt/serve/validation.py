@@ -13,7 +13,6 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-
 from ..core.bank import check_soft_fit
 from ..core.calibration import Calibration
 from ..core.prompt_meta import MAX_LABEL_CHARS

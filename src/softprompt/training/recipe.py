@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 
 from .config import TrainConfig
+from .selection import kept_validation
 
 LR_UNITS = ("embedding", "absolute")
 
@@ -79,7 +80,7 @@ def collapse_reason(result, n_labels: int, *, share: float = 0.9) -> str | None:
 
     * its kept prompt predicts one class for >= ``share`` of the validation examples, or
     * its training loss over the last evaluation window stayed at or above the uniform guess."""
-    kept = next((h.get("valid") for h in result.history if h["step"] == result.best_step and "valid" in h), None)
+    kept = kept_validation(result)
     if kept and kept.get("top_share") is not None and kept["top_share"] >= share:
         if kept.get("gold_top_share", 0.0) < share:  # a validation set that is itself one class cannot tell
             return f"predicts one class for {kept['top_share']:.0%} of the validation examples"

@@ -95,9 +95,9 @@ class PromptRun:
 
 def best_score(result: TrainResult) -> tuple:
     """The kept step's validation score (the one selection rule, ``selection.py``)."""
-    from .selection import classification_score, generation_score
+    from .selection import classification_score, generation_score, kept_validation
 
-    kept = next((h["valid"] for h in result.history if h["step"] == result.best_step and "valid" in h), None)
+    kept = kept_validation(result)
     if kept is None:
         return (float("-inf"),)
     return classification_score(kept) if "macro_f1" in kept else generation_score(kept)

@@ -25,6 +25,12 @@ def generation_score(m: dict) -> tuple:
     return (m["f1"], m["exact_match"])
 
 
+def kept_validation(result) -> dict | None:
+    """The validation metrics of the step a finished run kept (``result.best_step``), or None
+    when it was never validated."""
+    return next((h["valid"] for h in result.history if h["step"] == result.best_step and "valid" in h), None)
+
+
 def prediction_shares(pred: torch.Tensor, gold: torch.Tensor) -> dict:
     """The share of the most predicted class and of the most common gold class: a prompt that
     answers one class for (nearly) every input has collapsed (``recipe.collapse_reason``)."""
@@ -34,4 +40,4 @@ def prediction_shares(pred: torch.Tensor, gold: torch.Tensor) -> dict:
     return {"top_share": top(pred), "gold_top_share": top(gold)}
 
 
-__all__ = ["classification_score", "generation_score", "prediction_shares"]
+__all__ = ["classification_score", "generation_score", "kept_validation", "prediction_shares"]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 
 from .decision_stats import (  # noqa: F401  (the statistics' public names stay importable from here)
     LEVEL, METRIC_NAMES, N_BOOT, SELECT_METRICS, _score, _weighted_metrics, at_or_below_majority, bootstrap_weights,
