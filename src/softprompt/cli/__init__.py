@@ -1,4 +1,4 @@
-"""The ``softprompt`` command line: train, eval, predict, demo, models, serve.
+"""The ``softprompt`` command line: train, eval, predict, demo, distill, models, serve.
 
 Every command takes ``--model`` (an embedded alias such as ``smollm2-135m``, a local model
 folder, or a hub id for users who have the hub) and either a built-in ``--task`` or your
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .common import _device, _files_name, _verbalizer, app, default_instruction, default_template
 from .launch import _free_port, launch_command
-from . import train, serve, catalog, compare, prompts  # noqa: E402,F401  (registers the commands)
+from . import train, distill, serve, catalog, compare, prompts  # noqa: E402,F401  (registers the commands)
 
 __all__ = ["app", "main", "launch_command", "_free_port", "_device", "_files_name", "_verbalizer",
            "default_instruction", "default_template"]

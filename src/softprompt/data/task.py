@@ -46,13 +46,16 @@ class Example:
     ``fields`` maps input field names (those used in a task template) to text.  A
     classification example has ``label`` (a key of :attr:`Task.verbalizer`); a generation
     example has ``target`` (the answer to train on, the first gold answer) and ``answers``
-    (every gold answer, because EM/F1 take the best match over them).
+    (every gold answer, because EM/F1 take the best match over them).  ``soft_label``, when
+    given, is a distribution over the task's labels (verbalizer order) that training matches
+    instead of ``label``: a teacher prompt's answer in distillation (``apps/distill.py``).
     """
 
     fields: dict[str, str]
     label: str | None = None
     target: str | None = None
     answers: tuple[str, ...] = ()
+    soft_label: tuple[float, ...] = ()
 
 
 

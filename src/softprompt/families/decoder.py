@@ -9,7 +9,7 @@ import torch
 
 from ..core.bank import PromptBank
 from ..core.conditioning import continuation_logprobs, full_context, greedy_generate, label_logprobs, run_context
-from ..core.losses import answer_loss, answer_targets, classification_loss
+from ..core.losses import answer_loss, answer_targets, classification_loss, label_targets
 from ..core.packing import packed_label_scores, packed_logprobs
 from .base import FamilyBase
 
@@ -43,9 +43,9 @@ class DecoderFamily(FamilyBase):
             rows = (label_logprobs(bank, ctx) if ctx is not None
                     else packed_logprobs(bank, entry_idx, suffixes, [e.label_ids] * len(examples), **packed))
             scores = torch.stack(rows)  # [B, n_labels]
-            gold = torch.tensor([e.labels.index(ex.label) for ex in examples], device=scores.device)
+            gold, soft = label_targets(examples, e.labels, scores.device)
             n_tokens += sum(len(ids) - 1 for ids in e.label_ids) * len(examples)
-            return classification_loss(scores, gold, loss, class_weights), n_tokens
+            return classification_loss(scores, gold, loss, class_weights, soft), n_tokens
         targets = answer_targets(bank.tokenizer, examples)
         lp = (continuation_logprobs(bank, ctx, list(range(len(examples))), targets) if ctx is not None
               else torch.cat(packed_logprobs(bank, entry_idx, suffixes, [[t] for t in targets], **packed)))

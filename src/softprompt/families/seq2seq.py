@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from ..core.bank import PromptBank
 from ..core.cache_api import cache_arg, output_cache
 from ..core.conditioning import DEFAULT_MAX_BATCH_TOKENS, scores_per_label, take_token
-from ..core.losses import answer_loss, answer_targets, classification_loss
+from ..core.losses import answer_loss, answer_targets, classification_loss, label_targets
 from .base import PREFIX_UNSUPPORTED, FamilyBase
 
 def decoder_start_id(model) -> int:
@@ -201,9 +201,9 @@ def batch_loss(
     n_tokens = int(enc.mask.sum())
     if e.kind == "classification":
         scores = torch.stack(label_logprobs(bank, enc))  # [B, n_labels]
-        gold = torch.tensor([e.labels.index(ex.label) for ex in examples], device=scores.device)
+        gold, soft = label_targets(examples, e.labels, scores.device)
         n_tokens += sum(len(ids) for ids in e.label_ids) * len(examples)
-        return classification_loss(scores, gold, loss, class_weights), n_tokens
+        return classification_loss(scores, gold, loss, class_weights, soft), n_tokens
     targets = answer_targets(bank.tokenizer, examples)
     lp = continuation_logprobs(bank, enc, list(range(len(examples))), targets)
     n_tokens += sum(len(t) for t in targets)
