@@ -26,7 +26,7 @@ class DecoderFamily(FamilyBase):
     def batch_loss(self, bank: PromptBank, entry: int, examples, loss: str = "rank",
                    class_weights: torch.Tensor | None = None, context: str = "cached", compile: bool = False,
                    pack_tokens: int | None = None) -> tuple[torch.Tensor, int]:
-        """``train.batch_loss`` for decoders: the prompt's context run cached, in one ``full`` pass, or
+        """``training.prompt.batch_loss`` for decoders: the prompt's context run cached, in one ``full`` pass, or
         ``packed`` (several examples and their label words per row, ``core/packing.py``)."""
         e = bank.entries[entry]
         suffixes = [bank.suffix_ids(entry, ex.fields) for ex in examples]

@@ -329,7 +329,8 @@ class EncoderFamily(FamilyBase):
     def batch_loss(self, bank, entry, examples, loss="rank", class_weights=None, context="cached", compile=False,
                    pack_tokens=None):
         raise UnsupportedError(self.name, "rank_classification", "encoder prompts train with their head, in "
-                               "encoder.train_encoder_prompt, not through train.batch_loss")
+                               "softprompt.training.encoder_head.train_encoder_prompt, not through "
+                               "softprompt.training.prompt.batch_loss")
 
     def label_scores(self, bank, entry_idx, suffixes, max_batch_tokens, compile=False, context="cached"):
         self.require("rank_classification")

@@ -191,7 +191,7 @@ def greedy_generate(
 def batch_loss(
     bank: PromptBank, entry: int, examples, loss: str = "rank", class_weights: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, int]:
-    """Mean loss over ``examples`` and the number of tokens run, as ``train.batch_loss``:
+    """Mean loss over ``examples`` and the number of tokens run, as ``training.prompt.batch_loss``:
     classification uses the label words as decoder targets (``rank``: cross-entropy over the
     label scores; ``lm``: -log p(gold words)); generation uses the answer + EOS, the loss
     being the mean per-token negative log-likelihood of the target tokens only."""
