@@ -130,6 +130,23 @@ def test_family_check_lives_in_one_module():
     assert hits == ["softprompt.families"], f"model-family checks outside softprompt/families/__init__.py: {hits}"
 
 
+KIND_LITERAL = re.compile(r"""(?<!require\()["'](classification|generation)["']""")  # require(...): a capability
+KIND_LITERAL_ALLOWED = {
+    "softprompt.data.task",  # the home: TaskKind's values
+    "softprompt.families.base",  # "generation" there is a capability name, not a task kind
+    # edited concurrently when TaskKind came (issue 25): still to move to TaskKind
+    "softprompt.apps.compare.decision", "softprompt.apps.compare.runner", "softprompt.cli.compare",
+    "softprompt.cli.train", "softprompt.hard.baselines", "softprompt.training.encoder_head",
+    "softprompt.training.prompt", "softprompt.training.search",
+}
+
+
+def test_task_kind_is_spelled_in_one_place():
+    """Task kinds are :class:`~softprompt.data.task.TaskKind` members, not string literals."""
+    hits = sorted({_module_name(p) for p in SRC.rglob("*.py") if KIND_LITERAL.search(p.read_text())})
+    assert not set(hits) - KIND_LITERAL_ALLOWED, f"task-kind string literals (use TaskKind): {sorted(set(hits) - KIND_LITERAL_ALLOWED)}"
+
+
 @pytest.mark.parametrize("question,module", [("where does a soft token enter the model", "softprompt/core/conditioning.py"),
                                              ("where is a new method added", "softprompt/apps/compare/planners.py")])
 def test_readme_answers_a_newcomer(question, module):

@@ -11,6 +11,7 @@ from ..core.bank import PromptBank
 from ..core.conditioning import continuation_logprobs, full_context, greedy_generate, label_logprobs, run_context
 from ..core.losses import answer_loss, answer_targets, classification_loss
 from ..core.packing import packed_label_scores, packed_logprobs
+from ..data.task import TaskKind
 from .base import FamilyBase
 
 
@@ -39,7 +40,7 @@ class DecoderFamily(FamilyBase):
         else:
             ctx = run_context(bank, entry_idx, suffixes)
         n_tokens = sum(len(s) for s in suffixes)
-        if e.kind == "classification":
+        if e.kind == TaskKind.CLASSIFICATION:
             rows = (label_logprobs(bank, ctx) if ctx is not None
                     else packed_logprobs(bank, entry_idx, suffixes, [e.label_ids] * len(examples), **packed))
             scores = torch.stack(rows)  # [B, n_labels]

@@ -42,6 +42,7 @@ from ..core.bank import NamedEntries, family_of
 from ..core.method import Method
 from ..core.prompts import ModelIdentity, SoftPrompt
 from ..core.templates import Template
+from ..data.task import TaskKind
 from .base import FamilyBase, UnsupportedError
 
 POOLINGS = ("mean", "cls")
@@ -76,7 +77,7 @@ class EncoderEntry:
     labels: list[str]
     pooling: str = "mean"
     verbalizer: dict[str, str] | None = None  # only the label order matters for encoders
-    kind: str = "classification"
+    kind: str = TaskKind.CLASSIFICATION
 
     @property
     def n_soft(self) -> int:

@@ -43,6 +43,7 @@ from ..core.bank import PromptBank
 from ..core.cache_api import cache_arg, output_cache
 from ..core.conditioning import DEFAULT_MAX_BATCH_TOKENS, scores_per_label, take_token
 from ..core.losses import answer_loss, answer_targets, classification_loss
+from ..data.task import TaskKind
 from .base import PREFIX_UNSUPPORTED, FamilyBase
 
 def decoder_start_id(model) -> int:
@@ -199,7 +200,7 @@ def batch_loss(
     suffixes = [bank.suffix_ids(entry, ex.fields) for ex in examples]
     enc = encode(bank, torch.full((len(examples),), entry), suffixes)
     n_tokens = int(enc.mask.sum())
-    if e.kind == "classification":
+    if e.kind == TaskKind.CLASSIFICATION:
         scores = torch.stack(label_logprobs(bank, enc))  # [B, n_labels]
         gold = torch.tensor([e.labels.index(ex.label) for ex in examples], device=scores.device)
         n_tokens += sum(len(ids) for ids in e.label_ids) * len(examples)
