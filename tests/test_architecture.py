@@ -147,8 +147,28 @@ def test_task_kind_is_spelled_in_one_place():
     assert not set(hits) - KIND_LITERAL_ALLOWED, f"task-kind string literals (use TaskKind): {sorted(set(hits) - KIND_LITERAL_ALLOWED)}"
 
 
+FILE_WRITES = re.compile(r"""\.write_text\(|\.write_bytes\(|\bjson\.dump\(|\btorch\.save\(|\.savefig\(|\bshutil\.copy\w*\("""
+                         r"""|\bopen\([^)]*["'][wax]b?\+?["']|\.open\(\s*["'][wax]|\bopen\([^)]*mode\s*=\s*["'][wax]""")
+FILE_WRITES_ALLOWED = {
+    "softprompt.core.atomic": "the one atomic writer itself",
+    "softprompt.serve.backends.vllm_transport": "torch.save into an in-memory buffer (a request body), not a file",
+}
+
+
+def test_every_file_is_written_through_the_atomic_writer():
+    """A crash must never leave half a file under its real name (core/atomic.py says why): no
+    module writes a file itself.  A write on a line that calls ``atomic.`` fills its temp file."""
+    hits = [f"{_module_name(p)}:{i}: {line.strip()}" for p in sorted(SRC.rglob("*.py"))
+            if _module_name(p) not in FILE_WRITES_ALLOWED
+            for i, line in enumerate(p.read_text().splitlines(), 1)
+            if FILE_WRITES.search(line) and "atomic." not in line]
+    assert not hits, "files written outside core/atomic.py (use atomic.write_text / write_json / write_atomic):\n" + \
+        "\n".join(hits)
+
+
 @pytest.mark.parametrize("question,module", [("where does a soft token enter the model", "softprompt/core/conditioning.py"),
                                              ("where is a new method added", "softprompt/apps/compare/planners.py")])
 def test_readme_answers_a_newcomer(question, module):
     readme = (SRC.parents[1] / "README.md").read_text()
     assert module in readme and (SRC.parent / module).exists(), f"README should point to {module} for {question!r}"
+

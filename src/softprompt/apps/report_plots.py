@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..core import atomic
 from ..data.task import TaskKind
 
 __all__ = ["FAMILY_COLORS", "METRICS", "PLOTS", "best_row", "draw_plots", "metric_names", "plot_names"]
@@ -105,7 +106,8 @@ def _title(results: dict) -> str:
 
 
 def _save(fig, path: Path) -> None:
-    fig.savefig(path, bbox_inches="tight", dpi=110)
+    atomic.write_atomic(path, lambda tmp: fig.savefig(tmp, format=Path(path).suffix[1:] or "png", bbox_inches="tight",
+                                                      dpi=110), mode=0o644)
 
 
 def _plot_by_method(plt, rows, results, path: Path) -> bool:

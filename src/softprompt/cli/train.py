@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 
+from ..core import atomic
 from .common import (CALIBRATION_HELP, EVAL_CALIBRATION_HELP, MODEL_HELP, _bank, _calibration, _command_line,
                      _device, _eval_calibrated, _evaluate, _fail, _load_model, _load_task_data, _results_table,
                      _row, _set_threads, _split, _verbalizer, app, console)
@@ -144,7 +145,7 @@ def train(
     if not dp.is_main:
         return  # a sharded model: every rank ran the test forwards above, the main one reports
     size = result.prompt.save(out / "prompt.safetensors")
-    (out / "metrics.json").write_text(json.dumps(result.prompt.metrics, indent=1))
+    atomic.write_json(out / "metrics.json", result.prompt.metrics, indent=1, mode=0o644)
     shape = f"{result.prompt.n_tokens} tokens x {result.prompt.hidden_size} floats"
     if result.prompt.kv is not None:
         shape += f" + {result.prompt.n_prefix}-position key/values at every layer"
@@ -248,7 +249,7 @@ def eval_(
                          f"hard template: {tmpl.text!r}", rows, results, scoring)
     console.print(_results_table(rows, f"{data.task.name}: {split} ({len(examples)} examples)"))
     if json_out:
-        json_out.write_text(json.dumps(results, indent=1))
+        atomic.write_json(json_out, results, indent=1, mode=0o644)
 
 
 @app.command()
