@@ -2,6 +2,9 @@
 long to hold in one's head, and one module that knows about model families (README: Architecture)."""
 import ast
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -172,3 +175,15 @@ def test_readme_answers_a_newcomer(question, module):
     readme = (SRC.parents[1] / "README.md").read_text()
     assert module in readme and (SRC.parent / module).exists(), f"README should point to {module} for {question!r}"
 
+
+def test_ruff_finds_nothing():
+    """``ruff check`` (pyproject's [tool.ruff]: unused imports, undefined names, ...) is clean; ruff
+    comes with the test extra, so ``make test`` runs this."""
+    ruff = Path(sys.executable).with_name("ruff")
+    ruff = str(ruff) if ruff.exists() else shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is not installed (pip install -e '.[test]' installs it)")
+    root = SRC.parents[1]
+    r = subprocess.run([ruff, "check", "--no-cache", "src", "tests", "benchmarks"], cwd=root, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]

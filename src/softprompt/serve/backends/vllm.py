@@ -487,5 +487,6 @@ def make_vllm_backend(model: str, *, urls: Sequence[str] = (), max_model_len: in
     else:
         max_logprobs = max(20, int(engine_kw.get("max_labels", 100)) + 1)
         transport = InProcessTransport(front.path, max_model_len=max_model_len, max_logprobs=max_logprobs,
-                                       tensor_parallel_size=tensor_parallel_size, engine_kwargs={"enforce_eager": True} if enforce_eager else None)
+                                       tensor_parallel_size=tensor_parallel_size,
+                                       engine_kwargs={"enforce_eager": True} if enforce_eager else None)
     return VllmBackend(front, transport, base_name=model, **engine_kw)
