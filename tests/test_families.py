@@ -72,7 +72,7 @@ def test_table_covers_every_family_and_capability():
     assert [by_name["serve"][f] for f in FAMILIES] == ["yes", "-", "-"]
     with pytest.raises(ValueError, match="unknown capability"):
         DECODER.supports("flying")
-    with pytest.raises(ValueError, match="unknown method"):  # still the training loop's own message
+    with pytest.raises(ValueError, match="unknown method"):  # TrainConfig refuses it
         train_prompt(tiny_causal_lm(), tiny_tokenizer(), TASK, TRAIN, config=TrainConfig(method="flying"), progress=False)
 
 

@@ -182,7 +182,7 @@ def test_cli_train_context_option(tmp_path, monkeypatch):
     from softprompt.core.prompts import SoftPrompt
 
     r = CliRunner().invoke(app, ["train", "--task", "sst2", "--context", "fast"])
-    assert r.exit_code != 0 and "--context must be one of" in r.output
+    assert r.exit_code != 0 and "context must be one of" in r.output
     r = CliRunner().invoke(app, ["train", "--task", "sst2", "--context", "packed", "--method", "prefix"])
     assert r.exit_code != 0 and "prefix tuning" in r.output
     model_dir = tmp_path / "tiny"

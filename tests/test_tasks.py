@@ -18,6 +18,7 @@ from softprompt.data import (
     Example,
     Task,
     TaskData,
+    TaskKind,
     data_root,
     from_hf_dataset,
     hotpot_context,
@@ -67,6 +68,15 @@ def test_task_rejects_bad_definitions():
         Task(name="x", kind="regression", template="{text}")
     with pytest.raises(ValueError, match="verbalizer"):
         Task(name="x", kind="classification", template="{text}")
+
+
+def test_task_kind_is_read_as_the_enum_and_written_as_its_string():
+    t = Task(name="qa", kind="generation", template="{soft:2} Q: {text} A:")
+    assert t.kind is TaskKind.GENERATION and t.kind == "generation"
+    assert json.loads(json.dumps(t.to_dict()))["kind"] == "generation"
+    assert f"{t.kind}" == "generation" and str(SENTIMENT.kind) == "classification"
+    with pytest.raises(ValueError, match=r"\['classification', 'generation'\], got 'Generation'"):
+        Task(name="x", kind="Generation", template="{text}")
 
 
 def test_check_unknown_label_names_label_row_and_known_labels():

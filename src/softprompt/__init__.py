@@ -26,7 +26,8 @@ from .training.search import train_with_recipe
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_MODEL", "DEFAULT_RECIPE", "DataError", "EncoderBank", "Example", "Family", "ModelIdentity", "ModelNotAvailableError", "PromptBank",
+    "DEFAULT_MODEL", "DEFAULT_RECIPE", "DataError", "EncoderBank", "Example", "Family", "ModelIdentity", "ModelNotAvailableError",
+    "PromptBank",
     "PromptFileError", "PromptMismatchError", "Recipe", "SoftPrompt", "Task", "TaskData", "Template", "TemplateError",
     "TrainConfig", "TrainResult", "UnsupportedError", "classification_metrics", "classify", "family_for", "freeze",
     "from_hf_dataset",

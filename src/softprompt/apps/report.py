@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..core import atomic
 from .compare.decision_report import calibration_blocks, decision_blocks
 from .report_plots import METRICS, PLOTS, best_row, draw_plots, metric_names, plot_names
 
@@ -223,7 +224,8 @@ def _blocks(results: dict[str, Any], plots: list[tuple[str, str]]) -> list[tuple
                     "prompt text for hand-written ones (an ensemble counts all its members). *Trainable params*: what the "
                     "optimizer updates (for P-tuning, the prompt encoder network). *Tokens added / query*: soft "
                     "tokens (for prefix tuning, its key/value positions) plus instruction/demonstration/format text "
-                    "around each input (BOS and the input itself excluded); for chain-of-thought it includes the mean number of generated tokens. "
+                    "around each input (BOS and the input itself excluded); for chain-of-thought it includes the mean "
+                    "number of generated tokens. "
                     + (f"*Latency*: wall time per query on {cfg.get('latency_examples')} test examples after a warm-up: "
                        "the median over queries sent one at a time (batch 1), and the best of two passes with all of "
                        "them in one batch (per query), with each prompt's prefix key/values cached as when serving. "
@@ -432,8 +434,8 @@ def write_report(results: dict[str, Any], out_dir: str | os.PathLike) -> dict[st
     plots = make_plots(results, out)
     text = render_markdown(_blocks(results, plots))
     md, hp = out / "report.md", out / "report.html"
-    md.write_text(text, encoding="utf-8")
-    hp.write_text(render_html(text, out, f"softprompt compare: {results['task']['name']}"), encoding="utf-8")
+    atomic.write_text(md, text, mode=0o644)
+    atomic.write_text(hp, render_html(text, out, f"softprompt compare: {results['task']['name']}"), mode=0o644)
     paths = {"markdown": md, "html": hp}
     paths.update({name: out / name for name, _ in plots})
     return paths

@@ -12,13 +12,16 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..core import atomic
+from ..data.task import TaskKind
+
 __all__ = ["FAMILY_COLORS", "METRICS", "PLOTS", "best_row", "draw_plots", "metric_names", "plot_names"]
 
 PLOTS = ("accuracy_by_method.png", "accuracy_vs_length.png", "accuracy_vs_init.png", "learning_curve.png",
          "training_loss.png")
 METRICS = {
-    "classification": (("accuracy", "accuracy"), ("macro_f1", "macro-F1")),
-    "generation": (("exact_match", "exact match"), ("f1", "F1")),
+    TaskKind.CLASSIFICATION: (("accuracy", "accuracy"), ("macro_f1", "macro-F1")),
+    TaskKind.GENERATION: (("exact_match", "exact match"), ("f1", "F1")),
 }
 """Task kind -> ((key, label) of the primary metric, (key, label) of the secondary one)."""
 FAMILY_COLORS = {
@@ -32,7 +35,7 @@ FAMILY_COLORS = {
 
 def metric_names(results: dict[str, Any]) -> tuple[tuple[str, str], tuple[str, str]]:
     """The (key, label) pairs of the primary and secondary metric for this comparison's task kind."""
-    kind = (results.get("task") or {}).get("kind") or "classification"
+    kind = (results.get("task") or {}).get("kind") or TaskKind.CLASSIFICATION
     if kind not in METRICS:
         raise ValueError(f"no metrics defined for task kind {kind!r}; known kinds are {list(METRICS)}")
     return METRICS[kind]
@@ -103,7 +106,8 @@ def _title(results: dict) -> str:
 
 
 def _save(fig, path: Path) -> None:
-    fig.savefig(path, bbox_inches="tight", dpi=110)
+    atomic.write_atomic(path, lambda tmp: fig.savefig(tmp, format=Path(path).suffix[1:] or "png", bbox_inches="tight",
+                                                      dpi=110), mode=0o644)
 
 
 def _plot_by_method(plt, rows, results, path: Path) -> bool:

@@ -12,6 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..data.task import TaskKind
+
 app = typer.Typer(
     help="Train, evaluate and serve soft prompts for frozen language models.",
     no_args_is_help=True,
@@ -78,15 +80,15 @@ def _load_task_data(
         fields = _parse_pairs(field, "--field") or {"text": "text"}
         template = template or default_template(list(fields))
         verb = _verbalizer(verbalizer, template)
-        kind = "generation" if target_column else "classification"
-        if kind == "classification" and not verb:
+        kind = TaskKind.GENERATION if target_column else TaskKind.CLASSIFICATION
+        if kind == TaskKind.CLASSIFICATION and not verb:
             _fail("classification needs --verbalizer LABEL=WORD for every label (e.g. --verbalizer positive=great)")
         t = Task(name=name or _files_name(train_file, test_file, valid_file), kind=kind, template=template,
                  verbalizer=verb or None, instruction=instruction or "")
         splits = {}
         for name, path in (("train", train_file), ("validation", valid_file), ("test", test_file)):
             if path:
-                exs = load_examples(path, fields=fields, label_column=label_column or ("label" if kind == "classification" else None),
+                exs = load_examples(path, fields=fields, label_column=label_column or ("label" if kind == TaskKind.CLASSIFICATION else None),
                                     target_column=target_column, limit=limit, encoding=encoding)
                 t.check(exs, source=str(path))
                 splits[name] = exs
@@ -201,13 +203,13 @@ def _evaluate(bank, entry, examples, kind: str, batch_size: int, desc: str, cali
     from ..core.scoring import classify, generate
 
     t = time.perf_counter()
-    if kind == "classification":
+    if kind == TaskKind.CLASSIFICATION:
         res = classify(bank, entry, examples, batch_size=batch_size, progress=desc, calibration=calibration,
                        **(scoring or {}))
     else:
         res = generate(bank, entry, examples, batch_size=max(batch_size // 2, 1), progress=desc)
     m = dict(res.metrics)
-    if kind == "classification" and calibration is not None:
+    if kind == TaskKind.CLASSIFICATION and calibration is not None:
         m["calibration"] = calibration.to_dict()
     m["ms_per_example"] = 1000 * (time.perf_counter() - t) / max(len(examples), 1)
     return m
@@ -216,9 +218,9 @@ def _evaluate(bank, entry, examples, kind: str, batch_size: int, desc: str, cali
 def _eval_calibrated(bank, entry, examples, kind, batch_size, choices, saved, key, title, rows, results,
                      scoring: dict | None = None) -> None:
     """One result (and table row) per calibration choice; keys ``key`` or ``key/choice`` when several."""
-    several = kind == "classification" and len(choices) > 1
-    for choice in (choices if kind == "classification" else ["none"]):
-        cal = _calibration(bank, entry, choice, saved, examples, batch_size) if kind == "classification" else None
+    several = kind == TaskKind.CLASSIFICATION and len(choices) > 1
+    for choice in (choices if kind == TaskKind.CLASSIFICATION else ["none"]):
+        cal = _calibration(bank, entry, choice, saved, examples, batch_size) if kind == TaskKind.CLASSIFICATION else None
         k = f"{key}/{choice}" if several else key
         results[k] = _evaluate(bank, entry, examples, kind, batch_size, title, cal, scoring)
         rows.append(_row(title, results[k], {"calibration": cal.method} if cal is not None else None))

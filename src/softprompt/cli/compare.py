@@ -218,11 +218,11 @@ def compare(
 
 def _cmp_publish(out: Path, dest: Optional[Path]) -> None:
     """Copy the markdown report and its PNGs (the parts small enough to commit) to ``dest``."""
-    import shutil
+    from ..core import atomic
 
     if dest is None:
         return
     dest.mkdir(parents=True, exist_ok=True)
     for f in [out / "report.md", *sorted(out.glob("*.png"))]:
-        shutil.copy2(f, dest / f.name)
+        atomic.write_bytes(dest / f.name, f.read_bytes(), mode=0o644)
     console.print(f"published report.md and {len(list(out.glob('*.png')))} PNGs to {dest}")

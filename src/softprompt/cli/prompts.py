@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from ..data.task import TaskKind
 from .common import MODEL_HELP, _fail, _load_model, _verbalizer, app, console, err
 
 
@@ -129,5 +130,5 @@ def import_cmd(
         sp.task = task
     size = sp.save(out)
     console.print(f"saved {out} ({size:,} bytes: {sp.n_tokens} soft tokens, template {sp.template!r}, "
-                  f"{'labels ' + ', '.join(sp.labels) if sp.verbalizer else 'generation'})", markup=False)
+                  f"{'labels ' + ', '.join(sp.labels) if sp.verbalizer else TaskKind.GENERATION})", markup=False)
 

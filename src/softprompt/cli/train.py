@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 
+from ..core import atomic
 from .common import (CALIBRATION_HELP, EVAL_CALIBRATION_HELP, MODEL_HELP, _bank, _calibration, _command_line,
                      _device, _eval_calibrated, _evaluate, _fail, _load_model, _load_task_data, _results_table,
                      _row, _set_threads, _split, _verbalizer, app, console)
@@ -71,9 +72,6 @@ def train(
     `torchrun --nproc_per_node N -m softprompt train ...`."""
     from ..training.distributed import DataParallel, launched, process_device, shard_frozen_model
     from ..training.restarts import train_with_restarts
-    from ..core.compiled import resolve_compile
-    from ..core.method import Method
-    from ..core.conditioning import CONTEXT_MODES
     from ..training.prompt import TrainConfig, encoders_for
     from ..training.recipe import DEFAULT_RECIPE
     from ..training.search import train_with_recipe
@@ -86,27 +84,6 @@ def train(
     if shard_model and not launched():
         _fail("--shard-model needs several processes: add --processes N or run under `accelerate launch`")
 
-    try:
-        resolve_compile(compile, "cpu")  # a bad --compile fails before any data or model loads
-    except ValueError as e:
-        _fail(str(e))
-    if context not in CONTEXT_MODES:  # before any data or model loads
-        _fail(f"--context must be one of {', '.join(CONTEXT_MODES)}, got {context!r}")
-    data = _load_task_data(task, train_file, test_file, valid_file, field, label_column, target_column,
-                           template, verbalizer, instruction, None, encoding=encoding)
-    _set_threads(threads)
-    train_ex = list(_split(data, "train"))
-    if train_limit and train_limit < len(train_ex):
-        train_ex = random.Random(seed).sample(train_ex, train_limit)
-    valid_ex = data.splits.get(valid_split)
-    if valid_ex and valid_limit:
-        valid_ex = valid_ex[:valid_limit]
-    try:  # any spelling of the method (prompt, prompt_tuning, PEFT's PROMPT_TUNING) -> the training one
-        method = Method.parse(method).short
-    except ValueError as e:
-        _fail(str(e))
-    if context == "packed" and method == "prefix":
-        _fail("--context packed cannot train prefix tuning (learned per-layer key/values); use cached or full")
     # the recipe's (training/recipe.py) unless the user fixed them; --epochs or --restarts: the fixed-schedule path
     given = {k: v for k, v in dict(optimizer=optimizer, warmup_steps=warmup_steps, eval_every=eval_every,
                                    patience=patience, max_steps=max_steps).items() if v is not None}
@@ -118,17 +95,26 @@ def train(
     if fixed_schedule:
         overrides.update(epochs=epochs or 20, max_steps=max_steps, eval_every=eval_every or 0, patience=patience)
     try:
+        # TrainConfig checks its values (and reads any spelling of the method) before any data or model loads
         cfg = TrainConfig(**{"optimizer": recipe.optimizer, "warmup_steps": recipe.warmup_steps, **overrides})
-        encoders_for(cfg)  # a bad method/encoder combination fails before the model loads
     except (ValueError, TypeError) as e:
         _fail(str(e))
+    data = _load_task_data(task, train_file, test_file, valid_file, field, label_column, target_column,
+                           template, verbalizer, instruction, None, encoding=encoding)
+    _set_threads(threads)
+    train_ex = list(_split(data, "train"))
+    if train_limit and train_limit < len(train_ex):
+        train_ex = random.Random(seed).sample(train_ex, train_limit)
+    valid_ex = data.splits.get(valid_split)
+    if valid_ex and valid_limit:
+        valid_ex = valid_ex[:valid_limit]
     device = process_device(_device())
     # a sharded model is loaded on the CPU, and only its shard moves to the device
     m, tok = _load_model(model, "cpu" if shard_model else device)
     if shard_model:
         try:
-            if method != "prompt":
-                raise ValueError(f"--shard-model supports --method prompt only, not {method!r}")
+            if cfg.method != "prompt":
+                raise ValueError(f"--shard-model supports --method prompt only, not {cfg.method!r}")
             shard_frozen_model(m, device)
         except ValueError as e:
             _fail(str(e))
@@ -159,7 +145,7 @@ def train(
     if not dp.is_main:
         return  # a sharded model: every rank ran the test forwards above, the main one reports
     size = result.prompt.save(out / "prompt.safetensors")
-    (out / "metrics.json").write_text(json.dumps(result.prompt.metrics, indent=1))
+    atomic.write_json(out / "metrics.json", result.prompt.metrics, indent=1, mode=0o644)
     shape = f"{result.prompt.n_tokens} tokens x {result.prompt.hidden_size} floats"
     if result.prompt.kv is not None:
         shape += f" + {result.prompt.n_prefix}-position key/values at every layer"
@@ -263,7 +249,7 @@ def eval_(
                          f"hard template: {tmpl.text!r}", rows, results, scoring)
     console.print(_results_table(rows, f"{data.task.name}: {split} ({len(examples)} examples)"))
     if json_out:
-        json_out.write_text(json.dumps(results, indent=1))
+        atomic.write_json(json_out, results, indent=1, mode=0o644)
 
 
 @app.command()

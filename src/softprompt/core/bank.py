@@ -21,6 +21,7 @@ from .cache_api import cache_arg, cache_layers, make_cache, output_cache
 from .method import Method
 from .prompts import ModelIdentity, SoftPrompt
 from .templates import Template, encode_text
+from ..data.task import TaskKind
 
 
 def pad_right(seqs: list[list[int]], *, pad: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,7 +42,7 @@ class BankEntry:
     template: Template
     soft: torch.Tensor  # [n_soft, hidden]; may require grad
     verbalizer: dict[str, str] | None = None
-    kind: str = "classification"
+    kind: str = TaskKind.CLASSIFICATION
     prefix_ids: list[int] = field(default_factory=list)  # rendered head, soft tokens as negative ids
     label_ids: list[list[int]] = field(default_factory=list)  # verbalizer words as token ids
     method: str = Method.PROMPT_TUNING.value
@@ -151,7 +152,7 @@ class PromptBank(NamedEntries):
         soft: torch.Tensor | None = None,
         *,
         verbalizer: dict[str, str] | None = None,
-        kind: str = "classification",
+        kind: str = TaskKind.CLASSIFICATION,
         method: str = Method.PROMPT_TUNING.value,
         kv: torch.Tensor | None = None,
     ) -> int:
@@ -165,7 +166,7 @@ class PromptBank(NamedEntries):
         if soft is None:
             soft = torch.zeros(template.n_soft, hidden)
         check_soft_fit(f"prompt {name!r}", template, soft, hidden)
-        if kind == "classification":
+        if kind == TaskKind.CLASSIFICATION:
             if not verbalizer:
                 raise ValueError(f"prompt {name!r}: a classification prompt needs a verbalizer (label -> words)")
             label_ids = [encode_text(self.tokenizer, w) for w in verbalizer.values()]

@@ -16,6 +16,7 @@ from pydantic import (
     BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints, ValidationError, field_validator,
 )
 
+from ..data.task import TaskKind
 from .method import Method
 
 #: the longest metadata JSON accepted (bytes); real headers are a few KB
@@ -80,7 +81,7 @@ class PromptMeta(_Lenient):
     template: _str(MAX_TEMPLATE_CHARS)  # type: ignore[valid-type]
     verbalizer: dict[Label, Word] | None = None
     task: Name | None = ""
-    kind: Key = "classification"
+    kind: Key = TaskKind.CLASSIFICATION.value
     method: Key = Method.PROMPT_TUNING.value
     init: Key | None = ""
     training: dict[str, Any] | None = None

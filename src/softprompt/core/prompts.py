@@ -31,6 +31,7 @@ from . import atomic
 from .method import Method
 from .calibration import Calibration
 from .prompt_meta import PromptFileError, parse_meta
+from ..data.task import TaskKind
 
 FORMAT_VERSION = 1
 #: Version written for artifacts with a classification head (encoder models).
@@ -101,7 +102,7 @@ class SoftPrompt:
     template: str = "{soft:0}"
     verbalizer: dict[str, str] | None = None
     task: str = ""
-    kind: str = "classification"
+    kind: str = TaskKind.CLASSIFICATION
     method: str = Method.PROMPT_TUNING.value  # core.method.Method, artifact spelling
     init: str = "random"
     training: dict[str, Any] = field(default_factory=dict)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from ..data.grammar import Segment, TemplateError, parse  # Segment, TemplateError: also this module's API
+from ..data.grammar import Segment, TemplateError, parse  # noqa: F401 -- Segment, TemplateError: also this module's API
 
 
 def soft_id(k: int) -> int:

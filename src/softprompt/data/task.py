@@ -9,13 +9,23 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from .grammar import parse
 
-__all__ = ["KINDS", "DataError", "DataFileNotFoundError", "DataNotFoundError", "Example", "Task", "TaskData"]
+__all__ = ["KINDS", "TaskKind", "DataError", "DataFileNotFoundError", "DataNotFoundError", "Example", "Task", "TaskData"]
 
-KINDS = ("classification", "generation")
+
+class TaskKind(StrEnum):
+    """What a task asks for, the one home of its spelling.  A :class:`~enum.StrEnum`: a member
+    equals its value, so ``kind == "generation"``, JSON, artifacts and run files are unchanged."""
+
+    CLASSIFICATION = "classification"  # score each label's verbalizer words, answer the best
+    GENERATION = "generation"  # greedy-decode an answer, scored by exact match / F1
+
+
+KINDS = tuple(TaskKind)
 
 # --------------------------------------------------------------------------- errors
 
@@ -76,7 +86,7 @@ class Task:
     """
 
     name: str
-    kind: str
+    kind: TaskKind | str  # a str is read as its TaskKind
     template: str
     verbalizer: dict[str, str] | None = None
     instruction: str = ""
@@ -84,8 +94,9 @@ class Task:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"task {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
-        if self.kind == "classification":
+            raise ValueError(f"task {self.name!r}: kind must be one of {[k.value for k in KINDS]}, got {self.kind!r}")
+        self.kind = TaskKind(self.kind)
+        if self.kind == TaskKind.CLASSIFICATION:
             if not self.verbalizer:
                 raise ValueError(f"task {self.name!r}: a classification task needs a verbalizer")
             empty = [k for k, v in self.verbalizer.items() if not str(v).strip()]
@@ -125,7 +136,7 @@ class Task:
                     )
                 if not str(value).strip():
                     raise DataError(f"{where}: field {name!r} is empty")
-            if self.kind == "classification":
+            if self.kind == TaskKind.CLASSIFICATION:
                 if ex.label is None:
                     if require_labels:
                         raise DataError(f"{where}: no label (task {self.name!r} has labels {known})")

@@ -11,6 +11,7 @@ from ..core.bank import PromptBank
 from ..core.conditioning import continuation_logprobs, full_context, greedy_generate, label_logprobs, run_context
 from ..core.losses import answer_loss, answer_targets, classification_loss, label_targets
 from ..core.packing import packed_label_scores, packed_logprobs
+from ..data.task import TaskKind
 from .base import FamilyBase
 
 
@@ -26,7 +27,7 @@ class DecoderFamily(FamilyBase):
     def batch_loss(self, bank: PromptBank, entry: int, examples, loss: str = "rank",
                    class_weights: torch.Tensor | None = None, context: str = "cached", compile: bool = False,
                    pack_tokens: int | None = None) -> tuple[torch.Tensor, int]:
-        """``train.batch_loss`` for decoders: the prompt's context run cached, in one ``full`` pass, or
+        """``training.prompt.batch_loss`` for decoders: the prompt's context run cached, in one ``full`` pass, or
         ``packed`` (several examples and their label words per row, ``core/packing.py``)."""
         e = bank.entries[entry]
         suffixes = [bank.suffix_ids(entry, ex.fields) for ex in examples]
@@ -39,7 +40,7 @@ class DecoderFamily(FamilyBase):
         else:
             ctx = run_context(bank, entry_idx, suffixes)
         n_tokens = sum(len(s) for s in suffixes)
-        if e.kind == "classification":
+        if e.kind == TaskKind.CLASSIFICATION:
             rows = (label_logprobs(bank, ctx) if ctx is not None
                     else packed_logprobs(bank, entry_idx, suffixes, [e.label_ids] * len(examples), **packed))
             scores = torch.stack(rows)  # [B, n_labels]

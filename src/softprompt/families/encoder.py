@@ -42,6 +42,7 @@ from ..core.bank import NamedEntries, family_of
 from ..core.method import Method
 from ..core.prompts import ModelIdentity, SoftPrompt
 from ..core.templates import Template
+from ..data.task import TaskKind
 from .base import FamilyBase, UnsupportedError
 
 POOLINGS = ("mean", "cls")
@@ -76,7 +77,7 @@ class EncoderEntry:
     labels: list[str]
     pooling: str = "mean"
     verbalizer: dict[str, str] | None = None  # only the label order matters for encoders
-    kind: str = "classification"
+    kind: str = TaskKind.CLASSIFICATION
 
     @property
     def n_soft(self) -> int:
@@ -329,7 +330,8 @@ class EncoderFamily(FamilyBase):
     def batch_loss(self, bank, entry, examples, loss="rank", class_weights=None, context="cached", compile=False,
                    pack_tokens=None):
         raise UnsupportedError(self.name, "rank_classification", "encoder prompts train with their head, in "
-                               "encoder.train_encoder_prompt, not through train.batch_loss")
+                               "softprompt.training.encoder_head.train_encoder_prompt, not through "
+                               "softprompt.training.prompt.batch_loss")
 
     def label_scores(self, bank, entry_idx, suffixes, max_batch_tokens, compile=False, context="cached"):
         self.require("rank_classification")

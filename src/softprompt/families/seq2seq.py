@@ -43,6 +43,7 @@ from ..core.bank import PromptBank
 from ..core.cache_api import cache_arg, output_cache
 from ..core.conditioning import DEFAULT_MAX_BATCH_TOKENS, scores_per_label, take_token
 from ..core.losses import answer_loss, answer_targets, classification_loss, label_targets
+from ..data.task import TaskKind
 from .base import PREFIX_UNSUPPORTED, FamilyBase
 
 def decoder_start_id(model) -> int:
@@ -191,7 +192,7 @@ def greedy_generate(
 def batch_loss(
     bank: PromptBank, entry: int, examples, loss: str = "rank", class_weights: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, int]:
-    """Mean loss over ``examples`` and the number of tokens run, as ``train.batch_loss``:
+    """Mean loss over ``examples`` and the number of tokens run, as ``training.prompt.batch_loss``:
     classification uses the label words as decoder targets (``rank``: cross-entropy over the
     label scores; ``lm``: -log p(gold words)); generation uses the answer + EOS, the loss
     being the mean per-token negative log-likelihood of the target tokens only."""
@@ -199,7 +200,7 @@ def batch_loss(
     suffixes = [bank.suffix_ids(entry, ex.fields) for ex in examples]
     enc = encode(bank, torch.full((len(examples),), entry), suffixes)
     n_tokens = int(enc.mask.sum())
-    if e.kind == "classification":
+    if e.kind == TaskKind.CLASSIFICATION:
         scores = torch.stack(label_logprobs(bank, enc))  # [B, n_labels]
         gold, soft = label_targets(examples, e.labels, scores.device)
         n_tokens += sum(len(ids) for ids in e.label_ids) * len(examples)

@@ -103,7 +103,8 @@ def knn_few_shot_classify(bank, task: Task, queries: list[Example], pool: list[E
     """Few-shot rank classification with each query's own nearest demonstrations.
 
     ``embedder``: a ``(model, tokenizer)`` pair for the similarities (default: the bank's frozen
-    LM). ``class_prior``: see ``calibrate.fit_calibration``. The result has ``demos`` (pool indices per query, in prompt order) set as an attribute."""
+    LM). ``class_prior``: see ``calibrate.fit_calibration``. The result has ``demos`` (pool indices per query, in prompt
+    order) set as an attribute."""
     from .baselines import few_shot_template
 
     if calibration not in CALIBRATIONS:

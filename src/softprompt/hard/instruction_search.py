@@ -34,6 +34,7 @@ from ..core.calibration import CALIBRATIONS, Calibration
 from ..core.calibrate import fit_calibration
 from ..core.scoring import classify, generate
 from ..data import Example, Task
+from ..data.task import TaskKind
 from ..core.templates import Template
 
 METRICS = ("macro_f1", "accuracy")
@@ -97,7 +98,7 @@ def _input_name(task: Task) -> str:
 
 def pattern_instructions(task: Task) -> list[str]:
     """The built-in paraphrases for the task's shape (one input field, or a pair), filled in."""
-    if task.kind != "classification":
+    if task.kind != TaskKind.CLASSIFICATION:
         raise ValueError(f"instruction search ranks labels; task {task.name!r} is a {task.kind} task")
     words = list(dict.fromkeys(w.strip() for w in (task.verbalizer or {}).values()))
     or_ = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
@@ -168,7 +169,7 @@ def induce_instructions(bank_or_model, task: Task, examples: list[Example], *, n
     k = min(k, len(labelled))
     # the pairs are the field's text, so braces in the data stay literal; the head is cached once
     name = "__induce__"
-    bank.add(name, INDUCTION_HEAD + "\n\n{pairs}\n\n" + INDUCTION_CUE, kind="generation")
+    bank.add(name, INDUCTION_HEAD + "\n\n{pairs}\n\n" + INDUCTION_CUE, kind=TaskKind.GENERATION)
     queries = []
     for i in range(n):
         demos = sample_demos(labelled, k, seed=seed + i, labels=task.labels)

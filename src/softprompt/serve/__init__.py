@@ -104,7 +104,8 @@ def serve(
         for name, err in report["errors"].items():
             logger.warning("prompt %r not loaded: %s", name, err)
         loaded = report["added"] + report["replaced"]
-        print(f"softprompt serve ({backend}{': ' + ', '.join(vllm_urls) if vllm_urls else ''}): {model} with {len(loaded)} task(s) from {registry.root}: "
+        print(f"softprompt serve ({backend}{': ' + ', '.join(vllm_urls) if vllm_urls else ''}): {model} with {len(loaded)} task(s) "
+              f"from {registry.root}: "
               f"{', '.join(sorted(loaded)) or '(none)'}"
               + (f"; {len(report['errors'])} rejected" if report["errors"] else ""), flush=True)
         app = create_app(engine, registry=registry, token=token, protect_reads=protect_reads,
@@ -117,7 +118,8 @@ def serve(
 
 
 __all__ = [
-    "ClassifyResult", "Engine", "EngineConfig", "FolderLock", "FolderLockedError", "GenerateResult", "InvalidInputError", "ModelMismatchError", "OverloadedError",
+    "ClassifyResult", "Engine", "EngineConfig", "FolderLock", "FolderLockedError", "GenerateResult", "InvalidInputError",
+    "ModelMismatchError", "OverloadedError",
     "PromptRejectedError", "Registry", "ServeError", "TaskSpec", "UnknownTaskError", "create_app", "serve",
     "validate_task_name", "TOKEN_ENV_VAR",
 ]

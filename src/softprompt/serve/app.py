@@ -43,6 +43,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..data.task import TaskKind
 from .engine import ClassifyResult, Engine, GenerateResult, InvalidInputError, ServeError, UnknownTaskError
 from .guard import (
     DEFAULT_BODY_TIMEOUT, DEFAULT_MIN_BODY_RATE, AdminDisabledError, AuthError, Guard, error_response, token_problem,
@@ -286,7 +287,7 @@ async def completions(req: CompletionRequest, request: Request, s: State):
     if req.echo:
         raise InvalidInputError("echo is not supported", param="echo")
     envelope = _Envelope(f"{s.base}:{task}")
-    if spec.kind == "classification":
+    if spec.kind == TaskKind.CLASSIFICATION:
         return await _classify_completion(s, task, prompts, req.stream, envelope, request)
     if req.logprobs is not None:
         raise InvalidInputError("logprobs is not supported for generation tasks (decoding is greedy); leave it out",

@@ -86,6 +86,7 @@ from typing import Any
 import torch
 
 from ..core.bank import PromptBank, model_shape
+from ..data.task import TaskKind
 from ..core.prompts import ModelIdentity, SoftPrompt
 from .validation import check_prompts, check_response_size, input_fields, suffixes
 from .config import BATCHING_MODES, EngineConfig
@@ -338,7 +339,7 @@ class Engine:
     ) -> list[cf.Future]:
         """Queue examples of a classification task; one future per input -> ClassifyResult."""
         spec = self.task(task)
-        if spec.kind != "classification":
+        if spec.kind != TaskKind.CLASSIFICATION:
             raise WrongKindError(f"task {task!r} is a {spec.kind} task; use generate (or /v1/generate)")
         if vote is not None and vote not in VOTES:
             raise InvalidInputError(f"vote must be one of {VOTES}, got {vote!r}")
@@ -374,7 +375,7 @@ class Engine:
         ``on_token(ids_so_far)`` is called on the worker thread after every new token
         (single-prompt tasks; keep it cheap and thread-safe)."""
         spec = self.task(task)
-        if spec.kind != "generation":
+        if spec.kind != TaskKind.GENERATION:
             raise WrongKindError(f"task {task!r} is a {spec.kind} task; use classify (or /v1/classify)")
         if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= self.max_new_tokens_limit:
             raise InvalidInputError(f"max_new_tokens must be between 1 and {self.max_new_tokens_limit}, got {max_new_tokens!r}")
@@ -427,7 +428,7 @@ class Engine:
                 self._fail(it, UnknownTaskError(f"task {it.task!r} was removed before this request ran", task=it.task))
                 continue
             if spec is not it.spec:  # replaced since submission: render for the version that runs it
-                want = "classification" if it.op == "classify" else "generation"
+                want = TaskKind.CLASSIFICATION if it.op == "classify" else TaskKind.GENERATION
                 try:
                     if spec.kind != want:
                         raise WrongKindError(f"task {it.task!r} was replaced by a {spec.kind} task")

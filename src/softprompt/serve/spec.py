@@ -92,7 +92,7 @@ class TaskSpec:
     """One servable task: one prompt, or several (an ensemble) that vote."""
 
     name: str
-    kind: str  # "classification" | "generation"
+    kind: str  # a TaskKind
     version: int
     members: tuple[str, ...]  # bank entry names, one per member prompt
     member_names: tuple[str, ...]  # human names of the members (file stems)

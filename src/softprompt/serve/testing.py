@@ -9,13 +9,14 @@ import time
 import torch
 
 from ..core.prompts import ModelIdentity, SoftPrompt
+from ..data.task import TaskKind
 
 
 def random_prompt(
     model,
     template: str,
     *,
-    kind: str = "classification",
+    kind: str = TaskKind.CLASSIFICATION,
     verbalizer: dict[str, str] | None = None,
     seed: int = 0,
     task: str = "",

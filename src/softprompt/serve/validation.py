@@ -18,6 +18,7 @@ from ..core.calibration import Calibration
 from ..core.prompt_meta import MAX_LABEL_CHARS
 from ..core.prompts import PromptMismatchError, SoftPrompt
 from ..core.templates import Template, TemplateError, encode_text
+from ..data.task import TaskKind
 from .spec import VOTES, InputTooLongError, InvalidInputError, ModelMismatchError, PromptRejectedError, TaskSpec
 from .values import check_values
 
@@ -31,7 +32,7 @@ def check_prompts(owner: Any, name: str, prompts: list[SoftPrompt], member_names
     if vote not in VOTES:
         raise PromptRejectedError(f"task {name!r}: vote must be one of {VOTES}, got {vote!r}")
     kinds = {p.kind for p in prompts}
-    if len(kinds) != 1 or next(iter(kinds)) not in ("classification", "generation"):
+    if len(kinds) != 1 or next(iter(kinds)) not in (TaskKind.CLASSIFICATION, TaskKind.GENERATION):
         raise PromptRejectedError(
             f"task {name!r}: prompts must share one kind (classification or generation), got {sorted(map(str, kinds))}")
     kind = next(iter(kinds))
@@ -46,7 +47,7 @@ def check_prompts(owner: Any, name: str, prompts: list[SoftPrompt], member_names
             raise PromptRejectedError(  # refused before tokenizing megabytes (a token is rarely over 64 chars)
                 f"{what}: its template has {len(p.template)} characters; the limit is "
                 f"{owner.max_template_tokens} tokens (max_template_tokens)", code="template_too_long")
-        if kind == "classification" and p.verbalizer and len(p.verbalizer) > owner.max_labels:
+        if kind == TaskKind.CLASSIFICATION and p.verbalizer and len(p.verbalizer) > owner.max_labels:
             raise PromptRejectedError(
                 f"{what}: {len(p.verbalizer)} labels; the limit is {owner.max_labels} (max_labels)",
                 code="too_many_labels")
@@ -79,7 +80,7 @@ def check_prompts(owner: Any, name: str, prompts: list[SoftPrompt], member_names
         with owner.tokenizer_lock:
             plen = len(t.prefix_ids(owner.tokenizer))
             fixed = len(t.suffix_ids(owner.tokenizer, {f: "" for f in t.fields}))  # the template's share of an input
-            if kind == "classification":
+            if kind == TaskKind.CLASSIFICATION:
                 if not p.verbalizer:
                     raise PromptRejectedError(f"{what}: a classification prompt needs a verbalizer")
                 for lab, word in p.verbalizer.items():
@@ -111,7 +112,7 @@ def check_prompts(owner: Any, name: str, prompts: list[SoftPrompt], member_names
         templates.append(t)
         prefix_lens.append(plen)
         member_labels.append(tuple(p.labels))
-    if kind == "classification" and len({frozenset(m) for m in member_labels}) != 1:
+    if kind == TaskKind.CLASSIFICATION and len({frozenset(m) for m in member_labels}) != 1:
         raise PromptRejectedError(
             f"task {name!r}: ensemble members have different label sets {[list(m) for m in member_labels]}")
     return dict(
@@ -181,7 +182,7 @@ def response_bytes(spec: TaskSpec, n_inputs: int) -> int:
 
 def check_response_size(owner: Any, spec: TaskSpec, n_inputs: int) -> None:
     """Refuse a classify request whose answer would exceed ``owner.max_response_bytes``, before any work."""
-    if spec.kind != "classification":
+    if spec.kind != TaskKind.CLASSIFICATION:
         return
     size, limit = response_bytes(spec, n_inputs), owner.max_response_bytes
     if size > limit:

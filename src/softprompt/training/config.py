@@ -5,6 +5,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..core.compiled import COMPILE_MODES
+from ..core.conditioning import CONTEXT_MODES
+from ..core.method import TRAINED, Method
+from ..core.reparam import ENCODERS
+
+REPARAMS = ("none", "mlp")
+
+
 @dataclass
 class TrainConfig:
     """Hyper-parameters of one prompt-training run (all plain data, saved with the prompt)."""
@@ -43,6 +51,30 @@ class TrainConfig:
     # example if longer); smaller means shorter rows (less attention arithmetic), more of them, more padding
     compile: str = "auto"  # the "full" and "packed" steps' frozen forward through torch.compile (compiled.py): on | off |
     # auto (on for CUDA, off on CPUs, where it was not faster); ignored by the cached step and a sharded model
+
+    def __post_init__(self) -> None:
+        """Refuse a bad value when the run is configured, before any data or model loads (the CLI,
+        the library and compare's run specs alike); any spelling of a method becomes its training one."""
+        try:
+            method = Method.parse(self.method)
+        except ValueError:
+            method = None
+        if method not in TRAINED:
+            raise ValueError(f"unknown method {self.method!r}; use one of {', '.join(m.short for m in TRAINED)}")
+        self.method = method.short
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"unknown encoder {self.encoder!r}; use one of {', '.join(ENCODERS)}")
+        if self.reparam not in REPARAMS:
+            raise ValueError(f"unknown reparam {self.reparam!r}; use one of {', '.join(REPARAMS)}")
+        if self.reparam != "none" and self.method != "prefix":
+            raise ValueError("reparam applies to method 'prefix' (the key/values); for soft tokens use method 'ptuning'")
+        if self.context not in CONTEXT_MODES:
+            raise ValueError(f"context must be one of {', '.join(CONTEXT_MODES)}, got {self.context!r}")
+        if self.context == "packed" and self.method == "prefix":
+            raise ValueError("context 'packed' cannot train prefix tuning (learned per-layer key/values that no "
+                             "forward pass recomputes); use context 'cached' or 'full'")
+        if not isinstance(self.compile, bool) and self.compile not in COMPILE_MODES:  # compiled.resolve_compile's
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

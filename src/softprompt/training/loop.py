@@ -25,7 +25,6 @@ scored, what the final artifact is) lives in the trainable, never here.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -36,6 +35,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..core import atomic
 from .distributed import DataParallel
 from .checkpoint import CHECKPOINT, RunProgress, checkpoint_to_resume, optimizer_state, save_checkpoint
 from .config import TrainConfig, TrainResult
@@ -292,7 +292,7 @@ def fit(trainable: Trainable, train_examples, valid_examples, cfg: TrainConfig, 
     )
     if out is not None and dp.is_main:
         artifact.save(out / ARTIFACT)
-        (out / "history.json").write_text(json.dumps(run.history, indent=1))
+        atomic.write_json(out / "history.json", run.history, indent=1, mode=0o644)
     dp.barrier()  # the files exist when any rank returns
     return result
 

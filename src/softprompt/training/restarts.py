@@ -11,8 +11,8 @@ examples themselves (at most ``FIT_LIMIT`` of them).  The price is ``restarts`` 
 training; scoring stays one prompt.
 
 Selection uses :func:`softprompt.training.prompt.validate`'s score (macro-F1, then accuracy, then
-lower loss, for classification: a run stuck on the majority class cannot win macro-F1; token F1 then exact match for generation), the rule the
-training loop already uses to keep its best prompt.  Scoring the training examples favours
+lower loss, for classification: a run stuck on the majority class cannot win macro-F1; token F1 then exact match
+for generation), the rule the training loop already uses to keep its best prompt.  Scoring the training examples favours
 the run that fits them best, which is what separates a stuck run from a working one; it says
 nothing about overfitting, which only held-out data can.
 """

@@ -15,7 +15,6 @@ training loss that never left the uniform guess) is retrained from another seed,
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import tempfile
 from collections.abc import Callable, Sequence
@@ -23,6 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
+from ..core import atomic
 from .config import TrainConfig, TrainResult
 from .distributed import DataParallel
 from .recipe import DEFAULT_RECIPE, Recipe, collapse_reason
@@ -199,7 +199,7 @@ def train_with_recipe(model, tokenizer, task, train_examples, valid_examples=Non
     if out is not None and DataParallel.current().is_main:  # data-parallel: the main process writes
         out.mkdir(parents=True, exist_ok=True)
         result.prompt.save(out / "prompt.safetensors")
-        (out / "history.json").write_text(json.dumps(result.history, indent=1))
+        atomic.write_json(out / "history.json", result.history, indent=1, mode=0o644)
     return result
 
 

@@ -117,7 +117,7 @@ from .config import (
     CompareConfig,
     Row,
     Run,
-    _sample,
+    _sample,  # noqa: F401 -- compare._sample: the tests draw the runner's samples
     fingerprint,
 )
 from .runner import Comparison, run_compare

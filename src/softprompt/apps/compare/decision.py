@@ -1,7 +1,7 @@
 """The decision of a comparison: which prompt to deploy, with a paired test on the same examples.
 
 Why a module of its own: the numbers a user acts on must not depend on how a report is
-drawn.  Three rules, each a guard against a measured failure (docs: DESIGN.md, issue 14):
+drawn.  Three rules, each a guard against a measured failure (README.md, "Architecture"; issue 14):
 
 * **Choose on validation, never on test.**  Each family's candidates (every hard prompt x
   calibration; every trained prompt x learning rate x seed) are ranked by their validation

@@ -14,6 +14,7 @@ from ...core.bank import model_shape
 from ...core.method import Method
 from ...core.prompts import ModelIdentity, SoftPrompt
 from ...core.templates import Template
+from ...data.task import TaskKind
 from .peft import (
     _BAKED_ATOL, CONFIG_FILE, EXTRA_FILE, EXTRA_FORMAT, EXTRA_VERSION, WEIGHTS_FILE, WEIGHTS_KEY, PeftImportError, PeftImportWarning,
     _check_decoder_only,
@@ -184,7 +185,7 @@ def _restore_export(rows, extra: dict, model, tokenizer, verbalizer) -> SoftProm
     return SoftPrompt(
         embeddings=soft, identity=ModelIdentity.of(model), template=meta["template"],
         verbalizer=dict(verbalizer) if verbalizer else meta.get("verbalizer"),
-        task=meta.get("task", ""), kind="classification" if verbalizer else meta.get("kind", "classification"),
+        task=meta.get("task", ""), kind=TaskKind.CLASSIFICATION if verbalizer else meta.get("kind", TaskKind.CLASSIFICATION),
         method=Method.normalize(meta.get("method", Method.PROMPT_TUNING.value)), init=meta.get("init", ""),
         training=meta.get("training", {}), metrics=meta.get("metrics", {}),
     )
@@ -231,7 +232,7 @@ def _import_generic(adapter_dir: Path, rows, cfg: dict, extra: dict | None, mode
     return SoftPrompt(
         embeddings=rows.clone(), identity=ModelIdentity.of(model), template=template,
         verbalizer=dict(verbalizer) if verbalizer else None, task=meta.get("task", "") or adapter_dir.name,
-        kind="classification" if verbalizer else "generation", method=Method.PROMPT_TUNING.value, init="peft",
+        kind=TaskKind.CLASSIFICATION if verbalizer else TaskKind.GENERATION, method=Method.PROMPT_TUNING.value, init="peft",
         training={"imported_from": str(adapter_dir), "peft_config": {
             k: cfg.get(k) for k in ("base_model_name_or_path", "num_virtual_tokens", "peft_version",
                                     "prompt_tuning_init", "task_type")}, "import_note": note},

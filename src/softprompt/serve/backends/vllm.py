@@ -45,6 +45,7 @@ import torch
 from ...core.conditioning import newline_ids
 from ...core.prompts import ModelIdentity, SoftPrompt, embedding_fingerprint
 from ...core.templates import encode_text
+from ...data.task import TaskKind
 from ..engine import (
     Engine, InvalidInputError, OverloadedError, PromptRejectedError, ServeError, ShuttingDownError, TaskSpec,
     WrongKindError, Item as _Item,
@@ -295,7 +296,7 @@ class VllmBackend(Engine):
         with self.tokenizer_lock:
             for p, t in zip(prompts, plan["templates"]):
                 label_ids = tuple(tuple(encode_text(self.tokenizer, w)) for w in (p.verbalizer or {}).values()) \
-                    if plan["kind"] == "classification" else ()
+                    if plan["kind"] == TaskKind.CLASSIFICATION else ()
                 members.append(_Member(tuple(t.prefix_ids(self.tokenizer)), p.embeddings.detach().float().cpu(),
                                        label_ids, label_trie(label_ids)))
         with self._swap:
@@ -451,7 +452,7 @@ class VllmBackend(Engine):
         """As :meth:`Engine.submit_generate`, plus sampling: ``temperature`` > 0 samples
         (with ``top_p``, and ``seed`` for repeatable draws); 0 or None is greedy."""
         spec = self.task(task)
-        if spec.kind != "generation":
+        if spec.kind != TaskKind.GENERATION:
             raise WrongKindError(f"task {task!r} is a {spec.kind} task; use classify (or /v1/classify)")
         if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= self.max_new_tokens_limit:
             raise InvalidInputError(f"max_new_tokens must be between 1 and {self.max_new_tokens_limit}, got {max_new_tokens!r}")
@@ -486,5 +487,6 @@ def make_vllm_backend(model: str, *, urls: Sequence[str] = (), max_model_len: in
     else:
         max_logprobs = max(20, int(engine_kw.get("max_labels", 100)) + 1)
         transport = InProcessTransport(front.path, max_model_len=max_model_len, max_logprobs=max_logprobs,
-                                       tensor_parallel_size=tensor_parallel_size, engine_kwargs={"enforce_eager": True} if enforce_eager else None)
+                                       tensor_parallel_size=tensor_parallel_size,
+                                       engine_kwargs={"enforce_eager": True} if enforce_eager else None)
     return VllmBackend(front, transport, base_name=model, **engine_kw)
