@@ -139,8 +139,7 @@ KIND_LITERAL_ALLOWED = {
     "softprompt.families.base",  # "generation" there is a capability name, not a task kind
     # edited concurrently when TaskKind came (issue 25): still to move to TaskKind
     "softprompt.apps.compare.decision", "softprompt.apps.compare.runner", "softprompt.cli.compare",
-    "softprompt.cli.train", "softprompt.hard.baselines", "softprompt.training.encoder_head",
-    "softprompt.training.prompt", "softprompt.training.search",
+    "softprompt.hard.baselines",
 }
 
 

@@ -36,7 +36,7 @@ from ..core.bank import PromptBank
 from ..core.calibration import Calibration
 from ..core.prompts import ModelIdentity, SoftPrompt
 from ..core.scoring import classify, generate
-from ..data import Example, Task
+from ..data import Example, Task, TaskKind
 from ..hard.baselines import hard_template
 
 TEACHER_CACHE = "teacher_outputs.json"
@@ -120,7 +120,7 @@ def teacher_outputs(model, tok, task: Task, teacher: Teacher, inputs: list[Examp
     e = teacher.add_to(bank)
     t0 = time.perf_counter()
     out: dict[str, Any] = {"fingerprint": key, "n": len(inputs)}
-    if task.kind == "classification":
+    if task.kind == TaskKind.CLASSIFICATION:
         res = classify(bank, e, inputs, batch_size=batch_size, calibration=teacher.calibration,
                        progress="teacher" if progress else False)
         missing = sorted(set(task.labels) - set(res.labels))
@@ -144,7 +144,7 @@ def distillation_examples(task: Task, inputs: list[Example], outputs: dict[str, 
     ``soft_label`` the loss matches; for generation its text as the target."""
     if not temperature > 0:
         raise ValueError(f"the temperature must be positive, got {temperature}")
-    if task.kind != "classification":
+    if task.kind != TaskKind.CLASSIFICATION:
         return [Example(fields=dict(ex.fields), target=t, answers=(t,)) for ex, t in zip(inputs, outputs["texts"])]
     scores = torch.tensor(outputs["scores"], dtype=torch.float64)
     probs = (scores / temperature).softmax(-1)
@@ -199,7 +199,7 @@ def distil(model, tok, task: Task, teacher: Teacher, inputs, *, n_tokens: int = 
                                out_dir=out_dir, resume=resume, progress=progress, **overrides)
     prompt = result.prompt
     kept = kept_validation(result) or {}
-    agreement = kept.get("accuracy") if task.kind == "classification" else kept.get("exact_match")
+    agreement = kept.get("accuracy") if task.kind == TaskKind.CLASSIFICATION else kept.get("exact_match")
     prompt.training = {**prompt.training, "distilled_from": {
         **teacher.to_dict(), "temperature": temperature, "n_inputs": len(inputs), "n_valid": n_valid,
         "teacher_seconds": outputs.get("seconds"), "agreement_valid": agreement}}
@@ -212,7 +212,7 @@ def distil(model, tok, task: Task, teacher: Teacher, inputs, *, n_tokens: int = 
 # ----------------------------------------------------------------------------- what it reports
 def _ms_per_query(bank: PromptBank, entry: int, examples, batch_size: int, calibration, kind: str) -> float:
     t0 = time.perf_counter()
-    if kind == "classification":
+    if kind == TaskKind.CLASSIFICATION:
         classify(bank, entry, examples, batch_size=batch_size, calibration=calibration)
     else:
         generate(bank, entry, examples, batch_size=batch_size)
@@ -239,7 +239,7 @@ def compare_to_teacher(model, tok, task: Task, d: Distillation, test, *, latency
     st = bank.add_prompt(d.prompt, "student")
     inputs = unlabelled(test)
     out: dict[str, Any] = {"n_test": len(test)}
-    if task.kind == "classification":
+    if task.kind == TaskKind.CLASSIFICATION:
         rt = classify(bank, te, inputs, batch_size=batch_size, calibration=d.teacher.calibration)
         rs = classify(bank, st, inputs, batch_size=batch_size, calibration=d.prompt.calibration)
         pt = [rt.predictions[i] for i in range(len(test))]

@@ -117,7 +117,7 @@ def _distill_data(task, unlabeled_file, test_file, demo_file, field, label_colum
     """The task, the unlabelled inputs (labels dropped), the labelled demonstration pool and the
     labelled test examples, from a built-in task and/or user files."""
     from ..apps.distill import unlabelled
-    from ..data import DataError, Task, load_examples
+    from ..data import DataError, Task, TaskKind, load_examples
     from .common import _parse_pairs, _verbalizer, default_template
 
     try:
@@ -132,7 +132,7 @@ def _distill_data(task, unlabeled_file, test_file, demo_file, field, label_colum
             verb = _verbalizer(verbalizer, tpl)
             if not verb:
                 _fail("distillation of your own files needs --verbalizer LABEL=WORD for every label")
-            t = Task(name=unlabeled_file.stem, kind="classification", template=tpl, verbalizer=verb,
+            t = Task(name=unlabeled_file.stem, kind=TaskKind.CLASSIFICATION, template=tpl, verbalizer=verb,
                      instruction=instruction or "")
             pool, test = [], []
         fields = _parse_pairs(field, "--field") or {f: f for f in t.input_fields}

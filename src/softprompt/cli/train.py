@@ -16,6 +16,7 @@ from .common import (CALIBRATION_HELP, EVAL_CALIBRATION_HELP, MODEL_HELP, _bank,
                      _device, _eval_calibrated, _evaluate, _fail, _load_model, _load_task_data, _results_table,
                      _row, _set_threads, _split, _verbalizer, app, console)
 from .launch import _launch
+from ..data.task import TaskKind
 
 
 # ----------------------------------------------------------------------------- train
@@ -297,7 +298,7 @@ def predict(
     except PromptMismatchError as e:
         _fail(str(e))
     exs = [Example(fields={k: str(v) for k, v in obj.items()}) for obj in inputs]
-    if sp.kind == "classification":
+    if sp.kind == TaskKind.CLASSIFICATION:
         res = classify(bank, entry, exs, calibration=_calibration(bank, entry, calibration, sp.calibration, exs))
         for obj, pred, probs in zip(inputs, res.predictions, res.probabilities.tolist()):
             console.print_json(json.dumps({"input": obj, "label": pred,

@@ -20,6 +20,7 @@ from .selection import classification_score, prediction_shares
 from .config import TrainConfig
 from .distributed import DataParallel
 from .loop import Trainable, check_training_inputs, fit
+from ..data.task import TaskKind
 
 __all__ = ["EncoderTrainable", "train_encoder_prompt"]
 
@@ -148,7 +149,7 @@ class EncoderTrainable(Trainable):
             template=encoder_template(n, self.task.input_fields),
             verbalizer=self.task.verbalizer,
             task=self.task.name,
-            kind="classification",
+            kind=TaskKind.CLASSIFICATION,
             method=METHOD_PROMPT if n else METHOD_HEAD_ONLY,
             init=cfg.init if n else "",
             training={**cfg.to_dict(), "n_tokens": n, "pooling": self.pooling, "head_lr": self.head_lr, **summary},
@@ -170,7 +171,7 @@ def train_encoder_prompt(
     ``valid_examples`` the best state by validation (the one rule of ``selection.py``) is kept.
     """
     cfg = config or TrainConfig()
-    if task.kind != "classification":
+    if task.kind != TaskKind.CLASSIFICATION:
         raise ValueError(f"task {task.name!r} is {task.kind}: encoder models only support classification "
                          "(they have no head to generate text with)")
     if cfg.method != "prompt":

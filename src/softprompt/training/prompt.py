@@ -29,7 +29,7 @@ from ..core.losses import balancing_weights
 from ..core.prompts import ModelIdentity, SoftPrompt, init_embeddings
 from ..core.reparam import ENCODERS, PromptTensors
 from ..core.scoring import classification_metrics, classify, generate, qa_metrics
-from ..data import Task
+from ..data import Task, TaskKind
 from ..core.templates import Template
 from .config import TrainConfig, TrainResult
 from .selection import classification_score, generation_score, prediction_shares
@@ -121,7 +121,7 @@ def loss_weight(task: Task, examples, class_weights: torch.Tensor | None = None)
     """The denominator of ``batch_loss``'s mean over ``examples``: their number, or their summed
     class weights.  A shard's mean times its weight over the global batch's weight, summed over
     processes, is the global batch's mean."""
-    if class_weights is None or task.kind != "classification":
+    if class_weights is None or task.kind != TaskKind.CLASSIFICATION:
         return float(len(examples))
     return float(sum(float(class_weights[task.labels.index(ex.label)]) for ex in examples))
 
@@ -147,7 +147,7 @@ def validate(bank: PromptBank, entry: int, examples, cfg: TrainConfig, dp: DataP
     if dp is not None and dp.shards_evaluation:
         return _validate_sharded(bank, entry, list(examples), cfg, dp)
     e = bank.entries[entry]
-    if e.kind == "classification":
+    if e.kind == TaskKind.CLASSIFICATION:
         res = classify(bank, entry, examples, batch_size=cfg.eval_batch_size, compile=cfg.compile)
         gold = torch.tensor([res.labels.index(ex.label) for ex in examples])
         nll = float(F.cross_entropy(res.scores, gold))
@@ -165,7 +165,7 @@ def _validate_sharded(bank: PromptBank, entry: int, examples: list, cfg: TrainCo
     """:func:`validate` with each process scoring every ``world``-th example."""
     e = bank.entries[entry]
     mine = dp.shard(examples)
-    if e.kind == "classification":
+    if e.kind == TaskKind.CLASSIFICATION:
         local = classify(bank, entry, mine, batch_size=cfg.eval_batch_size).scores if mine else []
         scores = torch.stack(dp.gather(list(local), len(examples)))
         labels = list(e.labels)
@@ -219,7 +219,7 @@ class PromptTrainable(Trainable):
         self.trained = PromptTensors(start_values, encoders, hidden=cfg.encoder_hidden, seed=cfg.seed)
         self.no_soft = torch.zeros(0, weight.shape[1], device=weight.device)
         self.class_weights = (balancing_weights(task.labels, train_examples)
-                              if cfg.balance and task.kind == "classification" else None)
+                              if cfg.balance and task.kind == TaskKind.CLASSIFICATION else None)
         self.values: dict[str, torch.Tensor] = {}
         self.entry = -1
 

@@ -26,6 +26,7 @@ from ..core import atomic
 from .config import TrainConfig, TrainResult
 from .distributed import DataParallel
 from .recipe import DEFAULT_RECIPE, Recipe, collapse_reason
+from ..data.task import TaskKind
 
 SEED_STRIDE = 1000  # attempt a of seed s trains with seed s + a * SEED_STRIDE
 SEARCH_LRS = (0.3, 1.0, 2.2)  # candidate rates, in the recipe's unit (embedding-entry std): the study's AdamW rates
@@ -170,7 +171,7 @@ def train_with_recipe(model, tokenizer, task, train_examples, valid_examples=Non
     if through_encoder and "lr" not in overrides:
         base = replace(base, lr=1e-3)
     out = Path(out_dir) if out_dir is not None else None
-    n_labels = len(task.labels) if task.kind == "classification" else 0
+    n_labels = len(task.labels) if task.kind == TaskKind.CLASSIFICATION else 0
 
     def run(cfg: TrainConfig, **kw) -> TrainResult:
         return train_prompt(model, tokenizer, task, train_examples, valid_examples, cfg, progress=progress, **kw)
