@@ -63,7 +63,7 @@ def worker(args) -> dict:
         out = {"none": r.raw_scores}
         if full:
             out["contextual"] = r.scores
-            out["batch"] = Calibration("batch", log_prior_from_scores(r.raw_scores)).apply(r.raw_scores)
+            out["batch"] = Calibration("batch", log_prior_from_scores(r.raw_scores)).apply(r.raw_scores)  # old code: no batch_calibration
         return out
 
     out: dict = {"ms": {}, "pred": {}}
