@@ -15,7 +15,7 @@ import time
 
 from softprompt.hard import baselines as B
 from softprompt.core.bank import PromptBank
-from softprompt.core.calibration import Calibration, log_prior_from_scores
+from softprompt.core.calibration import batch_calibration
 from softprompt.core.calibrate import fit_calibration
 from softprompt.hard.demo_selection import knn_few_shot_classify
 from softprompt.hard.instruction_search import search_instructions
@@ -30,7 +30,7 @@ def metrics(gold, labels, scores) -> tuple[float, float]:
 
 
 def batch(raw):
-    return Calibration("batch", log_prior_from_scores(raw)).apply(raw)
+    return batch_calibration(raw).apply(raw)
 
 
 def main(which: str) -> None:

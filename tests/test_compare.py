@@ -82,6 +82,7 @@ def test_compare_end_to_end_resume_and_report(tmp_path):
         assert next(r for r in rows if r.section == sec and r.x == x).runs == main.runs
     results = comp.run()
     assert set(comp.executed) == set(runs)
+    assert comp.demo_embeddings.computed == 1  # issue 24: kNN embeds its pool once per comparison
     on_disk = load_results(out)
     assert set(on_disk["runs"]) == set(runs) and on_disk["data"]["test"] == 12
     for rid, rec in on_disk["runs"].items():

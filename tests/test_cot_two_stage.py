@@ -50,3 +50,28 @@ def test_answer_template_shape_and_field_clash():
         B.cot_answer_template(clash)
     with pytest.raises(ValueError, match="calibration"):
         B.cot_two_stage(None, TASK, DATA, calibration="platt")
+
+
+def test_batched_cot_equals_one_by_one(lm):
+    """Batched generation (rows leave the batch as they stop) gives each example exactly the text
+    and the label it gets alone.  The stop token is picked from the model's own one-by-one outputs
+    so that rows stop at different steps and the batch shrinks while decoding."""
+    from softprompt.testing import tiny_tokenizer
+
+    model, tok = lm
+    ref = PromptBank(model, tok)
+    ref.add("g", B.cot_template(TASK), kind="generation")
+    free = [generate(ref, "g", [ex], max_new_tokens=6, stop_at_newline=False, batch_size=1).texts[0].split()
+            for ex in DATA]
+    # a word that ends some answers early and others late or never
+    stop_word = max({w for ws in free for w in ws}, key=lambda w: len({ws.index(w) if w in ws else 9 for ws in free}))
+    stop_tok = tiny_tokenizer()
+    stop_tok.eos_token = stop_word
+    bank = PromptBank(model, stop_tok)
+    batched = B.cot_two_stage(bank, TASK, DATA, max_new_tokens=6, batch_size=len(DATA))
+    alone = [B.cot_two_stage(bank, TASK, [ex], max_new_tokens=6, batch_size=1) for ex in DATA]
+    lengths = {len(t.split()) for t in batched.texts}
+    assert len(lengths) >= 2 and min(lengths) < 6  # rows did stop at different steps
+    assert batched.texts == [r.texts[0] for r in alone]
+    assert batched.predictions == [r.predictions[0] for r in alone]
+    assert torch.allclose(batched.raw_scores, torch.cat([r.raw_scores for r in alone]), atol=1e-5)

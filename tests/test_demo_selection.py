@@ -12,6 +12,7 @@ from softprompt.core.calibrate import fit_calibration
 from softprompt.core.scoring import classify
 from softprompt.data import Example, Task
 from softprompt.core.templates import encode_text
+from softprompt.testing import tiny_causal_lm
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -102,3 +103,53 @@ def test_knn_batch_calibration_with_a_class_prior(lm):
     aimed = D.knn_few_shot_classify(bank, TASK, QUERIES, POOL, 2, calibration="batch", class_prior=[0.2, 0.8])
     want = plain.scores + torch.tensor([0.2, 0.8]).log()
     assert torch.allclose(aimed.scores, want, atol=1e-5)
+
+
+def reference_one_by_one(model, tok, queries, k, calibrations):
+    """The old path, written out: per query, the pool embedded again, its neighbours chosen, its
+    prompt scored alone and each calibration fitted by its own scoring."""
+    raws, per_cal = [], {c: [] for c in calibrations}
+    for q in queries:
+        pool_emb = torch.stack([one_by_one(model, tok, ex.fields["text"]) for ex in POOL])
+        sims = pool_emb @ one_by_one(model, tok, q.fields["text"])
+        allowed = [j for j in range(len(POOL)) if POOL[j].fields != q.fields]
+        near = sorted(allowed, key=lambda j: -float(sims[j]))[:k][::-1]  # nearest last
+        bank = PromptBank(model, tok)
+        bank.add("q", B.few_shot_template(TASK, [POOL[j] for j in near]), verbalizer=TASK.verbalizer)
+        r = classify(bank, "q", [Example(q.fields)], batch_size=1)
+        raws.append(r.raw_scores[0])
+        for c in calibrations:
+            if c in ("contextual", "pmi"):
+                per_cal[c].append(fit_calibration(bank, "q", c, batch_size=1).apply(r.raw_scores[0]))
+    raw = torch.stack(raws)
+    out = {"none": raw, "batch": Calibration("batch", log_prior_from_scores(raw)).apply(raw)}
+    out.update({c: torch.stack(v) for c, v in per_cal.items() if v})
+    return {c: out[c] for c in calibrations}
+
+
+def test_knn_one_pass_equals_the_per_query_path(lm):
+    """The fast path (pool embedded once, one scoring pass, per-query priors scored together in
+    chunks, batch calibration from the raw scores) predicts what the per-query path predicts,
+    under every calibration, and never embeds the same pool twice."""
+    model, tok = lm
+    cals = ("none", "contextual", "batch", "pmi")
+    want = reference_one_by_one(model, tok, QUERIES, 3, cals)
+    bank = PromptBank(model, tok)
+    cache = D.PoolEmbeddings()
+    res = D.knn_few_shot_classify(bank, TASK, QUERIES, POOL, 3, calibrations=cals, pool_cache=cache, chunk=3,
+                                  batch_size=4)
+    assert len(bank) == 0 and list(res.by_calibration) == list(cals)
+    for c in cals:
+        got = res.by_calibration[c]
+        assert got.argmax(-1).tolist() == want[c].argmax(-1).tolist(), c
+        assert torch.allclose(got, want[c], atol=1e-4), c
+    assert res.predictions == [TASK.labels[j] for j in want["none"].argmax(-1).tolist()]
+    # the cache: a second query set reuses the pool's embeddings; another pool or encoder recomputes
+    again = D.knn_few_shot_classify(bank, TASK, QUERIES[:2], POOL, 3, calibration="contextual", pool_cache=cache)
+    assert cache.computed == 1
+    assert torch.allclose(again.scores, want["contextual"][:2], atol=1e-4)
+    D.select_demos_knn(QUERIES, POOL[:-1], 3, model=model, tokenizer=tok, pool_cache=cache)
+    assert cache.computed == 2
+    other = tiny_causal_lm("llama", seed=1)
+    D.select_demos_knn(QUERIES, POOL[:-1], 3, model=other, tokenizer=tok, pool_cache=cache)
+    assert cache.computed == 3

@@ -93,6 +93,23 @@ def log_prior_from_scores(scores: torch.Tensor) -> list[float]:
     return scores.float().softmax(-1).mean(0).log().tolist()
 
 
+def aimed_at(log_prior: list[float], class_prior) -> list[float]:
+    """``log p(y) - log pi(y)``: a fitted log-prior re-aimed at the label distribution
+    ``class_prior`` (probabilities in the same label order, renormalised) instead of a uniform one."""
+    pi = torch.tensor([float(v) for v in class_prior])
+    if pi.shape[0] != len(log_prior) or bool((pi <= 0).any()):
+        raise ValueError(f"class_prior needs {len(log_prior)} positive probabilities, got {list(class_prior)}")
+    return (torch.tensor(log_prior) - (pi / pi.sum()).log()).tolist()
+
+
+def batch_calibration(raw: torch.Tensor, class_prior=None) -> Calibration:
+    """Batch calibration fitted on raw label scores [N, L] already computed (the unlabelled
+    inputs' own scores): the one place every caller derives it from, so that scoring runs once
+    and the prior is never rebuilt inline."""
+    log_prior = log_prior_from_scores(raw)
+    return Calibration("batch", log_prior if class_prior is None else aimed_at(log_prior, class_prior))
+
+
 def class_prior_from(examples, labels: list[str], *, smoothing: float = 1.0) -> list[float]:
     """Label frequencies of labelled (training) examples, add-``smoothing`` smoothed, in ``labels`` order."""
     counts = {lab: smoothing for lab in labels}

@@ -314,26 +314,40 @@ def greedy_generate(
 ) -> list[list[int]]:
     """Greedy decoding from each context row; stops at EOS (or any of ``stop_ids``) per row.
     ``skip_leading``: see :func:`take_token` (decode steps spent on them count towards
-    ``max_new_tokens``)."""
+    ``max_new_tokens``).
+
+    A row that stops leaves the batch (its key/values are dropped), so the remaining steps cost
+    what the rows still generating need, not the whole batch: answers of very different lengths
+    (a chain of thought that ends at once next to one that runs to ``max_new_tokens``) batch well.
+    Rows never see each other, so each row's tokens are those it would get alone."""
     model = bank.model
     eos = bank.tokenizer.eos_token_id
     stops = set(stop_ids or ())
     if eos is not None:
         stops.add(eos)
     n = ctx.last_hidden.shape[0]
-    done = [False] * n
     outs: list[list[int]] = [[] for _ in range(n)]
-    cache = make_cache(ctx.layers)
+    live = list(range(n))  # the original row of each batch row still generating
+    layers = ctx.layers
     mask = ctx.mask
     pos = ctx.next_pos.clone()
     logits = lm_logits(model, ctx.last_hidden)
+    cache = None
     for _ in range(max_new_tokens):
         nxt = logits.argmax(-1)
-        for i, t in enumerate(nxt.tolist()):  # one device sync per step, not one per row
-            if not done[i]:
-                done[i] = take_token(t, outs[i], stops, skip_leading)
-        if all(done):
+        # one device sync per step, not one per row
+        keep = [j for j, t in enumerate(nxt.tolist()) if not take_token(t, outs[live[j]], stops, skip_leading)]
+        if not keep:
             break
+        if len(keep) < len(live):  # drop the rows that stopped
+            rows = torch.tensor(keep, device=nxt.device)
+            layers = [(k.index_select(0, rows), v.index_select(0, rows))
+                      for k, v in (cache_layers(cache) if cache is not None else layers)]
+            cache = None
+            mask, pos, nxt = mask.index_select(0, rows), pos.index_select(0, rows), nxt.index_select(0, rows)
+            live = [live[j] for j in keep]
+        if cache is None:
+            cache = make_cache(layers)
         logits, cache, mask, pos = decode_step(model, nxt, cache, mask, pos)
     return outs
 

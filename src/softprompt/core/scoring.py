@@ -211,14 +211,20 @@ def generate(
     batch_size: int = 16,
     stop_at_newline: bool = True,
     progress: bool | str = False,
+    max_batch_tokens: int | None = None,
 ) -> Generation:
-    """Greedy answers; exact match and token F1 (SQuAD normalisation) when gold answers are present."""
+    """Greedy answers; exact match and token F1 (SQuAD normalisation) when gold answers are present.
+
+    ``max_batch_tokens`` bounds a batch's rows x (prompt + input + ``max_new_tokens``) as well as
+    ``batch_size`` its rows: rows leave the batch as they stop (``greedy_generate``), so a large
+    batch costs little when answers differ in length, and the token bound keeps its memory fixed."""
     entries = _entries_for(bank, entry, len(examples))
     tok = bank.tokenizer
     stop = newline_ids(tok) if stop_at_newline else set()
     suffixes = [bank.suffix_ids(e, ex.fields) for e, ex in zip(entries, examples)]
     texts: list[str] = [""] * len(examples)
-    batches = length_sorted_batches([len(s) for s in suffixes], batch_size)
+    prefix = max((len(bank.entries[e].prefix_ids) + bank.entries[e].n_prefix for e in set(entries)), default=0)
+    batches = length_sorted_batches([len(s) for s in suffixes], batch_size, max_batch_tokens, prefix + max_new_tokens)
     desc = progress if isinstance(progress, str) else "generating"
     for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
         rows = _generated(bank, torch.tensor([entries[i] for i in idx]), [suffixes[i] for i in idx], max_new_tokens, stop)

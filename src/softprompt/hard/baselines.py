@@ -48,6 +48,7 @@ import torch
 from ..core.calibration import CALIBRATIONS, Calibration
 
 from ..core.calibrate import fit_calibration
+from ..core.conditioning import DEFAULT_MAX_BATCH_TOKENS
 from ..core.scoring import classification_metrics, classify, generate
 from ..data import Example, Task
 from ..core.templates import Template, encode_text
@@ -333,7 +334,8 @@ def cot_two_stage(
     class_prior=None,
 ) -> CotTwoStageResult:
     """Two-stage chain-of-thought that always answers: generate the reasoning (stage 1), then
-    rank-classify the label words after reasoning + answer cue (stage 2), optionally calibrated
+    rank-classify the label words after reasoning + answer cue (stage 2, in batches of ``batch_size``),
+    optionally calibrated
     (contextual/pmi on the stage-2 prompt, batch on these examples' stage-2 inputs, no labels).
     Metrics (when examples carry labels) are those of stage 2, plus the stage-1 parse's
     ``parse_accuracy``/``n_unparseable`` and ``parse_agreement`` (share where both agree)."""
@@ -344,8 +346,11 @@ def cot_two_stage(
     bank.add(gen_name, cot_template(task, instruction), kind="generation")
     bank.add(cls_name, cot_answer_template(task, instruction, cue=cue), verbalizer=verb)
     try:
-        gen = generate(bank, gen_name, examples, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       stop_at_newline=False, progress=progress)
+        # generation in batches bounded by tokens, not by ``batch_size``: reasoning lengths differ a lot
+        # (a row that ends at once next to one that runs to max_new_tokens), rows leave the batch as
+        # they stop, and the long ones decode together
+        gen = generate(bank, gen_name, examples, max_new_tokens=max_new_tokens, batch_size=max(len(examples), 1),
+                       stop_at_newline=False, progress=progress, max_batch_tokens=DEFAULT_MAX_BATCH_TOKENS)
         stage2 = [Example({**ex.fields, REASONING_FIELD: t}, ex.label) for ex, t in zip(examples, gen.texts)]
         cal = fit_calibration(bank, cls_name, calibration, inputs=[Example(ex.fields) for ex in stage2],
                               batch_size=batch_size, class_prior=class_prior) if calibration != "none" else Calibration()

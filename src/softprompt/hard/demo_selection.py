@@ -9,16 +9,18 @@ sits right before the query.
 Per-query demonstrations make the prompt differ per query. The least invasive way to score that
 with the shared machinery is a bank entry per query (its demonstrations are its cached head), in
 chunks that are removed again, so memory stays bounded by the chunk size whatever the number of
-queries (``knn_few_shot_classify``). Calibration: ``batch`` fits one prior over all queries' raw
-scores; ``contextual`` and ``pmi`` fit each query's own prompt (1-3 extra scorings per query).
+queries (``knn_few_shot_classify``); all queries of a chunk are scored in batches. Calibration:
+one scoring pass gives the raw scores every calibration is derived from: ``batch`` fits one prior
+over all queries' raw scores; ``contextual`` and ``pmi`` fit each query's own prompt (1-3 extra rows
+per query, scored together per chunk). The pool's embeddings are computed once per pool and
+encoder when a ``PoolEmbeddings`` is passed (a comparison holds one).
 """
 from __future__ import annotations
 
 import torch
 
-from ..core.calibration import CALIBRATIONS, Calibration, log_prior_from_scores
-
-from ..core.calibrate import fit_calibration
+from ..core.calibration import CALIBRATIONS, batch_calibration
+from ..core.calibrate import fit_per_entry
 from ..core.conditioning import pad_right
 from ..core.scoring import Classification, classification_metrics, classify, length_sorted_batches
 from ..data import Example, Task
@@ -52,6 +54,28 @@ def mean_pooled(model, tokenizer, texts: list[str], *, batch_size: int = 16, max
     return torch.nn.functional.normalize(out, dim=-1)
 
 
+class PoolEmbeddings:
+    """The demonstration pool's embeddings, computed once and reused while the pool texts and the
+    encoder stay the same: they do not depend on the queries, and a comparison selects demonstrations
+    for several query sets (test, validation, each latency probe) from one pool.  Another pool or
+    encoder recomputes (the key holds the texts and the model and tokenizer objects themselves)."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._emb: torch.Tensor | None = None
+        self.computed = 0  # how many times the pool was embedded (what the cache saves is visible)
+
+    def get(self, model, tokenizer, texts: list[str], *, batch_size: int = 16) -> torch.Tensor:
+        """[N, d] embeddings of ``texts`` (``mean_pooled``), from the cache when the key matches."""
+        key = (model, tokenizer, tuple(texts))
+        k = self._key
+        if k is None or k[0] is not model or k[1] is not tokenizer or k[2] != key[2]:
+            self._emb = mean_pooled(model, tokenizer, texts, batch_size=batch_size)
+            self._key = key
+            self.computed += 1
+        return self._emb
+
+
 def nearest(query_emb: torch.Tensor, pool_emb: torch.Tensor, k: int,
             exclude: list[set[int]] | None = None) -> tuple[list[list[int]], list[list[float]]]:
     """Per query, the indices of the ``k`` most similar pool rows (most similar first) and
@@ -68,8 +92,10 @@ def nearest(query_emb: torch.Tensor, pool_emb: torch.Tensor, k: int,
 
 def select_demos_knn(queries: list[Example], pool: list[Example], k: int, *, model, tokenizer, fields=None,
                      batch_size: int = 16, order: str = "nearest_last", exclude_identical: bool = True,
-                     pool_embeddings: torch.Tensor | None = None) -> tuple[list[list[Example]], list[list[int]]]:
+                     pool_embeddings: torch.Tensor | None = None, pool_cache: PoolEmbeddings | None = None
+                     ) -> tuple[list[list[Example]], list[list[int]]]:
     """Per query, its ``k`` nearest labelled pool examples (see module doc) and their pool indices.
+    ``pool_cache`` keeps the pool's embeddings between calls (``PoolEmbeddings``).
 
     ``exclude_identical``: a pool example with exactly the query's fields is skipped (a training
     example scored against the training pool must not see its own label)."""
@@ -81,7 +107,9 @@ def select_demos_knn(queries: list[Example], pool: list[Example], k: int, *, mod
         raise ValueError("nearest-neighbour demonstrations need a pool of labelled examples")
     fields = tuple(fields or sorted(pool[0].fields))
     if pool_embeddings is None:
-        pool_embeddings = mean_pooled(model, tokenizer, [example_text(ex, fields) for ex in pool], batch_size=batch_size)
+        texts = [example_text(ex, fields) for ex in pool]
+        pool_embeddings = (pool_cache.get(model, tokenizer, texts, batch_size=batch_size) if pool_cache is not None
+                           else mean_pooled(model, tokenizer, texts, batch_size=batch_size))
     q_emb = mean_pooled(model, tokenizer, [example_text(ex, fields) for ex in queries], batch_size=batch_size)
     exclude = None
     if exclude_identical:
@@ -99,43 +127,50 @@ def select_demos_knn(queries: list[Example], pool: list[Example], k: int, *, mod
 def knn_few_shot_classify(bank, task: Task, queries: list[Example], pool: list[Example], k: int, *,
                           instruction: str | None = None, calibration: str = "none", embedder=None,
                           order: str = "nearest_last", batch_size: int = 16, chunk: int = 32,
-                          class_prior=None) -> Classification:
+                          class_prior=None, calibrations=(), pool_cache: PoolEmbeddings | None = None
+                          ) -> Classification:
     """Few-shot rank classification with each query's own nearest demonstrations.
 
-    ``embedder``: a ``(model, tokenizer)`` pair for the similarities (default: the bank's frozen
-    LM). ``class_prior``: see ``calibrate.fit_calibration``. The result has ``demos`` (pool indices per query, in prompt
-    order) set as an attribute."""
+    One scoring pass gives the raw label scores; every calibration in ``calibrations`` (and
+    ``calibration``, which decides the predictions) is derived from them: ``batch`` fits one
+    prior over all queries' raw scores, ``contextual`` and ``pmi`` each query's own prompt (their
+    rows scored together per chunk, ``calibrate.fit_per_entry``).  The result carries
+    ``by_calibration`` ({method: [N, L] scores}) and ``demos`` (pool indices per query, in prompt
+    order) as attributes.  ``embedder``: a ``(model, tokenizer)`` pair for the similarities
+    (default: the bank's frozen LM); ``pool_cache``: keeps the pool's embeddings between calls;
+    ``class_prior``: see ``calibrate.fit_calibration``."""
     from .baselines import few_shot_template
 
-    if calibration not in CALIBRATIONS:
-        raise ValueError(f"unknown calibration {calibration!r}; choose one of {', '.join(CALIBRATIONS)}")
+    cals = list(dict.fromkeys([*calibrations, calibration]))
+    bad = [c for c in cals if c not in CALIBRATIONS]
+    if bad:
+        raise ValueError(f"unknown calibration {bad[0]!r}; choose one of {', '.join(CALIBRATIONS)}")
     emb_model, emb_tok = embedder if embedder is not None else (bank.model, bank.tokenizer)
     demos, demo_idx = select_demos_knn(queries, pool, k, model=emb_model, tokenizer=emb_tok, fields=task.input_fields,
-                                       batch_size=batch_size, order=order)
+                                       batch_size=batch_size, order=order, pool_cache=pool_cache)
     labels = task.labels
     raw = torch.empty(len(queries), len(labels))
-    scores = torch.empty(len(queries), len(labels))
+    per_query = {c: torch.empty(len(queries), len(labels)) for c in cals if c in ("contextual", "pmi")}
     for start in range(0, len(queries), chunk):
         rows = range(start, min(start + chunk, len(queries)))
         names = [f"__knn{i}__" for i in rows]
-        entries = [bank.add(n, few_shot_template(task, demos[i], instruction), verbalizer=task.verbalizer)
-                   for n, i in zip(names, rows)]
+        for n, i in zip(names, rows):
+            bank.add(n, few_shot_template(task, demos[i], instruction), verbalizer=task.verbalizer)
         try:
+            entries = [bank.index(n) for n in names]
             part = classify(bank, entries, [Example(queries[i].fields) for i in rows], batch_size=batch_size)
-            for j, (i, n) in enumerate(zip(rows, names)):
-                raw[i] = part.scores[j]
-                cal = (fit_calibration(bank, n, calibration, batch_size=batch_size, class_prior=class_prior)
-                       if calibration in ("contextual", "pmi") else Calibration())
-                scores[i] = cal.apply(part.scores[j])
+            raw[start: start + len(names)] = part.scores
+            for c, out in per_query.items():
+                fitted = fit_per_entry(bank, entries, c, batch_size=batch_size, class_prior=class_prior)
+                for j, (i, cal) in enumerate(zip(rows, fitted)):
+                    out[i] = cal.apply(part.scores[j])
         finally:
             for n in names:
                 bank.remove(n)
-    if calibration == "batch":
-        log_prior = torch.tensor(log_prior_from_scores(raw))
-        if class_prior is not None:
-            pi = torch.tensor([float(v) for v in class_prior])
-            log_prior = log_prior - (pi / pi.sum()).log()
-        scores = Calibration("batch", log_prior.tolist()).apply(raw)
+    by_cal = {"none": raw, **per_query}
+    if "batch" in cals:
+        by_cal["batch"] = batch_calibration(raw, class_prior).apply(raw)
+    scores = by_cal[calibration]
     preds = [labels[j] for j in scores.argmax(-1).tolist()]
     res = Classification(labels=labels, predictions=preds, probabilities=scores.softmax(-1), scores=scores,
                          raw_scores=raw, calibration=calibration)
@@ -143,4 +178,5 @@ def knn_few_shot_classify(bank, task: Task, queries: list[Example], pool: list[E
     if all(g is not None for g in gold):
         res.metrics = classification_metrics(gold, preds, labels)
     res.demos = demo_idx  # type: ignore[attr-defined]
+    res.by_calibration = {c: by_cal[c] for c in cals}  # type: ignore[attr-defined]
     return res

@@ -15,8 +15,8 @@ import time
 from typing import Any
 
 from ...hard import baselines as B
-from ...core.calibration import Calibration, log_prior_from_scores
-from ...data import Example, Task
+from ...core.calibration import Calibration, batch_calibration
+from ...data import Task
 from .config import FAMILY_PE, Row, Run, fingerprint
 from .planners import Plan, add, executor, planner
 from .variants import variants_from_scores
@@ -72,41 +72,31 @@ def exec_search_plain(comp, run) -> dict[str, Any]:
             "search": {"source": run.deps[0]}}
 
 
-def _knn_scores(comp, examples: list[Example], k: int, with_contextual: bool):
-    from ...hard.demo_selection import knn_few_shot_classify
-
-    res = knn_few_shot_classify(comp.bank, _task(comp), examples, comp.demo_pool, k, instruction=comp.instruction,
-                                calibration="contextual" if with_contextual else "none",
-                                batch_size=comp.cfg.eval_batch_size)
-    scores = {"none": res.raw_scores}
-    if with_contextual:
-        scores["contextual"] = res.scores
-    return res, scores
-
-
 @executor("knn")
 def exec_knn(comp, run) -> dict[str, Any]:
     """Few-shot with each input's nearest training examples as demonstrations (similarity of the
-    frozen model's mean-pooled hidden states): uncalibrated, contextual (per query's prompt) and
-    batch calibration, on validation and test."""
-    sp = run.spec
-    cals, k = sp["calibrations"], sp["shots"]
-    t = time.perf_counter()
-    res_t, test_scores = _knn_scores(comp, comp.test, k, "contextual" in cals)
-    wall = time.perf_counter() - t
-    t = time.perf_counter()
-    valid_scores = _knn_scores(comp, comp.valid, k, "contextual" in cals)[1] if comp.valid else None
-    valid_s = time.perf_counter() - t
-    for scores in filter(None, (test_scores, valid_scores)):
-        if "batch" in cals:
-            scores["batch"] = Calibration("batch", log_prior_from_scores(scores["none"])).apply(scores["none"])
-    sv = variants_from_scores(comp.task.labels, comp.valid, comp.test, valid_scores, test_scores,
-                              [c for c in cals if c in test_scores], comp.cfg.select_metric)
+    frozen model's mean-pooled hidden states): uncalibrated, contextual (per query's prompt) and batch
+    calibration, all from one scoring pass per split, on validation and test; the pool's embeddings
+    come from the comparison's cache."""
     from ...hard.demo_selection import knn_few_shot_classify
 
-    task = _task(comp)
-    lat = comp._latency(lambda exs, bs: knn_few_shot_classify(comp.bank, task, exs, comp.demo_pool, k,
-                                                              instruction=comp.instruction, batch_size=bs), comp.test)
+    sp = run.spec
+    k, task = sp["shots"], _task(comp)
+    cals = [c for c in sp["calibrations"] if c in ("none", "contextual", "batch")] or ["none"]  # no pmi for kNN
+
+    def knn(exs, bs, calibrations=()):
+        return knn_few_shot_classify(comp.bank, task, exs, comp.demo_pool, k, instruction=comp.instruction,
+                                     calibrations=calibrations, batch_size=bs, pool_cache=comp.demo_embeddings)
+
+    t = time.perf_counter()
+    res_t = knn(comp.test, comp.cfg.eval_batch_size, cals)
+    wall = time.perf_counter() - t
+    t = time.perf_counter()
+    res_v = knn(comp.valid, comp.cfg.eval_batch_size, cals) if comp.valid else None
+    valid_s = time.perf_counter() - t
+    sv = variants_from_scores(comp.task.labels, comp.valid, comp.test, res_v.by_calibration if res_v else None,
+                              res_t.by_calibration, cals, comp.cfg.select_metric)
+    lat = comp._latency(lambda exs, bs: knn(exs, bs), comp.test)
     demos = getattr(res_t, "demos", [])[:32]
     overhead = [B.template_overhead_tokens(B.few_shot_template(task, [comp.demo_pool[j] for j in d], comp.instruction),
                                            comp.tok) for d in demos]
@@ -142,7 +132,7 @@ def exec_cot_two_stage(comp, run) -> dict[str, Any]:
         raw = r.probabilities.clamp_min(1e-30).log()  # log-softmax of the raw scores: same argmax and priors
         out = {"none": raw}
         if "batch" in sp["calibrations"]:
-            out["batch"] = Calibration("batch", log_prior_from_scores(raw)).apply(raw)
+            out["batch"] = batch_calibration(raw).apply(raw)
         return out
 
     cals = [c for c in sp["calibrations"] if c in ("none", "batch")] or ["none"]

@@ -84,6 +84,9 @@ class Comparison:
             self.valid_source = "held out from the training pool" if self.valid else "none"
         self.test = _sample(data["test"], config.test_limit, config.data_seed)
         self.demo_pool = data.splits.get("demonstrations") or self.pool
+        from ...hard.demo_selection import PoolEmbeddings
+
+        self.demo_embeddings = PoolEmbeddings()  # kNN demonstrations: the pool embedded once per comparison
         if not self.pool or not self.test:
             raise ValueError("empty training pool or test set")
         self.fp = {"train": fingerprint(self.pool), "valid": fingerprint(self.valid), "test": fingerprint(self.test),

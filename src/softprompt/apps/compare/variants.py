@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ...core.calibration import Calibration, log_prior_from_scores
+from ...core.calibration import Calibration, batch_calibration
 
 from ...core.calibrate import fit_calibration
 from ...core.scoring import classification_metrics, classify
@@ -64,8 +64,8 @@ def score_variants(bank, entry, valid, test, calibrations, *, batch_size: int = 
     variants: dict[str, dict[str, Any]] = {}
     for method in cals:
         if method == "batch":  # fit_calibration(..., "batch", inputs=split) from the scores already computed
-            cal_test = Calibration("batch", log_prior_from_scores(raw_test))
-            cal_valid = Calibration("batch", log_prior_from_scores(raw_valid)) if raw_valid is not None else None
+            cal_test = batch_calibration(raw_test)
+            cal_valid = batch_calibration(raw_valid) if raw_valid is not None else None
         else:
             cal_test = cal_valid = fit_calibration(bank, entry, method, batch_size=batch_size)
         pred = _predict(raw_test, cal_test, labels)
