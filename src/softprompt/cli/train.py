@@ -35,7 +35,7 @@ def train(
     template: Optional[str] = typer.Option(None, help="Template, e.g. '{soft:20} Tweet: {text}\\nAnswer:'."),
     verbalizer: Optional[list[str]] = typer.Option(None, help="LABEL=WORD, one per label. Repeatable."),
     instruction: Optional[str] = typer.Option(None, help="Zero-shot instruction (baseline; also 'text' init)."),
-    init: str = typer.Option("labels", help="Init: random | vocab | text | labels."),
+    init: str = typer.Option("labels", help="Init: random | vocab | text | labels | prompt:PATH (a saved prompt's soft tokens: transfer from another task; cut or cycled to the length)."),
     method: str = typer.Option("prompt", help="prompt: train the template's {soft:N} tokens; ptuning: the same tokens through an encoder network (P-tuning); prefix: also learned key/values at every layer (prefix tuning)."),
     prefix_tokens: int = typer.Option(10, help="Length of the learned key/value prefix (--method prefix)."),
     encoder: str = typer.Option("lstm", help="P-tuning's prompt encoder (--method ptuning): lstm (bidirectional LSTM + MLP) | mlp."),

@@ -266,6 +266,18 @@ def _json_default(obj):
 
 
 # ----------------------------------------------------------------------------- init
+TRANSFER_PREFIX = "prompt:"  # init "prompt:PATH": start from a saved prompt's soft tokens
+
+
+def transferred_embeddings(model, path: str | os.PathLike, n_tokens: int) -> torch.Tensor:
+    """``n_tokens`` rows from the prompt saved at ``path`` (its first ones, or cycled when it has fewer)."""
+    source = SoftPrompt.load(path, model)
+    if source.n_tokens == 0:
+        raise ValueError(f"{path}: prompt has no soft tokens to start from (a hard prompt or a key/value prefix only)")
+    reps = (n_tokens + source.n_tokens - 1) // source.n_tokens
+    return source.embeddings.repeat(reps, 1)[:n_tokens].clone().float()
+
+
 def init_embeddings(
     model,
     tokenizer,
@@ -285,7 +297,12 @@ def init_embeddings(
     * ``text``: embeddings of the tokens of ``text``, cycled to fill the length.
     * ``labels``: embeddings of the label words (mean over each word's pieces), then sampled
       vocabulary for the remaining tokens.
+    * ``prompt:PATH``: a saved prompt's soft tokens (transfer, as Vu et al.'s SPoT: a prompt
+      trained on a related task is a better start than text), refused unless trained for this
+      model; a longer prompt gives its first ``n_tokens``, a shorter one is cycled to fill.
     """
+    if method.startswith(TRANSFER_PREFIX):
+        return transferred_embeddings(model, method[len(TRANSFER_PREFIX):], n_tokens)
     emb = model.get_input_embeddings().weight.detach().to(torch.float32)
     gen = torch.Generator().manual_seed(seed)
     if method == "random":
@@ -319,4 +336,4 @@ def init_embeddings(
         if len(rows) < n_tokens:
             out = torch.cat([out, sampled(n_tokens - len(rows))])
         return out.clone()
-    raise ValueError(f"unknown init method {method!r}; choose one of {', '.join(INIT_METHODS)}")
+    raise ValueError(f"unknown init method {method!r}; choose one of {', '.join(INIT_METHODS)} or {TRANSFER_PREFIX}PATH")
