@@ -3,7 +3,7 @@ tokens, cut or cycled to its own length, and only when the saved prompt was trai
 import pytest
 import torch
 
-from softprompt.core.prompts import PromptMismatchError, SoftPrompt
+from softprompt.core.prompts import PromptMismatchError
 from softprompt.data import Example, Task
 from softprompt.testing import tiny_causal_lm, tiny_tokenizer
 from softprompt.training.prompt import TrainConfig, initial_prompt, train_prompt
