@@ -23,9 +23,11 @@ from ..data.task import TaskKind
 @app.command()
 def train(
     ctx: typer.Context,
-    task: Optional[str] = typer.Option(None, help="Built-in task name (see `softprompt tasks`)."),
+    task: Optional[list[str]] = typer.Option(None, help="Built-in task name (see `softprompt tasks`). Repeat it (--task a --task b) to train ONE prompt on the tasks' mixture, each example in its own task's template and verbalizer; saved as OUT/prompt.<task>.safetensors per task."),
     model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
     out: Path = typer.Option(Path("runs/prompt"), help="Output folder: prompt.safetensors, checkpoint, history, metrics."),
+    mix: str = typer.Option("proportional", help="Several --task: proportional (every example once per epoch) | temperature (task shares proportional to size^(1/--mix-temperature))."),
+    mix_temperature: float = typer.Option(2.0, help="--mix temperature: 1 = proportional, large = equal shares."),
     train_file: Optional[Path] = typer.Option(None, help="Your training data (.csv/.tsv/.jsonl)."),
     valid_file: Optional[Path] = typer.Option(None, help="Your validation data (for best-prompt selection)."),
     test_file: Optional[Path] = typer.Option(None, help="Your held-out data (scored after training)."),
@@ -77,6 +79,10 @@ def train(
     from ..training.recipe import DEFAULT_RECIPE
     from ..training.search import train_with_recipe
 
+    tasks = list(task or [])
+    task = tasks[0] if tasks else None
+    if len(tasks) > 1 and (train_file or test_file or processes > 1 or restarts > 1 or epochs is not None):
+        _fail("several --task train one prompt on their mixture: built-in tasks only, one process, the recipe's schedule")
     if processes > 1 and launched() and processes != int(os.environ["WORLD_SIZE"]):
         _fail(f"--processes {processes} under a launcher that started {os.environ['WORLD_SIZE']} processes; "
               "drop --processes (the launcher decides)")
@@ -119,6 +125,9 @@ def train(
             shard_frozen_model(m, device)
         except ValueError as e:
             _fail(str(e))
+    if len(tasks) > 1:
+        return _train_mixture(m, tok, tasks, overrides, lr, seed, mix, mix_temperature, train_limit, valid_limit, test_limit, out,
+                              resume, eval_batch_size)
     dp = DataParallel.current(m)
     try:
         if fixed_schedule:
@@ -155,6 +164,39 @@ def train(
                   f"{result.tokens_per_s:.0f} training tokens/s, best step {result.best_step}")
     if rows:
         console.print(_results_table(rows, f"{data.task.name}: {test_split} ({len(test_ex)} examples)"))
+
+
+def _train_mixture(m, tok, names, overrides, lr, seed, mix, mix_temperature, train_limit, valid_limit, test_limit, out, resume,
+                   eval_batch_size) -> None:
+    """``train --task a --task b``: one prompt on the tasks' mixture (training/multitask.py), scored per task."""
+    from ..data import load_task
+    from ..training.multitask import train_multitask
+    from ..training.recipe import DEFAULT_RECIPE
+
+    datas = [load_task(n) for n in names]
+    rng = random.Random(seed)
+    train = [list(_split(d, "train")) for d in datas]
+    train = [rng.sample(x, train_limit) if train_limit and train_limit < len(x) else x for x in train]
+    valid = [list(d.splits.get("validation", []))[:valid_limit] for d in datas]
+    cfg = DEFAULT_RECIPE.config(m, seed=seed, **overrides, **({"lr": lr} if lr is not None else {}))
+    try:
+        result = train_multitask(m, tok, [d.task for d in datas], train, valid if all(valid) else None, cfg,
+                                 sampling=mix, temperature=mix_temperature, out_dir=out, resume=resume)
+    except ValueError as e:
+        _fail(str(e))
+    console.print(f"training stopped: {STOP_REASONS.get(result.stop_reason, result.stop_reason)}; "
+                  f"{result.steps} steps, best step {result.best_step}; saved "
+                  + ", ".join(str(out / f"prompt.{n}.safetensors") for n in names))
+    rows = []
+    for d in datas:
+        test_ex = d.splits.get("test")
+        if test_ex:
+            bank = _bank(m, tok)
+            e = bank.add_prompt(result.prompt.prompts[d.task.name], d.task.name)
+            rows.append(_row(d.task.name, _evaluate(bank, e, test_ex[:test_limit] if test_limit else test_ex,
+                                                    d.task.kind, eval_batch_size, f"scoring {d.task.name}")))
+    if rows:
+        console.print(_results_table(rows, "the shared prompt on each task's test split"))
 
 
 def print_training_choices(training: dict, stop_reason: str) -> None:
