@@ -77,8 +77,15 @@ def test_resuming_a_run_that_stopped_does_not_train_on(tmp_path):
 def test_recipe_learning_rate_is_relative_to_the_embedding_scale():
     model = tiny_causal_lm()
     scale = embedding_scale(model)
-    assert DEFAULT_RECIPE.config(model).lr == pytest.approx(DEFAULT_RECIPE.lr * scale)
-    assert Recipe(lr=0.05, lr_unit="absolute").config(model).lr == 0.05
+    direct = DEFAULT_RECIPE.config(model, reparam="none")
+    assert direct.lr == pytest.approx(DEFAULT_RECIPE.lr * scale) and direct.reparam == "none"
+    assert Recipe(lr=0.05, lr_unit="absolute", reparam="none").config(model).lr == 0.05
+    # through the residual MLP the rate is the MLP's own, absolute; other methods get no reparameterisation
+    assert DEFAULT_RECIPE.config(model).lr == DEFAULT_RECIPE.reparam_lr
+    assert DEFAULT_RECIPE.config(model).reparam == DEFAULT_RECIPE.reparam
+    assert DEFAULT_RECIPE.config(model, method="prefix").reparam == "none"
+    assert DEFAULT_RECIPE.config(model, method="prefix_tuning", reparam="mlp").lr == 1e-3
+    assert DEFAULT_RECIPE.config(model, lr=0.2).lr == 0.2
     with pytest.raises(ValueError, match="lr_unit"):
         Recipe(lr_unit="relative")
 
@@ -171,6 +178,10 @@ def test_cli_train_by_default_searches_the_rate_and_says_why_it_stopped(tmp_path
     saved = SoftPrompt.load(tmp_path / "run" / "prompt.safetensors")
     search = saved.training["lr_search"]
     assert len(search) == 6 and sum(s["chosen"] for s in search) == 1  # 3 rates x 2 seeds
-    scale = embedding_scale(model)
-    assert sorted({round(s["lr"] / scale, 6) for s in search}) == sorted(SEARCH_LRS)
+    assert sorted({s["lr"] for s in search}) == sorted(DEFAULT_RECIPE.search_lrs(model))
+    assert saved.training["reparam"] == DEFAULT_RECIPE.reparam and saved.method == "prompt_tuning"
     assert saved.training["recipe"]["lr_unit"] == "embedding"
+    # the rates of soft tokens trained directly are in units of the embedding-entry std
+    scale = embedding_scale(model)
+    direct = DEFAULT_RECIPE.search_lrs(model, "prompt", "none")
+    assert sorted(round(x / scale, 6) for x in direct) == sorted(SEARCH_LRS)

@@ -84,7 +84,8 @@ def test_bad_configs_are_refused():
     with pytest.raises(ValueError, match="encoder"):
         encoders_for(TrainConfig(method="ptuning", encoder="gru"))
     with pytest.raises(ValueError, match="ptuning"):
-        encoders_for(TrainConfig(method="prompt", reparam="mlp"))
+        encoders_for(TrainConfig(method="ptuning", reparam="mlp"))
+    assert encoders_for(TrainConfig(method="prompt", reparam="mlp")) == {"prompt": ("mlp", 0)}  # residual
     with pytest.raises(ValueError, match="method"):
         encoders_for(TrainConfig(method="lora"))
     assert encoders_for(TrainConfig(method="prefix")) == {} and encoders_for(TrainConfig()) == {}
@@ -155,3 +156,22 @@ def test_mixed_batch_of_ptuning_prompt_and_prefix_prompts_equals_one_by_one(runs
         for e, t, m in zip(entries, texts, mixed):
             (alone,) = scores([e], [t])
             torch.testing.assert_close(m, alone, atol=1e-5, rtol=0)
+
+
+def test_residual_reparameterisation_of_soft_tokens(tmp_path):
+    """method prompt + reparam mlp: soft tokens = their start + MLP(z), the MLP's last layer zero at
+    step 0; the saved prompt is plain prompt-tuning vectors, and they moved."""
+    from softprompt.core.prompts import SoftPrompt
+    from softprompt.training.prompt import initial_prompt
+
+    model, tok = tiny_causal_lm(), tiny_tokenizer()
+    cfg = _cfg(method="prompt", reparam="mlp")
+    res = train_prompt(model, tok, SPLIT, TRAIN, None, cfg, out_dir=tmp_path, progress=False)
+    saved = SoftPrompt.load(tmp_path / "prompt.safetensors", model)
+    start = initial_prompt(model, tok, SPLIT, cfg)
+    assert saved.method == "prompt_tuning" and saved.embeddings.shape == start.shape
+    assert saved.training["reparameterised"]["prompt"]["encoder"] == "mlp"
+    assert not torch.allclose(saved.embeddings, start) and res.history[-1]["loss"] < res.history[0]["loss"]
+    zero = train_prompt(model, tok, SPLIT, TRAIN, None, _cfg(method="prompt", reparam="mlp", lr=1e-12),
+                        progress=False)
+    assert torch.allclose(zero.prompt.embeddings, start, atol=1e-6)  # step 0 is the plain prompt

@@ -12,7 +12,7 @@ from softprompt.training.config import TrainConfig
     (dict(method="hard_prompt"), "unknown method 'hard_prompt'"),  # a method, but not a trained one
     (dict(method="ptuning", encoder="gru"), "unknown encoder 'gru'; use one of"),
     (dict(method="prefix", reparam="lora"), "unknown reparam 'lora'; use one of none, mlp"),
-    (dict(method="ptuning", reparam="mlp"), "reparam applies to method 'prefix'"),
+    (dict(method="ptuning", reparam="mlp"), "reparam applies to methods 'prompt' and 'prefix'"),
     (dict(context="fast"), "context must be one of auto, cached, full, packed, got 'fast'"),
     (dict(method="prefix", context="packed"), "context 'packed' cannot train prefix tuning"),
     (dict(compile="maybe"), "compile must be one of auto, on, off, got 'maybe'"),

@@ -82,12 +82,14 @@ def compare(
                                          "epochs per trained prompt."),
     min_steps: int = typer.Option(0, help="With --epochs: at least this many steps (small sets get more epochs)."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (absolute) of the sweeps (length, init, hybrid, curve) and "
-                                       "of prefix tuning (default: the training recipe's, 0.3 x the model's "
-                                       "embedding-entry std, as `train` and `demo` use)."),
+                                       "of prefix tuning (default: the training recipe's, as `train` and `demo` use: 0.003 for "
+                                       "prompt tuning's residual MLP, 0.3 x the model's embedding-entry std for "
+                                       "tensors trained directly)."),
     lrs: str = typer.Option("", help="Main prompt-tuning method: an explicit grid of absolute learning rates, e.g. "
                             "0.03,0.1,0.3 (one row per rate x --seeds; validation data picks; the whole grid counts as "
                             "training cost). Default: each seed's rate chosen on validation data by successive halving "
-                            "over 0.3/1.0/2.2 x the embedding-entry std and 2 seeds (the cost of 2.75 runs)."),
+                            "over the recipe's 3 rates (0.001/0.003/0.01 for the residual MLP) and 2 seeds (the cost "
+                            "of 2.75 runs)."),
     calibration: str = typer.Option("none,contextual,batch,pmi", help="Calibrations every rank-classified prompt is scored "
                                     "under (comma list); validation data picks one per prompt."),
     select_metric: str = typer.Option("macro_f1", help="Metric that chooses each family's best prompt on validation data: "

@@ -42,10 +42,10 @@ def train(
     prefix_tokens: int = typer.Option(10, help="Length of the learned key/value prefix (--method prefix)."),
     encoder: str = typer.Option("lstm", help="P-tuning's prompt encoder (--method ptuning): lstm (bidirectional LSTM + MLP) | mlp."),
     encoder_hidden: int = typer.Option(128, help="Width of the encoder network (--method ptuning, --reparam mlp)."),
-    reparam: str = typer.Option("none", help="--method prefix: none (train key/values directly) | mlp (produce them with an MLP while training; the saved prompt holds plain key/values)."),
+    reparam: Optional[str] = typer.Option(None, help="none (train the tensors directly) | mlp (train them through an MLP whose output is added to their start; the saved prompt holds plain vectors). Default: the recipe's, mlp for --method prompt (residual reparameterisation), none for prefix."),
     epochs: Optional[int] = typer.Option(None, help="Train exactly this many epochs (default: the recipe's, until validation, or the training loss without validation data, stops improving, at most --max-steps)."),
     max_steps: Optional[int] = typer.Option(None, help="At most this many steps (default: the recipe's, 120)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate, absolute (default: chosen on the validation data by successive halving over 0.3/1.0/2.2 x the model's embedding-entry std and 2 seeds; 0.3 x that std without validation data; for --method ptuning / --reparam mlp 0.001 or a search over 3e-4/1e-3/3e-3)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate, absolute (default: the recipe's, chosen on the validation data by successive halving over 3 rates x 2 seeds: 0.001/0.003/0.01 for the residual MLP of --method prompt, 0.3/1.0/2.2 x the model's embedding-entry std for soft tokens trained directly (--reparam none), 3e-4/1e-3/3e-3 for --method ptuning and prefix --reparam mlp; without validation data the middle one)."),
     batch_size: int = typer.Option(8),
     optimizer: Optional[str] = typer.Option(None, help="adamw (default) | adafactor | adafactor-relative (steps scaled by each tensor's RMS, as Lester et al.)"),
     loss: str = typer.Option("rank", help="rank (cross-entropy over labels) | lm (log-prob of the gold words)"),
@@ -75,7 +75,7 @@ def train(
     `torchrun --nproc_per_node N -m softprompt train ...`."""
     from ..training.distributed import DataParallel, launched, process_device, shard_frozen_model
     from ..training.restarts import train_with_restarts
-    from ..training.prompt import TrainConfig, encoders_for
+    from ..training.prompt import TrainConfig
     from ..training.recipe import DEFAULT_RECIPE
     from ..training.search import train_with_recipe
 
@@ -96,6 +96,7 @@ def train(
                                    patience=patience, max_steps=max_steps).items() if v is not None}
     fixed_schedule = epochs is not None or restarts > 1
     recipe = DEFAULT_RECIPE
+    reparam = reparam or recipe.reparam_for(method)
     overrides = dict(init=init, method=method, prefix_tokens=prefix_tokens, batch_size=batch_size, loss=loss,
                      eval_batch_size=eval_batch_size, encoder=encoder, encoder_hidden=encoder_hidden, reparam=reparam,
                      compile=compile, context=context, **given)
@@ -132,7 +133,7 @@ def train(
     try:
         if fixed_schedule:
             if lr is None:  # an encoder's weights move its output far more per Adam step than a prompt's own values
-                lr = 1e-3 if encoders_for(cfg) else recipe.absolute_lr(m)
+                lr = recipe.default_lr(m, cfg.method, cfg.reparam)
             result = train_with_restarts(m, tok, data.task, train_ex, valid_ex, replace(cfg, lr=lr, seed=seed), restarts,
                                          out_dir=out, resume=resume, progress=dp.is_main)
         else:
@@ -362,8 +363,8 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Where the trained prompt is saved."),
     max_steps: int = typer.Option(DEMO_MAX_STEPS, help="At most this many training steps (the recipe stops earlier once the "
                                   "validation score stops improving)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate, absolute (default: the training recipe's, 0.3 x "
-                                       "the model's embedding-entry std, as train and compare use)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate, absolute (default: the training recipe's, as train "
+                                       "and compare use: 0.003 for the residual MLP the soft tokens train through)."),
     seed: int = typer.Option(0),
 ):
     """The quickstart: on the bundled demo set (hand-written customer messages, complaint vs praise),

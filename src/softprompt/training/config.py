@@ -22,7 +22,8 @@ class TrainConfig:
     prefix_tokens: int = 10  # length of the learned key/value prefix (method "prefix")
     encoder: str = "lstm"  # ptuning's prompt encoder: lstm (bidirectional LSTM + MLP) | mlp
     encoder_hidden: int = 128  # width of the encoder network (ptuning, and prefix with reparam "mlp")
-    reparam: str = "none"  # prefix: none (train key/values directly) | mlp (through an MLP, Li & Liang 2021)
+    reparam: str = "none"  # none: train the tensors directly | mlp: through an MLP whose output is added to their start
+    # (prompt: residual reparameterisation, Razdaibiedina et al. 2023; prefix: Li & Liang 2021); not for ptuning
     init: str = "labels"  # random | vocab | text | labels
     init_text: str | None = None
     epochs: int = 20
@@ -66,8 +67,9 @@ class TrainConfig:
             raise ValueError(f"unknown encoder {self.encoder!r}; use one of {', '.join(ENCODERS)}")
         if self.reparam not in REPARAMS:
             raise ValueError(f"unknown reparam {self.reparam!r}; use one of {', '.join(REPARAMS)}")
-        if self.reparam != "none" and self.method != "prefix":
-            raise ValueError("reparam applies to method 'prefix' (the key/values); for soft tokens use method 'ptuning'")
+        if self.reparam != "none" and self.method == "ptuning":
+            raise ValueError("method 'ptuning' trains through its own encoder (--encoder); reparam applies to methods "
+                             "'prompt' and 'prefix'")
         if self.context not in CONTEXT_MODES:
             raise ValueError(f"context must be one of {', '.join(CONTEXT_MODES)}, got {self.context!r}")
         if self.context == "packed" and self.method == "prefix":

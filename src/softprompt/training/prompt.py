@@ -43,16 +43,14 @@ def encoders_for(cfg: TrainConfig) -> dict[str, tuple[str, int]]:
     """Which trained tensors go through an encoder network: name -> (encoder, token axis)."""
     if cfg.method not in METHODS:
         raise ValueError(f"unknown method {cfg.method!r}; use one of {', '.join(METHODS)}")
-    if cfg.reparam not in ("none", "mlp"):
-        raise ValueError(f"unknown reparam {cfg.reparam!r}; use none or mlp")
-    if cfg.reparam != "none" and cfg.method != "prefix":
-        raise ValueError("reparam applies to method 'prefix' (the key/values); for soft tokens use method 'ptuning'")
     if cfg.method == "ptuning":
         if cfg.encoder not in ENCODERS:
             raise ValueError(f"unknown encoder {cfg.encoder!r}; use one of {', '.join(ENCODERS)}")
         return {"prompt": (cfg.encoder, 0)}
     if cfg.method == "prefix" and cfg.reparam == "mlp":
         return {"kv": ("mlp", 3)}  # kv is [layers, 2, kv_heads, positions, head_dim]
+    if cfg.method == "prompt" and cfg.reparam == "mlp":  # residual reparameterisation: init + MLP(z)
+        return {"prompt": ("mlp", 0)}
     return {}
 
 

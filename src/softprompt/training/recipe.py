@@ -10,6 +10,12 @@ means the same relative step on any model.  The default values come from the stu
 ``benchmarks/study_recipe.py`` (docs/benchmarks.md, "Training recipe study"), chosen on
 validation scores.
 
+Residual reparameterisation (``reparam="mlp"``, Razdaibiedina et al. 2023): the soft tokens are
+their start (the label words) plus the output of a two-layer MLP over a small trainable input, its
+last layer zero at step 0, so step 0 is the plain prompt; the network is dropped when the prompt
+is saved (plain vectors).  An Adam step on the MLP's last layer moves an output entry by about 15x
+the rate (core/reparam.py), so its rate is absolute and small (``reparam_lr``).
+
 Stopping: a run ends when its validation score (or, without validation data, its training loss)
 has stopped improving for ``patience`` evaluations, or at ``max_steps``; ``TrainResult.stop_reason``
 and the last history record say which.
@@ -17,12 +23,16 @@ and the last history record say which.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from ..core.method import Method
 from .config import TrainConfig
 from .selection import kept_validation
 
 LR_UNITS = ("embedding", "absolute")
+SEARCH_LRS = (0.3, 1.0, 2.2)  # candidate rates of soft tokens trained directly, in embedding-entry std units
+ENCODER_LR = 1e-3  # absolute: P-tuning's encoder and prefix tuning's MLP (core/reparam.py)
+ENCODER_LRS = (3e-4, 1e-3, 3e-3)  # their search
 
 
 def embedding_scale(model) -> float:
@@ -38,6 +48,8 @@ class Recipe:
     optimizer: str = "adamw"
     lr: float = 0.3  # peak learning rate, in ``lr_unit`` (SmolLM2-135M: 0.3 x 0.136 = 0.041 absolute)
     lr_unit: str = "embedding"  # embedding: lr x the model's embedding-entry std; absolute: lr as is
+    reparam: str = "mlp"  # method "prompt": soft tokens through the residual MLP (mlp) or trained directly (none)
+    reparam_lr: float = 0.003  # absolute peak rate of the residual MLP's weights (a step ~15x this per entry)
     init: str = "labels"
     warmup_steps: int = 10
     schedule: str = "linear"
@@ -54,17 +66,50 @@ class Recipe:
             raise ValueError(f"the learning rate must be positive, got {self.lr}")
 
     def absolute_lr(self, model, lr: float | None = None) -> float:
-        """The optimizer's peak rate for ``model`` (``lr`` in this recipe's unit, default its own)."""
+        """The optimizer's peak rate for soft tokens trained directly on ``model`` (``lr`` in this
+        recipe's unit, default its own)."""
         lr = self.lr if lr is None else lr
         return lr * embedding_scale(model) if self.lr_unit == "embedding" else lr
 
+    def reparam_for(self, method: str = "prompt") -> str:
+        """The reparameterisation a method (any spelling) gets by default: the recipe's for prompt
+        tuning, none else."""
+        try:
+            return self.reparam if Method.parse(method).short == "prompt" else "none"
+        except ValueError:  # an unknown method: TrainConfig refuses it with the full list
+            return "none"
+
+    def default_lr(self, model, method: str = "prompt", reparam: str | None = None) -> float:
+        """The absolute peak rate of a run with this method: the residual MLP's, an encoder's
+        (P-tuning, prefix through an MLP: 1e-3), or the soft tokens' own."""
+        reparam = self.reparam_for(method) if reparam is None else reparam
+        if method == "prompt" and reparam == "mlp":
+            return self.reparam_lr
+        if method == "ptuning" or reparam == "mlp":
+            return ENCODER_LR
+        return self.absolute_lr(model)
+
+    def search_lrs(self, model, method: str = "prompt", reparam: str | None = None) -> tuple[float, ...]:
+        """Absolute candidate rates of the automatic search, about 3x apart around the default."""
+        reparam = self.reparam_for(method) if reparam is None else reparam
+        if method == "prompt" and reparam == "mlp":
+            return tuple(round(self.reparam_lr * f, 6) for f in (1 / 3, 1.0, 10 / 3))
+        if method == "ptuning" or reparam == "mlp":
+            return ENCODER_LRS
+        return tuple(self.absolute_lr(model, x) for x in SEARCH_LRS)
+
     def config(self, model, **overrides) -> TrainConfig:
-        """A :class:`TrainConfig` for ``model`` (``overrides`` win; ``lr`` there is absolute)."""
-        kw = dict(optimizer=self.optimizer, lr=self.absolute_lr(model), init=self.init,
+        """A :class:`TrainConfig` for ``model`` (``overrides`` win; ``lr`` there is absolute; without
+        one, :meth:`default_lr` for the method and reparameterisation)."""
+        method = overrides.get("method") or "prompt"
+        reparam = overrides.get("reparam") or self.reparam_for(method)
+        kw = dict(optimizer=self.optimizer, init=self.init, reparam=reparam,
                   warmup_steps=self.warmup_steps, schedule=self.schedule, batch_size=self.batch_size,
                   epochs=0, max_steps=self.max_steps, eval_every=self.eval_every, patience=self.patience)
-        kw.update(overrides)
-        return TrainConfig(**kw)
+        kw.update({k: v for k, v in overrides.items() if v is not None or k in ("max_steps", "patience")})
+        kw["reparam"] = reparam
+        cfg = TrainConfig(**{**kw, "lr": kw.get("lr") or 1.0})  # checks the values, reads the method's spelling
+        return cfg if kw.get("lr") is not None else replace(cfg, lr=self.default_lr(model, cfg.method, reparam))
 
 
 DEFAULT_RECIPE = Recipe()
@@ -102,5 +147,5 @@ def loss_plateaued(losses: list[float], window: int, patience: int, tol: float =
     return min(means[n - patience:]) > best_before * (1 - tol)
 
 
-__all__ = ["DEFAULT_RECIPE", "LR_UNITS", "Recipe", "collapse_reason", "embedding_scale", "loss_plateaued",
-           "uniform_loss"]
+__all__ = ["DEFAULT_RECIPE", "ENCODER_LR", "ENCODER_LRS", "LR_UNITS", "SEARCH_LRS", "Recipe", "collapse_reason",
+           "embedding_scale", "loss_plateaued", "uniform_loss"]

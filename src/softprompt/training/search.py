@@ -25,11 +25,10 @@ from typing import Protocol
 from ..core import atomic
 from .config import TrainConfig, TrainResult
 from .distributed import DataParallel
-from .recipe import DEFAULT_RECIPE, Recipe, collapse_reason
+from .recipe import DEFAULT_RECIPE, ENCODER_LRS, SEARCH_LRS, Recipe, collapse_reason
 from ..data.task import TaskKind
 
 SEED_STRIDE = 1000  # attempt a of seed s trains with seed s + a * SEED_STRIDE
-SEARCH_LRS = (0.3, 1.0, 2.2)  # candidate rates, in the recipe's unit (embedding-entry std): the study's AdamW rates
 
 
 class Run(Protocol):
@@ -150,7 +149,6 @@ def guard_collapse(train: Callable[[TrainConfig], TrainResult], cfg: TrainConfig
 
 
 # ----------------------------------------------------------------------------- the default way to train
-ENCODER_LRS = (3e-4, 1e-3, 3e-3)  # absolute: an encoder network's weights (P-tuning, prefix through an MLP)
 
 
 def train_with_recipe(model, tokenizer, task, train_examples, valid_examples=None, *, recipe: Recipe = DEFAULT_RECIPE,
@@ -159,17 +157,14 @@ def train_with_recipe(model, tokenizer, task, train_examples, valid_examples=Non
     """Train a prompt the way ``train``, ``compare`` and ``demo`` do by default.
 
     ``lr`` (absolute) given, or ``search=False``: one run.  Otherwise, with validation data, successive halving over
-    :data:`SEARCH_LRS` (in the recipe's unit) x ``search_seeds`` seeds; without, one run at the
-    recipe's rate.  Every run stops on convergence (``recipe.max_steps`` at most) and a collapsed
+    the recipe's candidate rates (:meth:`Recipe.search_lrs`) x ``search_seeds`` seeds; without, one
+    run at its default rate (:meth:`Recipe.default_lr`).  Every run stops on convergence (``recipe.max_steps`` at most) and a collapsed
     result is retrained from another seed (``recipe.collapse_restarts``).  ``overrides`` are
     :class:`TrainConfig` fields (``method``, ``init``, ...).  The prompt's ``training`` records the
     recipe, the search and the restarts; ``wall_time_s`` is their whole cost."""
-    from .prompt import encoders_for, train_prompt
+    from .prompt import train_prompt
 
     base = recipe.config(model, seed=seed, **overrides)
-    through_encoder = bool(encoders_for(base))
-    if through_encoder and "lr" not in overrides:
-        base = replace(base, lr=1e-3)
     out = Path(out_dir) if out_dir is not None else None
     n_labels = len(task.labels) if task.kind == TaskKind.CLASSIFICATION else 0
 
@@ -178,7 +173,7 @@ def train_with_recipe(model, tokenizer, task, train_examples, valid_examples=Non
 
     records: list[dict] = []
     if lr is None and valid_examples and search:
-        lrs = ENCODER_LRS if through_encoder else tuple(recipe.absolute_lr(model, x) for x in SEARCH_LRS)
+        lrs = recipe.search_lrs(model, base.method, base.reparam)
         seeds = [seed + s for s in range(max(1, search_seeds))]
         result, records = search_lr(run, base, lrs, seeds, work_dir=(out / "search") if out else None, resume=resume)
         chosen = next(r for r in records if r["chosen"])

@@ -176,12 +176,17 @@ def schedule(cfg, n: int) -> tuple[int, int, int | None]:
     return steps, max(1, min(DEFAULT_RECIPE.eval_every, steps // 4)), DEFAULT_RECIPE.patience
 
 
-def recipe_lr(comp) -> float:
-    """The recipe's absolute rate for the comparison's model (6 significant digits, so that a
-    spec planned on another device still matches)."""
-    if getattr(comp, "_recipe_lr", None) is None:
-        comp._recipe_lr = float(f"{DEFAULT_RECIPE.absolute_lr(comp.model):.6g}")
-    return comp._recipe_lr
+def recipe_lr(comp, method: dict[str, Any] | None = None) -> float:
+    """The recipe's absolute rate for the comparison's model and a run's method (prompt tuning
+    through the residual MLP, or a ``method`` dict's; 6 significant digits, so that a spec planned
+    on another device still matches)."""
+    m = method or {}
+    return float(f"{DEFAULT_RECIPE.default_lr(comp.model, m.get('method', 'prompt'), m.get('reparam')):.6g}")
+
+
+def _method_args(method: dict[str, Any] | None) -> dict[str, Any]:
+    m = method or {}
+    return {"method": m.get("method", "prompt"), "reparam": m.get("reparam")}
 
 
 def search_runs(steps: int, n_candidates: int = len(SEARCH_LRS) * SEARCH_SEEDS) -> float:
@@ -201,7 +206,7 @@ def soft_run(comp, template: str, init: str, seed: int, *, n_train: int = 0, lab
     cfg = comp.cfg
     train = comp._train_subset(n_train, seed)
     steps, eval_every, patience = schedule(cfg, len(train))
-    lr = lr if lr is not None else (cfg.lr if cfg.lr is not None else recipe_lr(comp))
+    lr = lr if lr is not None else (cfg.lr if cfg.lr is not None else recipe_lr(comp, method))
     init_text = start_instruction(comp) or B.hard_template(comp.task.template).render_text({})
     spec = {
         "kind": "soft", "template": template, "init": init, "init_text": init_text if init == "text" else None,
@@ -211,7 +216,8 @@ def soft_run(comp, template: str, init: str, seed: int, *, n_train: int = 0, lab
         "verbalizer": comp.task.verbalizer, "eval_every": eval_every, "patience": patience,
     }
     if lr == "auto":
-        spec["search"] = {"lrs": list(SEARCH_LRS), "seeds": SEARCH_SEEDS}
+        spec["search"] = {"lrs": list(DEFAULT_RECIPE.search_lrs(comp.model, **_method_args(method))),
+                          "seeds": SEARCH_SEEDS}
     if comp.generative:
         spec["max_new_tokens"] = cfg.max_new_tokens
     else:
