@@ -108,6 +108,11 @@ def test_cli_mixture_of_sst2_and_agnews(tmp_path):
     r = CliRunner().invoke(app, ["train", "--task", "sst2", "--task", "agnews", "--model", str(folder), "--out", str(out),
                                  "--train-limit", "8", "--valid-limit", "4", "--test-limit", "4", "--max-steps", "3",
                                  "--mix", "temperature"])
+    mpt = CliRunner().invoke(app, ["train", "--task", "sst2", "--task", "agnews", "--model", str(folder), "--out",
+                                   str(tmp_path / "mpt"), "--train-limit", "8", "--valid-limit", "4", "--test-limit", "4",
+                                   "--max-steps", "2", "--mpt-rank", "1"])
+    assert mpt.exit_code == 0, mpt.output
+    assert (tmp_path / "mpt" / "prompt._shared.safetensors").exists()
     assert r.exit_code == 0, r.output
     a = SoftPrompt.load(out / "prompt.sst2.safetensors", model)
     b = SoftPrompt.load(out / "prompt.agnews.safetensors", model)

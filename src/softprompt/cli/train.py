@@ -28,6 +28,7 @@ def train(
     out: Path = typer.Option(Path("runs/prompt"), help="Output folder: prompt.safetensors, checkpoint, history, metrics."),
     mix: str = typer.Option("proportional", help="Several --task: proportional (every example once per epoch) | temperature (task shares proportional to size^(1/--mix-temperature))."),
     mix_temperature: float = typer.Option(2.0, help="--mix temperature: 1 = proportional, large = equal shares."),
+    mpt_rank: int = typer.Option(0, min=0, help="Several --task: 0 = one shared prompt; R >= 1 = multitask prompt tuning (MPT: the shared prompt times a rank-R matrix per task, saved multiplied out, plus OUT/prompt._shared.safetensors)."),
     train_file: Optional[Path] = typer.Option(None, help="Your training data (.csv/.tsv/.jsonl)."),
     valid_file: Optional[Path] = typer.Option(None, help="Your validation data (for best-prompt selection)."),
     test_file: Optional[Path] = typer.Option(None, help="Your held-out data (scored after training)."),
@@ -127,7 +128,7 @@ def train(
         except ValueError as e:
             _fail(str(e))
     if len(tasks) > 1:
-        return _train_mixture(m, tok, tasks, overrides, lr, seed, mix, mix_temperature, train_limit, valid_limit, test_limit, out,
+        return _train_mixture(m, tok, tasks, overrides, lr, seed, mix, mix_temperature, mpt_rank, train_limit, valid_limit, test_limit, out,
                               resume, eval_batch_size)
     dp = DataParallel.current(m)
     try:
@@ -167,10 +168,11 @@ def train(
         console.print(_results_table(rows, f"{data.task.name}: {test_split} ({len(test_ex)} examples)"))
 
 
-def _train_mixture(m, tok, names, overrides, lr, seed, mix, mix_temperature, train_limit, valid_limit, test_limit, out, resume,
+def _train_mixture(m, tok, names, overrides, lr, seed, mix, mix_temperature, mpt_rank, train_limit, valid_limit, test_limit, out, resume,
                    eval_batch_size) -> None:
     """``train --task a --task b``: one prompt on the tasks' mixture (training/multitask.py), scored per task."""
     from ..data import load_task
+    from ..training.mpt import train_mpt
     from ..training.multitask import train_multitask
     from ..training.recipe import DEFAULT_RECIPE
 
@@ -181,8 +183,9 @@ def _train_mixture(m, tok, names, overrides, lr, seed, mix, mix_temperature, tra
     valid = [list(d.splits.get("validation", []))[:valid_limit] for d in datas]
     cfg = DEFAULT_RECIPE.config(m, seed=seed, **overrides, **({"lr": lr} if lr is not None else {}))
     try:
-        result = train_multitask(m, tok, [d.task for d in datas], train, valid if all(valid) else None, cfg,
-                                 sampling=mix, temperature=mix_temperature, out_dir=out, resume=resume)
+        how = dict(sampling=mix, temperature=mix_temperature, out_dir=out, resume=resume)
+        args = (m, tok, [d.task for d in datas], train, valid if all(valid) else None, cfg)
+        result = train_mpt(*args, rank=mpt_rank, **how) if mpt_rank else train_multitask(*args, **how)
     except ValueError as e:
         _fail(str(e))
     console.print(f"training stopped: {STOP_REASONS.get(result.stop_reason, result.stop_reason)}; "

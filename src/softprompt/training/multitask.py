@@ -34,6 +34,7 @@ from .prompt import PromptTrainable, batch_loss, encoders_for, validate
 from .selection import classification_score
 
 SAMPLINGS = ("proportional", "temperature")
+SHARED = "_shared"  # the name a multi-task method saves its shared prompt under (mpt.py)
 
 
 @dataclass(frozen=True)
@@ -130,13 +131,10 @@ class MultiTaskTrainable(PromptTrainable):
         return PromptSet(prompts)
 
 
-def train_multitask(model, tokenizer, tasks: list[Task], train: list[list[Example]],
-                    valid: list[list[Example]] | None = None, cfg: TrainConfig | None = None, *,
-                    sampling: str = "proportional", temperature: float = 2.0, out_dir=None, resume: bool = False,
-                    progress: bool = True) -> TrainResult:
-    """Train one prompt on the mixture of ``tasks`` (``train[k]`` / ``valid[k]`` are task k's
-    examples); ``result.prompt`` is a :class:`PromptSet`."""
-    cfg = cfg or TrainConfig()
+def check_mixture(model, tasks: list[Task], train, valid, cfg: TrainConfig) -> list[TaskExample] | None:
+    """Refuse what cannot share one prompt; returns the tagged validation examples (or None)."""
+    from .distributed import DataParallel
+
     if len(tasks) < 2 or len(train) != len(tasks) or (valid is not None and len(valid) != len(tasks)):
         raise ValueError("multi-task training needs two or more tasks, with one training (and validation) list each")
     if len({t.name for t in tasks}) != len(tasks):
@@ -151,12 +149,23 @@ def train_multitask(model, tokenizer, tasks: list[Task], train: list[list[Exampl
         if t.kind != TaskKind.CLASSIFICATION:
             raise ValueError(f"task {t.name!r} is {t.kind}: multi-task training mixes classification tasks")
         check_training_inputs(model, t, train[k], valid[k] if valid else None)
-    pool = mixture(train, sampling, temperature, cfg.seed)
-    held = [TaskExample(k, ex) for k, exs in enumerate(valid or []) for ex in exs] or None
-    trainable = MultiTaskTrainable(model, tokenizer, tasks, pool, cfg)
-    if trainable.dp.active:
+    if DataParallel.current(model).active:
         raise ValueError("multi-task training runs in one process")
+    return [TaskExample(k, ex) for k, exs in enumerate(valid or []) for ex in exs] or None
+
+
+def train_multitask(model, tokenizer, tasks: list[Task], train: list[list[Example]],
+                    valid: list[list[Example]] | None = None, cfg: TrainConfig | None = None, *,
+                    sampling: str = "proportional", temperature: float = 2.0, out_dir=None, resume: bool = False,
+                    progress: bool = True) -> TrainResult:
+    """Train one prompt on the mixture of ``tasks`` (``train[k]`` / ``valid[k]`` are task k's
+    examples); ``result.prompt`` is a :class:`PromptSet`."""
+    cfg = cfg or TrainConfig()
+    held = check_mixture(model, tasks, train, valid, cfg)
+    pool = mixture(train, sampling, temperature, cfg.seed)
+    trainable = MultiTaskTrainable(model, tokenizer, tasks, pool, cfg)
     return fit(trainable, pool, held, cfg, out_dir=out_dir, resume=resume, progress=progress)
 
 
-__all__ = ["MultiTaskTrainable", "PromptSet", "SAMPLINGS", "TaskExample", "mixture", "train_multitask"]
+__all__ = ["MultiTaskTrainable", "PromptSet", "SAMPLINGS", "SHARED", "TaskExample", "check_mixture", "mixture",
+           "train_multitask"]
