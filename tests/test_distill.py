@@ -158,3 +158,17 @@ def test_cli_distils_user_files(setup, tmp_path):
     bad = CliRunner().invoke(app, ["distill", "--model", str(folder), "--unlabeled-file", str(unl),
                                    "--teacher", str(teacher_path), "--demos", "4"])
     assert bad.exit_code != 0 and "one or the other" in bad.output
+
+
+def test_prefix_student_starts_from_the_teachers_head_text(setup, tmp_path):
+    """--method prefix: key/value positions before the bare template, from the teacher's head text."""
+    from softprompt.apps.distill import student_template, teacher_head_text
+
+    model, tok, _, _ = setup
+    teacher = Teacher("is the review good ?\nreview : {text} label :", TASK.verbalizer)
+    assert teacher_head_text(teacher) == "is the review good ?\nreview :"
+    assert student_template(TASK, 3, "prefix") == "review : {text} label :"
+    d = distil(model, tok, _student_task(), teacher, [Example(dict(ex.fields)) for ex in LABELLED], n_tokens=3,
+               method="prefix", search=False, progress=False, lr=0.01, **dict(FAST, max_steps=4))
+    assert d.prompt.kv is not None and d.prompt.n_prefix == 3 and d.prompt.n_tokens == 0
+    assert d.prompt.training["init"] == "text" and d.prompt.training["init_text"] == teacher_head_text(teacher)

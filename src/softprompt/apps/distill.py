@@ -153,11 +153,23 @@ def distillation_examples(task: Task, inputs: list[Example], outputs: dict[str, 
             for ex, p in zip(inputs, probs)]
 
 
-def student_template(task: Task, n_tokens: int) -> str:
-    """``n_tokens`` soft tokens before the task's own hard template (its instruction-free form)."""
+def student_template(task: Task, n_tokens: int, method: str = "prompt") -> str:
+    """``n_tokens`` soft tokens before the task's own hard template (its instruction-free form); for
+    prefix tuning the hard template alone (the learned key/values go before it)."""
     if n_tokens < 1:
         raise ValueError(f"a student needs at least one soft token, got {n_tokens}")
+    if method == "prefix":
+        return hard_template(task.template).text
     return f"{{soft:{n_tokens}}} " + hard_template(task.template).text
+
+
+def teacher_head_text(teacher: Teacher) -> str:
+    """The teacher's example-independent text (instruction, demonstrations): what a prefix
+    student's key/values start from, as Cartridges initialise from the context's own."""
+    from ..core.templates import Template
+
+    t = Template(teacher.template)
+    return "".join(str(seg.value) for seg in t.segments[: t.first_field] if seg.kind == "text").strip()
 
 
 @dataclass
@@ -172,14 +184,17 @@ class Distillation:
     n_valid: int
 
 
-def distil(model, tok, task: Task, teacher: Teacher, inputs, *, n_tokens: int = 20, temperature: float = 1.0,
+def distil(model, tok, task: Task, teacher: Teacher, inputs, *, n_tokens: int = 20, method: str = "prompt",
+           temperature: float = 1.0,
            valid_fraction: float = 0.2, max_valid: int = 200, seed: int = 0, out_dir: Path | None = None,
            search: bool = True, resume: bool = False, progress: bool = True, **overrides) -> Distillation:
     """Train a student soft prompt to answer as ``teacher`` on ``inputs`` (labels ignored).
 
     A seeded ``valid_fraction`` of the inputs (at most ``max_valid``) is held back: the student's
     agreement with the teacher there picks the kept step, the learning rate (successive halving,
-    ``search``) and the stop.  ``overrides`` are :class:`TrainConfig` fields for the recipe."""
+    ``search``) and the stop.  ``method`` "prefix": the student is ``n_tokens`` key/value positions at
+    every layer, started from the key/values of the teacher's own head text (instruction and
+    demonstrations, cycled), as Cartridges start.  ``overrides`` are :class:`TrainConfig` fields."""
     from ..training.search import train_with_recipe
     from ..training.selection import kept_validation
 
@@ -193,8 +208,12 @@ def distil(model, tok, task: Task, teacher: Teacher, inputs, *, n_tokens: int = 
     n_valid = min(max_valid, max(1, math.floor(valid_fraction * len(examples)))) if valid_fraction > 0 else 0
     valid = [examples[i] for i in order[:n_valid]]
     train = [examples[i] for i in order[n_valid:]]
-    student_task = Task(name=task.name, kind=task.kind, template=student_template(task, n_tokens),
+    student_task = Task(name=task.name, kind=task.kind, template=student_template(task, n_tokens, method),
                         verbalizer=task.verbalizer, instruction=task.instruction)
+    if method == "prefix":
+        head = teacher_head_text(teacher)
+        overrides = {"prefix_tokens": n_tokens, **({"init": "text", "init_text": head} if head else {}), **overrides}
+    overrides["method"] = method
     result = train_with_recipe(model, tok, student_task, train, valid or None, seed=seed, search=search,
                                out_dir=out_dir, resume=resume, progress=progress, **overrides)
     prompt = result.prompt
@@ -272,4 +291,4 @@ def compare_to_teacher(model, tok, task: Task, d: Distillation, test, *, latency
 
 
 __all__ = ["Distillation", "TEACHER_CACHE", "Teacher", "compare_to_teacher", "distil", "distillation_examples",
-           "student_template", "teacher_outputs", "tokens_per_query", "unlabelled"]
+           "student_template", "teacher_head_text", "teacher_outputs", "tokens_per_query", "unlabelled"]

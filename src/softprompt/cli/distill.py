@@ -33,7 +33,10 @@ def distill(
     demo_file: Optional[Path] = typer.Option(None, help="Labelled examples to draw --demos from (user files)."),
     calibration: str = typer.Option("contextual", help="The teacher's calibration when built here: none | contextual "
                                     "| batch (fit on the unlabelled inputs) | pmi."),
-    tokens: int = typer.Option(20, min=1, help="The student's soft tokens (before the task's template)."),
+    tokens: int = typer.Option(20, min=1, help="The student's soft tokens (before the task's template), or its "
+                               "key/value positions with --method prefix."),
+    method: str = typer.Option("prompt", help="The student: prompt (soft tokens) | prefix (key/values at every layer, "
+                               "started from those of the teacher's own instruction and demonstrations)."),
     temperature: float = typer.Option(1.0, help="Softens the teacher's distribution the student matches (> 1: softer)."),
     valid_fraction: float = typer.Option(0.2, help="Share of the inputs held back to measure agreement (chooses the "
                                          "step and the learning rate)."),
@@ -82,7 +85,9 @@ def distill(
                  Teacher.from_text(m, tok, t, instruction=instruction, demos=chosen_demos, calibration=calibration,
                                    inputs=inputs))
         overrides = {"max_steps": max_steps} if max_steps else {}
-        d = distil(m, tok, t, teach, inputs, n_tokens=tokens, temperature=temperature, valid_fraction=valid_fraction,
+        if method not in ("prompt", "prefix"):
+            raise ValueError(f"--method must be prompt or prefix, got {method!r}")
+        d = distil(m, tok, t, teach, inputs, n_tokens=tokens, method=method, temperature=temperature, valid_fraction=valid_fraction,
                    seed=seed, out_dir=out, search=search, resume=resume, **overrides)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
