@@ -29,7 +29,7 @@ NEG = ["bad movie", "awful film", "hate this movie", "terrible film", "bad bad",
 TASK = Task(name="toy", kind="classification", template="{soft:4} review : {text} label :",
             verbalizer={"pos": " yes", "neg": " no"})
 LABELLED = [Example({"text": t}, "pos") for t in POS] + [Example({"text": t}, "neg") for t in NEG]
-FAST = dict(max_steps=40, eval_every=5, patience=20, warmup_steps=2, batch_size=4)
+FAST = dict(max_steps=40, eval_every=5, patience=20, warmup_steps=2, batch_size=4, reparam="none")  # direct: lr as given
 
 
 @pytest.fixture(scope="module")
