@@ -46,7 +46,6 @@ from .templates import few_shot_answer_template, hybrid_template, with_soft_leng
 __all__ = ["EXECUTORS", "PLANNERS", "Plan", "add", "executor", "hard_run", "plan", "planner", "recipe_lr", "schedule",
            "search_runs", "soft_run"]
 
-SEARCH_SEEDS = 2  # seeds per learning rate in the main method's search (train_with_recipe's search_seeds)
 
 
 @dataclass(frozen=True)
@@ -154,6 +153,8 @@ def plan(comp) -> list[Row]:
         entry = PLANNERS[name]
         if methods & set(entry.when):
             rows += entry.fn(comp, ctx)
+            for run in comp.runs.values():  # a run shared by several methods belongs to the first that planned it
+                run.method = run.method or name
     return rows
 
 
@@ -184,7 +185,7 @@ def recipe_lr(comp) -> float:
     return comp._recipe_lr
 
 
-def search_runs(steps: int, n_candidates: int = len(SEARCH_LRS) * SEARCH_SEEDS) -> float:
+def search_runs(steps: int, n_candidates: int = len(SEARCH_LRS) * 2) -> float:
     """What a successive-halving search costs, in full runs of ``steps`` (six candidates: 2.75)."""
     done, total = 0, 0
     for until, k in rung_steps(steps, n_candidates):
@@ -211,7 +212,7 @@ def soft_run(comp, template: str, init: str, seed: int, *, n_train: int = 0, lab
         "verbalizer": comp.task.verbalizer, "eval_every": eval_every, "patience": patience,
     }
     if lr == "auto":
-        spec["search"] = {"lrs": list(SEARCH_LRS), "seeds": SEARCH_SEEDS}
+        spec["search"] = {"lrs": list(SEARCH_LRS), "seeds": cfg.search_seeds}
     if comp.generative:
         spec["max_new_tokens"] = cfg.max_new_tokens
     else:
@@ -224,7 +225,7 @@ def soft_run(comp, template: str, init: str, seed: int, *, n_train: int = 0, lab
         spec["restarts"] = restarts
         run_id += f"/best-of-{restarts}"
     n_valid = (steps // eval_every) * len(comp.valid) if comp.valid else 0
-    runs = search_runs(steps) if lr == "auto" else 1.0
+    runs = search_runs(steps, len(SEARCH_LRS) * cfg.search_seeds) if lr == "auto" else 1.0
     cost = ((steps * cfg.batch_size * 3 + n_valid) * runs * restarts + len(comp.test)
             + 3 * cfg.latency_examples)
     return add(comp, Run(run_id, "soft", label, spec, cost))

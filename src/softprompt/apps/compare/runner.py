@@ -103,6 +103,12 @@ class Comparison:
         self.rows: list[Row] = []
         self.results: dict[str, Any] = {}
         self.executed: list[str] = []  # run ids executed by the last call of run()
+        # the time plan (budget.fit): measured speeds, the plan's estimates, and with a budget its deadline
+        self.throughput = None  # estimate.Throughput, once measured: every planned run gets its estimate_s
+        self.budget_plan: dict[str, Any] | None = None
+        self.started: float | None = None  # time.time() when the command started
+        self.deadline: float | None = None  # past it, runs outside budget.CORE are not started
+        self.skipped: list[str] = []
 
     # ------------------------------------------------------------------ data
     def _mapped_eval_test(self, eval_data: TaskData) -> list[Example]:
@@ -145,6 +151,10 @@ class Comparison:
     def plan(self) -> tuple[dict[str, Run], list[Row]]:
         """Every method's runs (``planners.plan``, in ``config.PLAN_ORDER``) and report rows."""
         self.rows = plan_runs(self)
+        if self.throughput is not None:
+            from .estimate import annotate
+
+            annotate(self, self.throughput)
         return self.runs, self.rows
 
     # ------------------------------------------------------------------ persistence
@@ -225,6 +235,8 @@ class Comparison:
                 "valid_label_counts": {lab: sum(ex.label == lab for ex in self.valid) for lab in self.task.labels}})
         if self.notes:
             self.results["notes"] = list(self.notes)
+        if self.budget_plan is not None:
+            self.results["plan"] = dict(self.budget_plan)
         pending = [r for r in self.runs.values() if not self._done(r)]
         skipped = len(self.runs) - len(pending)
         if skipped:
@@ -242,11 +254,39 @@ class Comparison:
             self.results["start"] = self.start
             self.save()
         self._run_pending([r for r in self.runs.values() if not self._done(r)])
+        if self.budget_plan is not None:
+            self._record_times()
         if not self.generative:
             self.results["decision"] = from_results(self.results)
             save_chosen_hard_prompt(self)
-            self.save()
+        self.save()
         return self.results
+
+    def _record_times(self) -> None:
+        """The plan's actual seconds per method (runs executed now) next to its estimates."""
+        actual: dict[str, float] = {}
+        for rid in self.executed:
+            rec = self.results["runs"][rid]
+            actual[rec.get("method") or "other"] = actual.get(rec.get("method") or "other", 0.0) + rec["run_wall_s"]
+        plan = self.results["plan"]
+        plan["actual_s"] = actual
+        plan["skipped"] = list(self.skipped)
+        if self.started is not None:
+            plan["wall_s"] = time.time() - self.started  # the report is written after this
+
+    def _over_budget(self, run: Run) -> str | None:
+        """Why ``run`` is not started: the deadline would pass (runs outside the core only), or a
+        run it needs was not run."""
+        from .budget import CORE
+
+        missing = [d for d in run.deps if d not in self.results["runs"]]
+        if missing:
+            return f"needs {missing[0]}, which did not run"
+        if self.deadline is None or run.method in CORE:
+            return None
+        if time.time() + (run.estimate_s or 0.0) > self.deadline:
+            return "the budget would run out"
+        return None
 
     def _run_pending(self, pending: list[Run]) -> None:
         from tqdm.auto import tqdm
@@ -258,11 +298,18 @@ class Comparison:
                    bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
         try:
             for i, run in enumerate(pending, 1):
+                why = self._over_budget(run)
+                if why:
+                    self.skipped.append(run.id)
+                    self.log(f"{run.label}: not run ({why})")
+                    bar.update(run.cost)
+                    continue
                 bar.set_description_str(f"[{i}/{len(pending)}] {run.label}")
                 t0 = time.perf_counter()
                 rec = self._execute(run)
                 rec.update({"id": run.id, "kind": run.kind, "label": run.label, "spec": json.loads(json.dumps(run.spec)),
-                            "status": "done", "run_wall_s": time.perf_counter() - t0,
+                            "status": "done", "run_wall_s": time.perf_counter() - t0, "method": run.method,
+                            "estimate_s": run.estimate_s,
                             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
                 self.results["runs"][run.id] = rec
                 self.save()
@@ -443,15 +490,29 @@ def run_compare(
     log: Callable[[str], None] | None = None,
     command: str | None = None,
     notes: list[str] | None = None,
+    budget_s: float | None = None,
+    started: float | None = None,
+    throughput=None,
 ) -> dict[str, Any]:
-    """Plan, run (skipping finished runs) and, with ``report``, write the report folder.
-    ``command`` (the command line that ran it) is kept in ``results.json`` and shown in the
-    report, so that a reader can rerun it.  Returns the results dict (as in ``results.json``)."""
+    """Plan, print the plan with its time estimate (``budget.fit``; with ``budget_s``, only what fits
+    in that many seconds from ``started``, a ``time.time()``), run (skipping finished runs) and, with
+    ``report``, write the report folder.  ``command`` (the command line that ran it) is kept in
+    ``results.json`` and shown in the report, so that a reader can rerun it.  ``throughput``: measured
+    speeds to use instead of measuring (``estimate.Throughput``).  Returns the results dict (as in
+    ``results.json``)."""
     comp = Comparison(config, data, model, tokenizer, out_dir, eval_data=eval_data, model_name=model_name,
                       progress=progress, log=log)
     comp.command = command
     comp.notes = list(notes or [])
-    comp.plan()
+    comp.started = started if started is not None else time.time()
+    from .budget import RESERVE_S, fit
+
+    plan = fit(comp, budget_s, started=comp.started, throughput=throughput)
+    for line in plan.lines():
+        comp.log(line)
+    comp.budget_plan = plan.to_dict()
+    if budget_s is not None:
+        comp.deadline = comp.started + budget_s - RESERVE_S
     results = comp.run()
     if report:
         from ..report import write_report
