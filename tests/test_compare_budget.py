@@ -82,7 +82,8 @@ def test_budget_below_the_core_cuts_it_and_says_so(tmp_path):
     assert plan.shrunk and plan.shrunk[0].startswith("main soft prompt: 1 seed instead of 2")
     assert comp.cfg.seeds == (0,) and comp.cfg.fewshot_seeds == (0,) and comp.cfg.search_seeds == 1
     assert comp.cfg.max_steps is not None and comp.cfg.max_steps < 120
-    assert "length" in plan.left_out and set(plan.methods) == set(CORE)
+    assert set(plan.left_out) == {"length"} and set(plan.methods) == set(CORE)
+    assert not any("chat format" in cut for cut in plan.shrunk)  # the tiny tokenizer has no chat format to drop
     assert len(comp.test) == n_test  # never a smaller test set
     text = "\n".join(plan.lines())
     assert "Cut to fit the budget: main soft prompt: 1 seed instead of 2" in text and "Left out for the budget: length" in text

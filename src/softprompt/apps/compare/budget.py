@@ -58,26 +58,31 @@ def format_duration(seconds: float) -> str:
 
 
 # ----------------------------------------------------------------------------- shrinking the core
-def _fewer_seeds(c: CompareConfig):
+def _fewer_seeds(comp, c: CompareConfig):
     return (replace(c, seeds=c.seeds[:1]), f"main soft prompt: 1 seed instead of {len(c.seeds)}") \
         if len(c.seeds) > 1 else None
 
 
-def _fewer_fewshot(c: CompareConfig):
+def _fewer_fewshot(comp, c: CompareConfig):
     return (replace(c, fewshot_seeds=c.fewshot_seeds[:1]),
             f"few-shot: 1 demonstration sample instead of {len(c.fewshot_seeds)}") if len(c.fewshot_seeds) > 1 else None
 
 
-def _smaller_search(c: CompareConfig):
+def _one_format(comp, c: CompareConfig):
+    return (replace(c, chat="off"), "hand-written prompts in the plain format only, not also in the chat format") \
+        if comp.chat_for(c) else None
+
+
+def _smaller_search(comp, c: CompareConfig):
     return (replace(c, search_seeds=1), f"learning-rate search: 1 seed per rate instead of {c.search_seeds} "
             "(3 candidates, 1.75 run-equivalents)") if c.search_seeds > 1 and not c.lrs else None
 
 
-def _fewer_restarts(c: CompareConfig):
+def _fewer_restarts(comp, c: CompareConfig):
     return (replace(c, restarts=1), f"1 training per prompt instead of best of {c.restarts}") if c.restarts > 1 else None
 
 
-def _fewer_steps(c: CompareConfig):
+def _fewer_steps(comp, c: CompareConfig):
     steps = c.max_steps or DEFAULT_RECIPE.max_steps
     if steps <= 30:
         return None
@@ -85,8 +90,8 @@ def _fewer_steps(c: CompareConfig):
     return replace(c, max_steps=new), f"at most {new} training steps per prompt instead of {steps}"
 
 
-SHRINKS: tuple[Callable[[CompareConfig], Any], ...] = (_fewer_seeds, _fewer_fewshot, _smaller_search, _fewer_restarts,
-                                                       _fewer_steps, _fewer_steps)
+SHRINKS: tuple[Callable[[Any, CompareConfig], Any], ...] = (_fewer_seeds, _fewer_fewshot, _one_format, _smaller_search,
+                                                       _fewer_restarts, _fewer_steps, _fewer_steps)
 """Cuts to the core when it alone is over budget, in the order tried (each keeps the ones before)."""
 
 
@@ -157,6 +162,7 @@ def _finished(comp) -> set[str]:
 def _estimate(comp, cfg: CompareConfig, tp: Throughput, quiet: bool = True) -> tuple[dict[str, dict], int]:
     """Plan ``cfg`` on ``comp`` and sum its pending runs' estimates per method."""
     comp.cfg, comp.runs, comp.rows = cfg, {}, []
+    comp.chat = comp.chat_for(cfg)
     log = comp.log
     if quiet:
         comp.log = lambda s: None
@@ -205,7 +211,7 @@ def fit(comp, budget_s: float | None = None, *, started: float | None = None,
         for cut in SHRINKS:
             if _total(per) <= available:
                 break
-            step = cut(cfg)
+            step = cut(comp, cfg)
             if step is None:
                 continue
             cfg, why = step
@@ -217,8 +223,8 @@ def fit(comp, budget_s: float | None = None, *, started: float | None = None,
             per_m, _ = _estimate(comp, trial, tp)
             if _total(per_m) <= available and not shrunk:  # a cut core gets the time before any extra
                 cfg, per = trial, per_m
-            else:
-                left[m] = _total(per_m) - _total(per)
+            elif sum(v["runs"] for v in per_m.values()) > sum(v["runs"] for v in per.values()):
+                left[m] = _total(per_m) - _total(per)  # (a method whose planner adds nothing is not named)
     per, done = _estimate(comp, cfg, tp, quiet=False)  # the plan that runs (its skip messages shown once)
     return BudgetPlan(budget_s=budget_s, available_s=available, methods=per, left_out=left, shrunk=shrunk,
                       over_budget=over, throughput=tp.to_dict(), done_runs=done)

@@ -27,6 +27,7 @@ from .planners import search_runs
 
 __all__ = ["Throughput", "annotate", "measure", "run_seconds"]
 
+PROBE_BATCH = 8  # examples timed per probe (after 2 that warm the prompt's cache up): seconds on a busy CPU
 INDUCE_TOKENS = 32  # tokens the instruction search generates per induced instruction (induce_instructions)
 
 
@@ -109,31 +110,31 @@ def _query_speed(comp, template: str, ex: Example) -> float:
 
 
 def _decode_speed(comp, template: str, exs: list[Example]) -> float:
-    """Seconds per generated token for a batch: 5 tokens minus 1 token, over 4."""
+    """Seconds per generated token for a batch: 3 tokens minus 1 token, over 2."""
     bank, name = comp.bank, "__estimate_probe__"
     bank.add(name, template, verbalizer=comp.task.verbalizer, kind=comp.task.kind)
     try:
         def gen(k: int) -> float:
             return _timed(lambda: generate(bank, name, exs, max_new_tokens=k, batch_size=len(exs),
                                            stop_at_newline=False))
-        one, five = gen(1), gen(5)
+        one, three = gen(1), gen(3)
     finally:
         bank.remove(name)
-    return max((five - one) / 4, one / 5)
+    return max((three - one) / 2, one / 3)
 
 
 def _step_speed(comp, template: str) -> tuple[float, float]:
-    """(seconds per training step, seconds to start a run): 1 step and 3 steps timed."""
+    """(seconds per training step, seconds to start a run): 1 step and 2 steps timed."""
     from ...training.prompt import train_prompt
     from ...training.recipe import DEFAULT_RECIPE
 
     cfg = comp.cfg
     task = Task(name=comp.task.name, kind=comp.task.kind, template=template, verbalizer=comp.task.verbalizer,
                 instruction=comp.instruction)
-    train = _probe_examples(comp, cfg.batch_size * 3)
+    train = _probe_examples(comp, cfg.batch_size * 2)
     if comp.generative:
         train = [Example(dict(comp.pool[i % len(comp.pool)].fields), target=comp.pool[i % len(comp.pool)].target,
-                         answers=comp.pool[i % len(comp.pool)].answers) for i in range(cfg.batch_size * 3)]
+                         answers=comp.pool[i % len(comp.pool)].answers) for i in range(cfg.batch_size * 2)]
 
     def steps(n: int) -> float:
         tcfg = DEFAULT_RECIPE.config(comp.model, init="random", max_steps=n, batch_size=cfg.batch_size,
@@ -141,8 +142,8 @@ def _step_speed(comp, template: str) -> tuple[float, float]:
                                      epochs=0)
         return _timed(lambda: train_prompt(comp.model, comp.tok, task, train, None, tcfg, progress=False))
 
-    one, three = steps(1), steps(3)
-    step = max((three - one) / 2, three / 6)
+    one, two = steps(1), steps(2)
+    step = max(two - one, two / 4)
     return step, max(one - step, 0.0)
 
 
@@ -150,7 +151,7 @@ def measure(comp) -> Throughput:
     """Time this machine on the comparison's training pool (never its test set): a few seconds."""
     t0 = time.perf_counter()
     cfg, task, methods = comp.cfg, comp.task, set(comp.cfg.methods)
-    exs = _probe_examples(comp, 2 + cfg.eval_batch_size)
+    exs = _probe_examples(comp, 2 + min(cfg.eval_batch_size, PROBE_BATCH))
     zs = B.zero_shot_template(task, comp.instruction)
     score_s, p0, suffix = _scoring_speed(comp, zs, exs)
     fewshot_s, p1 = score_s, p0
@@ -166,7 +167,7 @@ def measure(comp) -> Throughput:
     step_s, overhead = _step_speed(comp, main_tpl) if trains else (0.0, 0.0)
     step_prefix = B.template_overhead_tokens(main_tpl, comp.tok)
     if comp.generative or methods & {"cot"} or ("search" in methods and cfg.induce):
-        decode_s = _decode_speed(comp, zs, exs[: max(cfg.eval_batch_size // 2, 1)])
+        decode_s = _decode_speed(comp, zs, exs[: min(max(cfg.eval_batch_size // 2, 1), PROBE_BATCH)])
     else:
         decode_s = query_s
     return Throughput(score_s=score_s, score_prefix=p0, fewshot_s=fewshot_s, fewshot_prefix=p1, suffix_tokens=suffix,

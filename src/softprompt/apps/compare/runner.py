@@ -95,9 +95,7 @@ class Comparison:
         self.bank = PromptBank(model, tokenizer)
         self.family = self.bank.family  # what the model supports (prefix tuning, ensembles): the planners ask it
         self.start: dict[str, Any] | None = None  # the chosen hard prompt soft prompts start from (run())
-        from ...hard.chat import has_chat_template
-
-        self.chat = not self.generative and (config.chat == "on" or (config.chat == "auto" and has_chat_template(tokenizer)))
+        self.chat = self.chat_for(config)
         self.notes: list[str] = []  # shown under "Setup" in the report (e.g. how the instruction was made)
         self.runs: dict[str, Run] = {}
         self.rows: list[Row] = []
@@ -109,6 +107,12 @@ class Comparison:
         self.started: float | None = None  # time.time() when the command started
         self.deadline: float | None = None  # past it, runs outside budget.CORE are not started
         self.skipped: list[str] = []
+
+    def chat_for(self, config: CompareConfig) -> bool:
+        """Whether hand-written prompts are (also) written in the model's chat format under ``config``."""
+        from ...hard.chat import has_chat_template
+
+        return not self.generative and (config.chat == "on" or (config.chat == "auto" and has_chat_template(self.tok)))
 
     # ------------------------------------------------------------------ data
     def _mapped_eval_test(self, eval_data: TaskData) -> list[Example]:
