@@ -27,7 +27,9 @@ from .planners import search_runs
 
 __all__ = ["Throughput", "annotate", "measure", "run_seconds"]
 
-PROBE_BATCH = 8  # examples timed per probe (after 2 that warm the prompt's cache up): seconds on a busy CPU
+PROBE_BATCH = 32  # at most this many examples timed per scoring probe, in one batch of the comparison's
+# eval_batch_size (after 2 that warm the prompt's cache up): per-example time falls with the batch size,
+# so a smaller probe batch than the runs' overestimated scoring about 2x (SmolLM2-135M, batch 8 vs 32)
 INDUCE_TOKENS = 32  # tokens the instruction search generates per induced instruction (induce_instructions)
 
 
@@ -97,14 +99,14 @@ def _scoring_speed(comp, template: str, exs: list[Example]) -> tuple[float, int,
 
 
 def _query_speed(comp, template: str, ex: Example) -> float:
-    """Seconds for one query alone (median of three, after a warm-up)."""
+    """Seconds for one query alone (median of five, after a warm-up)."""
     bank, name = comp.bank, "__estimate_probe__"
     bank.add(name, template, verbalizer=comp.task.verbalizer, kind=comp.task.kind)
     try:
         run = ((lambda: generate(bank, name, [ex], max_new_tokens=1, batch_size=1)) if comp.generative
                else (lambda: classify(bank, name, [ex], batch_size=1)))
         run()
-        return sorted(_timed(run) for _ in range(3))[1]
+        return sorted(_timed(run) for _ in range(5))[2]
     finally:
         bank.remove(name)
 
@@ -167,7 +169,7 @@ def measure(comp) -> Throughput:
     step_s, overhead = _step_speed(comp, main_tpl) if trains else (0.0, 0.0)
     step_prefix = B.template_overhead_tokens(main_tpl, comp.tok)
     if comp.generative or methods & {"cot"} or ("search" in methods and cfg.induce):
-        decode_s = _decode_speed(comp, zs, exs[: min(max(cfg.eval_batch_size // 2, 1), PROBE_BATCH)])
+        decode_s = _decode_speed(comp, zs, exs[: min(max(cfg.eval_batch_size // 2, 1), 8)])
     else:
         decode_s = query_s
     return Throughput(score_s=score_s, score_prefix=p0, fewshot_s=fewshot_s, fewshot_prefix=p1, suffix_tokens=suffix,
