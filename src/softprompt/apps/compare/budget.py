@@ -24,7 +24,8 @@ from ...training.recipe import DEFAULT_RECIPE
 from .config import PLAN_ORDER, RESULTS, CompareConfig
 from .estimate import Throughput, annotate, measure
 
-__all__ = ["CORE", "EXTRAS", "SHRINKS", "BudgetPlan", "fit", "format_duration", "parse_duration", "plan_blocks"]
+__all__ = ["CORE", "EXTRAS", "SHRINKS", "BudgetPlan", "fit", "format_duration", "parse_duration", "plan_blocks",
+           "record_times", "start", "why_not_run"]
 
 CORE = ("zero_shot", "few_shot", "soft")
 """What a decision needs: the best calibrated hand-written prompts and the main soft prompt."""
@@ -228,6 +229,48 @@ def fit(comp, budget_s: float | None = None, *, started: float | None = None,
     per, done = _estimate(comp, cfg, tp, quiet=False)  # the plan that runs (its skip messages shown once)
     return BudgetPlan(budget_s=budget_s, available_s=available, methods=per, left_out=left, shrunk=shrunk,
                       over_budget=over, throughput=tp.to_dict(), done_runs=done)
+
+
+def start(comp, budget_s: float | None, *, started: float | None = None,
+          throughput: Throughput | None = None) -> BudgetPlan:
+    """Before a comparison runs: :func:`fit`, print the plan (``comp.log``), keep it for
+    ``results.json`` and, with a budget, set the deadline past which :func:`why_not_run` holds
+    runs outside the core back."""
+    comp.started = started if started is not None else time.time()
+    plan = fit(comp, budget_s, started=comp.started, throughput=throughput)
+    for line in plan.lines():
+        comp.log(line)
+    comp.budget_plan = plan.to_dict()
+    if budget_s is not None:
+        comp.deadline = comp.started + budget_s - RESERVE_S
+    return plan
+
+
+def why_not_run(comp, run) -> str | None:
+    """Why the runner does not start ``run``: the deadline would pass (runs outside :data:`CORE`
+    only: a decision needs the core), or a run it needs did not run."""
+    missing = [d for d in run.deps if d not in comp.results["runs"]]
+    if missing:
+        return f"needs {missing[0]}, which did not run"
+    if comp.deadline is None or run.method in CORE:
+        return None
+    if time.time() + (run.estimate_s or 0.0) > comp.deadline:
+        return "the budget would run out"
+    return None
+
+
+def record_times(comp) -> None:
+    """After the runs: actual seconds per method (runs executed now), next to the plan's estimates."""
+    actual: dict[str, float] = {}
+    for rid in comp.executed:
+        rec = comp.results["runs"][rid]
+        m = rec.get("method") or "other"
+        actual[m] = actual.get(m, 0.0) + rec["run_wall_s"]
+    plan = comp.results["plan"]
+    plan["actual_s"] = actual
+    plan["skipped"] = list(comp.skipped)
+    if comp.started is not None:
+        plan["wall_s"] = time.time() - comp.started  # the report is written after this
 
 
 # ----------------------------------------------------------------------------- the report

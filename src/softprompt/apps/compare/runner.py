@@ -259,41 +259,19 @@ class Comparison:
             self.save()
         self._run_pending([r for r in self.runs.values() if not self._done(r)])
         if self.budget_plan is not None:
-            self._record_times()
+            from .budget import record_times
+
+            record_times(self)
         if not self.generative:
             self.results["decision"] = from_results(self.results)
             save_chosen_hard_prompt(self)
         self.save()
         return self.results
 
-    def _record_times(self) -> None:
-        """The plan's actual seconds per method (runs executed now) next to its estimates."""
-        actual: dict[str, float] = {}
-        for rid in self.executed:
-            rec = self.results["runs"][rid]
-            actual[rec.get("method") or "other"] = actual.get(rec.get("method") or "other", 0.0) + rec["run_wall_s"]
-        plan = self.results["plan"]
-        plan["actual_s"] = actual
-        plan["skipped"] = list(self.skipped)
-        if self.started is not None:
-            plan["wall_s"] = time.time() - self.started  # the report is written after this
-
-    def _over_budget(self, run: Run) -> str | None:
-        """Why ``run`` is not started: the deadline would pass (runs outside the core only), or a
-        run it needs was not run."""
-        from .budget import CORE
-
-        missing = [d for d in run.deps if d not in self.results["runs"]]
-        if missing:
-            return f"needs {missing[0]}, which did not run"
-        if self.deadline is None or run.method in CORE:
-            return None
-        if time.time() + (run.estimate_s or 0.0) > self.deadline:
-            return "the budget would run out"
-        return None
-
     def _run_pending(self, pending: list[Run]) -> None:
         from tqdm.auto import tqdm
+
+        from .budget import why_not_run
 
         if not pending:
             return
@@ -302,7 +280,7 @@ class Comparison:
                    bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
         try:
             for i, run in enumerate(pending, 1):
-                why = self._over_budget(run)
+                why = why_not_run(self, run)
                 if why:
                     self.skipped.append(run.id)
                     self.log(f"{run.label}: not run ({why})")
@@ -508,15 +486,9 @@ def run_compare(
                       progress=progress, log=log)
     comp.command = command
     comp.notes = list(notes or [])
-    comp.started = started if started is not None else time.time()
-    from .budget import RESERVE_S, fit
+    from .budget import start
 
-    plan = fit(comp, budget_s, started=comp.started, throughput=throughput)
-    for line in plan.lines():
-        comp.log(line)
-    comp.budget_plan = plan.to_dict()
-    if budget_s is not None:
-        comp.deadline = comp.started + budget_s - RESERVE_S
+    start(comp, budget_s, started=started, throughput=throughput)  # measure, choose, print the plan
     results = comp.run()
     if report:
         from ..report import write_report
