@@ -136,3 +136,18 @@ def test_cli_prints_the_plan_and_the_report_has_estimated_and_actual_times(tmp_p
     assert r.exit_code == 0, r.output
     assert "Plan: estimated" in r.output and "budget" not in r.output.split("\n")[0]
     assert json.loads((tmp_path / "again" / "results.json").read_text())["plan"]["budget_s"] is None
+
+
+def test_generation_task_is_measured_and_estimated(tmp_path):
+    """A generation task's probes generate (no label scoring) and its plan has an estimate per method."""
+    from test_compare import qa_data
+
+    cfg = tiny_config(methods=("zero_shot", "few_shot", "soft"), eval_task=None, init=None, shots=2, seeds=(0,),
+                      max_new_tokens=3)
+    comp = C.Comparison(cfg, qa_data(), tiny_causal_lm(), tiny_tokenizer(), tmp_path, progress=False,
+                        log=lambda s: None)
+    plan = fit(comp, None)
+    tp = plan.throughput
+    assert tp["score_s"] > 0 and tp["decode_s"] > 0 and tp["step_s"] > 0 and tp["fewshot_prefix"] > tp["score_prefix"]
+    assert set(plan.methods) == {"zero_shot", "few_shot", "soft"}
+    assert all(m["estimate_s"] > 0 for m in plan.methods.values())

@@ -24,6 +24,7 @@ from ...hard import baselines as B
 from ...training.search import rung_steps
 from .config import Run
 from .planners import search_runs
+from .templates import few_shot_answer_template, with_soft_length
 
 __all__ = ["Throughput", "annotate", "measure", "run_seconds"]
 
@@ -77,8 +78,7 @@ def _timed(fn) -> float:
 
 
 def _probe_examples(comp, n: int) -> list[Example]:
-    pool = comp.pool
-    return [Example(dict(pool[i % len(pool)].fields), label=pool[i % len(pool)].label) for i in range(n)]
+    return [comp.pool[i % len(comp.pool)] for i in range(n)]
 
 
 def _scoring_speed(comp, template: str, exs: list[Example]) -> tuple[float, int, float]:
@@ -134,9 +134,6 @@ def _step_speed(comp, template: str) -> tuple[float, float]:
     task = Task(name=comp.task.name, kind=comp.task.kind, template=template, verbalizer=comp.task.verbalizer,
                 instruction=comp.instruction)
     train = _probe_examples(comp, cfg.batch_size * 2)
-    if comp.generative:
-        train = [Example(dict(comp.pool[i % len(comp.pool)].fields), target=comp.pool[i % len(comp.pool)].target,
-                         answers=comp.pool[i % len(comp.pool)].answers) for i in range(cfg.batch_size * 2)]
 
     def steps(n: int) -> float:
         tcfg = DEFAULT_RECIPE.config(comp.model, init="random", max_steps=n, batch_size=cfg.batch_size,
@@ -161,11 +158,11 @@ def measure(comp) -> Throughput:
         demos = B.sample_demos(comp.demo_pool, cfg.shots, sampling="random" if comp.generative else cfg.sampling,
                                seed=0, labels=task.labels)
         fs = (B.few_shot_template(task, demos, comp.instruction) if not comp.generative
-              else _few_shot_answer(task, demos, comp.instruction))
+              else few_shot_answer_template(task, demos, comp.instruction))
         fewshot_s, p1, _ = _scoring_speed(comp, fs, exs)
     query_s = _query_speed(comp, zs, exs[0])
     trains = methods & {"soft", "length", "init", "hybrid", "ensemble", "curve", "transfer", "ptuning", "prefix"}
-    main_tpl = _main_template(comp)
+    main_tpl = with_soft_length(task.template, cfg.prompt_length)
     step_s, overhead = _step_speed(comp, main_tpl) if trains else (0.0, 0.0)
     step_prefix = B.template_overhead_tokens(main_tpl, comp.tok)
     if comp.generative or methods & {"cot"} or ("search" in methods and cfg.induce):
@@ -175,18 +172,6 @@ def measure(comp) -> Throughput:
     return Throughput(score_s=score_s, score_prefix=p0, fewshot_s=fewshot_s, fewshot_prefix=p1, suffix_tokens=suffix,
                       query_s=query_s, step_s=step_s, step_prefix=step_prefix, step_overhead_s=overhead,
                       decode_s=decode_s, probe_s=time.perf_counter() - t0)
-
-
-def _few_shot_answer(task, demos, instruction):
-    from .templates import few_shot_answer_template
-
-    return few_shot_answer_template(task, demos, instruction)
-
-
-def _main_template(comp) -> str:
-    from .templates import with_soft_length
-
-    return with_soft_length(comp.task.template, comp.cfg.prompt_length)
 
 
 # ----------------------------------------------------------------------------- estimating
