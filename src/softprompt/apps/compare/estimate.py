@@ -42,13 +42,15 @@ class Throughput:
     score_prefix: int  # that prompt's tokens before the input (cached once per prompt)
     fewshot_s: float  # ... under a few-shot prompt (longer cached context)
     fewshot_prefix: int
-    suffix_tokens: float  # mean tokens of an input (and the template text after it)
+    suffix_tokens: float  # mean tokens of an input (and the template text after it), training pool
     query_s: float  # one query scored alone (batch 1): latency measurements, generation at batch 1
     step_s: float  # one training step at the comparison's batch size, main template
     step_prefix: int  # that template's tokens besides the input (soft tokens included)
     step_overhead_s: float  # starting or continuing a training run (optimizer, checkpoint)
     decode_s: float  # one generated token for a whole batch
     probe_s: float = 0.0  # what measuring took
+    test_tokens: float = 0.0  # mean input tokens of the test set and of the validation set (0: as the pool's)
+    valid_tokens: float = 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -61,6 +63,13 @@ class Throughput:
         span = self.fewshot_prefix - self.score_prefix
         slope = (self.fewshot_s - self.score_s) / span if span > 0 else 0.0
         return max(self.score_s + max(slope, 0.0) * (prefix - self.score_prefix), 0.5 * self.score_s)
+
+    def examples(self, comp, *, test: bool = True, valid: bool = True) -> float:
+        """The test and/or validation set in pool-length examples (scoring time is per token)."""
+        def scaled(n: int, tokens: float) -> float:
+            return n * (tokens / self.suffix_tokens if tokens and self.suffix_tokens else 1.0)
+        return scaled(len(comp.test) if test else 0, self.test_tokens) + scaled(len(comp.valid) if valid else 0,
+                                                                                 self.valid_tokens)
 
     def full_pass(self, tokens: float) -> float:
         """Seconds for one example whose whole prompt differs per input (nothing cached)."""
@@ -81,9 +90,12 @@ def _probe_examples(comp, n: int) -> list[Example]:
     return [comp.pool[i % len(comp.pool)] for i in range(n)]
 
 
-def _scoring_speed(comp, template: str, exs: list[Example]) -> tuple[float, int, float]:
-    """(seconds per example, prefix tokens, mean suffix tokens) of label scoring under ``template``
-    (the first few examples warm the prompt's cache up; the rest are timed)."""
+def _scoring_speed(comp, template: str, exs: list[Example]) -> tuple[float, int, float, dict[str, float]]:
+    """(seconds per example, prefix tokens, mean suffix tokens, mean suffix tokens of test and
+    validation) of label scoring under ``template`` (the first few examples warm the prompt's cache
+    up; the rest are timed, in one batch).  Per example *without padding*: a run scores its examples
+    sorted by length, so its batches are hardly padded, while the probe's one batch is padded to its
+    longest input."""
     bank, name = comp.bank, "__estimate_probe__"
     idx = bank.add(name, template, verbalizer=comp.task.verbalizer, kind=comp.task.kind)
     try:
@@ -91,11 +103,14 @@ def _scoring_speed(comp, template: str, exs: list[Example]) -> tuple[float, int,
         run = ((lambda e: generate(bank, name, e, max_new_tokens=1, batch_size=len(e))) if comp.generative
                else (lambda e: classify(bank, name, e, batch_size=comp.cfg.eval_batch_size)))
         run(warm)
-        seconds = _timed(lambda: run(timed)) / len(timed)
-        suffix = sum(len(bank.suffix_ids(idx, ex.fields)) for ex in timed) / len(timed)
+        lengths = [len(bank.suffix_ids(idx, ex.fields)) for ex in timed]
+        suffix = sum(lengths) / len(lengths)
+        seconds = _timed(lambda: run(timed)) / len(timed) * suffix / max(lengths)
+        sets = {k: sum(len(bank.suffix_ids(idx, ex.fields)) for ex in exs) / len(exs)
+                for k, exs in (("test", comp.test), ("valid", comp.valid)) if exs}
     finally:
         bank.remove(name)
-    return seconds, B.template_overhead_tokens(template, comp.tok), suffix
+    return seconds, B.template_overhead_tokens(template, comp.tok), suffix, sets
 
 
 def _query_speed(comp, template: str, ex: Example) -> float:
@@ -152,14 +167,14 @@ def measure(comp) -> Throughput:
     cfg, task, methods = comp.cfg, comp.task, set(comp.cfg.methods)
     exs = _probe_examples(comp, 2 + min(cfg.eval_batch_size, PROBE_BATCH))
     zs = B.zero_shot_template(task, comp.instruction)
-    score_s, p0, suffix = _scoring_speed(comp, zs, exs)
+    score_s, p0, suffix, sets = _scoring_speed(comp, zs, exs)
     fewshot_s, p1 = score_s, p0
     if cfg.shots > 0 and methods & {"few_shot", "knn"} and len(comp.demo_pool) >= cfg.shots:
         demos = B.sample_demos(comp.demo_pool, cfg.shots, sampling="random" if comp.generative else cfg.sampling,
                                seed=0, labels=task.labels)
         fs = (B.few_shot_template(task, demos, comp.instruction) if not comp.generative
               else few_shot_answer_template(task, demos, comp.instruction))
-        fewshot_s, p1, _ = _scoring_speed(comp, fs, exs)
+        fewshot_s, p1, _, _ = _scoring_speed(comp, fs, exs)
     query_s = _query_speed(comp, zs, exs[0])
     trains = methods & {"soft", "length", "init", "hybrid", "ensemble", "curve", "transfer", "ptuning", "prefix"}
     main_tpl = with_soft_length(task.template, cfg.prompt_length)
@@ -171,7 +186,8 @@ def measure(comp) -> Throughput:
         decode_s = query_s
     return Throughput(score_s=score_s, score_prefix=p0, fewshot_s=fewshot_s, fewshot_prefix=p1, suffix_tokens=suffix,
                       query_s=query_s, step_s=step_s, step_prefix=step_prefix, step_overhead_s=overhead,
-                      decode_s=decode_s, probe_s=time.perf_counter() - t0)
+                      decode_s=decode_s, probe_s=time.perf_counter() - t0, test_tokens=sets.get("test", 0.0),
+                      valid_tokens=sets.get("valid", 0.0))
 
 
 # ----------------------------------------------------------------------------- estimating
@@ -179,7 +195,7 @@ def _prefix(comp, template: str | None, extra: int = 0) -> int:
     return (B.template_overhead_tokens(template, comp.tok) if template else 0) + extra
 
 
-def _score(comp, tp: Throughput, n: int, prefix: float, calibrations=()) -> float:
+def _score(comp, tp: Throughput, n: float, prefix: float, calibrations=()) -> float:
     """Scoring ``n`` examples once: label scores (plus the calibrations' few extra passes), or
     greedy answers of at most ``max_new_tokens``."""
     if n <= 0:
@@ -212,9 +228,9 @@ def _soft(comp, tp: Throughput, spec: dict) -> float:
     b = min(cfg.batch_size, max(n_train, 1))
     step = tp.step_s * (b * tp.suffix_tokens + prefix) / max(cfg.batch_size * tp.suffix_tokens + tp.step_prefix, 1)
     evals = (steps // spec["eval_every"]) if comp.valid else 0
-    train = (steps * step + evals * _score(comp, tp, len(comp.valid), prefix)) * runs + starts * tp.step_overhead_s
+    train = (steps * step + evals * _score(comp, tp, tp.examples(comp, test=False), prefix)) * runs + starts * tp.step_overhead_s
     cals = spec.get("calibrations") or ()
-    return (train * restarts + _score(comp, tp, len(comp.test) + len(comp.valid), prefix, cals)
+    return (train * restarts + _score(comp, tp, tp.examples(comp), prefix, cals)
             + _latency(comp, tp, prefix))
 
 
@@ -222,7 +238,7 @@ def _hard(comp, tp: Throughput, spec: dict) -> float:
     prefix = _prefix(comp, spec["template"])
     if spec.get("on_eval"):
         return _score(comp, tp, len(comp.eval_test), prefix) + _latency(comp, tp, prefix)
-    n = len(comp.test) + len(comp.valid)
+    n = tp.examples(comp)
     return _score(comp, tp, n, prefix, spec.get("calibrations") or ()) + _latency(comp, tp, prefix)
 
 
@@ -230,7 +246,7 @@ def _knn(comp, tp: Throughput, spec: dict) -> float:
     """Every query has its own demonstrations, so nothing is cached: full passes (twice with
     contextual calibration), plus one pass per example for the similarities."""
     tokens = tp.fewshot_prefix + tp.suffix_tokens
-    n = len(comp.test) + len(comp.valid)
+    n = tp.examples(comp)
     passes = 2 if "contextual" in spec.get("calibrations", ()) else 1
     lat = min(comp.cfg.latency_examples, len(comp.test))
     return (n * passes + 3 * lat) * tp.full_pass(tokens) + (len(comp.demo_pool) + n) * tp.score_s
@@ -244,7 +260,7 @@ def _search(comp, tp: Throughput, spec: dict) -> float:
     induce = spec["induce"] * INDUCE_TOKENS * tp.decode_s if spec["induce"] else 0.0
     prefix = tp.score_prefix
     return (cands * per_candidate + induce
-            + _score(comp, tp, len(comp.test) + len(comp.valid), prefix, spec["calibrations"])
+            + _score(comp, tp, tp.examples(comp), prefix, spec["calibrations"])
             + _latency(comp, tp, prefix))
 
 
@@ -264,7 +280,7 @@ def _cot(comp, tp: Throughput, spec: dict) -> float:
 def _ensemble(comp, tp: Throughput, spec: dict) -> float:
     m = len(spec["members"])
     prefix = _prefix(comp, spec["members"][0]["template"]) if m else 0
-    return m * _score(comp, tp, len(comp.test) + len(comp.valid), prefix) + _latency(comp, tp, prefix, m)
+    return m * _score(comp, tp, tp.examples(comp), prefix) + _latency(comp, tp, prefix, m)
 
 
 def _transfer(comp, tp: Throughput, spec: dict) -> float:
@@ -273,7 +289,7 @@ def _transfer(comp, tp: Throughput, spec: dict) -> float:
 
 
 def _search_plain(comp, tp: Throughput, spec: dict) -> float:
-    n = len(comp.test) + len(comp.valid)
+    n = tp.examples(comp)
     return _score(comp, tp, n, tp.score_prefix, spec["calibrations"]) + _latency(comp, tp, tp.score_prefix)
 
 
