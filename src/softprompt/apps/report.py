@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core import atomic
+from .compare.budget import plan_blocks
 from .compare.decision_report import calibration_blocks, decision_blocks
 from .report_plots import METRICS, PLOTS, best_row, draw_plots, metric_names, plot_names
 
@@ -289,6 +290,7 @@ def _blocks(results: dict[str, Any], plots: list[tuple[str, str]]) -> list[tuple
     b.append(("table", ["run", f"{lab1} %", f"{lab2} %", "training s", "steps", "train examples"], detail))
     b.append(("h", 2, "Configuration"))
     b.append(("pre", "\n".join(f"{k}: {json.dumps(v)}" for k, v in cfg.items())))
+    b += plan_blocks(results)
     b.append(("p", f"Zero-shot instruction: `{results.get('instruction', '')}`. All numbers are in `results.json`."))
     return b
 

@@ -55,6 +55,11 @@ def compare(
     instructions_file: Optional[Path] = typer.Option(None, help="Instruction search (method search): your candidate "
                                                     "instructions, one per line (# comments)."),
     induce: int = typer.Option(3, help="Instruction search: instructions the frozen model writes from labelled examples."),
+    budget: Optional[str] = typer.Option(None, help="Time budget for the whole command, e.g. 90s, 15m, 2h: this "
+                                         "machine's speed is measured first, the methods that fit are chosen (the "
+                                         "zero-shot, few-shot and main soft prompt first, cut down if even they do not "
+                                         "fit; then the others) and the plan is printed before anything runs. "
+                                         "Without it every method runs; the plan and its estimate are printed too."),
     methods: str = typer.Option("all", help="Comma list from: zero_shot,few_shot,knn,search,cot,soft,length,init,hybrid,ensemble,curve,transfer,"
                                 "ptuning,prefix. 'all' = every method but ptuning and prefix (opt-in: they train "
                                 "one prompt per seed each), e.g. 'all,ptuning,prefix'."),
@@ -137,6 +142,9 @@ def compare(
     prefix tuning) on the same splits with the same scorer, and write a report folder. Each family's best prompt is
     chosen on validation data; the report ends with a paired test of the two and a recommendation. Finished runs
     are kept in OUT/results.json and skipped when the command is run again."""
+    import time
+
+    started = time.time()
     from ..apps.compare import DEFAULT_METHODS, RESULTS, CompareConfig, run_compare
     from ..apps.report import load_results, metric_names, summarize, write_report
 
@@ -160,6 +168,14 @@ def compare(
         console.print("wrote " + ", ".join(str(p) for p in paths.values()))
         _cmp_publish(out, publish)
         return
+    budget_s = None
+    if budget is not None:
+        from ..apps.compare.budget import parse_duration
+
+        try:
+            budget_s = parse_duration(budget)
+        except ValueError as e:
+            _fail(f"--{e}")
     chosen = tuple(dict.fromkeys(m for word in _cmp_list(methods, what="methods")
                                  for m in (DEFAULT_METHODS if word.lower() == "all" else (word,))))
     cap = (lambda n: n if limit is None else (min(n, limit) if n else limit))
@@ -202,7 +218,8 @@ def compare(
     m, tok = _load_model(model, device)
     try:
         results = run_compare(cfg, data, m, tok, out, eval_data=eval_data, model_name=model, progress=progress,
-                              log=lambda s: err.print(s), command=_command_line(ctx), notes=notes)
+                              log=lambda s: err.print(s, highlight=False, markup=False), command=_command_line(ctx),
+                              notes=notes, budget_s=budget_s, started=started)
     except ValueError as e:
         _fail(str(e))
     (_, first), (_, second) = metric_names(results)

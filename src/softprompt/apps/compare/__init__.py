@@ -19,11 +19,15 @@ The package, in the order its imports go::
     planners     the registry: one ``@planner("method")`` per method; ``plan()`` runs them in order
     hard_runs    planners and executors of the searched-instruction, nearest-neighbour and CoT runs
     soft_training  how a soft run trains: the recipe (learning rate chosen on validation), or --restarts
+    estimate     this machine's measured speed; seconds per planned run from its data sizes
+    budget       --budget: what fits (core first, then the rest), the printed plan, estimated vs actual
     runner       Comparison: data, persistence in results.json, execution of every run
     decision_report  the report's decision and calibration sections
 
 **Adding a method**: its name in ``config.ALL_METHODS`` and ``config.PLAN_ORDER``, one
-``@planner`` function (``planners.py``), and for a new kind of run one ``@executor``.
+``@planner`` function (``planners.py``), and for a new kind of run one ``@executor`` (and a cost
+model in ``estimate.KINDS``; without one its estimate comes from ``Run.cost``), and its place in
+``budget.CORE`` or ``budget.EXTRAS``.
 
 Methods (``--methods``), all scored by ``scoring.classify`` on the SAME test sample:
 

@@ -91,6 +91,7 @@ class CompareConfig:
     min_steps: int = 0  # with epochs: small training sets get more epochs, so every run takes >= this many steps
     lr: float | None = None  # absolute rate of the sweeps (length, init, hybrid, curve); None: the recipe's
     lrs: tuple[float, ...] = ()  # main method: () = chosen per seed on validation (search.py); else an absolute grid
+    search_seeds: int = 2  # seeds per learning rate in that search (2: six candidates, 2.75 runs; 1: three, 1.75)
     batch_size: int = 8
     warmup_steps: int = 10
     optimizer: str = "adamw"
@@ -139,6 +140,8 @@ class CompareConfig:
             raise ValueError(f"prefix_reparam must be none or mlp, got {self.prefix_reparam!r}")
         if not self.encoder_lr > 0:
             raise ValueError(f"encoder_lr must be positive, got {self.encoder_lr}")
+        if self.search_seeds < 1:
+            raise ValueError(f"search_seeds must be at least 1, got {self.search_seeds}")
         if self.restarts < 1:
             raise ValueError(f"restarts must be at least 1, got {self.restarts}")
         if self.max_latency_ms is not None and not self.max_latency_ms > 0:
@@ -171,6 +174,8 @@ class Run:
     spec: dict[str, Any]
     cost: float = 1.0
     deps: list[str] = field(default_factory=list)
+    method: str = ""  # the method whose planner added it (planners.plan): its time is that method's
+    estimate_s: float | None = None  # estimated seconds on this machine (estimate.py), once measured
 
 
 @dataclass

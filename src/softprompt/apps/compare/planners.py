@@ -46,7 +46,6 @@ from .templates import few_shot_answer_template, hybrid_template, with_soft_leng
 __all__ = ["EXECUTORS", "PLANNERS", "Plan", "add", "executor", "hard_run", "plan", "planner", "recipe_lr", "schedule",
            "search_runs", "soft_run"]
 
-SEARCH_SEEDS = 2  # seeds per learning rate in the main method's search (train_with_recipe's search_seeds)
 
 
 @dataclass(frozen=True)
@@ -154,6 +153,8 @@ def plan(comp) -> list[Row]:
         entry = PLANNERS[name]
         if methods & set(entry.when):
             rows += entry.fn(comp, ctx)
+            for run in comp.runs.values():  # a run shared by several methods belongs to the first that planned it
+                run.method = run.method or name
     return rows
 
 
@@ -189,7 +190,7 @@ def _method_args(method: dict[str, Any] | None) -> dict[str, Any]:
     return {"method": m.get("method", "prompt"), "reparam": m.get("reparam")}
 
 
-def search_runs(steps: int, n_candidates: int = len(SEARCH_LRS) * SEARCH_SEEDS) -> float:
+def search_runs(steps: int, n_candidates: int = len(SEARCH_LRS) * 2) -> float:
     """What a successive-halving search costs, in full runs of ``steps`` (six candidates: 2.75)."""
     done, total = 0, 0
     for until, k in rung_steps(steps, n_candidates):
@@ -217,7 +218,7 @@ def soft_run(comp, template: str, init: str, seed: int, *, n_train: int = 0, lab
     }
     if lr == "auto":
         spec["search"] = {"lrs": list(DEFAULT_RECIPE.search_lrs(comp.model, **_method_args(method))),
-                          "seeds": SEARCH_SEEDS}
+                          "seeds": cfg.search_seeds}
     if comp.generative:
         spec["max_new_tokens"] = cfg.max_new_tokens
     else:
@@ -230,7 +231,7 @@ def soft_run(comp, template: str, init: str, seed: int, *, n_train: int = 0, lab
         spec["restarts"] = restarts
         run_id += f"/best-of-{restarts}"
     n_valid = (steps // eval_every) * len(comp.valid) if comp.valid else 0
-    runs = search_runs(steps) if lr == "auto" else 1.0
+    runs = search_runs(steps, len(SEARCH_LRS) * cfg.search_seeds) if lr == "auto" else 1.0
     cost = ((steps * cfg.batch_size * 3 + n_valid) * runs * restarts + len(comp.test)
             + 3 * cfg.latency_examples)
     return add(comp, Run(run_id, "soft", label, spec, cost))

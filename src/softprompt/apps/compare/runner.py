@@ -98,14 +98,24 @@ class Comparison:
         self.bank = PromptBank(model, tokenizer)
         self.family = self.bank.family  # what the model supports (prefix tuning, ensembles): the planners ask it
         self.start: dict[str, Any] | None = None  # the chosen hard prompt soft prompts start from (run())
-        from ...hard.chat import has_chat_template
-
-        self.chat = not self.generative and (config.chat == "on" or (config.chat == "auto" and has_chat_template(tokenizer)))
+        self.chat = self.chat_for(config)
         self.notes: list[str] = []  # shown under "Setup" in the report (e.g. how the instruction was made)
         self.runs: dict[str, Run] = {}
         self.rows: list[Row] = []
         self.results: dict[str, Any] = {}
         self.executed: list[str] = []  # run ids executed by the last call of run()
+        # the time plan (budget.fit): measured speeds, the plan's estimates, and with a budget its deadline
+        self.throughput = None  # estimate.Throughput, once measured: every planned run gets its estimate_s
+        self.budget_plan: dict[str, Any] | None = None
+        self.started: float | None = None  # time.time() when the command started
+        self.deadline: float | None = None  # past it, runs outside budget.CORE are not started
+        self.skipped: list[str] = []
+
+    def chat_for(self, config: CompareConfig) -> bool:
+        """Whether hand-written prompts are (also) written in the model's chat format under ``config``."""
+        from ...hard.chat import has_chat_template
+
+        return not self.generative and (config.chat == "on" or (config.chat == "auto" and has_chat_template(self.tok)))
 
     # ------------------------------------------------------------------ data
     def _mapped_eval_test(self, eval_data: TaskData) -> list[Example]:
@@ -148,6 +158,10 @@ class Comparison:
     def plan(self) -> tuple[dict[str, Run], list[Row]]:
         """Every method's runs (``planners.plan``, in ``config.PLAN_ORDER``) and report rows."""
         self.rows = plan_runs(self)
+        if self.throughput is not None:
+            from .estimate import annotate
+
+            annotate(self, self.throughput)
         return self.runs, self.rows
 
     # ------------------------------------------------------------------ persistence
@@ -228,6 +242,8 @@ class Comparison:
                 "valid_label_counts": {lab: sum(ex.label == lab for ex in self.valid) for lab in self.task.labels}})
         if self.notes:
             self.results["notes"] = list(self.notes)
+        if self.budget_plan is not None:
+            self.results["plan"] = dict(self.budget_plan)
         pending = [r for r in self.runs.values() if not self._done(r)]
         skipped = len(self.runs) - len(pending)
         if skipped:
@@ -245,14 +261,20 @@ class Comparison:
             self.results["start"] = self.start
             self.save()
         self._run_pending([r for r in self.runs.values() if not self._done(r)])
+        if self.budget_plan is not None:
+            from .budget import record_times
+
+            record_times(self)
         if not self.generative:
             self.results["decision"] = from_results(self.results)
             save_chosen_hard_prompt(self)
-            self.save()
+        self.save()
         return self.results
 
     def _run_pending(self, pending: list[Run]) -> None:
         from tqdm.auto import tqdm
+
+        from .budget import why_not_run
 
         if not pending:
             return
@@ -261,11 +283,18 @@ class Comparison:
                    bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
         try:
             for i, run in enumerate(pending, 1):
+                why = why_not_run(self, run)
+                if why:
+                    self.skipped.append(run.id)
+                    self.log(f"{run.label}: not run ({why})")
+                    bar.update(run.cost)
+                    continue
                 bar.set_description_str(f"[{i}/{len(pending)}] {run.label}")
                 t0 = time.perf_counter()
                 rec = self._execute(run)
                 rec.update({"id": run.id, "kind": run.kind, "label": run.label, "spec": json.loads(json.dumps(run.spec)),
-                            "status": "done", "run_wall_s": time.perf_counter() - t0,
+                            "status": "done", "run_wall_s": time.perf_counter() - t0, "method": run.method,
+                            "estimate_s": run.estimate_s,
                             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
                 self.results["runs"][run.id] = rec
                 self.save()
@@ -446,15 +475,23 @@ def run_compare(
     log: Callable[[str], None] | None = None,
     command: str | None = None,
     notes: list[str] | None = None,
+    budget_s: float | None = None,
+    started: float | None = None,
+    throughput=None,
 ) -> dict[str, Any]:
-    """Plan, run (skipping finished runs) and, with ``report``, write the report folder.
-    ``command`` (the command line that ran it) is kept in ``results.json`` and shown in the
-    report, so that a reader can rerun it.  Returns the results dict (as in ``results.json``)."""
+    """Plan, print the plan with its time estimate (``budget.fit``; with ``budget_s``, only what fits
+    in that many seconds from ``started``, a ``time.time()``), run (skipping finished runs) and, with
+    ``report``, write the report folder.  ``command`` (the command line that ran it) is kept in
+    ``results.json`` and shown in the report, so that a reader can rerun it.  ``throughput``: measured
+    speeds to use instead of measuring (``estimate.Throughput``).  Returns the results dict (as in
+    ``results.json``)."""
     comp = Comparison(config, data, model, tokenizer, out_dir, eval_data=eval_data, model_name=model_name,
                       progress=progress, log=log)
     comp.command = command
     comp.notes = list(notes or [])
-    comp.plan()
+    from .budget import start
+
+    start(comp, budget_s, started=started, throughput=throughput)  # measure, choose, print the plan
     results = comp.run()
     if report:
         from ..report import write_report
