@@ -447,3 +447,30 @@ def test_planner_registry_has_one_entry_per_method_and_a_stable_order(monkeypatc
     runs, rows = first
     kinds = list(dict.fromkeys(k for _, k in runs))
     assert kinds[:5] == ["hard", "knn", "search", "cot", "soft"] and rows[0].startswith("zero-shot")
+
+
+def test_init_from_adds_the_transferred_start_as_a_soft_candidate(tmp_path):
+    """compare --init-from PATH: the init sweep also trains from a saved prompt (transfer)."""
+    import torch
+
+    from softprompt.core.prompts import SoftPrompt
+    from softprompt.serve.testing import random_prompt
+
+    model, tok = tiny_causal_lm(), tiny_tokenizer()
+    source = random_prompt(model, "{soft:3} other : {text} label :", verbalizer=TASK.verbalizer, seed=4)
+    path = tmp_path / "source.safetensors"
+    source.save(path)
+    cfg = tiny_config(methods=("zero_shot", "init"), inits=("labels",), init_from=str(path), eval_task=None,
+                      max_steps=2)
+    out = tmp_path / "rep"
+    C.run_compare(cfg, toy_data(), model, tok, out, progress=False, log=lambda s: None)
+    runs = load_results(out)["runs"]
+    moved = [k for k, r in runs.items() if f"prompt:{path}" in str(r.get("spec", {}).get("init"))]
+    assert len(moved) == 1, sorted(runs)
+    rows = [r["name"] for r in load_results(out)["rows"]]
+    assert any("start from source.safetensors" in n for n in rows), rows
+    trained = SoftPrompt.load(out / "prompts" / C.runner._safe(moved[0]) / "prompt.safetensors", model)
+    assert trained.training["init"] == f"prompt:{path}" and trained.n_tokens == 2
+    assert not torch.equal(trained.embeddings, source.embeddings[:2])  # it trained on from there
+    with pytest.raises(ValueError, match="no prompt file"):
+        tiny_config(init_from=str(tmp_path / "missing.safetensors"))

@@ -79,6 +79,9 @@ def compare(
     sweep_seeds: str = typer.Option("0", help="Seeds of the length / init / hybrid sweeps."),
     lengths: str = typer.Option("1,5,20,100", help="Prompt lengths of the length sweep."),
     inits: str = typer.Option("random,vocab,text,labels", help="Inits of the init sweep."),
+    init_from: Optional[Path] = typer.Option(None, help="A saved prompt (e.g. trained on a related task, or on a "
+                                             "mixture: train --task a --task b): the init sweep also starts from it "
+                                             "(transfer), a soft-side candidate like the others."),
     positions: str = typer.Option("prefix,between,answer", help="Hybrid positions of the soft tokens."),
     max_steps: Optional[int] = typer.Option(None, help="At most this many steps per trained prompt (default: the training "
                                             "recipe's); a run stops earlier once its validation score (or, without "
@@ -201,7 +204,7 @@ def compare(
             select_metric=select_metric, max_latency_ms=max_latency_ms, valid_fraction=valid_fraction, start_from_hard=start_from_hard, chat=chat,
             instructions=tuple(_read_instructions(instructions_file)), induce=induce,
             sweep_seeds=_cmp_list(sweep_seeds, int, "sweep-seeds"), lengths=_cmp_list(lengths, int, "lengths"),
-            inits=_cmp_list(inits, what="inits"), positions=_cmp_list(positions, what="positions"), epochs=epochs,
+            inits=_cmp_list(inits, what="inits"), init_from=str(init_from) if init_from else None, positions=_cmp_list(positions, what="positions"), epochs=epochs,
             min_steps=min_steps, max_steps=max_steps, lr=lr, batch_size=batch_size, warmup_steps=warmup_steps, optimizer=optimizer,
             ptuning_encoder=ptuning_encoder, encoder_lr=encoder_lr, prefix_reparam=prefix_reparam, restarts=restarts,
             train_sizes=_cmp_sizes(train_sizes), curve_seeds=_cmp_list(curve_seeds, int, "curve-seeds"),

@@ -8,6 +8,8 @@ import this module; it imports neither).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import hashlib
 import json
 import random
@@ -83,6 +85,7 @@ class CompareConfig:
     sweep_seeds: tuple[int, ...] = (0,)
     lengths: tuple[int, ...] = (1, 5, 20, 100)
     inits: tuple[str, ...] = ("random", "vocab", "text", "labels")
+    init_from: str | None = None  # a saved prompt: the init sweep also starts from it ("prompt:PATH", transfer)
     positions: tuple[str, ...] = POSITIONS
     # the schedule: the training recipe's (training/recipe.py: at most max_steps, stop on convergence)
     # unless epochs is given (a fixed schedule of that many epochs, at least min_steps steps, no early stop)
@@ -122,6 +125,8 @@ class CompareConfig:
     latency_examples: int = 16
 
     def __post_init__(self) -> None:
+        if self.init_from is not None and not Path(self.init_from).is_file():
+            raise ValueError(f"--init-from: no prompt file at {self.init_from}")
         unknown = [m for m in self.methods if m not in ALL_METHODS]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; choose from {', '.join(ALL_METHODS)}")

@@ -19,6 +19,8 @@ itself; a planner receives the comparison as an argument, so nothing here import
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ from typing import Any
 from ...hard import baselines as B
 from ...core.templates import Template
 from ...training.recipe import DEFAULT_RECIPE
+from ...core.prompts import TRANSFER_PREFIX
 from ...training.search import SEARCH_LRS, rung_steps
 from .config import (
     CLASSIFICATION_ONLY,
@@ -372,7 +375,8 @@ def plan_length(comp, p: Plan) -> list[Row]:
 @planner("init")
 def plan_init(comp, p: Plan) -> list[Row]:
     cfg, rows = comp.cfg, []
-    for init in cfg.inits:
+    transfer = (TRANSFER_PREFIX + cfg.init_from,) if cfg.init_from else ()
+    for init in (*cfg.inits, *transfer):
         if comp.generative and init == "labels":
             comp.log("init 'labels' skipped: a generation task has no label words")
             continue
@@ -380,9 +384,10 @@ def plan_init(comp, p: Plan) -> list[Row]:
             rows.append(Row(p.main_label, FAMILY_PT, "init", p.main or p.main_runs(), x=init,
                             in_table="soft" not in p.methods and "length" not in p.methods))
             continue
-        ids = [soft_run(comp, p.main_tpl, init, s, label=f"prompt tuning ({init} init), seed {s}", tag="init")
+        what = f"start from {Path(init[len(TRANSFER_PREFIX):]).name}" if init in transfer else f"{init} init"
+        ids = [soft_run(comp, p.main_tpl, init, s, label=f"prompt tuning ({what}), seed {s}", tag="init")
                for s in cfg.sweep_seeds]
-        rows.append(Row(f"prompt tuning ({_tokens(cfg.prompt_length)}, {init} init)", FAMILY_PT, "init", ids, x=init))
+        rows.append(Row(f"prompt tuning ({_tokens(cfg.prompt_length)}, {what})", FAMILY_PT, "init", ids, x=init))
     return rows
 
 
