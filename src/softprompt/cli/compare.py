@@ -52,6 +52,9 @@ def compare(
                                               "built from the label words, e.g. 'Classify the text. Answer no or yes.')."),
     name: Optional[str] = typer.Option(None, help="Task name in the report title (default: your files' common name, e.g. sms)."),
     encoding: str = typer.Option("utf-8", help="Text encoding of your files, e.g. latin-1 or cp1252."),
+    unlabeled_file: Optional[Path] = typer.Option(None, help="Unlabelled inputs (same columns as your data; labels in "
+                                                  "it are ignored): the chosen hard prompt is distilled into a soft "
+                                                  "prompt on them, a third option in the decision with its cost."),
     instructions_file: Optional[Path] = typer.Option(None, help="Instruction search (method search): your candidate "
                                                     "instructions, one per line (# comments)."),
     induce: int = typer.Option(3, help="Instruction search: instructions the frozen model writes from labelled examples."),
@@ -218,9 +221,10 @@ def compare(
         eval_data = _load_task_data(eval_task, None, None, None, None, None, None, None, None, None, None)
     if fresh and (out / RESULTS).exists():
         (out / RESULTS).replace(out / (RESULTS + ".old"))
+    unlabeled = _unlabeled(unlabeled_file, field, data.task, encoding) if unlabeled_file else None
     m, tok = _load_model(model, device)
     try:
-        results = run_compare(cfg, data, m, tok, out, eval_data=eval_data, model_name=model, progress=progress,
+        results = run_compare(cfg, data, m, tok, out, unlabeled=unlabeled, eval_data=eval_data, model_name=model, progress=progress,
                               log=lambda s: err.print(s, highlight=False, markup=False), command=_command_line(ctx),
                               notes=notes, budget_s=budget_s, started=started)
     except ValueError as e:
@@ -248,3 +252,15 @@ def _cmp_publish(out: Path, dest: Optional[Path]) -> None:
     for f in [out / "report.md", *sorted(out.glob("*.png"))]:
         atomic.write_bytes(dest / f.name, f.read_bytes(), mode=0o644)
     console.print(f"published report.md and {len(list(out.glob('*.png')))} PNGs to {dest}")
+
+
+def _unlabeled(path: Path, field, task, encoding: str) -> list:
+    """``--unlabeled-file``'s inputs, read with the data's field mapping; labels dropped."""
+    from ..apps.distill import unlabelled
+    from ..data import DataError, load_examples
+
+    try:
+        fields = _parse_pairs(field, "--field") or {f: f for f in task.input_fields}
+        return unlabelled(load_examples(path, fields=fields, encoding=encoding))
+    except (DataError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from .decision import METRIC_NAMES, SELECT_SECTIONS
+from .distilled import distilled_block
 
 __all__ = ["calibration_blocks", "check_lines", "decision_blocks"]
 
@@ -48,6 +49,7 @@ def decision_blocks(results: dict[str, Any]) -> list[tuple]:
         out.append(("table", ["family", "chosen prompt", "calibration", f"validation {mname} %", "test accuracy %",
                               "test macro-F1 %", "training s (whole search)", "tokens / query", "latency ms (batch 1)"],
                     rows, "lllrrrrrr"))
+    out += distilled_block(dec)
     files = [f"{side}: `{dec[side]['artifact']}`" for side in ("hard", "soft") if (dec.get(side) or {}).get("artifact")]
     if files:
         out.append(("p", "Prompt files (in the report folder, for `softprompt eval`, `predict` and `serve`; the "

@@ -25,6 +25,7 @@ from ...core import atomic
 from ...data import Example, Task, TaskData
 from .config import FORMAT, HARD_KINDS, RESULTS, CompareConfig, Row, Run, _sample, fingerprint
 from .decision import candidates, from_results, select
+from .distilled import distil_chosen_hard
 from .hard_runs import save_chosen_hard_prompt  # importing hard_runs registers its planners and executors
 from .measure import latency, stats_line
 from .planners import EXECUTORS
@@ -268,6 +269,7 @@ class Comparison:
         if not self.generative:
             self.results["decision"] = from_results(self.results)
             save_chosen_hard_prompt(self)
+            distil_chosen_hard(self)
         self.save()
         return self.results
 
@@ -478,23 +480,21 @@ def run_compare(
     budget_s: float | None = None,
     started: float | None = None,
     throughput=None,
+    unlabeled: list | None = None,
 ) -> dict[str, Any]:
     """Plan, print the plan with its time estimate (``budget.fit``; with ``budget_s``, only what fits
     in that many seconds from ``started``, a ``time.time()``), run (skipping finished runs) and, with
     ``report``, write the report folder.  ``command`` (the command line that ran it) is kept in
     ``results.json`` and shown in the report, so that a reader can rerun it.  ``throughput``: measured
-    speeds to use instead of measuring (``estimate.Throughput``).  Returns the results dict (as in
-    ``results.json``)."""
+    speeds to use instead of measuring (``estimate.Throughput``); ``unlabeled``: inputs the chosen hard prompt
+    is distilled on (``distilled.py``).  Returns the results dict (as in ``results.json``)."""
     comp = Comparison(config, data, model, tokenizer, out_dir, eval_data=eval_data, model_name=model_name,
                       progress=progress, log=log)
-    comp.command = command
-    comp.notes = list(notes or [])
+    comp.command, comp.notes, comp.unlabeled = command, list(notes or []), list(unlabeled or [])
     from .budget import start
-
     start(comp, budget_s, started=started, throughput=throughput)  # measure, choose, print the plan
     results = comp.run()
     if report:
         from ..report import write_report
-
         write_report(results, out_dir)
     return results
