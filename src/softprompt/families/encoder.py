@@ -311,9 +311,6 @@ class EncoderFamily(FamilyBase):
     examples = "bert, roberta, distilbert, ..."
     trainable = "encoder_head"  # soft prompt + head (training/encoder_head.py), not the shared PromptTrainable
 
-    def check_method(self, method: str) -> None:
-        """The encoder trainer checks its own methods (prompt, or a head alone)."""
-
     def auto_class(self):
         """The bare encoder: checkpoints such as all-MiniLM ship no masked-LM head, and the
         class is read by the head trained with the prompt."""
