@@ -97,7 +97,6 @@ def train(
                                    patience=patience, max_steps=max_steps).items() if v is not None}
     fixed_schedule = epochs is not None or restarts > 1
     recipe = DEFAULT_RECIPE
-    reparam = reparam or recipe.reparam_for(method)
     overrides = dict(init=init, method=method, prefix_tokens=prefix_tokens, batch_size=batch_size, loss=loss,
                      eval_batch_size=eval_batch_size, encoder=encoder, encoder_hidden=encoder_hidden, reparam=reparam,
                      compile=compile, context=context, **given)
@@ -105,7 +104,9 @@ def train(
         overrides.update(epochs=epochs or 20, max_steps=max_steps, eval_every=eval_every or 0, patience=patience)
     try:
         # TrainConfig checks its values (and reads any spelling of the method) before any data or model loads
-        cfg = TrainConfig(**{"optimizer": recipe.optimizer, "warmup_steps": recipe.warmup_steps, **overrides})
+        # (reparam: the recipe's default is resolved with the model's family, after it loads)
+        cfg = TrainConfig(**{"optimizer": recipe.optimizer, "warmup_steps": recipe.warmup_steps,
+                             **overrides, "reparam": reparam or "none"})
     except (ValueError, TypeError) as e:
         _fail(str(e))
     data = _load_task_data(task, train_file, test_file, valid_file, field, label_column, target_column,
@@ -133,6 +134,7 @@ def train(
     dp = DataParallel.current(m)
     try:
         if fixed_schedule:
+            cfg = replace(cfg, reparam=reparam or recipe.reparam_for(cfg.method, m))
             if lr is None:  # an encoder's weights move its output far more per Adam step than a prompt's own values
                 lr = recipe.default_lr(m, cfg.method, cfg.reparam)
             result = train_with_restarts(m, tok, data.task, train_ex, valid_ex, replace(cfg, lr=lr, seed=seed), restarts,

@@ -12,7 +12,7 @@ PREFIX_UNSUPPORTED = (
 #: Training methods (``TrainConfig.method``, and compare's ``hybrid``: instruction text + soft tokens).
 METHODS = ("prompt", "ptuning", "prefix", "hybrid")
 #: Every capability a family may have, in table order.
-CAPABILITY_NAMES = (*METHODS, "rank_classification", "head_classification", "generation", "ensemble",
+CAPABILITY_NAMES = (*METHODS, "reparam", "rank_classification", "head_classification", "generation", "ensemble",
                     "serve", "vllm", "peft")
 #: One-line meaning of each capability (the CLI prints it under the table).
 CAPABILITY_HELP = {
@@ -20,6 +20,7 @@ CAPABILITY_HELP = {
     "ptuning": "P-tuning: soft tokens produced by a small trained encoder network",
     "prefix": "prefix tuning: learned key/values at every layer",
     "hybrid": "instruction text and soft tokens in one template",
+    "reparam": "soft tokens trained through a residual MLP (the default recipe's reparam 'mlp')",
     "rank_classification": "classify by scoring each label word (verbalizer)",
     "head_classification": "classify with a linear head trained with the prompt",
     "generation": "greedy answers (generation tasks)",
@@ -31,9 +32,9 @@ CAPABILITY_HELP = {
 
 #: What each family supports.  This table is the code the checks read; tests hold it to behaviour.
 CAPABILITIES: dict[str, frozenset[str]] = {
-    "decoder": frozenset({"prompt", "ptuning", "prefix", "hybrid", "rank_classification", "generation", "ensemble",
+    "decoder": frozenset({"prompt", "ptuning", "prefix", "hybrid", "reparam", "rank_classification", "generation", "ensemble",
                           "serve", "vllm", "peft"}),
-    "seq2seq": frozenset({"prompt", "ptuning", "hybrid", "rank_classification", "generation"}),
+    "seq2seq": frozenset({"prompt", "ptuning", "hybrid", "reparam", "rank_classification", "generation"}),
     "encoder": frozenset({"prompt", "head_classification"}),
 }
 

@@ -304,6 +304,8 @@ def train_prompt(
 
     family = family_for(model)
     family.check_method(cfg.method)  # before any work: e.g. prefix tuning has no encoder-decoder form
+    if cfg.method == "prompt" and cfg.reparam != "none":
+        family.require("reparam")  # an encoder classifier trains its soft tokens directly
     if family.trainable != "prompt":  # the family's own trainable (the BERT family: soft prompt + head)
         trainer = {"encoder_head": train_encoder_prompt}[family.trainable]
         return trainer(model, tokenizer, task, train_examples, valid_examples, cfg, out_dir=out_dir, resume=resume,

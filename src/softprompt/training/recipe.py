@@ -71,18 +71,25 @@ class Recipe:
         lr = self.lr if lr is None else lr
         return lr * embedding_scale(model) if self.lr_unit == "embedding" else lr
 
-    def reparam_for(self, method: str = "prompt") -> str:
+    def reparam_for(self, method: str = "prompt", model=None) -> str:
         """The reparameterisation a method (any spelling) gets by default: the recipe's for prompt
-        tuning, none else."""
+        tuning on a family that has it (``model`` given: its family decides), none else."""
         try:
-            return self.reparam if Method.parse(method).short == "prompt" else "none"
+            if Method.parse(method).short != "prompt":
+                return "none"
         except ValueError:  # an unknown method: TrainConfig refuses it with the full list
             return "none"
+        if model is not None:
+            from ..families import family_for
+
+            if not family_for(model).supports("reparam"):
+                return "none"
+        return self.reparam
 
     def default_lr(self, model, method: str = "prompt", reparam: str | None = None) -> float:
         """The absolute peak rate of a run with this method: the residual MLP's, an encoder's
         (P-tuning, prefix through an MLP: 1e-3), or the soft tokens' own."""
-        reparam = self.reparam_for(method) if reparam is None else reparam
+        reparam = self.reparam_for(method, model) if reparam is None else reparam
         if method == "prompt" and reparam == "mlp":
             return self.reparam_lr
         if method == "ptuning" or reparam == "mlp":
@@ -91,7 +98,7 @@ class Recipe:
 
     def search_lrs(self, model, method: str = "prompt", reparam: str | None = None) -> tuple[float, ...]:
         """Absolute candidate rates of the automatic search, about 3x apart around the default."""
-        reparam = self.reparam_for(method) if reparam is None else reparam
+        reparam = self.reparam_for(method, model) if reparam is None else reparam
         if method == "prompt" and reparam == "mlp":
             return tuple(round(self.reparam_lr * f, 6) for f in (1 / 3, 1.0, 10 / 3))
         if method == "ptuning" or reparam == "mlp":
@@ -102,7 +109,7 @@ class Recipe:
         """A :class:`TrainConfig` for ``model`` (``overrides`` win; ``lr`` there is absolute; without
         one, :meth:`default_lr` for the method and reparameterisation)."""
         method = overrides.get("method") or "prompt"
-        reparam = overrides.get("reparam") or self.reparam_for(method)
+        reparam = overrides.get("reparam") or self.reparam_for(method, model)
         kw = dict(optimizer=self.optimizer, init=self.init, reparam=reparam,
                   warmup_steps=self.warmup_steps, schedule=self.schedule, batch_size=self.batch_size,
                   epochs=0, max_steps=self.max_steps, eval_every=self.eval_every, patience=self.patience)
