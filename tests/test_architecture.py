@@ -186,3 +186,63 @@ def test_ruff_finds_nothing():
     r = subprocess.run([ruff, "check", "--no-cache", "src", "tests", "benchmarks"], cwd=root, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+DECODING_HOME = "softprompt.core.decoding"
+
+
+def _root_name(node: ast.AST) -> str | None:
+    """The variable an expression starts from: ``out`` in ``out.logits[:, -1]``."""
+    while isinstance(node, (ast.Attribute, ast.Subscript, ast.Call)):
+        node = node.func if isinstance(node, ast.Call) else node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def _feedback_argmaxes(tree: ast.AST) -> list[int]:
+    """Lines of an ``argmax`` (``x.argmax(...)`` or ``torch.argmax(x, ...)``) inside a loop that
+    also assigns ``x``: the picked token's logits come back around the loop, i.e. a greedy
+    decoder.  An argmax over scores computed before the loop (predictions, votes) is not one."""
+    hits = []
+    for loop in ast.walk(tree):
+        if not isinstance(loop, (ast.For, ast.AsyncFor, ast.While)):
+            continue
+        iterated = {id(n) for t in ast.walk(loop) if isinstance(t, (ast.For, ast.AsyncFor, ast.comprehension))
+                    for n in ast.walk(t.target)}  # a loop variable walks precomputed values: not fed back
+        assigned = {n.id for n in ast.walk(loop)
+                    if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store) and id(n) not in iterated}
+        for call in ast.walk(loop):
+            if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "argmax"):
+                continue
+            subject = call.args[0] if _root_name(call.func.value) == "torch" and call.args else call.func.value
+            if _root_name(subject) in assigned:
+                hits.append(call.lineno)
+    return hits
+
+
+def test_one_greedy_decoding_loop():
+    """Library, evaluation and the server decode through ``core/decoding.py``'s ``greedy_loop``
+    (issue 25): a second loop that feeds its argmax back into the model, or a row rule
+    (``take_token``) applied anywhere else, is a decoder drifting apart from the others.
+    Checked on the syntax tree: a loop that assigns the name whose ``argmax`` it takes."""
+    mods = _modules()
+    assert _feedback_argmaxes(ast.parse(mods[DECODING_HOME].read_text())), "the check no longer sees the one loop"
+    loops, rules = [], []
+    for name, path in sorted(mods.items()):
+        if name == DECODING_HOME:
+            continue
+        tree = ast.parse(path.read_text())
+        loops += [f"{name}:{line}" for line in _feedback_argmaxes(tree)]
+        rules += [f"{name}:{n.lineno}" for n in ast.walk(tree) if isinstance(n, ast.Call)
+                  and (getattr(n.func, "id", None) or getattr(n.func, "attr", None)) == "take_token"]
+    assert not loops, "greedy decoding loops outside core/decoding.py (give greedy_loop a step hook instead):\n" + "\n".join(loops)
+    assert not rules, "take_token applied outside core/decoding.py:\n" + "\n".join(rules)
+
+
+def test_the_loop_check_catches_a_decoder():
+    seq2seq_style = "for _ in range(n):\n    nxt = out.logits[:, -1].argmax(-1)\n    out = model(nxt)\n"
+    decoder_style = "while True:\n    t = torch.argmax(logits, -1)\n    logits, cache = step(t, cache)\n"
+    scores = "for m in methods:\n    pred = [labels[j] for j in scores[m].argmax(-1).tolist()]\n"
+    votes = "for name, s in zip(names, member_scores):\n    preds.append(labels[int(s.argmax())])\n"
+    assert _feedback_argmaxes(ast.parse(seq2seq_style)) == [2]
+    assert _feedback_argmaxes(ast.parse(decoder_style)) == [2]
+    assert _feedback_argmaxes(ast.parse(scores)) == _feedback_argmaxes(ast.parse(votes)) == []

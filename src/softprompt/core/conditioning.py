@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .bank import PromptBank, pad_right
 from .cache_api import cache_arg, cache_layers, make_cache, output_cache  # noqa: F401 (re-exported)
+from .decoding import Row, Step, greedy_loop, take_token  # noqa: F401 (take_token re-exported)
 
 
 @dataclass
@@ -293,20 +294,6 @@ def newline_ids(tokenizer) -> set[int]:
     return {i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id}
 
 
-def take_token(t: int, out: list[int], stops: AbstractSet[int], leading: AbstractSet[int] = frozenset()) -> bool:
-    """Apply one greedy token to a row's answer ``out``; True when the row stops here.
-
-    Tokens in ``leading`` are dropped while the answer is still empty instead of stopping it:
-    with a newline as the stop, an instruction-tuned model that opens its answer with a line
-    break would otherwise answer with nothing at all."""
-    if not out and t in leading:
-        return False
-    if t in stops:
-        return True
-    out.append(t)
-    return False
-
-
 @torch.no_grad()
 def greedy_generate(
     bank: PromptBank, ctx: Context, *, max_new_tokens: int = 32, stop_ids: set[int] | None = None,
@@ -319,42 +306,42 @@ def greedy_generate(
     A row that stops leaves the batch (its key/values are dropped), so the remaining steps cost
     what the rows still generating need, not the whole batch: answers of very different lengths
     (a chain of thought that ends at once next to one that runs to ``max_new_tokens``) batch well.
-    Rows never see each other, so each row's tokens are those it would get alone."""
-    model = bank.model
-    eos = bank.tokenizer.eos_token_id
+    The loop is ``decoding.greedy_loop``, shared with the encoder-decoder family and the server."""
     stops = set(stop_ids or ())
-    if eos is not None:
-        stops.add(eos)
-    n = ctx.last_hidden.shape[0]
-    outs: list[list[int]] = [[] for _ in range(n)]
-    live = list(range(n))  # the original row of each batch row still generating
-    layers = ctx.layers
-    mask = ctx.mask
-    pos = ctx.next_pos.clone()
-    logits = lm_logits(model, ctx.last_hidden)
-    cache = None
-    for _ in range(max_new_tokens):
-        nxt = logits.argmax(-1)
-        # one device sync per step, not one per row
-        keep = [j for j, t in enumerate(nxt.tolist()) if not take_token(t, outs[live[j]], stops, skip_leading)]
-        if not keep:
-            break
-        if len(keep) < len(live):  # drop the rows that stopped
-            rows = torch.tensor(keep, device=nxt.device)
+    if bank.tokenizer.eos_token_id is not None:
+        stops.add(bank.tokenizer.eos_token_id)
+    rows = [Row(max_new_tokens, stops, skip_leading) for _ in range(ctx.last_hidden.shape[0])]
+    greedy_loop(*context_steps(bank.model, ctx), rows)
+    return [r.tokens for r in rows]
+
+
+def context_steps(model, ctx: Context, decode=None) -> tuple[torch.Tensor, Step]:
+    """The decoder-only family's hook for ``decoding.greedy_loop``: the first next-token logits
+    of ``ctx``'s rows, and the step that feeds one token per row on top of their key/values
+    (rows that leave drop theirs).  ``decode``: the step function, :func:`decode_step` unless a
+    caller (the server, whose tests time it) passes its own."""
+    decode = decode or decode_step
+    layers, cache, mask, pos = ctx.layers, None, ctx.mask, ctx.next_pos.clone()
+
+    def step(tokens: torch.Tensor, keep: list[int] | None) -> torch.Tensor:
+        nonlocal layers, cache, mask, pos
+        if keep is not None:  # drop the rows that left
+            rows = torch.tensor(keep, device=tokens.device)
             layers = [(k.index_select(0, rows), v.index_select(0, rows))
                       for k, v in (cache_layers(cache) if cache is not None else layers)]
             cache = None
-            mask, pos, nxt = mask.index_select(0, rows), pos.index_select(0, rows), nxt.index_select(0, rows)
-            live = [live[j] for j in keep]
+            mask, pos = mask.index_select(0, rows), pos.index_select(0, rows)
         if cache is None:
             cache = make_cache(layers)
-        logits, cache, mask, pos = decode_step(model, nxt, cache, mask, pos)
-    return outs
+        logits, cache, mask, pos = decode(model, tokens, cache, mask, pos)
+        return logits
+
+    return lm_logits(model, ctx.last_hidden), step
 
 
 def decode_step(model, tokens: torch.Tensor, cache, mask: torch.Tensor, pos: torch.Tensor):
     """Feed one token per row on top of ``cache``; returns (next-token logits, cache, mask, pos)
-    advanced by one position. Shared by ``greedy_generate`` and the serving engine."""
+    advanced by one position. The model side of :func:`context_steps`."""
     mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=mask.device)], dim=1)
     out = model.base_model(
         input_ids=tokens[:, None], attention_mask=mask, position_ids=pos[:, None],

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 
 from ..core.bank import PromptBank
 from ..core.cache_api import cache_arg, output_cache
-from ..core.conditioning import DEFAULT_MAX_BATCH_TOKENS, scores_per_label, take_token
+from ..core.conditioning import DEFAULT_MAX_BATCH_TOKENS, scores_per_label
+from ..core.decoding import Row, Step, greedy_loop
 from ..core.losses import answer_loss, answer_targets, classification_loss, label_targets
 from ..data.task import TaskKind
 from .base import PREFIX_UNSUPPORTED, FamilyBase
@@ -159,34 +160,37 @@ def greedy_generate(
     skip_leading: AbstractSet[int] = frozenset(),
 ) -> list[list[int]]:
     """Greedy decoding for each encoded row; stops at EOS (or any of ``stop_ids``) per row.
+    The loop is ``decoding.greedy_loop``; :func:`decoder_steps` is this family's step."""
+    stops = set(stop_ids or ())
+    for eos in (bank.tokenizer.eos_token_id, getattr(bank.model.config, "eos_token_id", None)):
+        if isinstance(eos, int):
+            stops.add(eos)
+    rows = [Row(max_new_tokens, stops, skip_leading) for _ in range(enc.hidden.shape[0])]
+    greedy_loop(*decoder_steps(bank.model, enc, use_cache=use_cache), rows, leave_at=None)
+    return [r.tokens for r in rows]
+
+
+def decoder_steps(model, enc: Encoded, *, use_cache: bool = True) -> tuple[torch.Tensor, Step]:
+    """The encoder-decoder family's hook for ``decoding.greedy_loop``: the decoder's first logits
+    after its start token, and the step that feeds one token per row.  Every row stays in the
+    batch (``leave_at=None``): the decoder's cache holds self- and cross-attention key/values.
 
     With ``use_cache`` each step feeds one token on top of the decoder's key/value cache
     (cross-attention key/values are computed once); without, the whole decoded sequence is
     re-run every step (the reference the cache is tested against)."""
-    model = bank.model
-    device = enc.hidden.device
-    stops = set(stop_ids or ())
-    for eos in (bank.tokenizer.eos_token_id, getattr(model.config, "eos_token_id", None)):
-        if isinstance(eos, int):
-            stops.add(eos)
-    n = enc.hidden.shape[0]
-    outs: list[list[int]] = [[] for _ in range(n)]
-    done = [False] * n
-    seq = torch.full((n, 1), decoder_start_id(model), dtype=torch.long, device=device)
+    seq = torch.full((enc.hidden.shape[0], 1), decoder_start_id(model), dtype=torch.long, device=enc.hidden.device)
     out = _decode(model, enc, seq, use_cache=use_cache)
-    for _ in range(max_new_tokens):
-        nxt = out.logits[:, -1].argmax(-1)
-        for i, t in enumerate(nxt.tolist()):
-            if not done[i]:
-                done[i] = take_token(t, outs[i], stops, skip_leading)
-        if all(done):
-            break
-        seq = torch.cat([seq, nxt[:, None]], dim=1)
+
+    def step(tokens: torch.Tensor, keep: list[int] | None) -> torch.Tensor:
+        nonlocal seq, out  # keep is always None: every row stays
+        seq = torch.cat([seq, tokens[:, None]], dim=1)
         if use_cache:
-            out = _decode(model, enc, nxt[:, None], **cache_arg(model, output_cache(out)), use_cache=True)
+            out = _decode(model, enc, tokens[:, None], **cache_arg(model, output_cache(out)), use_cache=True)
         else:
             out = _decode(model, enc, seq, use_cache=False)
-    return outs
+        return out.logits[:, -1]
+
+    return out.logits[:, -1], step
 
 
 def batch_loss(

@@ -15,9 +15,9 @@ import torch
 
 from ..core.bank import PromptBank
 from ..core.conditioning import (
-    Context, cache_layers, concat_contexts, decode_step, full_context, label_logprobs, lm_logits, make_cache,
-    newline_ids, run_context, take_token,
+    Context, concat_contexts, context_steps, decode_step, full_context, label_logprobs, newline_ids, run_context,
 )
+from ..core.decoding import Row, greedy_loop
 from .config import EngineConfig
 from .spec import ClassifyResult, GenerateResult, Item, NonFiniteResultError, canonical_vote
 
@@ -100,7 +100,7 @@ class Runner:
         eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
         self.stops_newline = frozenset(newline | eos)
         self.stops_eos = frozenset(eos)
-        self.newlines = frozenset(newline - eos)  # skipped before an answer starts (conditioning.take_token)
+        self.newlines = frozenset(newline - eos)  # skipped before an answer starts (decoding.take_token)
         self._gen_parts: list[tuple[Context, list[tuple[Item, int]]]] = []  # prefilled rows to decode
 
     def detokenize(self, ids: list[int]) -> str:
@@ -224,61 +224,31 @@ class Runner:
 
 
     def decode(self, ctx: Context, owners: list[tuple[Item, int]]) -> None:
-        """Greedy decoding of every generation row at once (the same steps as
-        ``conditioning.greedy_generate``) with per-row limits, stops and streaming; an
+        """Greedy decoding of every generation row at once (``decoding.greedy_loop``, as
+        ``conditioning.greedy_generate``) with per-row limits, stops, stop strings and streaming; an
         example is answered as soon as all its rows are finished.  Finished rows leave the
         batch once they are a quarter of it (a row costs compute on every step it stays)."""
-        model = self.model
-        n = len(owners)
-        stops = [self.stops_newline if it.stop_at_newline else self.stops_eos for it, _ in owners]
-        outs: list[list[int]] = [[] for _ in range(n)]
-        used = [0] * n  # decode steps each row has taken (skipped leading line breaks count)
-        finish: list[str | None] = [None] * n
+        rows = [Row(it.max_new_tokens, self.stops_newline if it.stop_at_newline else self.stops_eos,
+                    self.newlines if it.stop_at_newline else frozenset()) for it, _ in owners]
         left: dict[int, int] = _Counter(id(it) for it, _ in owners)
-        live = list(range(n))  # the owner row of each batch row
-        cache = make_cache(ctx.layers)
-        mask = ctx.mask
-        pos = ctx.next_pos.clone()
-        logits = lm_logits(model, ctx.last_hidden)
-        steps = max(it.max_new_tokens for it, _ in owners)
-        for _ in range(steps):
-            nxt = logits.argmax(-1)
-            nxt_list = nxt.tolist()
-            for j, i in enumerate(live):
-                if finish[i] is not None:
-                    continue
-                it = owners[i][0]
-                if it.abandoned:
-                    finish[i] = "abandoned"
-                else:
-                    used[i] += 1
-                    before = len(outs[i])
-                    if take_token(nxt_list[j], outs[i], stops[i], self.newlines if it.stop_at_newline else frozenset()):
-                        finish[i] = "stop"
-                    elif len(outs[i]) == before:  # a leading line break, skipped as in scoring.generate
-                        if used[i] >= it.max_new_tokens:
-                            finish[i] = "length"
-                    else:
-                        if it.stop_strings and cut_at_stop(self.detokenize(outs[i]), it.stop_strings)[1]:
-                            finish[i] = "stop"
-                        elif used[i] >= it.max_new_tokens:
-                            finish[i] = "length"
-                        if it.on_token is not None and not it.spec.ensemble:
-                            try:
-                                it.on_token(list(outs[i]))
-                            except Exception:  # noqa: BLE001 - a broken stream must not stop the batch
-                                it.abandoned = True
-                if finish[i] is not None:
-                    left[id(it)] -= 1
-                    if left[id(it)] == 0:
-                        rows = [r for r, (o, _) in enumerate(owners) if o is it]
-                        self.finish(it, self.vote_generate(it, [outs[r] for r in rows], [finish[r] for r in rows]))
-            keep = [j for j, i in enumerate(live) if finish[i] is None]
-            if not keep:
-                break
-            if 4 * (len(live) - len(keep)) >= len(live):
-                sel = torch.tensor(keep, device=mask.device)
-                cache = make_cache([(k.index_select(0, sel), v.index_select(0, sel)) for k, v in cache_layers(cache)])
-                mask, pos, nxt = mask.index_select(0, sel), pos.index_select(0, sel), nxt.index_select(0, sel)
-                live = [live[j] for j in keep]
-            logits, cache, mask, pos = decode_step(model, nxt, cache, mask, pos)
+
+        def on_token(i: int, row: Row) -> bool:
+            it = owners[i][0]
+            stopped = bool(it.stop_strings) and cut_at_stop(self.detokenize(row.tokens), it.stop_strings)[1]
+            if it.on_token is not None and not it.spec.ensemble:
+                try:
+                    it.on_token(list(row.tokens))
+                except Exception:  # noqa: BLE001 - a broken stream must not stop the batch
+                    it.abandoned = True
+            return stopped
+
+        def on_finish(i: int) -> None:
+            it = owners[i][0]
+            left[id(it)] -= 1
+            if left[id(it)] == 0:
+                mine = [rows[r] for r, (o, _) in enumerate(owners) if o is it]
+                self.finish(it, self.vote_generate(it, [r.tokens for r in mine], [r.finish for r in mine]))
+
+        # decode_step read here, at call time: tests wrap the module's name to time or count steps
+        greedy_loop(*context_steps(self.model, ctx, decode_step), rows, leave_at=0.25, on_token=on_token,
+                    abandoned=lambda i: owners[i][0].abandoned, on_finish=on_finish)

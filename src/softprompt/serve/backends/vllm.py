@@ -18,7 +18,7 @@ Classification
 Generation
     vLLM decodes (greedy, or sampling with ``temperature`` / ``top_p`` / ``seed``) until EOS, a
     line break when asked (``stop_token_ids``) or a stop string; a line break before any answer
-    token is skipped, as in the engine (``conditioning.take_token``).
+    token is skipped, as in the engine (``decoding.take_token``).
 
 Refused at registration
     Prefix-tuned prompts (per-layer key/values) and encoder prompts (heads) are not input embeddings.
