@@ -48,7 +48,7 @@ def main() -> None:
     x, xt = (x - mu) / sd, (xt - mu) / sd
     y = torch.tensor([labels.index(e.label) for e in train])
     yt = np.array([labels.index(e.label) for e in test])
-    print(f"| task | train | L2 | test accuracy |\n|---|---|---|---|")
+    print("| task | train | L2 | test accuracy |\n|---|---|---|---|")
     for lam in (1e-3, 1e-2, 1e-1):
         w = torch.zeros(x.shape[1], len(labels), requires_grad=True)
         b = torch.zeros(len(labels), requires_grad=True)
