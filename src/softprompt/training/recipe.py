@@ -74,10 +74,7 @@ class Recipe:
     def reparam_for(self, method: str = "prompt", model=None) -> str:
         """The reparameterisation a method (any spelling) gets by default: the recipe's for prompt
         tuning on a family that has it (``model`` given: its family decides), none else."""
-        try:
-            if Method.parse(method).short != "prompt":
-                return "none"
-        except ValueError:  # an unknown method: TrainConfig refuses it with the full list
+        if _short(method) != "prompt":
             return "none"
         if model is not None:
             from ..families import family_for
@@ -90,6 +87,7 @@ class Recipe:
         """The absolute peak rate of a run with this method: the residual MLP's, an encoder's
         (P-tuning, prefix through an MLP: 1e-3), or the soft tokens' own."""
         reparam = self.reparam_for(method, model) if reparam is None else reparam
+        method = _short(method)
         if method == "prompt" and reparam == "mlp":
             return self.reparam_lr
         if method == "ptuning" or reparam == "mlp":
@@ -99,6 +97,7 @@ class Recipe:
     def search_lrs(self, model, method: str = "prompt", reparam: str | None = None) -> tuple[float, ...]:
         """Absolute candidate rates of the automatic search, about 3x apart around the default."""
         reparam = self.reparam_for(method, model) if reparam is None else reparam
+        method = _short(method)
         if method == "prompt" and reparam == "mlp":
             return tuple(round(self.reparam_lr * f, 6) for f in (1 / 3, 1.0, 10 / 3))
         if method == "ptuning" or reparam == "mlp":
@@ -120,6 +119,15 @@ class Recipe:
 
 
 DEFAULT_RECIPE = Recipe()
+
+
+def _short(method: str) -> str:
+    """A method's training spelling (``prompt``, ``ptuning``, ``prefix``); an unknown one as given
+    (TrainConfig refuses it with the full list)."""
+    try:
+        return Method.parse(method).short
+    except ValueError:
+        return method
 
 
 def uniform_loss(n_labels: int) -> float:
