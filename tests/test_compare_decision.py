@@ -232,7 +232,8 @@ def test_default_soft_runs_follow_the_training_recipe(tmp_path):
     runs, rows = comp.plan()
     main, sweep = runs["soft/main/len20/text/n16/seed0"], runs["soft/length/len1/text/n16/seed0"]
     assert main.spec["lr"] == "auto" and main.spec["search"]["seeds"] == 2
-    assert sweep.spec["lr"] == recipe_lr(comp) == pytest.approx(DEFAULT_RECIPE.absolute_lr(model), rel=1e-5)
+    assert sweep.spec["lr"] == recipe_lr(comp) == pytest.approx(DEFAULT_RECIPE.default_lr(model), rel=1e-5)
+    assert main.spec["search"]["lrs"] == list(DEFAULT_RECIPE.search_lrs(model))
     for run in (main, sweep):
         assert (run.spec["max_steps"], run.spec["patience"]) == (DEFAULT_RECIPE.max_steps, DEFAULT_RECIPE.patience)
     assert search_runs(DEFAULT_RECIPE.max_steps) == 2.75 and main.cost > 2.5 * sweep.cost

@@ -48,3 +48,31 @@ def test_cli_refuses_a_missing_unlabeled_file(tmp_path):
                                  "pos=yes", "--unlabeled-file", str(tmp_path / "missing.csv"), "--out",
                                  str(tmp_path / "rep")])
     assert r.exit_code != 0 and "missing.csv" in r.output
+
+
+def test_hand_written_candidates_are_also_chosen_on_the_pool_they_never_saw(tmp_path):
+    """Issue 23, item 2: zero-shot is scored on validation + the whole training pool, few-shot on
+    validation + the pool less its own demonstrations; the soft side on validation only."""
+    from softprompt.apps.compare.decision_stats import selection_metrics
+
+    model, tok = tiny_causal_lm(), tiny_tokenizer()
+    out = tmp_path / "rep"
+    cfg = tiny_config(methods=("zero_shot", "few_shot", "soft"), seeds=(0,), eval_task=None, max_steps=2)
+    comp = C.Comparison(cfg, toy_data(), model, tok, out, progress=False, log=lambda s: None)
+    res = comp.run()
+    n_valid, n_pool = len(comp.valid), len(comp.pool)
+    zs = res["runs"]["zero_shot"]["variants"]["none"]
+    assert zs["selection_n"] == n_valid + n_pool and zs["selection"] != zs["valid"]
+    few = [r for k, r in res["runs"].items() if k.startswith("few_shot") and r.get("variants")]
+    assert few and all(n_valid + n_pool - 2 * cfg.shots <= v["selection_n"] < n_valid + n_pool
+                       for r in few for v in r["variants"].values())  # its demonstrations are not selection data
+    soft = next(r for k, r in res["runs"].items() if k.startswith("soft/"))
+    assert all("selection" not in v for v in soft["variants"].values())
+    dec = res["decision"]
+    assert dec["selection_n"]["soft"] == n_valid and dec["selection_n"]["hard"] > n_valid
+    chosen = next(c for c in [dec["hard"]] if c)
+    assert selection_metrics(chosen) == chosen["selection"]
+    from softprompt.apps.report import write_report
+
+    write_report(res, out)
+    assert f"compared on {dec['selection_n']['hard']} examples" in (out / "report.md").read_text()

@@ -226,6 +226,8 @@ def candidates(results: dict[str, Any]) -> tuple[list[dict], list[dict]]:
                 out[side].append({"name": rec.get("label", rid) + ("" if cal == "none" else f", {cal} calibration"),
                                   "run": rid, "calibration": cal, "template": rec.get("template"),
                                   "instruction": rec.get("instruction"), "valid": v.get("valid"), "test": v["test"],
+                                  **({"selection": v["selection"], "selection_n": v.get("selection_n")}
+                                     if v.get("selection") else {}),
                                   "predictions": v["predictions"], "valid_predictions": v.get("valid_predictions"),
                                   "cost": cost,
                                   **({"artifact": rec["artifact"]} if rec.get("artifact") else {})})
@@ -266,6 +268,8 @@ def from_results(results: dict[str, Any], metric: str | None = None, *, n_boot: 
                  valid_gold=valid_gold, labels=labels or None)
     if out is not None:
         out["candidates"] = counts
+        n_valid = len(valid_gold or [])
+        out["selection_n"] = {side: (c.get("selection_n") or n_valid) if c else None for side, c in (("hard", h), ("soft", s))}
         out["latency_limit"] = limit
         if limit and (slow_h or slow_s):
             out["recommendation"] += (f" Ruled out before choosing, slower than {max_ms:g} ms per query: "

@@ -77,6 +77,7 @@ def decision_blocks(results: dict[str, Any]) -> list[tuple]:
                       f"(every trained prompt x calibration: learning rates, seeds, lengths, inits, hybrids, ensembles; "
                       f"the learning curve excluded), on {data.get('valid')} validation examples ({src}). "
                       f"The soft prompt's training time counts every training the search ran. "
+                      + _selection_text(dec, data)
                       + (f"Majority-class accuracy on test: {_p(maj)}%; a method at or below it is marked. "
                          if maj is not None else "")
                       + f"{mname[0].upper() + mname[1:]} is the selection metric because a constant answer cannot "
@@ -86,6 +87,18 @@ def decision_blocks(results: dict[str, Any]) -> list[tuple]:
         out.append(("p", (f"Soft prompts started from the chosen hard prompt *{start['name']}*: its instruction "
                           f"(`{start.get('instruction') or ''}`) as text initialisation and as the hybrids' text.")))
     return out
+
+
+def _selection_text(dec: dict[str, Any], data: dict[str, Any]) -> str:
+    """How many examples each family's choice read: a hand-written prompt trains nothing, so its
+    candidates are also scored on the training-pool examples their text does not contain."""
+    n = dec.get("selection_n") or {}
+    if not n.get("hard") or n.get("hard") == data.get("valid"):
+        return ""
+    return (f"Selection n: the hand-written candidates were compared on {n['hard']} examples (validation plus the "
+            f"training-pool examples their text does not contain: they train nothing), the trained ones on "
+            f"{n.get('soft') or data.get('valid')} (validation only: they trained on the pool); the stability figure "
+            f"resamples the validation examples alone. ")
 
 
 def check_lines(dec: dict[str, Any]) -> list[str]:

@@ -15,7 +15,7 @@ import numpy as np
 from ...training.selection import classification_score
 
 __all__ = ["LEVEL", "METRIC_NAMES", "N_BOOT", "SELECT_METRICS", "at_or_below_majority", "bootstrap_weights", "macro_f1",
-           "majority_rate", "mcnemar_exact", "metric_value", "paired_bootstrap", "select"]
+           "majority_rate", "mcnemar_exact", "metric_value", "paired_bootstrap", "select", "selection_metrics"]
 
 SELECT_METRICS = ("macro_f1", "accuracy", "balanced_accuracy")
 """Metrics a family's best method can be chosen with (``--select-metric``); macro-F1 is the default."""
@@ -123,14 +123,21 @@ def _score(c: dict, metric: str) -> tuple:
     """The trainers' rule (``training.selection.classification_score``: the metric, the other of
     macro-F1/accuracy, lower loss), then this comparison's cost tie-breaks."""
     cost = (c.get("cost") or {})
-    return (*classification_score(c.get("valid") or {}, metric), -(cost.get("train_s") or 0.0),
+    return (*classification_score(selection_metrics(c) or {}, metric), -(cost.get("train_s") or 0.0),
             -(cost.get("tokens_added") or 0.0))
+
+
+def selection_metrics(c: dict) -> dict | None:
+    """What a candidate is chosen on: its ``selection`` metrics (validation plus the labelled
+    examples its construction did not use: a hand-written prompt trains nothing) when it has
+    them, else its validation metrics."""
+    return c.get("selection") or c.get("valid")
 
 
 def select(candidates: list[dict], metric: str = "macro_f1") -> dict | None:
     """The candidate with the best validation ``metric`` (ties: the other metric, then less
-    training, then fewer tokens per query, then the first).  Only ``candidate["valid"]`` is
-    read: a candidate's test scores cannot change the choice."""
+    training, then fewer tokens per query, then the first).  Only ``candidate["selection"]`` or
+    ``["valid"]`` is read (:func:`selection_metrics`): a candidate's test scores cannot change the choice."""
     if metric not in SELECT_METRICS:
         raise ValueError(f"unknown selection metric {metric!r}; choose from {', '.join(SELECT_METRICS)}")
     scored = [c for c in candidates if c.get("valid")]

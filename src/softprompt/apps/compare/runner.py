@@ -346,8 +346,8 @@ class Comparison:
                    for ex, txt in list(zip(examples, res.texts))[:12]]
         return res.metrics, lat, wall, samples
 
-    def _score_calibrated(self, name: str, calibrations) -> dict[str, Any]:
-        return score_calibrated(self, name, calibrations)
+    def _score_calibrated(self, name: str, calibrations, **kw) -> dict[str, Any]:
+        return score_calibrated(self, name, calibrations, **kw)
 
     def _score_entry(self, name: str, examples: list[Example]) -> dict[str, Any]:
         """Score a bank entry the task's way; the record fields shared by every run kind."""
@@ -365,7 +365,7 @@ class Comparison:
         self.bank.add(name, tpl, verbalizer=run.spec["verbalizer"], kind=self.task.kind)
         try:
             if run.spec.get("calibrations"):
-                scored = self._score_calibrated(name, run.spec["calibrations"])
+                scored = self._score_calibrated(name, run.spec["calibrations"], free_selection=True)
                 scored["instruction"] = run.spec.get("instruction")
             else:
                 scored = self._score_entry(name, test)

@@ -21,7 +21,8 @@ from ...core.calibrate import fit_calibration
 from ...core.scoring import classification_metrics, classify
 from .decision import metric_value, select
 
-__all__ = ["ensemble_variants", "score_calibrated", "score_variants", "summary_metrics", "variants_from_scores"]
+__all__ = ["ensemble_variants", "score_calibrated", "score_variants", "summary_metrics", "unseen_pool",
+           "variants_from_scores"]
 
 
 def summary_metrics(gold: list[str], pred: list[str], labels: list[str], *, confusion: bool = False) -> dict[str, Any]:
@@ -40,7 +41,7 @@ def _predict(scores: torch.Tensor, cal: Calibration, labels: list[str]) -> list[
 
 
 def score_variants(bank, entry, valid, test, calibrations, *, batch_size: int = 32,
-                   select_metric: str = "macro_f1") -> dict[str, Any]:
+                   select_metric: str = "macro_f1", extra=None) -> dict[str, Any]:
     """``{"variants": {cal: {"valid", "test", "predictions", "calibration"}}, "calibration": chosen,
     "metrics": chosen test metrics (with confusion), "valid_metrics": chosen validation metrics,
     "valid_s": seconds spent scoring validation (the selection's cost)}``.
@@ -49,7 +50,10 @@ def score_variants(bank, entry, valid, test, calibrations, *, batch_size: int = 
     ``valid_predictions`` on ``valid`` (for the decision's stability under resampling);
     ``calibration`` is the fitted prior applied to test (what a deployed prompt would carry).
     The run's own choice among its calibrations is the best on validation by ``select_metric``
-    (without validation data: the first of ``calibrations``)."""
+    (without validation data: the first of ``calibrations``).  ``extra``: further labelled examples
+    the prompt never saw (a hand-written prompt's share of the training pool): each variant then
+    also has ``selection`` metrics on validation + ``extra`` (``selection_n`` examples), which the
+    choice reads instead (``decision_stats.selection_metrics``)."""
     cals = list(dict.fromkeys(calibrations)) or ["none"]
     res_test = classify(bank, entry, test, batch_size=batch_size)
     labels = res_test.labels
@@ -59,7 +63,12 @@ def score_variants(bank, entry, valid, test, calibrations, *, batch_size: int = 
         t0 = time.perf_counter()
         r = classify(bank, entry, valid, batch_size=batch_size)
         raw_valid = r.raw_scores if r.raw_scores is not None else r.scores
+        if extra:
+            r = classify(bank, entry, extra, batch_size=batch_size)
+            raw_valid = torch.cat([raw_valid, r.raw_scores if r.raw_scores is not None else r.scores])
         valid_s = time.perf_counter() - t0
+    n_valid = len(valid or [])
+    sel_gold = [ex.label for ex in [*(valid or []), *(extra or [])]]
     gold_test = [ex.label for ex in test]
     variants: dict[str, dict[str, Any]] = {}
     for method in cals:
@@ -72,9 +81,13 @@ def score_variants(bank, entry, valid, test, calibrations, *, batch_size: int = 
         v = {"test": summary_metrics(gold_test, pred, labels), "calibration": cal_test.to_dict(),
              "predictions": [labels.index(p) for p in pred], "valid": None}
         if raw_valid is not None:
-            vp = _predict(raw_valid, cal_valid, labels)
+            sp = _predict(raw_valid, cal_valid, labels)  # validation, then the extra examples
+            vp = sp[:n_valid]
             v["valid"] = summary_metrics([ex.label for ex in valid], vp, labels)
             v["valid_predictions"] = [labels.index(p) for p in vp]  # decision_checks.stability resamples them
+            if extra:
+                v["selection"] = summary_metrics(sel_gold, sp, labels)
+                v["selection_n"] = len(sp)
         variants[method] = v
     chosen = select([{"name": k, **v} for k, v in variants.items()], select_metric) if valid else None
     name = chosen["name"] if chosen else cals[0]
@@ -106,12 +119,23 @@ def variants_from_scores(labels: list[str], valid, test, valid_scores: dict | No
             "valid_metrics": variants[name]["valid"]}
 
 
-def score_calibrated(comp, name: str, calibrations) -> dict[str, Any]:
+def unseen_pool(comp, name: str) -> list:
+    """The training-pool examples a hand-written prompt's text does not contain (few-shot: all but
+    its demonstrations; zero-shot: all): free selection data, since such a prompt trains nothing.
+    An example counts as used when any of its field values appears in the template (conservative)."""
+    text = comp.bank.entries[comp.bank.index(name)].template.text
+    return [ex for ex in comp.pool if not any(str(v).strip() and str(v).strip() in text for v in ex.fields.values())]
+
+
+def score_calibrated(comp, name: str, calibrations, *, free_selection: bool = False) -> dict[str, Any]:
     """Classification on validation and test under each calibration (variants.py); the record
-    fields shared by hard and soft runs."""
+    fields shared by hard and soft runs.  ``free_selection`` (hand-written prompts built without the
+    training pool): also scored on the pool examples the prompt does not contain (:func:`unseen_pool`),
+    which its choice then reads."""
     t = time.perf_counter()
+    extra = unseen_pool(comp, name) if free_selection and comp.valid else None
     sv = score_variants(comp.bank, name, comp.valid, comp.test, calibrations, batch_size=comp.cfg.eval_batch_size,
-                        select_metric=comp.cfg.select_metric)
+                        select_metric=comp.cfg.select_metric, extra=extra)
     wall = time.perf_counter() - t - sv["valid_s"]
     lat = comp._latency(lambda exs, bs: classify(comp.bank, name, exs, batch_size=bs), comp.test)
     return {"metrics": sv["metrics"], "latency": lat, "eval_wall_s": wall, "valid_wall_s": sv["valid_s"],
