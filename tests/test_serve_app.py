@@ -102,6 +102,13 @@ def test_openai_completions(client):
     err(client.post("/v1/completions", json={"model": "tiny:nope", "prompt": "x"}), 404, "model_not_found")
     err(client.post("/v1/completions", json={"model": "tiny:qa", "prompt": "x", "n": 2}), 422)
     err(client.post("/v1/completions", json={"model": "tiny:qa", "prompt": "x", "echo": True}), 422)
+    # sampling parameters in OpenAI's ranges, checked on every backend (vLLM uses them)
+    for bad in ({"temperature": 2.5}, {"temperature": -0.1}, {"top_p": 0}, {"top_p": 1.5}, {"seed": -1},
+                {"seed": "7"}, {"seed": 1.5}):
+        err(client.post("/v1/completions", json={"model": "tiny:qa", "prompt": "x", **bad}), 422)
+    ok = client.post("/v1/completions", json={"model": "tiny:qa", "prompt": "x", "max_tokens": 2, "temperature": 2,
+                                               "top_p": 1, "seed": 3, "presence_penalty": 0})
+    assert ok.status_code == 200, ok.text  # unknown OpenAI fields are still accepted and ignored
 
 
 def test_bad_input_gets_a_clear_4xx(client):

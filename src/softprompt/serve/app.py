@@ -299,7 +299,7 @@ async def completions(req: CompletionRequest, request: Request, s: State):
                                 param="max_tokens")
     kw = dict(max_new_tokens=max_tokens, stop_at_newline=False, stop=stops)
     if getattr(engine, "supports_sampling", False) and req.temperature:  # backends/vllm.py samples
-        kw.update(temperature=req.temperature, top_p=req.top_p, seed=(req.model_extra or {}).get("seed"))
+        kw.update(temperature=req.temperature, top_p=req.top_p, seed=req.seed)
     if req.stream:
         if len(prompts) != 1:
             raise InvalidInputError("streaming needs a single prompt", param="prompt")

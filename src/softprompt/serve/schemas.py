@@ -78,8 +78,9 @@ class CompletionRequest(BaseModel):
     model: Annotated[StrictStr, Field(min_length=1, max_length=200, description='"<base>:<task>", see GET /v1/models')]
     prompt: Union[Text, Annotated[list[Text], Field(min_length=1)]]
     max_tokens: StrictInt | None = Field(16, ge=1)
-    temperature: FiniteNumber | None = None
-    top_p: FiniteNumber | None = None
+    temperature: Annotated[FiniteNumber, Field(ge=0, le=2)] | None = None  # OpenAI's range
+    top_p: Annotated[FiniteNumber, Field(gt=0, le=1)] | None = None
+    seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1, description="vLLM backend: the sampling seed")
     n: StrictInt = Field(1, ge=1, le=1, description="only 1 is supported (decoding is greedy)")
     stream: StrictBool = False
     stop: Union[Annotated[StrictStr, Field(min_length=1, max_length=64)],
