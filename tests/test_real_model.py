@@ -49,10 +49,10 @@ def test_demo_prompt_learns_and_beats_zero_shot(real, tmp_path):
     prompt = SoftPrompt.load(tmp_path / "prompt.safetensors", model=model)
     bank.add_prompt(prompt, "soft")
     soft = classify(bank, "soft", test).metrics["accuracy"]
-    # measured 2026-12-06 (transformers 5.25; benchmarks/study_recipe.py --protocol demo, adamw_rel0.3 at 100
-    # steps): soft 0.80 / 0.76 for seeds 0 / 2 against zero-shot 0.47; the bar is seed 0's less a margin.  The
-    # issue-22 target (>= 0.85 over 3 seeds) is not reached yet: docs/benchmarks.md, "Training recipe study"
-    assert soft >= 0.72 and soft >= zero_shot + 0.15, (soft, zero_shot)
+    # measured 2026-12-07 (transformers 5.25, the default recipe with residual reparameterisation, 100 steps):
+    # `softprompt demo` (seed 0) 0.91 against zero-shot 0.47; the study's 3 seeds at 120 steps 0.90 / 0.90 / 0.85
+    # (docs/benchmarks.md, "Residual reparameterisation: the new default").  Issue 22's bar: >= 0.85, +0.15.
+    assert soft >= 0.85 and soft >= zero_shot + 0.15, (soft, zero_shot)
     assert all(not p.requires_grad for p in model.parameters())
 
 
