@@ -15,12 +15,12 @@ Runs already in ``--out`` are skipped; ``--table`` prints what is there.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 from pathlib import Path
 
 import torch
+from runlog import append_row, load_rows
 
 from softprompt import PromptBank, load_model, load_task
 from softprompt.apps.distill import Teacher, compare_to_teacher, distil, unlabelled
@@ -105,7 +105,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/distill_bench.jsonl"))
     ap.add_argument("--table", action="store_true")
     args = ap.parse_args()
-    rows = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()] if args.out.exists() else []
+    rows = load_rows(args.out)
     if not args.table:
         torch.set_num_threads(args.threads)
         model, tok = load_model()
@@ -115,9 +115,7 @@ def main() -> None:
             if (name, args.seed) in done:
                 continue
             r = run(model, tok, name, args)
-            print(json.dumps(r), flush=True)
-            with args.out.open("a") as f:
-                f.write(json.dumps(r) + "\n")
+            append_row(args.out, r)
             rows.append(r)
     print(table(rows))
 

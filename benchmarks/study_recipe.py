@@ -17,7 +17,6 @@ around the base recipe (see RECIPES).
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time
@@ -25,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from runlog import append_row, load_rows
 
 from softprompt import PromptBank, classify, load_model, load_task
 from softprompt.training.prompt import train_prompt
@@ -123,7 +123,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/study_recipe.jsonl"))
     ap.add_argument("--table", action="store_true", help="only print the table of --out")
     args = ap.parse_args()
-    rows = [json.loads(l) for l in args.out.read_text().splitlines() if l.strip()] if args.out.exists() else []
+    rows = load_rows(args.out)
     if not args.table:
         torch.set_num_threads(args.threads)
         model, tok = load_model()
@@ -139,9 +139,7 @@ def main() -> None:
                          "protocol": args.protocol,
                          **run_one(model, tok, data, recipe, seed, args.train, args.valid, args.test,
                                    args.max_steps, args.protocol)}
-                    print(json.dumps(r), flush=True)
-                    with args.out.open("a") as f:
-                        f.write(json.dumps(r) + "\n")
+                    append_row(args.out, r)
                     rows.append(r)
     print(table(rows))
 
