@@ -172,3 +172,20 @@ def test_prefix_student_starts_from_the_teachers_head_text(setup, tmp_path):
                method="prefix", search=False, progress=False, lr=0.01, **dict(FAST, max_steps=4))
     assert d.prompt.kv is not None and d.prompt.n_prefix == 3 and d.prompt.n_tokens == 0
     assert d.prompt.training["init"] == "text" and d.prompt.training["init_text"] == teacher_head_text(teacher)
+
+
+def test_generation_student_learns_the_teachers_answers(tmp_path):
+    """Sequence-level distillation: the teacher's greedy answers are the student's targets, and
+    agreement is the student's exact match with them."""
+    model, tok = tiny_causal_lm(), tiny_tokenizer()
+    task = Task(name="qa", kind="generation", template="{soft:3} question : {q} answer :")
+    teacher = Teacher("question : {q} answer :", None)
+    inputs = [Example({"q": q}) for q in ("who", "what", "where", "why", "when", "how")]
+    out = teacher_outputs(model, tok, task, teacher, inputs, cache_dir=tmp_path, progress=False)
+    assert len(out["texts"]) == len(inputs)
+    exs = distillation_examples(task, inputs, out)
+    assert [e.target for e in exs] == out["texts"] and all(e.answers == (e.target,) for e in exs)
+    d = distil(model, tok, task, teacher, inputs, n_tokens=3, valid_fraction=0.34, search=False, out_dir=tmp_path,
+               progress=False, lr=0.1, **dict(FAST, max_steps=6))
+    assert d.n_valid == 2 and d.agreement_valid is not None and 0.0 <= d.agreement_valid <= 1.0
+    assert d.prompt.kind == "generation" and d.prompt.training["distilled_from"]["n_inputs"] == len(inputs)

@@ -169,3 +169,18 @@ def test_run_progress_judges_validations_and_survives_a_checkpoint():
     back = RunProgress.from_meta(meta)
     assert (back.step, back.best_score, back.best_step, back.bad_evals, back.tokens_per_s) == (12, (0.5, 0.4), 4, 2, 200)
     assert back.judge((0.6, 0.0)) and back.bad_evals == 0 and back.best_step == 12
+
+
+def test_labels_init_on_a_generation_task_starts_from_the_instruction():
+    """The recipe's default init ("labels") has no label words on a generation task: it starts from
+    the instruction's tokens instead (sampled vocabulary without one), rather than failing."""
+    from softprompt.training.prompt import initial_prompt
+
+    model, tok = tiny_causal_lm(), tiny_tokenizer()
+    task = Task(name="qa", kind="generation", template="{soft:3} question : {q} answer :", instruction="answer it")
+    start = initial_prompt(model, tok, task, TrainConfig(init="labels"))
+    text = initial_prompt(model, tok, task, TrainConfig(init="text"))
+    assert torch.equal(start, text)
+    bare = Task(name="qa", kind="generation", template="{soft:3} question : {q} answer :")
+    assert torch.equal(initial_prompt(model, tok, bare, TrainConfig(init="labels", seed=4)),
+                       initial_prompt(model, tok, bare, TrainConfig(init="vocab", seed=4)))

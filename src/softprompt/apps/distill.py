@@ -77,10 +77,11 @@ class Teacher:
         what = f"{len(demos)}-shot" if demos else "zero-shot"
         return cls(template, task.verbalizer, cal, f"{what} prompt, {calibration} calibration")
 
-    def add_to(self, bank: PromptBank, name: str = "teacher") -> int:
+    def add_to(self, bank: PromptBank, name: str = "teacher", kind: str = TaskKind.CLASSIFICATION) -> int:
+        """Put the teacher in ``bank`` as a prompt of ``kind`` (the task's: a saved artifact has its own)."""
         if self.soft is not None:
             return bank.add_prompt(self.soft, name)
-        return bank.add(name, self.template, verbalizer=self.verbalizer)
+        return bank.add(name, self.template, verbalizer=self.verbalizer, kind=kind)
 
     def to_dict(self) -> dict[str, Any]:
         return {"template": self.template, "verbalizer": self.verbalizer, "calibration": self.calibration.to_dict(),
@@ -117,7 +118,7 @@ def teacher_outputs(model, tok, task: Task, teacher: Teacher, inputs: list[Examp
         if cached.get("fingerprint") == key:
             return {**cached, "cached": True}
     bank = PromptBank(model, tok)
-    e = teacher.add_to(bank)
+    e = teacher.add_to(bank, kind=task.kind)
     t0 = time.perf_counter()
     out: dict[str, Any] = {"fingerprint": key, "n": len(inputs)}
     if task.kind == TaskKind.CLASSIFICATION:
@@ -254,7 +255,7 @@ def compare_to_teacher(model, tok, task: Task, d: Distillation, test, *, latency
     from .compare.decision_stats import paired_bootstrap
 
     bank = PromptBank(model, tok)
-    te = d.teacher.add_to(bank, "teacher")
+    te = d.teacher.add_to(bank, "teacher", kind=task.kind)
     st = bank.add_prompt(d.prompt, "student")
     inputs = unlabelled(test)
     out: dict[str, Any] = {"n_test": len(test)}

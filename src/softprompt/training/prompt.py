@@ -62,7 +62,16 @@ def initial_prompt(model, tokenizer, task: Task, cfg: TrainConfig) -> torch.Tens
         )
     words = list(task.verbalizer.values()) if task.verbalizer else None
     text = cfg.init_text or task.instruction or None
-    return init_embeddings(model, tokenizer, n, cfg.init, text=text, label_words=words, seed=cfg.seed)
+    return init_embeddings(model, tokenizer, n, _init_method(cfg.init, words, text), text=text, label_words=words,
+                           seed=cfg.seed)
+
+
+def _init_method(init: str, words, text) -> str:
+    """``init``, except that "labels" (the recipe's default) on a task without label words (generation)
+    starts from the instruction's text, or sampled vocabulary without one."""
+    if init != "labels" or words:
+        return init
+    return "text" if text else "vocab"
 
 
 def initial_prefix_kv(model, tokenizer, task: Task, cfg: TrainConfig) -> torch.Tensor:
@@ -72,8 +81,8 @@ def initial_prefix_kv(model, tokenizer, task: Task, cfg: TrainConfig) -> torch.T
 
     words = list(task.verbalizer.values()) if task.verbalizer else None
     text = cfg.init_text or task.instruction or None
-    method = cfg.init if cfg.init != "labels" or words else "vocab"
-    emb = init_embeddings(model, tokenizer, cfg.prefix_tokens, method, text=text, label_words=words, seed=cfg.seed)
+    emb = init_embeddings(model, tokenizer, cfg.prefix_tokens, _init_method(cfg.init, words, text), text=text,
+                          label_words=words, seed=cfg.seed)
     weight = model.get_input_embeddings().weight
     with torch.no_grad():
         out = model.base_model(inputs_embeds=emb[None].to(weight.device, weight.dtype), use_cache=True)
