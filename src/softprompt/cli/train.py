@@ -43,7 +43,7 @@ def train(
     prefix_tokens: int = typer.Option(10, help="Length of the learned key/value prefix (--method prefix)."),
     encoder: str = typer.Option("lstm", help="P-tuning's prompt encoder (--method ptuning): lstm (bidirectional LSTM + MLP) | mlp."),
     encoder_hidden: int = typer.Option(128, help="Width of the encoder network (--method ptuning, --reparam mlp)."),
-    reparam: Optional[str] = typer.Option(None, help="none (train the tensors directly) | mlp (train them through an MLP whose output is added to their start; the saved prompt holds plain vectors). Default: the recipe's, mlp for --method prompt (residual reparameterisation), none for prefix."),
+    reparam: Optional[str] = typer.Option(None, help="none (train the tensors directly) | mlp (train them through an MLP whose output is added to their start; the saved prompt holds plain vectors). Default: the recipe's, mlp for --method prompt (residual reparameterisation; then --lr is the MLP's rate), none for prefix; none with --epochs or --restarts (a fixed schedule trains as configured)."),
     epochs: Optional[int] = typer.Option(None, help="Train exactly this many epochs (default: the recipe's, until validation, or the training loss without validation data, stops improving, at most --max-steps)."),
     max_steps: Optional[int] = typer.Option(None, help="At most this many steps (default: the recipe's, 120)."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate, absolute (default: the recipe's, chosen on the validation data by successive halving over 3 rates x 2 seeds: 0.001/0.003/0.01 for the residual MLP of --method prompt, 0.3/1.0/2.2 x the model's embedding-entry std for soft tokens trained directly (--reparam none), 3e-4/1e-3/3e-3 for --method ptuning and prefix --reparam mlp; without validation data the middle one)."),
@@ -134,7 +134,7 @@ def train(
     dp = DataParallel.current(m)
     try:
         if fixed_schedule:
-            cfg = replace(cfg, reparam=reparam or recipe.reparam_for(cfg.method, m))
+            cfg = replace(cfg, reparam=reparam or "none")  # a fixed schedule trains as configured: directly
             if lr is None:  # an encoder's weights move its output far more per Adam step than a prompt's own values
                 lr = recipe.default_lr(m, cfg.method, cfg.reparam)
             result = train_with_restarts(m, tok, data.task, train_ex, valid_ex, replace(cfg, lr=lr, seed=seed), restarts,
