@@ -230,13 +230,11 @@ def distil(model, tok, task: Task, teacher: Teacher, inputs, *, n_tokens: int = 
 
 
 # ----------------------------------------------------------------------------- what it reports
-def _ms_per_query(bank: PromptBank, entry: int, examples, batch_size: int, calibration, kind: str) -> float:
-    t0 = time.perf_counter()
+def _scorer(bank: PromptBank, entry: int, calibration, kind: str):
+    """``fn(examples, batch_size)`` scoring one prompt the task's way, for ``measure.latency``."""
     if kind == TaskKind.CLASSIFICATION:
-        classify(bank, entry, examples, batch_size=batch_size, calibration=calibration)
-    else:
-        generate(bank, entry, examples, batch_size=batch_size)
-    return 1000 * (time.perf_counter() - t0) / max(len(examples), 1)
+        return lambda exs, bs: classify(bank, entry, exs, batch_size=bs, calibration=calibration)
+    return lambda exs, bs: generate(bank, entry, exs, batch_size=bs)
 
 
 def tokens_per_query(bank: PromptBank, entry: int, examples) -> float:
@@ -251,8 +249,10 @@ def compare_to_teacher(model, tok, task: Task, d: Distillation, test, *, latency
                        batch_size: int = 32) -> dict[str, Any]:
     """Teacher and student on the same examples: agreement, and with labels accuracy/macro-F1 of
     both with the paired bootstrap interval of the difference (student - teacher); tokens per
-    query, batch-1 and batched latency, artifact bytes."""
+    query, batch-1 (median) and batched latency on ``latency_examples`` (``compare.measure.latency``),
+    artifact bytes."""
     from .compare.decision_stats import paired_bootstrap
+    from .compare.measure import latency
 
     bank = PromptBank(model, tok)
     te = d.teacher.add_to(bank, "teacher", kind=task.kind)
@@ -262,8 +262,7 @@ def compare_to_teacher(model, tok, task: Task, d: Distillation, test, *, latency
     if task.kind == TaskKind.CLASSIFICATION:
         rt = classify(bank, te, inputs, batch_size=batch_size, calibration=d.teacher.calibration)
         rs = classify(bank, st, inputs, batch_size=batch_size, calibration=d.prompt.calibration)
-        pt = [rt.predictions[i] for i in range(len(test))]
-        ps = rs.predictions
+        pt, ps = rt.predictions, rs.predictions
         out["agreement"] = sum(a == b for a, b in zip(pt, ps)) / max(len(test), 1)
         if all(ex.label is not None for ex in test):
             from ..core.scoring import classification_metrics
@@ -278,12 +277,10 @@ def compare_to_teacher(model, tok, task: Task, d: Distillation, test, *, latency
         gt = generate(bank, te, inputs, batch_size=batch_size).texts
         gs = generate(bank, st, inputs, batch_size=batch_size).texts
         out["agreement"] = sum(a.strip() == b.strip() for a, b in zip(gt, gs)) / max(len(test), 1)
-    sample = inputs[:latency_examples]
     for who, e, cal in (("teacher", te, d.teacher.calibration), ("student", st, d.prompt.calibration)):
         out[f"{who}_tokens_per_query"] = tokens_per_query(bank, e, inputs)
-        out[f"{who}_ms_batch1"] = _ms_per_query(bank, e, sample, 1, cal, task.kind)
-        out[f"{who}_ms_batched"] = _ms_per_query(bank, e, inputs[: max(batch_size, latency_examples)], batch_size, cal,
-                                                 task.kind)
+        lat = latency(_scorer(bank, e, cal, task.kind), inputs, latency_examples)  # as compare times every prompt
+        out[f"{who}_ms_batch1"], out[f"{who}_ms_batched"] = lat["batch1_ms"], lat["batched_ms"]
     out["student_artifact_bytes"] = d.prompt.nbytes
     out["teacher_artifact_bytes"] = len(d.teacher.template.encode("utf-8")) + (d.teacher.soft.nbytes if d.teacher.soft
                                                                                 else 0)
