@@ -109,6 +109,11 @@ def train(
                              **overrides, "reparam": reparam or "none"})
     except (ValueError, TypeError) as e:
         _fail(str(e))
+    if len(tasks) > 1:  # every task's data is read by the mixture itself
+        _set_threads(threads)
+        m, tok = _load_model(model, process_device(_device()))
+        return _train_mixture(m, tok, tasks, overrides, lr, seed, mix, mix_temperature, mpt_rank, train_limit, valid_limit,
+                              test_limit, out, resume, eval_batch_size)
     data = _load_task_data(task, train_file, test_file, valid_file, field, label_column, target_column,
                            template, verbalizer, instruction, None, encoding=encoding)
     _set_threads(threads)
@@ -128,9 +133,6 @@ def train(
             shard_frozen_model(m, device)
         except ValueError as e:
             _fail(str(e))
-    if len(tasks) > 1:
-        return _train_mixture(m, tok, tasks, overrides, lr, seed, mix, mix_temperature, mpt_rank, train_limit, valid_limit, test_limit, out,
-                              resume, eval_batch_size)
     dp = DataParallel.current(m)
     try:
         if fixed_schedule:
